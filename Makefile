@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create / refresh .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
+
+.PHONY: test test-slow demo bench-cpu clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,faces]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(BIN)/python -m infer.demo --out demo_out
+
+bench-cpu: $(STAMP)
+	$(BIN)/python benchmarks/unet_cpu.py
+
+clean-venv:
+	rm -rf $(VENV)

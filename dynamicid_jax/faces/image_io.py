@@ -1,0 +1,96 @@
+"""Turning whatever the user hands us into an RGB ``uint8`` ``[H, W, 3]`` array.
+
+Accepted inputs: a path (``str`` / ``os.PathLike``), a ``PIL.Image.Image``, or a numpy array ``[H, W]``,
+``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` of dtype ``uint8``, ``uint16`` (16-bit, scaled down), ``bool``, or
+float in ``[0, 1]``. Grayscale is replicated to three channels, alpha is dropped, palette / CMYK / 16-bit images
+are converted. An unreadable or corrupt file raises ``ValueError`` naming the file.
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+__all__ = ["ImageLike", "load_rgb"]
+
+
+def _open_file(path: str | os.PathLike) -> Image.Image:
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"image file {name!r} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"image path {name!r} is a directory, expected an image file")
+    try:
+        with Image.open(name) as img:
+            img.load()  # decode now: truncated / corrupt data fails here, not later
+            img = ImageOps.exif_transpose(img)
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read image file {name!r}: not a valid or complete image ({err})") from err
+
+
+def _from_pil(img: Image.Image, what: str) -> np.ndarray:
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"{what}: empty image ({img.width}x{img.height})")
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit / 32-bit grayscale: PIL's own convert("RGB") clips at 255, so scale it ourselves.
+        return _from_array(np.asarray(img), what)
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _from_array(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected an image array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
+                         f"got shape {tuple(arr.shape)}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what}: empty image of shape {tuple(arr.shape)}")
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        out = (arr.astype(np.uint32) * 255 + 32767) // 65535  # full 16-bit range → 8 bit, rounded
+    elif np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{what}: integer image values must lie in [0, 65535], got [{lo}, {hi}]")
+        scale = 65535 if hi > 255 else 255  # 16-bit data stored in a wider integer type (PIL mode "I")
+        out = (arr.astype(np.int64) * 255 + scale // 2) // scale
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{what}: float image contains NaN or inf")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{what}: float images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
+                             "(for a [-1, 1] image pass (x + 1) / 2; for [0, 255] pass x.astype(np.uint8))")
+        out = np.round(arr * 255.0)
+    else:
+        raise ValueError(f"{what}: unsupported image dtype {arr.dtype}")
+    out = out.astype(np.uint8)
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    elif out.shape[2] == 4:
+        out = out[:, :, :3]
+    return np.ascontiguousarray(out)
+
+
+def load_rgb(image: ImageLike, what: str = "image") -> np.ndarray:
+    """Return ``image`` as a C-contiguous RGB ``uint8`` array ``[H, W, 3]`` (see the module docstring)."""
+    if isinstance(image, (str, os.PathLike)):
+        return _from_pil(_open_file(image), f"{what} {os.fspath(image)!r}")
+    if isinstance(image, Image.Image):
+        return _from_pil(image, what)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, what)
+    if hasattr(image, "__array__"):  # jax arrays, torch CPU tensors, ...
+        return _from_array(np.asarray(image), what)
+    raise TypeError(f"{what}: expected a file path, a PIL image or a numpy array, got {type(image).__name__}")

@@ -1,0 +1,1 @@
+"""Pipelines: text-to-image (:class:`StableDiffusion`) and the identity methods built on it."""

@@ -1,0 +1,169 @@
+"""Text-to-image Stable Diffusion: loading a whole model and sampling in one jitted function.
+
+    sd = StableDiffusion.from_pretrained("path/to/stable-diffusion-v1-5")      # diffusers folder
+    sd = StableDiffusion.from_pretrained("realisticVisionV60B1.safetensors")   # single-file LDM checkpoint
+    images = sd.generate(["a photo of a cat"], steps=50, guidance_scale=7.5, seed=0)   # uint8 [B, H, W, 3]
+
+The whole of ``generate`` — text encoding, the denoising loop, VAE decode — is one XLA program, compiled once per
+(batch, height, width, steps, guidance on/off) and reused; the guidance scale is a traced value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamicid_jax.models.attention import AttentionStrategy
+from dynamicid_jax.models.clip import CLIPTextModel
+from dynamicid_jax.models.unet import UNet2DConditionModel
+from dynamicid_jax.models.vae import AutoencoderKL, decode_latents
+from dynamicid_jax.pipelines.sampling import denoise, to_uint8
+from dynamicid_jax.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerKey:
+    batch: int
+    height: int
+    width: int
+    steps: int
+    guided: bool
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The SD components (Flax modules + params), a tokenizer and a scheduler."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler: Any
+    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    last_timings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                        scheduler: str | None = "ddim", dtype=jnp.float32,
+                        strategy: AttentionStrategy | None = None, variant: str | None = None) -> "StableDiffusion":
+        """Load a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
+        ``tokenizer/``, ``scheduler/``) or a single-file ``.safetensors`` LDM checkpoint.
+
+        ``config``: for single files only, a diffusers folder whose component configs (and tokenizer /
+        scheduler) describe the checkpoint; default: the built-in SD1.5 configs and the offline tokenizer.
+        ``scheduler``: ``"ddim"`` (default), ``"dpm++2m"``, ``"euler"`` — built from the model's
+        ``scheduler_config.json`` (betas, timesteps); ``None`` uses the class that file names, which must be one
+        of ours. ``dtype`` is the compute dtype (params stay fp32); ``strategy`` goes to every UNet attention.
+        """
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            if not path.endswith(".safetensors"):
+                raise ValueError(f"single-file checkpoints must be .safetensors files, got {path!r}")
+            return cls._from_single_file(path, config, scheduler, dtype, strategy)
+        if config is not None:
+            raise ValueError("`config` is only for single-file checkpoints; a diffusers folder has its own configs")
+        from dynamicid_jax.models.clip import load_text_encoder
+        from dynamicid_jax.models.unet import load_unet
+        from dynamicid_jax.models.vae import load_vae
+        from dynamicid_jax.schedulers import load_scheduler
+        from dynamicid_jax.tokenizer import load_tokenizer
+        from dynamicid_jax.weights.folders import find_component
+
+        if not os.path.isdir(path):
+            find_component(path, "model")  # raises the uniform "does not exist" / hub-id error
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if not os.path.isdir(os.path.join(path, part)):
+                raise FileNotFoundError(f"{path!r} is not a diffusers Stable Diffusion folder: missing {part}/")
+        unet, unet_params = load_unet(path, dtype=dtype, strategy=strategy, variant=variant)
+        vae, vae_params = load_vae(path, dtype=dtype, variant=variant)
+        text_encoder, text_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype,
+                                                      variant=variant)
+        return cls(unet, vae, text_encoder, load_tokenizer(os.path.join(path, "tokenizer")),
+                   load_scheduler(os.path.join(path, "scheduler"), kind=scheduler),
+                   {"unet": unet_params, "vae": vae_params, "text_encoder": text_params})
+
+    @classmethod
+    def _from_single_file(cls, path, config, scheduler, dtype, strategy) -> "StableDiffusion":
+        from dynamicid_jax.weights.single_file import load_single_file_components
+
+        parts = load_single_file_components(path, config=config, dtype=dtype, strategy=strategy,
+                                            scheduler=scheduler)
+        return cls(**parts)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+        """CLIP last hidden states ``[B, 77, D]`` for a list of prompts."""
+        ids = jnp.asarray(tokenize(self.tokenizer, list(prompts)))
+        return jax.jit(self.text_encoder.apply)({"params": self.params["text_encoder"]}, ids).last_hidden_state
+
+    def _sample_fn(self, key: SamplerKey):
+        def run(params, cond_ids, uncond_ids, noise, guidance_scale):
+            encode = lambda ids: self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+            context = encode(cond_ids)
+            uncond = encode(uncond_ids) if key.guided else None
+            latents = denoise(self.unet, params["unet"], self.scheduler, key.steps, noise, context,
+                              guidance_scale, uncond_context=uncond)
+            return to_uint8(decode_latents(self.vae, params["vae"], latents))
+
+        return jax.jit(run)
+
+    def generate(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 height: int = 512, width: int = 512, steps: int = 50, guidance_scale: float = 7.5,
+                 seed: int = 0, latents: np.ndarray | None = None) -> np.ndarray:
+        """Text-to-image: ``uint8 [B, height, width, 3]``; deterministic for a given ``seed``.
+
+        Guidance is on when ``guidance_scale > 1`` (one batched UNet call of ``2B`` rows per step).
+        ``latents`` (optional, ``[B, height/8, width/8, C]``) replaces the seed's initial noise."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty string or list of strings")
+        negatives = _broadcast_negative(negative_prompt, len(prompts))
+        factor = 8 * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0)
+        shape = (len(prompts), height // 8, width // 8, self.unet.config.in_channels)
+        if latents is None:
+            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        else:
+            noise = jnp.asarray(latents, jnp.float32)
+            if noise.shape != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+        args = (self.params, jnp.asarray(tokenize(self.tokenizer, prompts)),
+                jnp.asarray(tokenize(self.tokenizer, negatives)), noise, jnp.float32(guidance_scale))
+        timings = {}
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = self._sample_fn(key).lower(*args).compile()
+            timings["compile_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        images = np.asarray(jax.block_until_ready(self._compiled[key](*args)))
+        timings["run_s"] = time.perf_counter() - start
+        self.last_timings = timings
+        return images
+
+    @property
+    def num_compiled(self) -> int:
+        """How many sampler programs have been compiled (one per distinct shape / step count / guidance mode)."""
+        return len(self._compiled)
+
+
+def _broadcast_negative(negative: str | Sequence[str] | None, batch: int) -> list[str]:
+    if negative is None:
+        return [""] * batch
+    if isinstance(negative, str):
+        return [negative] * batch
+    negative = list(negative)
+    if len(negative) != batch:
+        raise ValueError(f"negative_prompt has {len(negative)} entries for {batch} prompts")
+    return negative

@@ -1,0 +1,201 @@
+"""Declarative PyTorch ↔ Flax weight mapping.
+
+A :class:`KeyMap` is one model's whole conversion, written as data:
+
+* ``renames`` — regex substitutions applied in order to a Flax parameter path (``"/"``-joined module names,
+  e.g. ``down_blocks_0/resnets_1/conv1/kernel``) that turn it into the PyTorch state-dict key
+  (``down_blocks.0.resnets.1.conv1.weight``);
+* the leaf transform follows from the Flax leaf name and rank: Dense ``kernel [in, out]`` ↔ torch
+  ``weight [out, in]`` (transpose), Conv ``kernel HWIO`` ↔ ``OIHW``, ``scale``/``embedding`` ↔ ``weight``,
+  BatchNorm ``mean``/``var`` ↔ ``running_mean``/``running_var``;
+* ``reshapes`` — optional per-key reshapes (e.g. a 1×1 conv stored as a Linear weight);
+* ``ignore`` — patterns of torch keys that carry no parameters we use (``position_ids`` buffers …).
+
+The direction Flax → torch is unambiguous, so both loading and exporting enumerate the *expected* Flax tree
+(from ``jax.eval_shape`` of the module's ``init``) and look torch keys up. Loading reports every missing,
+unexpected and wrong-shape key in one :class:`WeightLoadError` that names the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+Params = Mapping[str, Any]
+
+# "down_blocks_0" → "down_blocks.0" for module lists; names like "linear_1" that are not lists are kept
+# because only the names listed in a model's ``list_names`` are split.
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+                  "mean": "running_mean", "var": "running_var"}
+
+
+class WeightLoadError(ValueError):
+    """Raised when a checkpoint does not match the model it is loaded into."""
+
+
+def _shorten(items: list[str], limit: int = 20) -> str:
+    more = f"\n    … and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n".join(f"    {i}" for i in items[:limit]) + more
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """One model's declarative mapping between a Flax param tree and a PyTorch state dict."""
+
+    list_names: tuple[str, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    # torch keys whose stored shape differs from the transformed Flax shape only by a reshape
+    reshape_linear_as_conv: bool = True
+    # Flax leaf names of bare parameters (``self.param("class_embedding", ...)``) whose torch key ends in the
+    # same name (an ``nn.Parameter`` attribute, no ``.weight`` suffix)
+    bare_params: tuple[str, ...] = ()
+
+    def torch_key(self, flax_path: tuple[str, ...]) -> str:
+        *modules, leaf = flax_path
+        parts = []
+        for name in modules:
+            m = re.fullmatch(r"(.+)_(\d+)", name)
+            if m and m.group(1) in self.list_names:
+                parts += [m.group(1), m.group(2)]
+            else:
+                parts.append(name)
+        if leaf in self.bare_params:
+            parts.append(leaf)
+        elif leaf not in _LEAF_TO_TORCH:
+            raise KeyError(f"no torch name for Flax leaf {leaf!r} in {'/'.join(flax_path)}")
+        else:
+            parts.append(_LEAF_TO_TORCH[leaf])
+        key = ".".join(parts)
+        for pattern, repl in self.renames:
+            key = re.sub(pattern, repl, key)
+        return key
+
+    def is_ignored(self, torch_key: str) -> bool:
+        return any(re.search(p, torch_key) for p in self.ignore)
+
+
+def torch_to_flax_array(leaf: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    """Convert one torch tensor (as numpy) to the layout of the Flax leaf ``leaf`` of ``target_shape``."""
+    if leaf == "kernel":
+        if value.ndim == 2 and len(target_shape) == 2:
+            value = value.T
+        elif value.ndim == 4 and len(target_shape) == 4:
+            value = value.transpose(2, 3, 1, 0)  # OIHW → HWIO
+        elif value.ndim == 2 and len(target_shape) == 4:  # Linear weight into a 1×1 conv
+            value = value.T.reshape(target_shape)
+        elif value.ndim == 4 and len(target_shape) == 2:  # 1×1 conv weight into a Dense
+            value = value.reshape(value.shape[0], value.shape[1]).T
+    return value
+
+
+def flax_to_torch_array(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel":
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 4:
+            return value.transpose(3, 2, 0, 1)  # HWIO → OIHW
+    return value
+
+
+def _flat_shapes(abstract_params: Params) -> dict[tuple[str, ...], tuple[int, ...]]:
+    flat = traverse_util.flatten_dict(_unbox(abstract_params))
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def load_state_dict(state: Mapping[str, np.ndarray], keymap: KeyMap, abstract_params: Params, *,
+                    source: str, dtype=np.float32) -> dict:
+    """Map a torch-named ``state`` onto the Flax tree described by ``abstract_params``.
+
+    ``abstract_params`` is the (possibly boxed) output of ``jax.eval_shape(model.init, ...)["params"]``.
+    Raises :class:`WeightLoadError` naming ``source`` and listing the first 20 missing / unexpected /
+    wrong-shape keys.
+    """
+    expected = _flat_shapes(abstract_params)
+    by_torch = {keymap.torch_key(path): path for path in expected}
+    if len(by_torch) != len(expected):
+        raise AssertionError("key map sends two Flax params to one torch key")  # a bug in the map itself
+    missing = sorted(k for k in by_torch if k not in state)
+    unexpected = sorted(k for k in state if k not in by_torch and not keymap.is_ignored(k))
+    wrong_shape, flat = [], {}
+    for key, path in by_torch.items():
+        if key not in state:
+            continue
+        value = np.asarray(state[key])
+        value = torch_to_flax_array(path[-1], value, expected[path])
+        if tuple(value.shape) != expected[path]:
+            wrong_shape.append(f"{key}: file {tuple(np.asarray(state[key]).shape)}, model expects "
+                               f"{expected[path]} (Flax {'/'.join(path)})")
+            continue
+        flat[path] = np.ascontiguousarray(value, dtype=dtype)
+    if missing or unexpected or wrong_shape:
+        msg = [f"weights in {source} do not match the model:"]
+        if missing:
+            msg.append(f"  {len(missing)} missing key(s):\n{_shorten(missing)}")
+        if unexpected:
+            msg.append(f"  {len(unexpected)} unexpected key(s):\n{_shorten(unexpected)}")
+        if wrong_shape:
+            msg.append(f"  {len(wrong_shape)} wrong-shape key(s):\n{_shorten(wrong_shape)}")
+        raise WeightLoadError("\n".join(msg))
+    return traverse_util.unflatten_dict(flat)
+
+
+def export_state_dict(params: Params, keymap: KeyMap) -> dict[str, np.ndarray]:
+    """The inverse of :func:`load_state_dict`: a torch-named, torch-layout state dict of numpy arrays."""
+    flat = traverse_util.flatten_dict(_unbox(params))
+    out = {}
+    for path, value in flat.items():
+        out[keymap.torch_key(path)] = np.ascontiguousarray(flax_to_torch_array(path[-1], np.asarray(value)))
+    return out
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` file into numpy arrays (no torch); bf16/fp16 tensors are widened to fp32."""
+    from safetensors.numpy import load_file
+
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+        raise WeightLoadError(f"{path} is not a readable .safetensors file: {e}") from e
+    return {k: (v.astype(np.float32) if v.dtype != np.float32 and v.dtype.kind == "f" else v)
+            for k, v in state.items()}
+
+
+def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a temp file in the same folder, then rename."""
+    import os
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def tree_to_numpy(tree) -> Any:
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(_unbox(tree))))

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``python -m infer.generate`` (and, as they land, convert / eval / demo)."""

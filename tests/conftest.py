@@ -1,0 +1,41 @@
+"""Test-session setup: offline hub, 8 virtual CPU devices, a persistent JAX compilation cache."""
+import os
+import pathlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (after the environment above)
+
+_cache = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax"
+_cache.mkdir(parents=True, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", str(_cache))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The PyTorch reference oracle (CPU, fp32, deterministic)."""
+    import torch as _torch
+
+    _torch.manual_seed(0)
+    _torch.set_num_threads(2)
+    return _torch
+
+
+def assert_close(actual, expected, atol=1e-4, rtol=1e-4, what=""):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.abs(actual - expected)
+    bound = atol + rtol * np.abs(expected)
+    worst = float(np.max(err - bound)) if err.size else 0.0
+    assert worst <= 0, f"{what}: max abs diff {float(err.max()):.3e} exceeds atol={atol}, rtol={rtol}"
