@@ -24,7 +24,6 @@ def main() -> None:
     args = p.parse_args()
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet

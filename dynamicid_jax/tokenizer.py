@@ -20,7 +20,6 @@ import importlib.resources
 import json
 import os
 import pathlib
-import re
 import shutil
 import tempfile
 from typing import TYPE_CHECKING, Sequence
@@ -40,7 +39,7 @@ NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
 
 # The SD1.5 ``tokenizer/tokenizer_config.json`` essentials (openai/clip-vit-large-patch14's tokenizer).
 _TOKENIZER_CONFIG = {
@@ -153,13 +152,13 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> pathlib
 def _resolve_tokenizer_folder(path: str | os.PathLike) -> pathlib.Path:
     folder = pathlib.Path(path).expanduser()
     if not folder.exists():
-        if isinstance(path, str) and _HUB_ID.match(path):
-            raise ValueError(f"tokenizer path {path!r} looks like a Hugging Face Hub id, but only local folders "
-                             f"are accepted; download the model and pass its tokenizer/ folder")
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist (expected a folder with vocab.json and "
-                                f"merges.txt, e.g. a diffusers pipeline's tokenizer/)")
+        from dynamicid_jax.weights.folders import missing_path_error
+
+        raise missing_path_error(path, "tokenizer", "a folder with vocab.json and merges.txt, e.g. a diffusers "
+                                                    "pipeline's tokenizer/")
     if not folder.is_dir():
         raise ValueError(f"tokenizer path {folder} is a file; expected a folder with vocab.json and merges.txt")
+
     def complete(f: pathlib.Path) -> bool:  # slow files (SD1.5 folders) or a fast tokenizer.json (transformers 5)
         return ((f / "vocab.json").is_file() and (f / "merges.txt").is_file()) or (f / "tokenizer.json").is_file()
 

@@ -159,7 +159,7 @@ def test_bad_inputs(tmp_path, tiny_unet_dir, loaded):
     unet, params = loaded
     with pytest.raises(FileNotFoundError, match="does not exist"):
         U.load_unet(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="hub id"):
+    with pytest.raises(FileNotFoundError, match="Hub id"):
         U.load_unet("runwayml/stable-diffusion-v1-5")
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -13,9 +13,7 @@ rules, and :func:`load_text_encoder` / :func:`load_image_encoder` read a transfo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -26,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamicid_jax.models.layers import Dtype, activation, conv, dense, dot_product_attention, embed, layer_norm
-from dynamicid_jax.weights.keymap import KeyMap, load_state_dict, read_safetensors
+from dynamicid_jax.weights import folders
+from dynamicid_jax.weights.keymap import KeyMap, load_state_dict
 
 SEQ_AXES = ("activation_batch", "activation_length", "activation_embed")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,6 +106,10 @@ class CLIPTextConfig:
                 raise ValueError(f"{source}: eos_token_id={eos!r}; CLIP pooling needs a single EOS id")
             kwargs["eos_token_id"] = eos[0]
         return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers ``config.json`` form of a ``CLIPTextModel``."""
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +398,6 @@ VISION_KEYMAP = KeyMap(list_names=("layers",), bare_params=("class_embedding",),
 _NOT_TEXT = re.compile(r"^(vision_model\.|visual_projection\.|text_projection\.|logit_scale$)")
 _NOT_VISION = re.compile(r"^(text_model\.|text_projection\.|logit_scale$)")
 _TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def canonical_text_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -420,60 +422,27 @@ def canonical_vision_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return {k: v for k, v in state.items() if not _NOT_VISION.match(k)}
 
 
-def _resolve_folder(path: str | os.PathLike, subfolder: str, what: str) -> pathlib.Path:
-    folder = pathlib.Path(path).expanduser()
-    if not folder.exists():
-        if isinstance(path, str) and _HUB_ID.match(path):
-            raise ValueError(f"{what} path {path!r} looks like a Hugging Face Hub id, but only local folders are "
-                             f"accepted; download the model and pass the folder holding config.json")
-        raise FileNotFoundError(f"{what} folder {folder} does not exist (expected a transformers folder with "
-                                f"config.json and model.safetensors)")
-    if not folder.is_dir():
-        raise ValueError(f"{what} path {folder} is a file; expected a folder with config.json and "
-                         f"model.safetensors")
-    if not (folder / "config.json").is_file() and (folder / subfolder / "config.json").is_file():
-        folder = folder / subfolder  # a diffusers pipeline root (text_encoder/) or IP-Adapter (image_encoder/)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{what} folder {folder} has no config.json (expected a transformers folder with "
-                                f"config.json and model.safetensors)")
-    return folder
-
-
-def _read_config(folder: pathlib.Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
 def read_weights(folder: str | os.PathLike, variant: str | None = None) -> dict[str, np.ndarray]:
     """All tensors of ``model[.variant].safetensors`` or of the shards listed by ``model.safetensors.index.json``."""
-    folder = pathlib.Path(folder)
-    stem = f"model.{variant}" if variant else "model"
-    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-    if single.is_file():
-        return read_safetensors(str(single))
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from e
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = folder / shard
-            if not shard_path.is_file():
-                raise FileNotFoundError(f"{index} lists shard {shard}, which is missing from {folder}")
-            state.update(read_safetensors(str(shard_path)))
-        return state
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".safetensors", ".pt", ".ckpt", ".h5",
-                                                                     ".msgpack"))
-    hint = f"; found {found} (only safetensors are read — convert them first)" if found else ""
-    raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name}{hint}")
+    return folders.read_weights(folder, "model", variant=variant)[0]
 
 
 def _to_device(tree, param_dtype: Dtype):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=param_dtype), tree)
+
+
+def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], config: CLIPTextConfig | Mapping[str, Any], *,
+                                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                                 source: str = "state dict") -> tuple[CLIPTextModel, dict]:
+    """Build the text encoder for ``config`` and load a transformers-named state dict (with or without the
+    ``text_model.`` prefix) into it."""
+    if not isinstance(config, CLIPTextConfig):
+        config = CLIPTextConfig.from_dict(config, source=f"{source} config")
+    model = CLIPTextModel(config, dtype=dtype)
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jnp.zeros((1, config.max_position_embeddings), jnp.int32))["params"]
+    params = load_state_dict(canonical_text_state(state), TEXT_KEYMAP, abstract, source=source)
+    return model, _to_device(params, param_dtype)
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, param_dtype: Dtype = jnp.float32,
@@ -483,21 +452,17 @@ def load_text_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, pa
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the returned params. A full
     ``CLIPModel`` folder works too (its text tower is used).
     """
-    folder = _resolve_folder(path, "text_encoder", "text encoder")
-    config = CLIPTextConfig.from_dict(_read_config(folder), source=str(folder / "config.json"))
-    model = CLIPTextModel(config, dtype=dtype)
-    abstract = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, config.max_position_embeddings), jnp.int32))["params"]
-    state = canonical_text_state(read_weights(folder, variant))
-    params = load_state_dict(state, TEXT_KEYMAP, abstract, source=str(folder))
-    return model, _to_device(params, param_dtype)
+    folder = folders.find_component(path, "text_encoder", what="text encoder")
+    config = CLIPTextConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
+    state, source = folders.read_weights(folder, "model", variant=variant)
+    return text_encoder_from_state_dict(state, config, dtype=dtype, param_dtype=param_dtype, source=source)
 
 
 def load_image_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, param_dtype: Dtype = jnp.float32,
                        variant: str | None = None) -> tuple[CLIPVisionModelWithProjection, dict]:
     """``(model, params)`` from a ``CLIPVisionModelWithProjection`` folder or a full ``CLIPModel`` folder."""
-    folder = _resolve_folder(path, "image_encoder", "image encoder")
-    config = CLIPVisionConfig.from_dict(_read_config(folder), source=str(folder / "config.json"))
+    folder = folders.find_component(path, "image_encoder", what="image encoder")
+    config = CLIPVisionConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
     model = CLIPVisionModelWithProjection(config, dtype=dtype)
     dummy = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]

@@ -10,22 +10,40 @@ Module names mirror diffusers (``down_blocks_0/attentions_1/transformer_blocks_0
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.attention import Attention, AttentionStrategy, LayerInfo
+from dynamicid_jax.weights import folders
 from dynamicid_jax.weights import keymap as km
 
 ACT_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
 SEQ_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+# Rematerialisation policies for ``UNet2DConditionModel(remat_policy=...)`` (training memory vs recompute):
+# each ResNet block and each transformer block is wrapped in ``nn.remat`` with this ``jax.checkpoint`` policy.
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul / conv outputs, recompute the elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def _remat(cls, policy: str | None):
+    """``cls`` itself (no remat) or ``nn.remat(cls, policy=...)``; the param tree is the same either way."""
+    if policy is None or policy == "none":
+        return cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r}; expected None, 'none' or one of {sorted(REMAT_POLICIES)}")
+    return nn.remat(cls, policy=REMAT_POLICIES[policy])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,17 +335,20 @@ class UNetBlock(nn.Module):
     first_index: int
     strategy: AttentionStrategy | None
     dtype: layers.Dtype = jnp.float32
+    remat_policy: str | None = None
 
     @nn.compact
     def __call__(self, h, temb, context, inputs, skips):
         cfg, outputs = self.config, []
+        resnet_cls, transformer_cls = _remat(ResnetBlock2D, self.remat_policy), _remat(Transformer2DModel,
+                                                                                       self.remat_policy)
         for j in range(self.num_layers):
             if self.kind == "up":
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_out_scale_factor,
-                              dtype=self.dtype, name=f"resnets_{j}")(h, temb)
+            h = resnet_cls(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_out_scale_factor,
+                           dtype=self.dtype, name=f"resnets_{j}")(h, temb)
             if self.has_attention:
-                h = Transformer2DModel(
+                h = transformer_cls(
                     self.out_channels, self.heads, self.transformer_layers, cfg.norm_num_groups,
                     cfg.use_linear_projection, f"{self.layer_name}.attentions.{j}",
                     self.first_index + 2 * self.transformer_layers * j, self.strategy, cfg.upcast_attention,
@@ -349,16 +370,18 @@ class MidBlock(nn.Module):
     first_index: int
     strategy: AttentionStrategy | None
     dtype: layers.Dtype = jnp.float32
+    remat_policy: str | None = None
 
     @nn.compact
     def __call__(self, h, temb, context, inputs):
         cfg = self.config
-        res = lambda j: ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps,  # noqa: E731
+        res = lambda j: _remat(ResnetBlock2D, self.remat_policy)(self.channels, cfg.norm_num_groups, cfg.norm_eps,  # noqa: E731
                                       cfg.mid_block_scale_factor, dtype=self.dtype, name=f"resnets_{j}")
         h = res(0)(h, temb)
-        h = Transformer2DModel(self.channels, self.heads, self.transformer_layers, cfg.norm_num_groups,
-                               cfg.use_linear_projection, "mid_block.attentions.0", self.first_index, self.strategy,
-                               cfg.upcast_attention, dtype=self.dtype, name="attentions_0")(h, context, inputs)
+        h = _remat(Transformer2DModel, self.remat_policy)(
+            self.channels, self.heads, self.transformer_layers, cfg.norm_num_groups, cfg.use_linear_projection,
+            "mid_block.attentions.0", self.first_index, self.strategy, cfg.upcast_attention, dtype=self.dtype,
+            name="attentions_0")(h, context, inputs)
         return res(1)(h, temb)
 
 
@@ -380,6 +403,7 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     strategy: AttentionStrategy | None = None
     dtype: layers.Dtype = jnp.float32
+    remat_policy: str | None = None  # training only: a key of REMAT_POLICIES (per ResNet / transformer block)
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, attention_inputs: Any = None):
@@ -411,12 +435,13 @@ class UNet2DConditionModel(nn.Module):
                 "down", cfg.block_out_channels[i], cfg.layers_per_block, attn, cfg.heads_per_block[i],
                 cfg.transformer_layers[i], i < n - 1, cfg, f"down_blocks.{i}",
                 index.get(f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn1", -1), self.strategy,
-                dtype=self.dtype, name=f"down_blocks_{i}")(h, temb, context, attention_inputs, None)
+                dtype=self.dtype, remat_policy=self.remat_policy, name=f"down_blocks_{i}")(
+                    h, temb, context, attention_inputs, None)
             skips.extend(outs)
 
         h = MidBlock(cfg.block_out_channels[-1], cfg.heads_per_block[-1], cfg.transformer_layers[-1], cfg,
                      index["mid_block.attentions.0.transformer_blocks.0.attn1"], self.strategy, dtype=self.dtype,
-                     name="mid_block")(h, temb, context, attention_inputs)
+                     remat_policy=self.remat_policy, name="mid_block")(h, temb, context, attention_inputs)
 
         rev_ch, rev_heads, rev_layers = (tuple(reversed(x)) for x in
                                          (cfg.block_out_channels, cfg.heads_per_block, cfg.transformer_layers))
@@ -425,7 +450,8 @@ class UNet2DConditionModel(nn.Module):
             h, _ = UNetBlock(
                 "up", rev_ch[i], cfg.layers_per_block + 1, attn, rev_heads[i], rev_layers[i], i < n - 1, cfg,
                 f"up_blocks.{i}", index.get(f"up_blocks.{i}.attentions.0.transformer_blocks.0.attn1", -1),
-                self.strategy, dtype=self.dtype, name=f"up_blocks_{i}")(h, temb, context, attention_inputs, skips)
+                self.strategy, dtype=self.dtype, remat_policy=self.remat_policy, name=f"up_blocks_{i}")(
+                    h, temb, context, attention_inputs, skips)
 
         h = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(h).astype(self.dtype)
         return layers.conv(cfg.out_channels, 3, padding=1, name="conv_out", dtype=self.dtype)(jax.nn.silu(h))
@@ -458,13 +484,15 @@ def load_unet(path: str, *, dtype=jnp.float32, strategy: AttentionStrategy | Non
     """Load a diffusers ``unet/`` folder (``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``).
 
     ``path`` may also be the pipeline folder that contains ``unet/``. Only local paths are accepted."""
-    from dynamicid_jax.weights.folders import find_component, read_config
+    folder = folders.find_component(path, "unet")
+    config = UNetConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
+    state, source = folders.read_weights(folder, "diffusion_pytorch_model", variant=variant)
+    return unet_from_state_dict(state, config, dtype=dtype, strategy=strategy, source=source)
 
-    folder = find_component(path, "unet")
-    config = UNetConfig.from_dict(read_config(folder), source=os.path.join(folder, "config.json"))
+
+def unet_from_state_dict(state, config: UNetConfig, *, dtype=jnp.float32, strategy: AttentionStrategy | None = None,
+                         source: str = "state dict") -> tuple[UNet2DConditionModel, dict]:
+    """Build the UNet for ``config`` and load a diffusers-named state dict (numpy arrays) into it."""
     module = UNet2DConditionModel(config, strategy=strategy, dtype=dtype)
-    from dynamicid_jax.weights.folders import read_weights
-
-    state, source = read_weights(folder, "diffusion_pytorch_model", variant=variant)
     params = km.load_state_dict(state, UNET_KEYMAP, abstract_params(module), source=source)
-    return module, params
+    return module, jax.tree_util.tree_map(jnp.asarray, params)

@@ -91,11 +91,94 @@ class StableDiffusion:
 
     @classmethod
     def _from_single_file(cls, path, config, scheduler, dtype, strategy) -> "StableDiffusion":
-        from dynamicid_jax.weights.single_file import load_single_file_components
+        from dynamicid_jax.models.clip import text_encoder_from_state_dict
+        from dynamicid_jax.models.unet import UNetConfig, unet_from_state_dict
+        from dynamicid_jax.models.vae import load_vae, vae_from_state_dict
+        from dynamicid_jax.schedulers import load_scheduler
+        from dynamicid_jax.tokenizer import load_tokenizer
+        from dynamicid_jax.weights import folders
+        from dynamicid_jax.weights import single_file as sf
 
-        parts = load_single_file_components(path, config=config, dtype=dtype, strategy=strategy,
-                                            scheduler=scheduler)
-        return cls(**parts)
+        configs = sf.sd15_configs()
+        if config is not None:
+            config = os.fspath(config)
+            if not os.path.isdir(config):
+                raise folders.missing_path_error(config, "config", "a diffusers folder with unet/, vae/, ... configs")
+            for part in ("unet", "vae", "text_encoder"):
+                if os.path.isfile(os.path.join(config, part, "config.json")):
+                    configs[part] = folders.read_config(os.path.join(config, part))
+            if os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json")):
+                configs["scheduler"] = folders.read_config(os.path.join(config, "scheduler"),
+                                                           "scheduler_config.json")
+        state = sf.load_single_file_components(path, configs["unet"], configs["vae"])
+        unet, unet_params = unet_from_state_dict(state["unet"], UNetConfig.from_dict(configs["unet"], source=path),
+                                                 dtype=dtype, strategy=strategy, source=path)
+        if state["vae"]:
+            vae, vae_params = vae_from_state_dict(state["vae"], configs["vae"], dtype=dtype, source=path)
+        elif config is not None and os.path.isdir(os.path.join(config, "vae")):
+            vae, vae_params = load_vae(os.path.join(config, "vae"), dtype=dtype)
+        else:
+            raise FileNotFoundError(f"{path} holds no VAE weights (a 'noVAE' release): pass config= a diffusers "
+                                    f"folder whose vae/ holds the VAE to use")
+        if not state["text_encoder"]:
+            raise FileNotFoundError(f"{path} holds no text-encoder weights (cond_stage_model.transformer.*)")
+        text_encoder, text_params = text_encoder_from_state_dict(state["text_encoder"], configs["text_encoder"],
+                                                                 dtype=dtype, source=path)
+        has_tokenizer = config is not None and os.path.isdir(os.path.join(config, "tokenizer"))
+        tokenizer = load_tokenizer(os.path.join(config, "tokenizer") if has_tokenizer else None)
+        return cls(unet, vae, text_encoder, tokenizer, load_scheduler(configs["scheduler"], kind=scheduler),
+                   {"unet": unet_params, "vae": vae_params, "text_encoder": text_params})
+
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write a diffusers folder (the interchange format: diffusers' own pipeline loads it too).
+
+        The folder appears complete or not at all: everything is written to a temporary sibling, then renamed."""
+        import json
+        import shutil
+        import tempfile
+
+        from dynamicid_jax.models.clip import TEXT_KEYMAP
+        from dynamicid_jax.models.unet import UNET_KEYMAP
+        from dynamicid_jax.models.vae import VAE_KEYMAP
+        from dynamicid_jax.weights.keymap import export_state_dict, write_safetensors
+
+        folder = os.path.abspath(os.fspath(folder))
+        if os.path.exists(folder):
+            raise FileExistsError(f"{folder} already exists; choose a new folder")
+        parent = os.path.dirname(folder)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-sd-", dir=parent)
+        try:
+            parts = {
+                "unet": (self.unet.config.to_dict(), export_state_dict(self.params["unet"], UNET_KEYMAP),
+                         "diffusion_pytorch_model"),
+                "vae": (self.vae.config.to_dict(), export_state_dict(self.params["vae"], VAE_KEYMAP),
+                        "diffusion_pytorch_model"),
+                "text_encoder": (self.text_encoder.config.to_dict(),
+                                 export_state_dict(self.params["text_encoder"], TEXT_KEYMAP), "model"),
+            }
+            for name, (config, state, stem) in parts.items():
+                os.makedirs(os.path.join(tmp, name))
+                with open(os.path.join(tmp, name, "config.json"), "w") as f:
+                    json.dump(config, f, indent=2)
+                write_safetensors(state, os.path.join(tmp, name, f"{stem}.safetensors"),
+                                  metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            scheduler_class = type(self.scheduler).__name__
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+                json.dump({"_class_name": scheduler_class, **self.scheduler.config.to_dict()}, f, indent=2)
+            with open(os.path.join(tmp, "model_index.json"), "w") as f:
+                json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                           "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                           "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
+                           "safety_checker": [None, None], "feature_extractor": [None, None],
+                           "requires_safety_checker": False}, f, indent=2)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
 
     # ------------------------------------------------------------------------------------------------ sampling
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:

@@ -6,42 +6,57 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 from dynamicid_jax.weights.keymap import WeightLoadError, read_safetensors
 
-
-def _missing(path: str, what: str) -> FileNotFoundError:
-    hint = ""
-    if not os.path.isabs(path) and path.count("/") == 1 and not path.startswith("."):
-        hint = (" (it looks like a hub id: only local paths are accepted — download the model yourself and pass "
-                "its folder)")
-    return FileNotFoundError(f"{what} {path!r} does not exist{hint}")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FOREIGN_WEIGHTS = (".bin", ".pt", ".ckpt", ".h5", ".msgpack")
 
 
-def find_component(path: str, component: str) -> str:
-    """``path`` itself when it holds a ``config.json``, else ``path/component`` (a pipeline folder)."""
+class HubIdError(FileNotFoundError, ValueError):
+    """A path that does not exist and looks like a hub id: only local folders are accepted."""
+
+
+class OnlyTorchWeightsError(WeightLoadError, FileNotFoundError):
+    """The folder has no .safetensors weights, only PyTorch pickles (which we never load at runtime)."""
+
+
+def missing_path_error(path: str | os.PathLike, what: str, expected: str) -> FileNotFoundError:
+    """The uniform error for a path that does not exist (a :class:`HubIdError` when it looks like a hub id)."""
+    path = os.fspath(path)
+    if _HUB_ID.match(path) and not path.startswith("."):
+        return HubIdError(f"{what} path {path!r} does not exist and looks like a Hugging Face Hub id, but only "
+                          f"local folders are accepted; download the model and pass its folder")
+    return FileNotFoundError(f"{what} folder {path} does not exist (expected {expected})")
+
+
+def find_component(path: str | os.PathLike, component: str, *, what: str | None = None) -> str:
+    """``path`` itself when it holds a ``config.json``, else ``path/component`` (a pipeline root)."""
+    what = what or component
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
-        raise _missing(path, f"{component} folder")
+        raise missing_path_error(path, what, "a folder with config.json and weights")
     if not os.path.isdir(path):
-        raise NotADirectoryError(f"{component}: expected a folder with config.json, got the file {path!r}")
+        raise NotADirectoryError(f"{what}: expected a folder with config.json, got the file {path!r}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     sub = os.path.join(path, component)
     if os.path.isfile(os.path.join(sub, "config.json")):
         return sub
-    raise FileNotFoundError(f"no {component} config in {path!r}: expected {path}/config.json or "
+    raise FileNotFoundError(f"no {what} config.json in {path!r}: expected {path}/config.json or "
                             f"{path}/{component}/config.json")
 
 
-def read_config(folder: str, name: str = "config.json") -> dict[str, Any]:
+def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict[str, Any]:
     file = os.path.join(folder, name)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"missing {name} in {folder!r}")
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
@@ -50,28 +65,33 @@ def read_config(folder: str, name: str = "config.json") -> dict[str, Any]:
     return config
 
 
-def read_weights(folder: str, stem: str, *, variant: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+def read_weights(folder: str | os.PathLike, stem: str, *,
+                 variant: str | None = None) -> tuple[dict[str, np.ndarray], str]:
     """Read ``{stem}[.{variant}].safetensors`` or its sharded form (``….safetensors.index.json``).
 
-    Returns the state dict and a description of the source for error messages."""
-    suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    single = os.path.join(folder, stem + suffix)
-    index = single + ".index.json"
+    Returns the state dict and the file it came from (for error messages)."""
+    folder = os.fspath(folder)
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    single, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
     if os.path.isfile(single):
         return read_safetensors(single), single
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from e
         state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in shards:
             shard_path = os.path.join(folder, shard)
             if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{index} names the shard {shard!r}, which is missing")
+                raise FileNotFoundError(f"{index} lists shard {shard}, which is missing from {folder}")
             state.update(read_safetensors(shard_path))
         return state, index
     present = sorted(os.listdir(folder))
-    if any(p.endswith(".bin") for p in present):
-        raise WeightLoadError(f"{folder} holds only PyTorch .bin weights; dynamicid-jax reads .safetensors (no "
-                              f"torch at runtime). Re-save the model with safe_serialization=True. Found: {present}")
-    raise FileNotFoundError(f"no weights in {folder!r}: expected {os.path.basename(single)} or "
-                            f"{os.path.basename(index)}; found {present}")
+    foreign = [p for p in present if p.endswith(_FOREIGN_WEIGHTS)]
+    if foreign:
+        raise OnlyTorchWeightsError(f"{folder} has neither {name} nor {name}.index.json, only {foreign}: dynamicid-jax "
+                              f"reads .safetensors (no torch at runtime); re-save with safe_serialization=True")
+    raise FileNotFoundError(f"no weights in {folder!r}: expected {name} or {name}.index.json; found {present}")

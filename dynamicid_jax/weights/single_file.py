@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from dynamicid_jax.weights.keymap import WeightLoadError, _shorten
+from dynamicid_jax.weights.keymap import WeightLoadError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -105,6 +105,11 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+
+
+def _shorten(items: list[str], limit: int = 20) -> str:
+    more = f"\n    … and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n".join(f"    {i}" for i in items[:limit]) + more
 
 
 def sd15_configs() -> dict[str, dict[str, Any]]:
@@ -229,7 +234,7 @@ def vae_modules(vae_config: Any) -> list[_Module]:
             mods.append(_Module(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _VAE_RESNET))
         if i < n - 1:
             mods.append(_Module(f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv"))
-        level = i  # the LDM decoder numbers its levels from the highest resolution
+        level = n - 1 - i  # the LDM decoder numbers its levels from the highest resolution
         for j in range(lpb + 1):
             mods.append(_Module(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", _VAE_RESNET))
         if i < n - 1:
@@ -404,7 +409,8 @@ def split_ldm_checkpoint(state: Mapping[str, Any], unet_config: Any = None, vae_
         stray += unknown
     if stray:
         raise WeightLoadError(f"{len(stray)} key(s) of the checkpoint belong to no SD1.x component "
-                              f"(SD2 / SDXL text encoders, LoRA, … are not supported here):\n{_shorten(sorted(stray))}")
+                              f"(SD2 / SDXL text encoders, LoRA, … are not supported here):\n"
+                              f"{_shorten(sorted(stray))}")
     return out
 
 

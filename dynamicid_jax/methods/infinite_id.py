@@ -1,0 +1,593 @@
+"""Infinite-ID (ID-semantics decoupling) on the shared UNet: ID encoder, attention strategy, loss, weights (SPEC §6–§7).
+
+**ID encoder** (:class:`InfiniteIDEncoder`): ``c_id = [M_clip(CLIP tokens); M_face(ArcFace vector)]``.
+
+* face mapper — ``e [B, D]`` → Linear D→2D → GELU(erf) → Linear 2D→N_face·dim → reshape → LayerNorm;
+* CLIP mapper — ``N_clip`` learned latent queries read the CLIP-H patch tokens through a perceiver resampler
+  (``proj_in`` 1280→dim, ``depth`` × (PerceiverAttention + FeedForward), ``proj_out``, LayerNorm).
+
+Default token counts: **4 face tokens + 16 CLIP tokens = 20 per identity**. The paper gives none. A 512-d global
+ArcFace vector carries about four tokens' worth of information (IP-Adapter-FaceID and DynamicID both use 4). The
+CLIP side keeps the local face structure that the paper credits to CLIP. 16 resampled tokens is IP-Adapter-Plus's
+choice. Compressing the 257 patch tokens to a fixed 16 keeps the ID cross-attention cheap, and it keeps
+identities cheap to stack (mixing N identities costs 20·N tokens, not 261·N). Both counts are config fields.
+
+**Attention strategy** (:class:`InfiniteIDAttention`), selected by :class:`InfiniteIDInputs`:
+
+* ``mode="id_only"`` (identity-enhanced training): cross-attention is ``to_out(attn(q, to_k_id(c), to_v_id(c)))``
+  on the last ``num_id_tokens`` context tokens. Earlier context tokens (text) are never read; the text
+  ``to_k``/``to_v`` are not even called. Self-attention is the base model's.
+* ``mode="two_stream"`` (inference): the batch is ``num_groups`` (1, or 2 with CFG: ``[uncond; cond]``) groups, and
+  each group is ``[text-stream rows (b); ID-stream rows (b)]``. ID row ``j`` of a group is paired with text row
+  ``j`` of the same group. Every row's context is ``[text tokens; ID tokens]``. Text rows compute exactly the
+  base model: they ignore the ID tokens. ID rows use:
+
+  - self-attention in the layers of ``mix_layers`` while ``mix`` is on, mixed attention:
+    ``softmax(q_id [k_id; k_t]ᵀ/√d) [v_id; v_t]``. With ``adain``, first ``k_id ← AdaIN-m(k_id, k_t)`` and
+    ``v_id ← AdaIN-m(v_id, v_t)``, where ``AdaIN-m(x, r) = x − mean_tokens(x) + mean_tokens(r)``.
+  - cross-attention: ``to_out(attn(q, k_t, v_t) + λ · attn(q, to_k_id(c_id), to_v_id(c_id)))``.
+
+The new parameters are ``to_k_id`` / ``to_v_id``: bias-free, context width → inner width, in every
+cross-attention layer. They plus the encoder are what training updates (:func:`split_trainable`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct, traverse_util
+
+from dynamicid_jax.methods.id_encoder import FeedForward, PerceiverAttention
+from dynamicid_jax.models import layers
+from dynamicid_jax.models.attention import Attention, Projections, StandardAttention
+from dynamicid_jax.weights import keymap as km
+
+__all__ = [
+    "InfiniteIDEncoderConfig", "infinite_id_encoder_config", "FaceMapper", "CLIPMapper", "InfiniteIDEncoder",
+    "init_encoder_params", "abstract_encoder_params", "null_id_tokens", "stack_identities",
+    "InfiniteIDInputs", "InfiniteIDAttention", "two_stream_inputs", "id_only_inputs", "inputs_for_step",
+    "adain_mean", "mixed_attention", "self_attention_layers",
+    "ID_PARAM_NAMES", "is_id_path", "split_id_params", "merge_id_params", "abstract_id_params", "init_id_params",
+    "init_id_from_base", "split_trainable", "infinite_id_loss", "save_infinite_id", "load_infinite_id",
+]
+
+LN_EPS = 1e-5
+Dtype = Any
+
+
+# =========================================================================================================
+# ID encoder
+# =========================================================================================================
+@dataclasses.dataclass(frozen=True)
+class InfiniteIDEncoderConfig:
+    """Hyper-parameters of the Infinite-ID encoder. ``dim`` is the UNet's cross-attention width (768 for SD1.5);
+    ``clip_layer`` picks ``hidden_states[clip_layer]`` of the CLIP vision model (-2: penultimate, as DynamicID and
+    IP-Adapter-Plus use, so the CLIP features can be shared; training and inference read it from here)."""
+
+    id_embed_dim: int = 512  # 512: ArcFace (insightface); 128: dlib
+    dim: int = 768
+    clip_dim: int = 1280  # CLIP-H/14 hidden size
+    num_face_tokens: int = 4
+    num_clip_tokens: int = 16
+    depth: int = 4
+    heads: int = 12
+    head_dim: int = 64
+    ff_mult: int = 4
+    clip_layer: int = -2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per identity: CLIP tokens first, then face tokens."""
+        return self.num_clip_tokens + self.num_face_tokens
+
+    def validate(self) -> "InfiniteIDEncoderConfig":
+        for name in ("id_embed_dim", "dim", "clip_dim", "num_face_tokens", "num_clip_tokens", "depth", "heads",
+                     "head_dim", "ff_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"InfiniteIDEncoderConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.clip_layer, (int, np.integer)) or isinstance(self.clip_layer, bool):
+            raise ValueError(f"InfiniteIDEncoderConfig.clip_layer must be an integer, got {self.clip_layer!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InfiniteIDEncoderConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"InfiniteIDEncoderConfig: unknown entries {unknown}")
+        return cls(**d).validate()
+
+
+_VARIANTS = {
+    "sd15": InfiniteIDEncoderConfig(),
+    # sits on the tiny UNet (cross-attention 32) and the tiny CLIP vision tower (hidden 64)
+    "tiny": InfiniteIDEncoderConfig(id_embed_dim=16, dim=32, clip_dim=64, num_face_tokens=2, num_clip_tokens=4,
+                                    depth=1, heads=2, head_dim=16),
+}
+
+
+def infinite_id_encoder_config(variant: str = "sd15", **overrides: Any) -> InfiniteIDEncoderConfig:
+    """``"sd15"`` or ``"tiny"`` with optional overrides, e.g. ``("sd15", id_embed_dim=128)`` for dlib."""
+    if variant not in _VARIANTS:
+        raise ValueError(f"unknown Infinite-ID encoder variant {variant!r}; expected one of {sorted(_VARIANTS)}")
+    return dataclasses.replace(_VARIANTS[variant], **overrides).validate()
+
+
+class FaceMapper(nn.Module):
+    """ArcFace vector ``[B, D]`` → ``[B, num_face_tokens, dim]``."""
+
+    config: InfiniteIDEncoderConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, id_embeds: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = layers.dense(2 * cfg.id_embed_dim, name="proj_0", dtype=self.dtype)(id_embeds.astype(self.dtype))
+        h = layers.dense(cfg.num_face_tokens * cfg.dim, name="proj_2", dtype=self.dtype)(layers.gelu(h))
+        return layers.layer_norm(LN_EPS, name="norm", dtype=self.dtype)(
+            h.reshape(h.shape[0], cfg.num_face_tokens, cfg.dim))
+
+
+class CLIPMapper(nn.Module):
+    """CLIP tokens ``[B, L, clip_dim]`` → ``[B, num_clip_tokens, dim]`` (learned queries + perceiver resampler)."""
+
+    config: InfiniteIDEncoderConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, clip_features: jax.Array) -> jax.Array:
+        cfg = self.config
+        queries = self.param("latents", nn.with_logical_partitioning(nn.initializers.normal(cfg.dim ** -0.5),
+                                                                     (None, "embed")),
+                             (cfg.num_clip_tokens, cfg.dim), jnp.float32)
+        x = layers.dense(cfg.dim, name="proj_in", dtype=self.dtype)(clip_features.astype(self.dtype))
+        latents = jnp.broadcast_to(queries.astype(self.dtype), (x.shape[0],) + queries.shape)
+        for i in range(cfg.depth):
+            latents = PerceiverAttention(cfg.heads, cfg.head_dim, dtype=self.dtype, name=f"attn_{i}")(
+                x, latents) + latents
+            latents = FeedForward(cfg.ff_mult, dtype=self.dtype, name=f"ff_{i}")(latents) + latents
+        latents = layers.dense(cfg.dim, name="proj_out", dtype=self.dtype, axes=("mlp", "embed"))(latents)
+        return layers.layer_norm(LN_EPS, name="norm_out", dtype=self.dtype)(latents)
+
+
+class InfiniteIDEncoder(nn.Module):
+    """``(id_embeds [B, D], clip_features [B, L, clip_dim]) → c_id [B, num_clip_tokens + num_face_tokens, dim]``
+    (CLIP-mapper tokens first, as in the paper's ``Concat(M_clip, M_face)``)."""
+
+    config: InfiniteIDEncoderConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, id_embeds: jax.Array, clip_features: jax.Array) -> jax.Array:
+        cfg = self.config
+        if id_embeds.ndim != 2 or id_embeds.shape[-1] != cfg.id_embed_dim:
+            raise ValueError(f"InfiniteIDEncoder: id_embeds must be [B, {cfg.id_embed_dim}], got "
+                             f"{tuple(id_embeds.shape)}")
+        if clip_features.ndim != 3 or clip_features.shape[-1] != cfg.clip_dim:
+            raise ValueError(f"InfiniteIDEncoder: clip_features must be [B, L, {cfg.clip_dim}] (CLIP hidden states "
+                             f"[{cfg.clip_layer}]), got {tuple(clip_features.shape)}")
+        if clip_features.shape[0] != id_embeds.shape[0]:
+            raise ValueError(f"InfiniteIDEncoder: batch mismatch, id_embeds has {id_embeds.shape[0]} rows and "
+                             f"clip_features {clip_features.shape[0]}")
+        clip_tokens = CLIPMapper(cfg, self.dtype, name="clip_mapper")(clip_features)
+        face_tokens = FaceMapper(cfg, self.dtype, name="face_mapper")(id_embeds)
+        return jnp.concatenate([clip_tokens, face_tokens], axis=1)
+
+
+def _encoder_args(config: InfiniteIDEncoderConfig):
+    return jnp.zeros((1, config.id_embed_dim), jnp.float32), jnp.zeros((1, 2, config.clip_dim), jnp.float32)
+
+
+def abstract_encoder_params(config: InfiniteIDEncoderConfig) -> dict:
+    return jax.eval_shape(InfiniteIDEncoder(config).init, jax.random.key(0), *_encoder_args(config))["params"]
+
+
+def init_encoder_params(config: InfiniteIDEncoderConfig, rng: jax.Array) -> dict:
+    """Random encoder params (unboxed), for training from scratch and tests."""
+    return nn.meta.unbox(jax.jit(InfiniteIDEncoder(config).init)(rng, *_encoder_args(config))["params"])
+
+
+def null_id_tokens(encoder: InfiniteIDEncoder, params, null_clip_features: jax.Array) -> jax.Array:
+    """The "no identity" tokens ``[1, T, dim]``: ``encoder(zeros(D), CLIP(zero normalised pixels))``. They are
+    what training's ID dropout substitutes and what the ID stream's unconditional CFG row receives."""
+    zeros = jnp.zeros((null_clip_features.shape[0], encoder.config.id_embed_dim), jnp.float32)
+    return encoder.apply({"params": params}, zeros, null_clip_features)
+
+
+def stack_identities(tokens: jax.Array) -> jax.Array:
+    """``[n, T, dim]`` per-identity tokens → ``[1, n·T, dim]``: identity mixing by stacking the embeddings."""
+    if tokens.ndim != 3:
+        raise ValueError(f"stack_identities: expected [n, T, dim] tokens, got shape {tuple(tokens.shape)}")
+    return tokens.reshape(1, tokens.shape[0] * tokens.shape[1], tokens.shape[2])
+
+
+# =========================================================================================================
+# Attention strategy
+# =========================================================================================================
+MODES = ("two_stream", "id_only")
+
+
+@struct.dataclass
+class InfiniteIDInputs:
+    """Per-call inputs of :class:`InfiniteIDAttention` (a pytree; ``id_scale`` and ``mix`` may be traced)."""
+
+    id_scale: jax.Array  # λ: weight of the ID cross-attention in the ID stream
+    mix: jax.Array  # bool scalar: mixed self-attention on at this step
+    num_id_tokens: int = struct.field(pytree_node=False, default=1)  # ID tokens at the end of every context row
+    mode: str = struct.field(pytree_node=False, default="two_stream")
+    num_groups: int = struct.field(pytree_node=False, default=1)  # CFG copies of [text rows; ID rows]
+    adain: bool = struct.field(pytree_node=False, default=True)
+
+
+def two_stream_inputs(num_id_tokens: int, *, guided: bool, id_scale: float | jax.Array = 1.0,
+                      adain: bool = True, mix: bool | jax.Array = True) -> InfiniteIDInputs:
+    """Inputs of the inference mode for a batch laid out ``[uncond: text, ID; cond: text, ID]`` (``guided``) or
+    ``[text; ID]``."""
+    if not isinstance(num_id_tokens, (int, np.integer)) or num_id_tokens < 1:
+        raise ValueError(f"num_id_tokens must be a positive integer, got {num_id_tokens!r}")
+    return InfiniteIDInputs(id_scale=jnp.asarray(id_scale, jnp.float32), mix=jnp.asarray(mix, jnp.bool_),
+                            num_id_tokens=int(num_id_tokens), mode="two_stream", num_groups=2 if guided else 1,
+                            adain=bool(adain))
+
+
+def id_only_inputs(num_id_tokens: int) -> InfiniteIDInputs:
+    """Inputs of identity-enhanced training: cross-attention reads only the last ``num_id_tokens`` tokens."""
+    if not isinstance(num_id_tokens, (int, np.integer)) or num_id_tokens < 1:
+        raise ValueError(f"num_id_tokens must be a positive integer, got {num_id_tokens!r}")
+    return InfiniteIDInputs(id_scale=jnp.float32(1.0), mix=jnp.asarray(False), num_id_tokens=int(num_id_tokens),
+                            mode="id_only")
+
+
+def inputs_for_step(inputs: InfiniteIDInputs, step: jax.Array | int, mix_start: jax.Array | int = 0,
+                    mix_end: jax.Array | int | None = None) -> InfiniteIDInputs:
+    """``inputs`` with mixing on for denoising steps ``mix_start ≤ step < mix_end`` (0-based; ``None`` = to the
+    end). Pure, so a traced step inside ``lax.fori_loop`` and a Python int give the same values."""
+    step = jnp.asarray(step)
+    on = step >= mix_start
+    if mix_end is not None:
+        on = on & (step < mix_end)
+    return inputs.replace(mix=on)
+
+
+def adain_mean(x: jax.Array, ref: jax.Array, axis: int = 1) -> jax.Array:
+    """AdaIN-mean: ``x − mean(x) + mean(ref)`` with means over the token ``axis`` (per batch row and channel;
+    fp32 statistics). For split heads ``[B, L, H, D]`` the token axis is 1."""
+    x32, r32 = x.astype(jnp.float32), ref.astype(jnp.float32)
+    out = x32 - jnp.mean(x32, axis=axis, keepdims=True) + jnp.mean(r32, axis=axis, keepdims=True)
+    return out.astype(x.dtype)
+
+
+def mixed_attention(q_id, k_id, v_id, k_t, v_t, *, adain: bool, upcast: bool = False) -> jax.Array:
+    """``softmax(q_id [k_id; k_t]ᵀ/√d) [v_id; v_t]`` on split heads ``[B, L, H, D]`` (keys concatenated along the
+    token axis), with optional AdaIN-mean of ``k_id``/``v_id`` towards ``k_t``/``v_t``."""
+    if adain:
+        k_id, v_id = adain_mean(k_id, k_t), adain_mean(v_id, v_t)
+    k = jnp.concatenate([k_id, k_t], axis=1)
+    v = jnp.concatenate([v_id, v_t], axis=1)
+    out_dtype = q_id.dtype
+    if upcast:
+        q_id, k, v = q_id.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+    return layers.dot_product_attention(q_id, k, v).astype(out_dtype)
+
+
+def _plain(q, k, v, upcast: bool) -> jax.Array:
+    out_dtype = q.dtype
+    if upcast:
+        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+    return layers.dot_product_attention(q, k, v).astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class InfiniteIDAttention:
+    """The Infinite-ID strategy for ``UNet2DConditionModel(config, strategy=InfiniteIDAttention(...))``.
+
+    ``mix_layers``: indices (``attn.info.index``, diffusers' ``attn_processors`` order) of the self-attention layers
+    where the ID stream uses mixed attention; ``None`` = all (the paper's figure). :func:`self_attention_layers`
+    selects them by name prefix. ``attention_inputs=None`` runs the base model."""
+
+    mix_layers: tuple[int, ...] | None = None
+
+    def __call__(self, attn: Attention, proj: Projections, hidden: jax.Array, context: jax.Array | None,
+                 inputs: Any) -> jax.Array:
+        if inputs is None:
+            return StandardAttention()(attn, proj, hidden, context, inputs)
+        if not isinstance(inputs, InfiniteIDInputs):
+            raise TypeError(f"Infinite-ID layer {attn.info.name}: attention_inputs must be InfiniteIDInputs (see "
+                            f"two_stream_inputs / id_only_inputs), got {type(inputs).__name__}")
+        if inputs.mode not in MODES:
+            raise ValueError(f"Infinite-ID layer {attn.info.name}: mode must be one of {MODES}, got {inputs.mode!r}")
+        if attn.info.kind == "self" or context is None:
+            if inputs.mode == "id_only" or not self._mixes(attn):
+                return self._standard_self(attn, proj, hidden)
+            return self._two_stream_self(attn, proj, hidden, inputs)
+        if context.shape[1] < inputs.num_id_tokens:
+            raise ValueError(f"Infinite-ID layer {attn.info.name}: the context has {context.shape[1]} tokens but "
+                             f"must end with {inputs.num_id_tokens} ID tokens")
+        if inputs.mode == "id_only":
+            return self._id_only_cross(attn, proj, hidden, context[:, context.shape[1] - inputs.num_id_tokens:])
+        return self._two_stream_cross(attn, proj, hidden, context, inputs)
+
+    def _mixes(self, attn: Attention) -> bool:
+        return self.mix_layers is None or attn.info.index in self.mix_layers
+
+    @staticmethod
+    def _streams(x: jax.Array, inputs: InfiniteIDInputs, name: str) -> tuple[jax.Array, jax.Array]:
+        """Rows ``[G·2·b, ...]`` → (text rows, ID rows), each ``[G·b, ...]``, pairs aligned."""
+        g = inputs.num_groups
+        if x.shape[0] % (2 * g):
+            raise ValueError(f"Infinite-ID layer {name}: batch of {x.shape[0]} rows cannot be {g} group(s) of "
+                             f"[text rows; ID rows] of equal size")
+        b = x.shape[0] // (2 * g)
+        s = x.reshape((g, 2, b) + x.shape[1:])
+        return s[:, 0].reshape((g * b,) + x.shape[1:]), s[:, 1].reshape((g * b,) + x.shape[1:])
+
+    @staticmethod
+    def _join(text: jax.Array, ids: jax.Array, inputs: InfiniteIDInputs) -> jax.Array:
+        g = inputs.num_groups
+        b = text.shape[0] // g
+        s = jnp.stack([text.reshape((g, b) + text.shape[1:]), ids.reshape((g, b) + ids.shape[1:])], axis=1)
+        return s.reshape((2 * g * b,) + text.shape[1:])
+
+    def _standard_self(self, attn, proj, hidden):
+        q, k, v = (attn.split_heads(f(hidden)) for f in (proj.q, proj.k, proj.v))
+        return proj.out(attn.merge_heads(attn.attend(q, k, v)))
+
+    def _two_stream_self(self, attn, proj, hidden, inputs):
+        q, k, v = (attn.split_heads(f(hidden)) for f in (proj.q, proj.k, proj.v))
+        (q_t, q_i), (k_t, k_i), (v_t, v_i) = (self._streams(x, inputs, attn.info.name) for x in (q, k, v))
+        h_t = _plain(q_t, k_t, v_t, attn.upcast)
+        upcast, adain = attn.upcast, inputs.adain
+        h_i = jax.lax.cond(
+            inputs.mix,
+            lambda a: mixed_attention(*a, adain=adain, upcast=upcast),
+            lambda a: _plain(a[0], a[1], a[2], upcast),
+            (q_i, k_i, v_i, k_t, v_t))
+        return proj.out(attn.merge_heads(self._join(h_t, h_i, inputs)))
+
+    @staticmethod
+    def _id_kv(attn, ids):
+        inner = attn.heads * attn.head_dim
+        k = layers.dense(inner, name="to_k_id", use_bias=False, dtype=attn.dtype)(ids)
+        v = layers.dense(inner, name="to_v_id", use_bias=False, dtype=attn.dtype)(ids)
+        return attn.split_heads(k), attn.split_heads(v)
+
+    def _id_only_cross(self, attn, proj, hidden, ids):
+        q = attn.split_heads(proj.q(hidden))
+        k_id, v_id = self._id_kv(attn, ids)
+        return proj.out(attn.merge_heads(attn.attend(q, k_id, v_id)))
+
+    def _two_stream_cross(self, attn, proj, hidden, context, inputs):
+        n_text = context.shape[1] - inputs.num_id_tokens
+        if n_text < 1:
+            raise ValueError(f"Infinite-ID layer {attn.info.name}: two-stream mode needs text tokens before the "
+                             f"{inputs.num_id_tokens} ID tokens, got a context of {context.shape[1]}")
+        text, ids = context[:, :n_text], context[:, n_text:]
+        q = attn.split_heads(proj.q(hidden))
+        h_txt = attn.attend(q, attn.split_heads(proj.k(text)), attn.split_heads(proj.v(text)))
+        h_t, h_i = self._streams(h_txt, inputs, attn.info.name)
+        _, q_i = self._streams(q, inputs, attn.info.name)
+        k_id, v_id = self._id_kv(attn, self._streams(ids, inputs, attn.info.name)[1])
+        h_id = attn.attend(q_i, k_id, v_id)
+        h_i = (h_i.astype(jnp.float32) + inputs.id_scale * h_id.astype(jnp.float32)).astype(h_i.dtype)
+        return proj.out(attn.merge_heads(self._join(h_t, h_i, inputs)))
+
+
+def self_attention_layers(unet_config, prefixes: Sequence[str] | None = None) -> tuple[int, ...]:
+    """Indices of the self-attention layers whose diffusers names start with one of ``prefixes`` (e.g.
+    ``("up_blocks", "mid_block")`` or ``("down_blocks.0",)``); ``None`` → all. For ``mix_layers``."""
+    from dynamicid_jax.models.unet import attention_layer_names
+
+    names = attention_layer_names(unet_config)
+    if prefixes is not None:
+        prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+        unused = [p for p in prefixes if not any(n.startswith(p) and n.endswith("attn1") for n in names)]
+        if unused:
+            raise ValueError(f"mix layer prefixes {unused} match no self-attention layer; names look like "
+                             f"{names[0]!r} / 'mid_block.attentions.0…'")
+    return tuple(i for i, n in enumerate(names) if n.endswith("attn1")
+                 and (prefixes is None or any(n.startswith(p) for p in prefixes)))
+
+
+# =========================================================================================================
+# Parameters
+# =========================================================================================================
+ID_PARAM_NAMES = ("to_k_id", "to_v_id")
+
+
+def is_id_path(path: tuple[str, ...]) -> bool:
+    return any(p in ID_PARAM_NAMES for p in path)
+
+
+def split_id_params(params: Mapping) -> tuple[dict, dict]:
+    """UNet params (base + ID projections) → ``(base, id_projections)``."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_id_path(k)}),
+            traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_id_path(k)}))
+
+
+def merge_id_params(base: Mapping, id_params: Mapping) -> dict:
+    """Join the base UNet params and the ID projections (disjoint trees)."""
+    flat = traverse_util.flatten_dict(dict(base))
+    extra = traverse_util.flatten_dict(dict(id_params))
+    clash = sorted("/".join(k) for k in extra if k in flat)
+    if clash:
+        raise ValueError(f"ID projection params overlap the base params at {clash[:5]}")
+    flat.update(extra)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _id_module_and_args(unet_config):
+    from dynamicid_jax.models.unet import UNet2DConditionModel
+
+    module = UNet2DConditionModel(unet_config, strategy=InfiniteIDAttention())
+    f = 2 ** (len(unet_config.block_out_channels) - 1)
+    return module, (jnp.zeros((1, f, f, unet_config.in_channels), jnp.float32), jnp.zeros((1,), jnp.int32),
+                    jnp.zeros((1, 1, unet_config.cross_attention_dim), jnp.float32), id_only_inputs(1))
+
+
+def abstract_id_params(unet_config) -> dict:
+    """Shapes (boxed, with logical axes) of the ``to_k_id``/``to_v_id`` params for a UNet config."""
+    module, args = _id_module_and_args(unet_config)
+    return split_id_params(jax.eval_shape(lambda r: module.init(r, *args)["params"], jax.random.key(0)))[1]
+
+
+def init_id_params(unet_config, rng: jax.Array) -> dict:
+    """Fresh ``to_k_id``/``to_v_id`` (lecun-normal; :func:`init_id_from_base` gives the training init). Only
+    these are materialised: under ``jit`` the base UNet's initialisers are dead code."""
+    module, args = _id_module_and_args(unet_config)
+    return jax.jit(lambda r: split_id_params(nn.meta.unbox(module.init(r, *args)["params"]))[1])(rng)
+
+
+def init_id_from_base(base: Mapping, id_params: Mapping) -> dict:
+    """ID projections initialised from each cross-attention's text ``to_k``/``to_v`` (the training init)."""
+    flat_base = traverse_util.flatten_dict(dict(base))
+    out = {}
+    for path, value in traverse_util.flatten_dict(dict(id_params)).items():
+        src = path[:-2] + (path[-2][:-3], path[-1])  # .../to_k_id/kernel ← .../to_k/kernel
+        if src not in flat_base:
+            raise ValueError(f"init_id_from_base: base params lack {'/'.join(src)}")
+        if tuple(flat_base[src].shape) != tuple(value.shape):
+            raise ValueError(f"{'/'.join(src)} {tuple(flat_base[src].shape)} cannot initialise "
+                             f"{'/'.join(path)} {tuple(value.shape)}")
+        out[path] = jnp.array(flat_base[src])
+    return traverse_util.unflatten_dict(out)
+
+
+def split_trainable(unet_params: Mapping, encoder_params: Mapping) -> tuple[dict, dict]:
+    """``(trainable, frozen)``: trainable = ``{"encoder": mappers, "id_projections": to_k_id/to_v_id}``, frozen =
+    ``{"unet": the base UNet}`` (VAE, text encoder, ArcFace and CLIP are outside the loss altogether)."""
+    base, ids = split_id_params(unet_params)
+    if not traverse_util.flatten_dict(ids):
+        raise ValueError("split_trainable: the UNet params hold no to_k_id / to_v_id (merge init_id_params first)")
+    return {"encoder": dict(encoder_params), "id_projections": ids}, {"unet": base}
+
+
+# =========================================================================================================
+# Identity-enhanced training loss
+# =========================================================================================================
+def infinite_id_loss(trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                     unet, encoder: InfiniteIDEncoder, scheduler, id_dropout: float = 0.05,
+                     scaling_factor: float = 0.18215) -> tuple[jax.Array, dict]:
+    """ε-MSE (v-MSE for v-prediction schedulers) conditioned only on ID tokens; text is never computed.
+
+    ``unet`` has :class:`InfiniteIDAttention`; ``trainable``/``frozen`` as :func:`split_trainable` returns, and
+    ``frozen["null_clip_features"]`` ``[1, L, clip_dim]`` holds the CLIP features of the all-zero normalised image.
+    ``batch``: ``id_embeds [B, D]``, ``clip_features [B, L, clip_dim]``, and either ``latents [B, h, w, 4]``
+    (already × scaling factor) or ``latent_mean`` + ``latent_logvar`` (the VAE posterior; sampled here and ×
+    ``scaling_factor``). Draws per sample: ``t`` uniform over the training timesteps, the noise, and the
+    dropout of ``c_id`` to the null tokens (prob. ``id_dropout``, so CFG is possible). Returns ``(loss, aux)``.
+    """
+    ids, clip = jnp.asarray(batch["id_embeds"]), jnp.asarray(batch["clip_features"])
+    r_t, r_noise, r_drop, r_lat = jax.random.split(rng, 4)
+    if "latents" in batch:
+        latents = jnp.asarray(batch["latents"], jnp.float32)
+    elif "latent_mean" in batch and "latent_logvar" in batch:
+        mean = jnp.asarray(batch["latent_mean"], jnp.float32)
+        std = jnp.exp(0.5 * jnp.clip(jnp.asarray(batch["latent_logvar"], jnp.float32), -30.0, 20.0))
+        latents = (mean + std * jax.random.normal(r_lat, mean.shape)) * scaling_factor
+    else:
+        raise KeyError("infinite_id_loss: batch needs 'latents' or 'latent_mean' + 'latent_logvar'")
+    b = latents.shape[0]
+    if ids.shape[0] != b or clip.shape[0] != b:
+        raise ValueError(f"infinite_id_loss: batch sizes differ (latents {b}, id_embeds {ids.shape[0]}, "
+                         f"clip_features {clip.shape[0]})")
+    tokens = encoder.apply({"params": trainable["encoder"]}, ids, clip)
+    null = null_id_tokens(encoder, trainable["encoder"], jnp.asarray(frozen["null_clip_features"]))
+    drop = jax.random.uniform(r_drop, (b,)) < id_dropout
+    tokens = jnp.where(drop[:, None, None], null.astype(tokens.dtype), tokens)
+    n_train = scheduler.config.num_train_timesteps
+    t = jax.random.randint(r_t, (b,), 0, n_train)
+    noise = jax.random.normal(r_noise, latents.shape, jnp.float32)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" \
+        else noise
+    params = merge_id_params(frozen["unet"], trainable["id_projections"])
+    pred = unet.apply({"params": params}, noisy.astype(unet.dtype), t, tokens,
+                      id_only_inputs(encoder.config.num_tokens))
+    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+    return loss, {"loss": loss, "id_dropped": jnp.mean(drop.astype(jnp.float32)),
+                  "timestep_mean": jnp.mean(t.astype(jnp.float32))}
+
+
+# =========================================================================================================
+# Weights: our own format (no official Infinite-ID weights exist)
+# =========================================================================================================
+_FORMAT = "dynamicid-jax/infinite-id-v1"
+WEIGHTS_NAME = "infinite_id"
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {"/".join(k): np.asarray(jax.device_get(v))
+            for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+
+
+def _expected(encoder_config: InfiniteIDEncoderConfig, unet_config) -> dict[str, tuple[int, ...]]:
+    enc = {f"encoder/{k}": v.shape for k, v in _flat_shapes(abstract_encoder_params(encoder_config)).items()}
+    ids = {f"unet/{k}": v.shape for k, v in _flat_shapes(abstract_id_params(unet_config)).items()}
+    return {k: tuple(v) for k, v in {**enc, **ids}.items()}
+
+
+def _flat_shapes(tree):
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+
+
+def _check(flat, expected, source):
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(f"{k}: {tuple(flat[k].shape)} != {expected[k]}" for k in set(flat) & set(expected)
+                   if tuple(flat[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise km.WeightLoadError(f"{source} does not match the Infinite-ID encoder config / UNet: missing "
+                                 f"{missing[:10]}, unexpected {unexpected[:10]}, wrong shape {wrong[:10]}")
+
+
+def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encoder_params, id_params,
+                     unet_config) -> str:
+    """Write ``<folder>/infinite_id.safetensors`` (keys ``encoder/…`` and ``unet/…/to_k_id/kernel``) and
+    ``infinite_id.json`` (format + encoder config + the UNet's cross-attention width), atomically, JSON last."""
+    flat = {**{f"encoder/{k}": v for k, v in _flat(encoder_params).items()},
+            **{f"unet/{k}": v for k, v in _flat(id_params).items()}}
+    _check(flat, _expected(encoder_config, unet_config), f"save_infinite_id({folder})")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors")
+    km.write_safetensors(flat, path, metadata={"format": _FORMAT})
+    meta = {"format": _FORMAT, "encoder": encoder_config.to_dict(),
+            "cross_attention_dim": int(unet_config.cross_attention_dim)}
+    tmp = os.path.join(folder, f".{WEIGHTS_NAME}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, f"{WEIGHTS_NAME}.json"))
+    return path
+
+
+def load_infinite_id(folder: str, unet_config) -> tuple[InfiniteIDEncoderConfig, dict, dict]:
+    """Read :func:`save_infinite_id`'s files → ``(encoder_config, encoder_params, id_params)``; every key and
+    shape is checked against the encoder config and ``unet_config``."""
+    json_path = os.path.join(folder, f"{WEIGHTS_NAME}.json")
+    weights_path = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors")
+    if not os.path.isfile(json_path) or not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no Infinite-ID weights in {folder!r} (expected {WEIGHTS_NAME}.json and "
+                                f"{WEIGHTS_NAME}.safetensors, written by save_infinite_id / training)")
+    with open(json_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != _FORMAT:
+        raise km.WeightLoadError(f"{json_path}: format {meta.get('format')!r}, expected {_FORMAT!r}")
+    config = InfiniteIDEncoderConfig.from_dict(meta["encoder"])
+    if meta.get("cross_attention_dim") != unet_config.cross_attention_dim or config.dim != \
+            unet_config.cross_attention_dim:
+        raise km.WeightLoadError(f"{json_path}: weights for a UNet with cross-attention width "
+                                 f"{meta.get('cross_attention_dim')}, but this UNet has "
+                                 f"{unet_config.cross_attention_dim}")
+    flat = km.read_safetensors(weights_path)
+    _check(flat, _expected(config, unet_config), weights_path)
+    tree = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    return config, tree["encoder"], tree["unet"]
