@@ -11,7 +11,7 @@ export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,faces]'
+	$(BIN)/python -m pip install -q -e '.[test,faces,tfds]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,6 +1,10 @@
-"""Text-to-image from the command line.
+"""Text-to-image and DynamicID identity generation from the command line.
 
     python -m infer.generate --model PATH --prompt "a photo of a cat" --out cat.png
+    python -m infer.generate --model SD15 --dynamicid CONVERTED --clip-vision CLIP-H --ref alice.jpg --ref bob.jpg \\
+        --prompt "two people in a bus" --boxes "0.1,0.1,0.5,0.4;0.1,0.6,0.5,0.9" --save-gates gates.png --out out.png
+
+``--dynamicid`` takes a folder written by ``python -m infer.convert`` (official ``SAA.bin`` etc. converted once).
 """
 from __future__ import annotations
 
@@ -9,9 +13,46 @@ import os
 import sys
 import time
 
+NO_EDIT = ("", "-")  # a --face-prompt / --target-landmark value meaning "nothing for this reference"
+TEXT_TO_IMAGE_GUIDANCE = 7.5
+DYNAMICID_GUIDANCE = 5.0  # the official DynamicID pipeline's default
+_DYNAMICID_ONLY = ("ref", "face_prompt", "target_landmark", "boxes", "layout", "clip_vision", "id_scale",
+                   "save_gates", "boost_steps", "boost_strength", "analyzer_root", "mix", "no_gate",
+                   "strict_faces")
+
+
+def parse_boxes(text: str) -> list[list[float]]:
+    """``"y0,x0,y1,x1;y0,x0,y1,x1"`` (normalised) → ``[[y0, x0, y1, x1], ...]``."""
+    boxes = []
+    for part in text.split(";"):
+        values = [v.strip() for v in part.split(",")]
+        try:
+            box = [float(v) for v in values]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise argparse.ArgumentTypeError(f"--boxes: each box is 'y0,x0,y1,x1' (normalised, boxes separated by "
+                                             f"';'), got {part!r}")
+        boxes.append(box)
+    return boxes
+
+
+def parse_layout(text: str) -> str | list[float]:
+    """``row`` | ``grid`` | relative widths ``w1,w2,...``."""
+    if text in ("row", "grid"):
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layout must be 'row', 'grid' or relative widths like '2,1', got "
+                                         f"{text!r}") from None
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0])
+    from dynamicid_jax.faces import available_backends
+
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers SD folder or single-file .safetensors checkpoint")
     p.add_argument("--config", help="for single-file checkpoints: a diffusers folder holding the configs")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -19,23 +60,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"default {TEXT_TO_IMAGE_GUIDANCE} (text-to-image) / {DYNAMICID_GUIDANCE} (DynamicID)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++2m", "euler"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (params stay fp32; scheduler math is fp32)")
     p.add_argument("--out", required=True, help="PNG path; a batch is saved as one grid")
+
+    # Identity methods. DynamicID is selected by --dynamicid; another method plugs in here with its own
+    # add_arguments(parser) / run(args) pair (see _METHODS below and main()).
+    g = p.add_argument_group("DynamicID (identity personalisation)")
+    g.add_argument("--dynamicid", metavar="PATH", help="converted DynamicID folder (python -m infer.convert)")
+    g.add_argument("--ref", action="append", metavar="IMAGE", help="reference photo, one per identity (repeat); "
+                   "identities are placed left → right in this order unless --boxes says otherwise")
+    g.add_argument("--face-prompt", action="append", metavar="TEXT",
+                   help="IMR edit for the matching --ref, e.g. 'a very surprised expression, front view' "
+                        "(repeat once per --ref; '-' = no edit)")
+    g.add_argument("--target-landmark", action="append", metavar="PNG",
+                   help="96×96 target landmark image for the matching --ref ('-' = reuse the reference's)")
+    g.add_argument("--boxes", type=parse_boxes, help="'y0,x0,y1,x1;...' normalised: one box per identity "
+                   "(regional routing) or one box for several identities (identity mixing)")
+    g.add_argument("--layout", type=parse_layout, default="row",
+                   help="without --boxes: 'row' (equal vertical strips), 'grid', or relative widths 'w1,w2,...'")
+    g.add_argument("--analyzer", default="insightface", choices=available_backends(),
+                   help="face analysis backend (the official weights were trained with insightface, 512-d)")
+    g.add_argument("--analyzer-root", metavar="DIR",
+                   help="insightface: root holding models/buffalo_l/; dlib: folder of the .dat models")
+    g.add_argument("--clip-vision", metavar="PATH", help="CLIPVisionModelWithProjection folder (CLIP-ViT-H-14)")
+    g.add_argument("--id-scale", type=float, default=1.0, help="weight of the identity branch (0 = text only)")
+    g.add_argument("--boost-steps", type=int, default=None, help="layout boost steps (default: 0 for one "
+                   "identity without boxes, else 12)")
+    g.add_argument("--boost-strength", type=float, default=None, help="layout boost s (default 2)")
+    g.add_argument("--mix", type=float, default=0.5, help="identity mixing weight of the first identity")
+    g.add_argument("--no-gate", action="store_true", help="activate_query=False: no gate, routing or boost")
+    g.add_argument("--strict-faces", action="store_true",
+                   help="a reference with several faces is an error (default: use the largest, warn)")
+    g.add_argument("--save-gates", metavar="FILE.png", help="also write where identity was injected (overlay)")
     return p
 
 
+def _check_dynamicid_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.dynamicid:
+        given = [f"--{name.replace('_', '-')}" for name in _DYNAMICID_ONLY
+                 if getattr(args, name) != parser.get_default(name)]
+        if given:
+            parser.error(f"{', '.join(given)} need --dynamicid")
+        return
+    if not args.ref:
+        parser.error("--dynamicid needs at least one --ref image")
+    for flag in ("face_prompt", "target_landmark"):
+        values = getattr(args, flag)
+        if values is not None and len(values) != len(args.ref):
+            parser.error(f"--{flag.replace('_', '-')} given {len(values)} time(s) for {len(args.ref)} --ref "
+                         f"image(s); give one per --ref ('-' for none)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_dynamicid_args(parser, args)
+    if args.dynamicid:
+        return run_dynamicid(args)
+    return run_text_to_image(args)
+
+
+def run_text_to_image(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import numpy as np
 
     from dynamicid_jax.image_io import image_grid, save_png
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
+    guidance = TEXT_TO_IMAGE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     start = time.perf_counter()
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     sd = StableDiffusion.from_pretrained(args.model, config=args.config, scheduler=args.scheduler,
@@ -43,11 +140,56 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded in {time.perf_counter() - start:.1f}s; compiling the sampler "
           f"({len(args.prompt)}×{args.height}×{args.width}, {args.steps} steps) …", file=sys.stderr, flush=True)
     images = sd.generate(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                         steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+                         steps=args.steps, guidance_scale=guidance, seed=args.seed)
     t = sd.last_timings
     print(f"compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s "
           f"({args.steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
     save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), args.out)
+    print(os.path.abspath(args.out))
+    return 0
+
+
+def _analyzer_kwargs(args: argparse.Namespace) -> dict:
+    if not args.analyzer_root:
+        return {}
+    return {"model_dir": args.analyzer_root} if args.analyzer == "dlib" else {"root": args.analyzer_root}
+
+
+def run_dynamicid(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dynamicid_jax.image_io import image_grid, save_png
+    from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
+    from dynamicid_jax.pipelines.gates import save_gate_overlay
+
+    def per_ref(values):
+        return None if values is None else [None if v in NO_EDIT else v for v in values]
+
+    guidance = DYNAMICID_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    start = time.perf_counter()
+    print(f"loading {args.model} + DynamicID {args.dynamicid} (analyzer: {args.analyzer}) …", file=sys.stderr,
+          flush=True)
+    pipe = DynamicIDPipeline.from_pretrained(args.model, args.dynamicid, analyzer=args.analyzer,
+                                             analyzer_kwargs=_analyzer_kwargs(args), clip_vision_path=args.clip_vision,
+                                             dtype=getattr(jnp, args.dtype), scheduler=args.scheduler,
+                                             config=args.config, strict=args.strict_faces)
+    print(f"loaded in {time.perf_counter() - start:.1f}s; {len(args.ref)} identit{'y' if len(args.ref) == 1 else 'ies'}"
+          f", {args.steps} steps at {args.height}×{args.width} …", file=sys.stderr, flush=True)
+    result = pipe(args.prompt, args.ref, face_prompts=per_ref(args.face_prompt),
+                  target_landmarks=per_ref(args.target_landmark), boxes=args.boxes, layout=args.layout,
+                  negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed,
+                  height=args.height, width=args.width, id_scale=args.id_scale, boost_steps=args.boost_steps,
+                  boost_strength=args.boost_strength, mix=args.mix, activate_query=not args.no_gate,
+                  return_gates=bool(args.save_gates))
+    images, gates = result if args.save_gates else (result, None)
+    t = pipe.last_timings
+    print(f"identities {t['encode_s']:.1f}s, compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s "
+          f"({args.steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
+    save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), args.out)
+    if gates is not None:
+        save_gate_overlay(gates, images[0], args.save_gates)
+        print(os.path.abspath(args.save_gates), file=sys.stderr)
     print(os.path.abspath(args.out))
     return 0
 

@@ -39,3 +39,11 @@ def assert_close(actual, expected, atol=1e-4, rtol=1e-4, what=""):
     bound = atol + rtol * np.abs(expected)
     worst = float(np.max(err - bound)) if err.size else 0.0
     assert worst <= 0, f"{what}: max abs diff {float(err.max()):.3e} exceeds atol={atol}, rtol={rtol}"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory, torch):
+    """A tiny random Stable Diffusion in the diffusers folder format (see tests/tiny_sd.py)."""
+    from tiny_sd import make_tiny_sd
+
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))

@@ -4,12 +4,11 @@ import pytest
 from PIL import Image
 
 from infer import generate
-from tiny_sd import make_tiny_sd
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, torch):
-    return make_tiny_sd(str(tmp_path_factory.mktemp("cli_sd")))
+def tiny_dir(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 def test_generate_writes_png_and_reports_times(tiny_dir, tmp_path, capsys):

@@ -129,7 +129,7 @@ def test_two_stream_cross_attention_is_text_plus_lambda_id():
     attn = _attention("cross")
     inputs = iid.two_stream_inputs(2, guided=False, id_scale=0.7)
     params = _init(attn, hidden, ctx, inputs)
-    out = np.asarray(attn.apply({"params": params}, hidden, ctx, inputs))
+    out = np.asarray(jax.jit(attn.apply)({"params": params}, hidden, ctx, inputs))
     wq, wk, wv, wki, wvi, wo = (_kernel(params, n) for n in ("to_q", "to_k", "to_v", "to_k_id", "to_v_id",
                                                               "to_out_0"))
     bo = np.asarray(params["to_out_0"]["bias"], np.float64)
@@ -171,18 +171,39 @@ def test_self_attention_layer_selection():
 
 
 # ---------------------------------------------------------------------------------------------------- UNet level
+# smaller than unet_config("tiny") (4 transformer blocks instead of 7): every code path, a fraction of the compile
+MICRO = U.UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                     cross_attention_dim=32, attention_head_dim=2).validate()
+
+
+def _random_like(abstract, seed):
+    """Random params from shapes alone (no init to compile): fan-in-scaled kernels, small biases, unit scales."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            return jnp.ones(leaf.shape, jnp.float32)
+        std = 0.05 if name != "kernel" else 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.standard_normal(leaf.shape) * std, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract))
+
+
 @pytest.fixture(scope="session")
 def tiny_unet():
-    cfg = U.unet_config("tiny")
-    base = U.init_params(U.UNet2DConditionModel(cfg), jax.random.key(0))
-    ids = iid.init_id_params(cfg, jax.random.key(1))
+    cfg = MICRO
+    base = _random_like(U.abstract_params(U.UNet2DConditionModel(cfg)), 0)
+    ids = _random_like(iid.abstract_id_params(cfg), 1)
     return cfg, base, ids
 
 
 def test_two_stream_unet_against_base_model(tiny_unet):
     cfg, base, id_params = tiny_unet
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)  # [uncond, cond] latents of one image
+    x = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)  # [uncond, cond] latents of one image
     text = rng.standard_normal((2, 6, 32)).astype(np.float32)  # [negative, prompt]
     ids = rng.standard_normal((2, 3, 32)).astype(np.float32)
     # rows [u_text, u_ID, c_text, c_ID]: each stream pair shares latents and prompt
@@ -194,11 +215,11 @@ def test_two_stream_unet_against_base_model(tiny_unet):
     ref = np.asarray(jax.jit(base_unet.apply)({"params": base}, x, t, text))
     two = U.UNet2DConditionModel(cfg, strategy=iid.InfiniteIDAttention())
     merged = iid.merge_id_params(base, id_params)
-    run = jax.jit(lambda lam, mix: two.apply({"params": merged}, sample, t, ctx,
-                                             iid.two_stream_inputs(3, guided=True, id_scale=lam, mix=mix)))
-    off = np.asarray(run(0.0, False))
+    run = jax.jit(lambda p, lam, mix: two.apply({"params": p}, sample, t, ctx,
+                                                iid.two_stream_inputs(3, guided=True, id_scale=lam, mix=mix)))
+    off = np.asarray(run(merged, 0.0, False))
     assert_close(off, ref[rows], atol=2e-5, rtol=2e-5, what="mixing off + λ=0 = base model (all rows)")
-    on = np.asarray(run(1.0, True))
+    on = np.asarray(run(merged, 1.0, True))
     assert_close(on[[0, 2]], ref, atol=2e-5, rtol=2e-5, what="text stream = base model with mixing on")
     assert np.abs(on[[1, 3]] - ref).max() > 1e-2  # the ID stream does change
     # without attention_inputs the strategy is the base model
@@ -221,13 +242,14 @@ def test_training_loss_and_trainable_split(tiny_unet):
     assert traverse_util.flatten_dict(frozen["unet"]).keys() == flat_base.keys()
     rng = np.random.default_rng(5)
     frozen["null_clip_features"] = rng.standard_normal((1, 9, 64)).astype(np.float32)
-    batch = {"latent_mean": rng.standard_normal((2, 8, 8, 4)).astype(np.float32),
-             "latent_logvar": np.full((2, 8, 8, 4), -2.0, np.float32),
+    batch = {"latent_mean": rng.standard_normal((2, 4, 4, 4)).astype(np.float32),
+             "latent_logvar": np.full((2, 4, 4, 4), -2.0, np.float32),
              "id_embeds": rng.standard_normal((2, 16)).astype(np.float32),
              "clip_features": rng.standard_normal((2, 9, 64)).astype(np.float32)}
     unet = U.UNet2DConditionModel(cfg, strategy=iid.InfiniteIDAttention())
-    loss_fn = jax.jit(jax.value_and_grad(lambda tr, r: iid.infinite_id_loss(
-        tr, frozen, batch, r, unet=unet, encoder=encoder, scheduler=DDIMScheduler(), id_dropout=0.0)[0]))
+    grad_fn = jax.jit(jax.value_and_grad(lambda tr, fr, bt, r: iid.infinite_id_loss(
+        tr, fr, bt, r, unet=unet, encoder=encoder, scheduler=DDIMScheduler(), id_dropout=0.0)[0]))
+    loss_fn = lambda tr, r: grad_fn(tr, frozen, batch, r)  # noqa: E731  (params are arguments, not constants)
     loss, grads = loss_fn(trainable, jax.random.key(3))
     assert np.isfinite(float(loss)) and 0.1 < float(loss) < 100
     g_enc = traverse_util.flatten_dict(grads["encoder"])
@@ -249,10 +271,11 @@ def test_encoder_tokens_stacking_and_sizes():
     params = iid.init_encoder_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(6)
     e, clip = rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal((3, 9, 64)).astype(np.float32)
-    tokens = np.asarray(encoder.apply({"params": params}, e, clip))
+    apply = jax.jit(encoder.apply)
+    tokens = np.asarray(apply({"params": params}, e, clip))
     assert tokens.shape == (3, cfg.num_tokens, 32) and cfg.num_tokens == 6
     # CLIP tokens come first and depend only on the CLIP features; face tokens only on the ArcFace vector
-    other = np.asarray(encoder.apply({"params": params}, e[::-1].copy(), clip))
+    other = np.asarray(apply({"params": params}, e[::-1].copy(), clip))
     np.testing.assert_allclose(other[:, :4], tokens[:, :4], atol=1e-6)
     assert np.abs(other[:, 4:] - tokens[:, 4:]).max() > 1e-3
     stacked = np.asarray(iid.stack_identities(jnp.asarray(tokens)))
@@ -266,10 +289,14 @@ def test_encoder_tokens_stacking_and_sizes():
         iid.infinite_id_encoder_config("tiny", num_clip_tokens=0)
     full = iid.infinite_id_encoder_config("sd15")
     assert full.num_tokens == 20 and full.clip_layer == -2
-    shapes = traverse_util.flatten_dict(iid.abstract_encoder_params(full))
+    shapes = traverse_util.flatten_dict(nn.meta.unbox(iid.abstract_encoder_params(full)))
     assert shapes[("clip_mapper", "latents")].shape == (16, 768)
     assert shapes[("face_mapper", "proj_2", "kernel")].shape == (1024, 4 * 768)
-    ids = traverse_util.flatten_dict(iid.abstract_id_params(U.unet_config("sd15")))
+
+
+@pytest.mark.slow
+def test_sd15_id_projections_eval_shape():
+    ids = traverse_util.flatten_dict(nn.meta.unbox(iid.abstract_id_params(U.unet_config("sd15"))))
     assert len(ids) == 32 and all(v.shape[0] == 768 and v.shape[1] in (320, 640, 1280) for v in ids.values())
 
 

@@ -5,12 +5,6 @@ import numpy as np
 import pytest
 
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-from tiny_sd import make_tiny_sd
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory, torch):
-    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
 
 
 @pytest.fixture(scope="session")

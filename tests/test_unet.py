@@ -130,29 +130,29 @@ class ExtraTokenCrossAttention:
         return proj.out(attn.merge_heads(h_txt + inputs["scale"] * h_x))
 
 
-def test_strategy_plugs_in_without_copying_the_unet(loaded):
-    unet, params = loaded
-    custom = U.UNet2DConditionModel(unet.config, strategy=ExtraTokenCrossAttention(n_extra=3))
-    sample, t, ctx = _inputs()
+def test_strategy_plugs_in_without_copying_the_unet():
+    config = U.UNetConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+                          attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    base = U.UNet2DConditionModel(config)
+    custom = U.UNet2DConditionModel(config, strategy=ExtraTokenCrossAttention(n_extra=3))
+    sample, t, ctx = _inputs(hw=8)
     extra = np.random.default_rng(5).standard_normal((2, 3, 32)).astype(np.float32)
     full_ctx = np.concatenate([ctx, extra], axis=1)
-    init = jax.jit(custom.init)(jax.random.key(1), sample, t, full_ctx, {"scale": 1.0})["params"]
-    init = nn.meta.unbox(init)
-    # the strategy's parameters live inside each cross-attention layer; the base params are unchanged names
-    flat = {"/".join(k) for k in km.traverse_util.flatten_dict(init)}
-    extra_keys = {k for k in flat if "_extra" in k}
-    assert len(extra_keys) == 2 * len(U.attention_layer_names(unet.config)) // 2
-    merged = km.traverse_util.flatten_dict(init)
-    merged.update(km.traverse_util.flatten_dict(params))
-    merged = km.traverse_util.unflatten_dict(merged)
-    base = jax.jit(unet.apply)({"params": params}, sample, t, ctx)
+    params = nn.meta.unbox(jax.jit(custom.init)(jax.random.key(1), sample, t, full_ctx, {"scale": 1.0})["params"])
+    # the strategy's parameters live inside each cross-attention layer, next to the unchanged base names
+    flat = km.traverse_util.flatten_dict(params)
+    n_cross = len(U.attention_layer_names(config)) // 2
+    assert sum(1 for k in flat if k[-2] in ("to_k_extra", "to_v_extra")) == 2 * n_cross
+    base_params = km.traverse_util.unflatten_dict({k: v for k, v in flat.items() if "_extra" not in k[-2]})
+    reference = jax.jit(base.apply)({"params": base_params}, sample, t, ctx)
     run = jax.jit(lambda p, s: custom.apply(p, sample, t, full_ctx, {"scale": s}, mutable=["intermediates"]))
-    off, state = run({"params": merged}, 0.0)
-    assert_close(off, base, atol=1e-5, what="scale 0 reproduces the base UNet")
-    on, _ = run({"params": merged}, 1.0)
-    assert float(jnp.abs(on - base).max()) > 1e-3
+    off, state = run({"params": params}, 0.0)
+    assert_close(off, reference, atol=1e-5, what="scale 0 reproduces the base UNet")
+    on, _ = run({"params": params}, 1.0)
+    assert float(jnp.abs(on - reference).max()) > 1e-3
     seen = sorted(int(v) for v in jax.tree_util.tree_leaves(state["intermediates"]))
-    assert seen == list(range(1, len(U.attention_layer_names(unet.config)), 2))  # every attn2, processor order
+    assert seen == list(range(1, 2 * n_cross, 2))  # every attn2, in diffusers' processor order
 
 
 def test_bad_inputs(tmp_path, tiny_unet_dir, loaded):

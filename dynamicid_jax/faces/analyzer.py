@@ -165,8 +165,15 @@ def _insightface_factory(**kwargs: Any) -> FaceAnalyzer:
     return InsightFaceAnalyzer(**kwargs)
 
 
+def _synthetic_factory(**kwargs: Any) -> FaceAnalyzer:
+    from .synthetic_backend import SyntheticAnalyzer
+
+    return SyntheticAnalyzer(**kwargs)
+
+
 register_backend("dlib", _dlib_factory)
 register_backend("insightface", _insightface_factory)
+register_backend("synthetic", _synthetic_factory)
 
 
 # --------------------------------------------------------------------------------------- reference faces

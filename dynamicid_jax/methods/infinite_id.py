@@ -486,16 +486,19 @@ def infinite_id_loss(trainable: Mapping, frozen: Mapping, batch: Mapping[str, ja
     ``scaling_factor``). Draws per sample: ``t`` uniform over the training timesteps, the noise, and the
     dropout of ``c_id`` to the null tokens (prob. ``id_dropout``, so CFG is possible). Returns ``(loss, aux)``.
     """
+    missing = [k for k in ("id_embeds", "clip_features") if k not in batch]
+    if "latents" not in batch and not ("latent_mean" in batch and "latent_logvar" in batch):
+        missing.append("latents (or latent_mean + latent_logvar)")
+    if missing:
+        raise KeyError(f"infinite_id_loss: batch lacks {missing}; it has {sorted(batch)}")
     ids, clip = jnp.asarray(batch["id_embeds"]), jnp.asarray(batch["clip_features"])
     r_t, r_noise, r_drop, r_lat = jax.random.split(rng, 4)
     if "latents" in batch:
         latents = jnp.asarray(batch["latents"], jnp.float32)
-    elif "latent_mean" in batch and "latent_logvar" in batch:
+    else:
         mean = jnp.asarray(batch["latent_mean"], jnp.float32)
         std = jnp.exp(0.5 * jnp.clip(jnp.asarray(batch["latent_logvar"], jnp.float32), -30.0, 20.0))
         latents = (mean + std * jax.random.normal(r_lat, mean.shape)) * scaling_factor
-    else:
-        raise KeyError("infinite_id_loss: batch needs 'latents' or 'latent_mean' + 'latent_logvar'")
     b = latents.shape[0]
     if ids.shape[0] != b or clip.shape[0] != b:
         raise ValueError(f"infinite_id_loss: batch sizes differ (latents {b}, id_embeds {ids.shape[0]}, "

@@ -29,6 +29,7 @@ training initialisation), and :mod:`dynamicid_jax.weights.official_saa` imports 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -68,11 +69,20 @@ class LoRA(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         down = nn.Dense(self.rank, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="down",
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(1.0 / self.rank),
+                        kernel_init=nn.with_logical_partitioning(_initializer("down", self.rank),
                                                                  (self.in_axis, None)))
         up = nn.Dense(self.features, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="up",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, self.out_axis)))
+                      kernel_init=nn.with_logical_partitioning(_initializer("up", self.rank), (None, self.out_axis)))
         return up(down(x))
+
+
+def _initializer(kind: str, rank: int = 1):
+    """The one place SAA's initialisers are defined (used by the modules and by :func:`init_saa_params`)."""
+    if kind == "down":
+        return nn.initializers.normal(1.0 / rank)
+    if kind == "up":
+        return nn.initializers.zeros_init()
+    return nn.initializers.lecun_normal()  # to_k_ip / to_v_ip (layers.dense's default)
 
 
 @struct.dataclass
@@ -146,8 +156,13 @@ class SAA:
         h_txt = attn.merge_heads(attn.attend(q, attn.split_heads(k), attn.split_heads(v)))
 
         inner = attn.heads * attn.head_dim
-        k_id = attn.split_heads(layers.dense(inner, name="to_k_ip", use_bias=False, dtype=attn.dtype)(ids))
-        v_id = attn.split_heads(layers.dense(inner, name="to_v_ip", use_bias=False, dtype=attn.dtype)(ids))
+
+        def ip(name):
+            init = nn.with_logical_partitioning(_initializer("ip"), ("embed", "mlp"))
+            return attn.split_heads(layers.dense(inner, name=name, use_bias=False, dtype=attn.dtype,
+                                                 kernel_init=init)(ids))
+
+        k_id, v_id = ip("to_k_ip"), ip("to_v_ip")
         q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k_id, v_id))
 
         batch, n_query = hidden.shape[0], hidden.shape[1]
@@ -161,9 +176,9 @@ class SAA:
                                  f"SAAInputs with the generated image's size")
             in_box = box_masks(inputs.box_edges[inputs.grids.index(grid)], grid)  # [n_boxes, Lq]
             w = boost_gate(w, jnp.any(in_box, axis=0), inputs.strength)
-            if inputs.mode == "route":
+            if inputs.mode == "route" and inputs.num_ids > 1:  # (one identity: nothing to route)
                 mask = routing_mask(in_box, self.num_id_tokens)[None, None]  # [1, 1, Lq, 4N]
-            else:  # "mix": scaling the keys of a token scales its logits
+            elif inputs.mode == "mix":  # scaling the keys of a token scales its logits
                 k32 = k32 * mixing_factors(inputs.num_ids, self.num_id_tokens, inputs.mix)[None, :, None, None]
         else:
             w = jnp.ones((batch, n_query), jnp.float32)
@@ -185,13 +200,13 @@ def gate_from_logits(logits: jax.Array, threshold: float = 0.3, eps: float = 1e-
     return jnp.where(w < threshold, 0.0, w)
 
 
-def box_masks(edges: jax.Array, grid: tuple[int, int]) -> jax.Array:
+def box_masks(edges: jax.Array | np.ndarray, grid: tuple[int, int]) -> jax.Array | np.ndarray:
     """``edges [n_boxes, 4]`` (half-open cell ranges ``y0, x0, y1, x1``) → boolean ``[n_boxes, H_l·W_l]``,
-    row-major over the grid (the order of the UNet's flattened tokens)."""
+    row-major over the grid (the order of the UNet's flattened tokens). NumPy in → NumPy out."""
+    xp = np if isinstance(edges, np.ndarray) else jnp
     gh, gw = grid
-    edges = jnp.asarray(edges)
-    ys = jnp.arange(gh)[None, :, None]
-    xs = jnp.arange(gw)[None, None, :]
+    ys = xp.arange(gh)[None, :, None]
+    xs = xp.arange(gw)[None, None, :]
     e = [edges[:, i][:, None, None] for i in range(4)]
     inside = (ys >= e[0]) & (ys < e[2]) & (xs >= e[1]) & (xs < e[3])
     return inside.reshape(edges.shape[0], gh * gw)
@@ -210,7 +225,7 @@ def routing_mask(in_box: jax.Array, tokens_per_id: int) -> jax.Array:
     identity ``i``'s tokens; a query outside every box sees all of them."""
     owner = jnp.arange(in_box.shape[0] * tokens_per_id) // tokens_per_id
     allowed = in_box.T[:, owner]  # [Lq, T]: the query lies in the box of the token's identity
-    return jnp.where(jnp.any(in_box, axis=0)[:, None], allowed, True)
+    return jnp.ones_like(allowed)
 
 
 def mixing_factors(num_ids: int, tokens_per_id: int, mix: jax.Array | float) -> jax.Array:
@@ -329,7 +344,8 @@ def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, 
                layout: str | Sequence[float] = "row") -> SAAInputs:
     """Build :class:`SAAInputs` on the host (validates the boxes, maps them onto every attention grid).
 
-    ``image_size`` is the generated image's ``(height, width)`` in pixels (multiples of 8). ``boxes`` are
+    ``image_size`` is the generated image's ``(height, width)`` in pixels (multiples of 8), as the official code
+    uses it; each layer's grid follows from its query count and this aspect ratio (:func:`layer_grid`). ``boxes`` are
     normalised ``[y_min, x_min, y_max, x_max]``: one per identity (routing) or one for several identities
     (mixing with weight ``mix`` for identity 0); ``None`` → the whole image for one identity, else
     :func:`layout_boxes` ``(num_ids, layout)``. ``strength`` is the boost s (use :func:`saa_inputs_for_step` in
@@ -411,7 +427,13 @@ def _saa_module(unet_config, strategy: SAA | None, dtype):
 
 
 def abstract_saa_params(unet_config, strategy: SAA | None = None) -> dict:
-    """Shapes (boxed with logical axes) of SAA's params for a UNet config, without materialising anything."""
+    """Shapes (boxed with logical axes) of SAA's params for a UNet config, without materialising anything.
+    Cached per (config, strategy); treat the returned tree as read-only."""
+    return _abstract_saa_params(unet_config, strategy if strategy is not None else SAA())
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_saa_params(unet_config, strategy: SAA) -> dict:
     module, strategy = _saa_module(unet_config, strategy, jnp.float32)
     args = _init_args(module, strategy)
     full = jax.eval_shape(lambda r: module.init(r, *args)["params"], jax.random.key(0))
@@ -419,13 +441,19 @@ def abstract_saa_params(unet_config, strategy: SAA | None = None) -> dict:
 
 
 def init_saa_params(unet_config, rng: jax.Array, strategy: SAA | None = None) -> dict:
-    """Fresh SAA params (unboxed): LoRA down ~ N(0, 1/r), up = 0 (so the UNet is unchanged until trained), and
+    """Fresh SAA params (unboxed, fp32): LoRA down ~ N(0, 1/r), up = 0 (so the UNet is unchanged until trained),
     ``to_k_ip``/``to_v_ip`` lecun-normal (use :func:`init_ip_from_base` for the training initialisation).
-    Only SAA's params are materialised (the base UNet's initialisers are dead code under ``jit``)."""
-    module, strategy = _saa_module(unet_config, strategy, jnp.float32)
-    args = _init_args(module, strategy)
-    init = jax.jit(lambda r: split_saa_params(nn.meta.unbox(module.init(r, *args)["params"]))[1])
-    return init(rng)
+
+    Shapes come from ``jax.eval_shape``; only SAA's leaves are drawn (one key per leaf, folded from the path), so
+    neither the base UNet nor a compiled ``init`` is needed."""
+    strategy = strategy if strategy is not None else SAA()
+    flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_saa_params(unet_config, strategy)))
+    out = {}
+    for i, (path, leaf) in enumerate(sorted(flat.items())):
+        kind = path[-2] if path[-2] in ("down", "up") else "ip"
+        key = jax.random.fold_in(rng, i)
+        out[path] = _initializer(kind, strategy.lora_rank)(key, leaf.shape, jnp.float32)
+    return traverse_util.unflatten_dict(out)
 
 
 def init_ip_from_base(params: Mapping) -> dict:

@@ -375,8 +375,9 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, h, temb, context, inputs):
         cfg = self.config
-        res = lambda j: _remat(ResnetBlock2D, self.remat_policy)(self.channels, cfg.norm_num_groups, cfg.norm_eps,  # noqa: E731
-                                      cfg.mid_block_scale_factor, dtype=self.dtype, name=f"resnets_{j}")
+        resnet_cls = _remat(ResnetBlock2D, self.remat_policy)
+        res = lambda j: resnet_cls(self.channels, cfg.norm_num_groups, cfg.norm_eps,  # noqa: E731
+                                   cfg.mid_block_scale_factor, dtype=self.dtype, name=f"resnets_{j}")
         h = res(0)(h, temb)
         h = _remat(Transformer2DModel, self.remat_policy)(
             self.channels, self.heads, self.transformer_layers, cfg.norm_num_groups, cfg.use_linear_projection,

@@ -1,0 +1,22 @@
+"""SynthFace: a procedural face world in which every stage of DynamicID trains for real on a CPU.
+
+``python -m data_pipelines.synthface --out DIR --identities N --seed S`` writes N identities × 35 images
+(7 expressions × 5 poses) with captions and exact face values, held-out identities and multi-person scenes
+(:mod:`.dataset`). Rendering is pure numpy (:mod:`.raster`, :mod:`.render`) from one 2.5D head geometry
+(:mod:`.face_model`) whose random parameters live in :mod:`.world`. ``python -m
+data_pipelines.synthface.train_models`` trains the world's face models (recogniser, detector, landmarks,
+evaluation classifiers) on such a tree.
+"""
+from .dataset import (SCHEMA, caption_for, generate, list_images, load_index, load_split, read_record,
+                      render_identity, render_scene, write_identity, write_scene)
+from .face_model import EXPRESSION_SHAPES, FaceLayout, Pose2D, face_layout
+from .render import draw_person, render_group, render_portrait
+from .world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSE_YAW, POSES, PROMPT_EXPRESSION,
+                    Identity, SceneAttributes, sample_identity)
+
+__all__ = [
+    "SCHEMA", "generate", "load_index", "list_images", "load_split", "read_record", "render_identity",
+    "render_scene", "write_identity", "write_scene", "caption_for", "face_layout", "FaceLayout", "Pose2D",
+    "EXPRESSION_SHAPES", "render_portrait", "render_group", "draw_person", "EXPRESSIONS", "POSES", "POSE_YAW",
+    "PROMPT_EXPRESSION", "BACKGROUNDS", "CLOTHING", "PLACEMENTS", "Identity", "SceneAttributes", "sample_identity",
+]

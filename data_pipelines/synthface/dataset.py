@@ -1,0 +1,255 @@
+"""Writing and reading a SynthFace tree.
+
+Layout (``out`` = the dataset folder)::
+
+    out/synthface.json                       generator settings, vocabularies, identity lists, scene list
+    out/train/id00000/happy_left.png         35 images per identity: {expression}_{pose}.png
+    out/train/id00000/happy_left.txt         caption (scene attributes: background, clothing, placement)
+    out/train/id00000/happy_left.json        exact face values (see ``image_record``)
+    out/heldout/ho00000/...                  identities never used in training, same layout
+    out/scenes/scene00000.{png,txt,json}     2–3 held-out people side by side, boxes and identities known
+
+Every file depends only on ``(seed, split, index)`` — see :mod:`.world` — so two runs with the same seed write
+byte-identical trees, and identity ``k`` is the same person whatever ``--identities`` is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+
+from .render import render_group, render_portrait
+from .world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, GLASSES, HAIR_STYLES, PLACEMENT_PHRASE, PLACEMENTS,
+                    POSE_YAW, POSES, ImageVariation, identity_name, image_name, rng_for, sample_identity,
+                    sample_scene, sample_variation)
+
+__all__ = ["SCHEMA", "caption_for", "render_identity", "write_identity", "render_scene", "write_scene",
+           "generate", "load_index", "list_images", "load_split", "read_record"]
+
+SCHEMA = "synthface/1"
+_umask = os.umask(0)
+os.umask(_umask)
+_FILE_MODE = 0o666 & ~_umask  # what open() would give (mkstemp makes 0600 files)
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+_POSITION_WORDS = {2: ("left", "right"), 3: ("left", "middle", "right")}
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def caption_for(background: str, clothing: str, placement: str) -> str:
+    """The caption of a single-person image: it names the three scene attributes."""
+    return f"a photo of a person in {_a(clothing)} shirt {PLACEMENT_PHRASE[placement]}, {background} background"
+
+
+def _write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _save_png(path: str, image: np.ndarray) -> None:
+    from dynamicid_jax.image_io import save_png
+
+    save_png(image, path)
+    os.chmod(path, _FILE_MODE)
+
+
+def render_identity(seed: int, split: str, index: int, size: int = 64) -> list[tuple[str, np.ndarray, dict]]:
+    """All 35 images of one identity → ``[(name, uint8 image, record), ...]`` in (expression, pose) order."""
+    ident = sample_identity(seed, split, index)
+    name = identity_name(split, index)
+    out = []
+    for k, (expression, pose) in enumerate((e, p) for e in EXPRESSIONS for p in POSES):
+        rng = rng_for(seed, split, index, 1 + k)
+        scene = sample_scene(rng)
+        variation = sample_variation(rng)
+        image, face = render_portrait(ident, expression, pose, scene, variation, size)
+        stem = image_name(expression, pose)
+        record = {
+            "schema": SCHEMA, "split": split, "identity": name, "image": f"{stem}.png",
+            "size": [size, size], **face,
+            "caption": caption_for(scene.background, scene.clothing, scene.placement),
+            "scene": scene.to_dict(), "identity_params": ident.to_dict(), "variation": variation.to_dict(),
+        }
+        out.append((stem, image, record))
+    return out
+
+
+def write_identity(out_dir: str, seed: int, split: str, index: int, size: int = 64) -> list[str]:
+    """Render and write one identity's 35 images (+ captions and sidecars); returns the image paths."""
+    folder = os.path.join(out_dir, split, identity_name(split, index))
+    paths = []
+    for stem, image, record in render_identity(seed, split, index, size):
+        base = os.path.join(folder, stem)
+        _save_png(base + ".png", image)
+        _write_text(base + ".txt", record["caption"] + "\n")
+        _write_json(base + ".json", record)
+        paths.append(base + ".png")
+    return paths
+
+
+def render_scene(seed: int, scene_index: int, pool: list[tuple[str, int]], size: int = 64
+                 ) -> tuple[np.ndarray, dict]:
+    """A group scene: 2 or 3 distinct people from ``pool`` (``(split, index)`` pairs) side by side."""
+    rng = rng_for(seed, "scenes", scene_index)
+    n = 2 if len(pool) < 3 or rng.uniform() < 0.5 else 3
+    if len(pool) < 2:
+        raise ValueError(f"a scene needs at least 2 identities to choose from, got {len(pool)}")
+    chosen = [pool[int(i)] for i in rng.choice(len(pool), size=n, replace=False)]
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    people = []
+    for split, index in chosen:
+        options = [c for c in CLOTHING if c != background]
+        clothing = options[int(rng.integers(len(options)))]
+        people.append({"identity": sample_identity(seed, split, index), "split": split,
+                       "name": identity_name(split, index), "expression": EXPRESSIONS[int(rng.integers(7))],
+                       "pose_name": POSES[int(rng.integers(5))], "clothing": clothing,
+                       "variation": sample_variation(rng)})
+    group_var = sample_variation(rng)
+    image, faces = render_group(people, background, group_var, size)
+    words = _POSITION_WORDS[n]
+    parts = [f"the person {'in the middle' if w == 'middle' else 'on the ' + w} wears {_a(p['clothing'])} shirt"
+             for w, p in zip(words, people)]
+    caption = f"a photo of {_COUNT_WORDS[n]} people side by side, {', '.join(parts)}, {background} background"
+    for face, p, w in zip(faces, people, words):
+        face.update({"identity": p["name"], "split": p["split"], "clothing": p["clothing"], "position": w,
+                     "reference": f"{p['split']}/{p['name']}/neutral_front.png",
+                     "identity_params": p["identity"].to_dict()})
+    record = {"schema": SCHEMA, "split": "scenes", "image": f"scene{scene_index:05d}.png",
+              "size": [int(image.shape[0]), int(image.shape[1])], "caption": caption, "background": background,
+              "faces": faces}
+    return image, record
+
+
+def write_scene(out_dir: str, seed: int, scene_index: int, pool: list[tuple[str, int]], size: int = 64) -> str:
+    image, record = render_scene(seed, scene_index, pool, size)
+    base = os.path.join(out_dir, "scenes", f"scene{scene_index:05d}")
+    _save_png(base + ".png", image)
+    _write_text(base + ".txt", record["caption"] + "\n")
+    _write_json(base + ".json", record)
+    return base + ".png"
+
+
+def _identity_job(args):
+    return write_identity(*args)
+
+
+def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldout: int | None = None,
+             scenes: int | None = None, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Write a whole SynthFace tree (see the module docstring); returns the index it wrote.
+
+    ``heldout`` defaults to max(2, identities // 10), ``scenes`` to 2 × heldout. ``workers`` > 1 renders identities
+    in that many processes (the output does not depend on it).
+    """
+    if int(identities) < 1:
+        raise ValueError(f"identities must be >= 1, got {identities!r}")
+    if int(size) < 32 or int(size) % 8:
+        raise ValueError(f"size must be a multiple of 8 and >= 32, got {size!r}")
+    heldout = max(2, identities // 10) if heldout is None else int(heldout)
+    scenes = 2 * heldout if scenes is None else int(scenes)
+    if heldout < 0 or scenes < 0:
+        raise ValueError(f"heldout and scenes must be >= 0, got {heldout}, {scenes}")
+    jobs = [(out_dir, seed, "train", i, size) for i in range(identities)]
+    jobs += [(out_dir, seed, "heldout", i, size) for i in range(heldout)]
+    os.makedirs(out_dir, exist_ok=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="SynthFace identities", unit="id")
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_identity_job, jobs, chunksize=2):
+                if bar is not None:
+                    bar.update()
+    else:
+        for job in jobs:
+            _identity_job(job)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    pool_ids = [("heldout", i) for i in range(heldout)] if heldout >= 2 else [("train", i) for i in
+                                                                             range(identities)]
+    scene_files = []
+    if scenes and len(pool_ids) >= 2:
+        for k in range(scenes):
+            scene_files.append(os.path.relpath(write_scene(out_dir, seed, k, pool_ids, size), out_dir))
+    index = {
+        "schema": SCHEMA, "seed": int(seed), "image_size": int(size),
+        "expressions": list(EXPRESSIONS), "poses": list(POSES), "pose_yaw": POSE_YAW,
+        "backgrounds": list(BACKGROUNDS), "clothing": list(CLOTHING), "placements": list(PLACEMENTS),
+        "hair_styles": list(HAIR_STYLES), "glasses": list(GLASSES), "num_landmarks": 68,
+        "splits": {"train": [identity_name("train", i) for i in range(identities)],
+                   "heldout": [identity_name("heldout", i) for i in range(heldout)]},
+        "images_per_identity": len(EXPRESSIONS) * len(POSES),
+        "scenes": scene_files,
+    }
+    _write_json(os.path.join(out_dir, "synthface.json"), index)
+    return index
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+def load_index(out_dir: str) -> dict[str, Any]:
+    path = os.path.join(out_dir, "synthface.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{out_dir!r} is not a SynthFace folder (no synthface.json); create one with "
+                                "python -m data_pipelines.synthface --out DIR --identities N")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_record(png_path: str) -> dict[str, Any]:
+    """The sidecar JSON of a SynthFace image."""
+    with open(os.path.splitext(png_path)[0] + ".json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def list_images(out_dir: str, split: str, identities: Iterable[str] | None = None) -> list[str]:
+    """Image paths of a split (``"train"`` / ``"heldout"``), sorted by identity then file name."""
+    index = load_index(out_dir)
+    if split not in index["splits"]:
+        raise ValueError(f"split must be one of {sorted(index['splits'])}, got {split!r}")
+    names = index["splits"][split] if identities is None else list(identities)
+    paths = []
+    for name in names:
+        folder = os.path.join(out_dir, split, name)
+        paths += sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
+    return paths
+
+
+def load_split(out_dir: str, split: str, identities: Iterable[str] | None = None
+               ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """All images of a split as ``uint8 [N, H, W, 3]`` plus their records (same order)."""
+    from PIL import Image
+
+    paths = list_images(out_dir, split, identities)
+    if not paths:
+        raise ValueError(f"no images in split {split!r} of {out_dir!r}")
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return images, [read_record(p) for p in paths]
+
+
+def variation_from_dict(d: dict[str, float]) -> ImageVariation:
+    return ImageVariation(**d)

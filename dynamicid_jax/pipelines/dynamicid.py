@@ -1,0 +1,577 @@
+"""DynamicID inference: reference photos → ID tokens (→ IMR edits) → SAA Stable Diffusion (SPEC §2–§5).
+
+    pipe = DynamicIDPipeline.from_pretrained("sd15/", "dynamicid/", analyzer="insightface",
+                                             clip_vision_path="CLIP-ViT-H-14/")
+    images = pipe("a portrait of two people, in a bus", references=["alice.jpg", "bob.jpg"])   # uint8 [1,H,W,3]
+    images, gates = pipe("a photo of a woman", references=["alice.jpg"],
+                         face_prompts=["a very surprised expression, front view"], return_gates=True)
+    save_gate_overlay(gates, images[0], "gates.png")
+
+**Per reference** (host, then small jitted functions): the analyzer finds the face (:func:`reference_face`: no
+face → :class:`NoFaceError`; several → the largest with a warning, ``strict=True`` raises); its embedding and the
+CLIP vision tower's penultimate hidden states of the *whole* image (standard CLIP preprocessing) go through the
+:class:`IDEncoder` → 4 tokens per identity. With a face prompt the identity's tokens are edited by the IMR: the
+source motion is the landmark raster of the reference plus an automatic source prompt from the analyzer's pose
+(:func:`auto_face_prompt`, "neutral" expression — no emotion classifier here), the target motion the face prompt
+plus a target raster (default: the source raster); the texts are the pooled SD text-encoder outputs and the
+KeyPointEncoder runs in eval mode. Classifier-free guidance's negative rows get the unconditional ID tokens
+``encoder(zeros, CLIP(mean-grey image))`` once per identity, never through the IMR.
+
+**Sampling**: context ``[77 text tokens | ID₀ ×4 | … | ID_{N−1} ×4]``; text encoding, the whole denoising loop
+(the layout boost is a pure function of the step index: :func:`saa_inputs_for_step`) and the VAE decode are one
+XLA program, compiled once per (batch, size, steps, guidance on/off, number of identities, routing/mixing,
+gate on/off) and reused; ``id_scale``, boxes, boost and ``guidance_scale`` are traced values. The loop also
+accumulates every cross-attention's gate (the mean over the steps, conditional rows), returned as
+:class:`~dynamicid_jax.pipelines.gates.GateMaps` with ``return_gates=True``.
+
+**What ``id_scale=0`` means**: SAA computes ``to_out(h_txt + id_scale·w⊙h_id)`` (+ the LoRAs), so at 0 the ID
+branch contributes exactly nothing and the result is the *SAA model's own* text-to-image (LoRA included) for
+the same seed. With untrained LoRAs (``up = 0``) that is exactly the base :class:`StableDiffusion` (tested).
+
+**Converted weights folder** (``dynamicid_path``; written by ``python -m infer.convert`` from the official
+``SAA.bin`` / ``IMR.bin`` / ``key_point_encoder.bin``, or by :func:`save_dynamicid`)::
+
+    dynamicid.json                              {"format": "dynamicid-jax/dynamicid-v1", "parts": [...]}
+    id_encoder.safetensors + id_encoder.json    IDEncoder params + IDEncoderConfig  (SAA.bin["proj_module"])
+    saa.safetensors + saa.json                  SAA params, flat Flax paths ("down_blocks_0/…/attn2/to_k_ip/kernel")
+                                                + the SAA strategy fields and the UNet config they belong to
+                                                (SAA.bin["SAA_module"])
+    imr.safetensors + imr.json                  optional: IMR params + IMRConfig  (IMR.bin)
+    keypoint_encoder.safetensors + .json        optional (with imr): params + batch_stats  (key_point_encoder.bin)
+
+All weights fp32; the JSON files are written after their weights and the folder appears complete or not at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from dynamicid_jax import faces as F
+from dynamicid_jax.methods import id_encoder as ide
+from dynamicid_jax.methods import imr as imr_mod
+from dynamicid_jax.methods import saa as saa_mod
+from dynamicid_jax.models.clip import clip_preprocess, load_image_encoder
+from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
+from dynamicid_jax.models.vae import decode_latents
+from dynamicid_jax.pipelines.gates import GateMaps
+from dynamicid_jax.pipelines.sampling import to_uint8
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+from dynamicid_jax.tokenizer import tokenize
+from dynamicid_jax.weights import keymap as km
+from dynamicid_jax.weights import official
+
+__all__ = ["DynamicIDWeights", "save_dynamicid", "load_dynamicid", "DynamicIDPipeline", "default_boost",
+           "FOLDER_FORMAT"]
+
+FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
+MANIFEST = "dynamicid.json"
+DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layout control (SPEC §4)
+
+
+# =========================================================================================================
+# The converted weights folder
+# =========================================================================================================
+@dataclasses.dataclass
+class DynamicIDWeights:
+    """Everything DynamicID adds to Stable Diffusion (numpy / jax pytrees, fp32). IMR and KeyPointEncoder are
+    optional (needed only for face prompts) but come together."""
+
+    id_encoder_config: ide.IDEncoderConfig
+    id_encoder_params: dict
+    saa: saa_mod.SAA
+    saa_unet_config: UNetConfig
+    saa_params: dict
+    imr_config: imr_mod.IMRConfig | None = None
+    imr_params: dict | None = None
+    keypoint_encoder_config: imr_mod.KeyPointEncoderConfig | None = None
+    keypoint_encoder_variables: dict | None = None  # {"params": …, "batch_stats": …}
+
+    def __post_init__(self):
+        if (self.imr_params is None) != (self.keypoint_encoder_variables is None):
+            raise ValueError("DynamicIDWeights: the IMR and the KeyPointEncoder come together (give both or neither)")
+
+    @property
+    def has_imr(self) -> bool:
+        return self.imr_params is not None
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {"/".join(k): np.asarray(jax.device_get(v)) for k, v in
+            traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    abstract = nn.meta.unbox(saa_mod.abstract_saa_params(unet_config, strategy))
+    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+
+
+def _check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(f"{k}: {tuple(flat[k].shape)} != {expected[k]}" for k in set(flat) & set(expected)
+                   if tuple(flat[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise km.WeightLoadError(f"{source} does not fit its UNet: missing {missing[:10]}, unexpected "
+                                 f"{unexpected[:10]}, wrong shape {wrong[:10]}")
+
+
+def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
+    """Write the converted folder (layout in the module docstring) atomically: everything goes to a temporary
+    sibling folder that is renamed to ``out_dir`` at the end. ``overwrite=True`` replaces an existing folder."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-dynamicid-", dir=parent)
+    try:
+        official.save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
+        flat = _flat(weights.saa_params)
+        _check_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params")
+        km.write_safetensors(flat, os.path.join(tmp, "saa.safetensors"), metadata={"format": FOLDER_FORMAT})
+        _write_json(os.path.join(tmp, "saa.json"), {"format": FOLDER_FORMAT, "kind": "SAA",
+                                                    "strategy": dataclasses.asdict(weights.saa),
+                                                    "unet_config": weights.saa_unet_config.to_dict()})
+        parts = ["id_encoder", "saa"]
+        if weights.has_imr:
+            official.save_converted(weights.imr_params, weights.imr_config, tmp, name="imr")
+            official.save_converted(weights.keypoint_encoder_variables, weights.keypoint_encoder_config, tmp,
+                                    name="keypoint_encoder")
+            parts += ["imr", "keypoint_encoder"]
+        _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts})
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
+    """Read a converted folder (checks every key and shape against the configs it holds)."""
+    path = os.fspath(path)
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        hint = (" — official .bin checkpoints must be converted first: python -m infer.convert --saa SAA.bin "
+                "[--imr IMR.bin] --unet-config … --out DIR") if os.path.isdir(path) else ""
+        raise FileNotFoundError(f"{path} is not a converted DynamicID folder (no {MANIFEST}){hint}")
+    with open(manifest) as f:
+        meta = json.load(f)
+    if meta.get("format") != FOLDER_FORMAT:
+        raise km.WeightLoadError(f"{manifest}: unknown format {meta.get('format')!r} (expected {FOLDER_FORMAT!r})")
+    id_cfg, id_params = official.load_converted(path, "id_encoder")
+    with open(os.path.join(path, "saa.json")) as f:
+        saa_meta = json.load(f)
+    strategy = saa_mod.SAA(**saa_meta["strategy"])
+    unet_config = UNetConfig.from_dict(saa_meta["unet_config"], source=os.path.join(path, "saa.json"))
+    flat = km.read_safetensors(os.path.join(path, "saa.safetensors"))
+    _check_shapes(flat, _saa_shapes(strategy, unet_config), os.path.join(path, "saa.safetensors"))
+    saa_params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    weights = DynamicIDWeights(id_cfg, id_params, strategy, unet_config, saa_params)
+    if "imr" in meta.get("parts", []):
+        weights.imr_config, weights.imr_params = official.load_converted(path, "imr")
+        weights.keypoint_encoder_config, weights.keypoint_encoder_variables = official.load_converted(
+            path, "keypoint_encoder")
+    return weights
+
+
+# =========================================================================================================
+# The pipeline
+# =========================================================================================================
+@dataclasses.dataclass(frozen=True)
+class SamplerKey:
+    batch: int
+    height: int
+    width: int
+    steps: int
+    guided: bool
+    num_ids: int
+    mode: str
+    activate_query: bool
+
+
+def default_boost(num_ids: int, boxes_given: bool) -> tuple[int, float]:
+    """SPEC §4 defaults ``(boost_steps, strength)``: one identity without boxes → no boost; one identity with a
+    box (layout control) or several identities → s = 2 for 12 steps."""
+    return (0, 0.0) if num_ids == 1 and not boxes_given else DEFAULT_BOOST
+
+
+def _denoise_collecting_gates(unet, unet_params, scheduler, num_steps, latents, context, guidance_scale,
+                              attention_inputs, uncond_context):
+    """:func:`~dynamicid_jax.pipelines.sampling.denoise` (same operations, same order) that also sums every
+    sown SAA gate of the conditional rows over the steps. Returns ``(latents, {layer path: [B, Lq] mean})``."""
+    state = scheduler.set_timesteps(num_steps, sample_shape=latents.shape)
+    latents = latents.astype(jnp.float32) * state.init_noise_sigma
+    cfg = uncond_context is not None
+    ctx = jnp.concatenate([uncond_context, context], axis=0) if cfg else context
+    rows = latents.shape[0]
+
+    def run_unet(model_in, t, inputs):
+        out, variables = unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs,
+                                    mutable=["intermediates"])
+        gates = {"/".join(p[:-1]): v[0][-rows:].astype(jnp.float32)
+                 for p, v in traverse_util.flatten_dict(variables["intermediates"]).items() if p[-1] == "gate"}
+        return out, gates
+
+    probe = jnp.concatenate([latents, latents], axis=0) if cfg else latents
+    gate_shapes = jax.eval_shape(run_unet, probe, state.timesteps[0], attention_inputs(0))[1]
+    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in gate_shapes.items()}
+
+    def body(i, carry):
+        x, sched_state, acc = carry
+        model_in = scheduler.scale_model_input(sched_state, x, i)
+        if cfg:
+            model_in = jnp.concatenate([model_in, model_in], axis=0)
+        out, gates = run_unet(model_in, sched_state.timesteps[i], attention_inputs(i))
+        out = out.astype(jnp.float32)
+        if cfg:
+            out_u, out_c = jnp.split(out, 2, axis=0)
+            out = out_u + guidance_scale * (out_c - out_u)
+        x, sched_state = scheduler.step(sched_state, out, i, x)
+        return x, sched_state, {k: acc[k] + gates[k] for k in acc}
+
+    latents, _, sums = jax.lax.fori_loop(0, num_steps, body, (latents, state, sums))
+    return latents, {k: v / num_steps for k, v in sums.items()}
+
+
+def _negatives(negative: str | Sequence[str] | None, batch: int) -> list[str]:
+    if negative is None or isinstance(negative, str):
+        return [negative or ""] * batch
+    negative = list(negative)
+    if len(negative) != batch or not all(isinstance(n, str) for n in negative):
+        raise ValueError(f"negative_prompt must be a string or {batch} strings (one per prompt), got {negative!r}")
+    return negative
+
+
+def _as_list(value, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{what} must not be empty")
+        return list(value)
+    return [value]
+
+
+@dataclasses.dataclass
+class DynamicIDPipeline:
+    """DynamicID on a Stable Diffusion model (see the module docstring). Build with :meth:`from_pretrained`."""
+
+    sd: StableDiffusion  # base components: text encoder, VAE, tokenizer, scheduler (base UNet params inside)
+    unet: UNet2DConditionModel  # the SAA UNet
+    unet_params: dict  # base + SAA params
+    image_encoder: Any  # CLIPVisionModelWithProjection
+    image_encoder_params: dict
+    id_encoder: ide.IDEncoder
+    id_encoder_params: dict
+    analyzer: Any  # a FaceAnalyzer
+    imr: imr_mod.IMR | None = None
+    imr_params: dict | None = None
+    keypoint_encoder: imr_mod.KeyPointEncoder | None = None
+    keypoint_encoder_variables: dict | None = None
+    strict: bool = False  # several faces in a reference → error instead of the largest face + a warning
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _fns: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted helpers and cached arrays
+    last_timings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, sd_path: str | os.PathLike, dynamicid_path: str | os.PathLike, *,
+                        analyzer: str | Any = "insightface", analyzer_kwargs: dict | None = None,
+                        clip_vision_path: str | os.PathLike | None = None, dtype=jnp.float32,
+                        scheduler: str | None = "ddim", config: str | os.PathLike | None = None,
+                        strict: bool = False) -> "DynamicIDPipeline":
+        """Load the base model (diffusers folder or single-file ``.safetensors``; ``config``/``scheduler`` as in
+        :meth:`StableDiffusion.from_pretrained`), the converted DynamicID folder, the CLIP vision tower
+        (``clip_vision_path``: a ``CLIPVisionModelWithProjection`` folder, CLIP-ViT-H-14 for the official weights;
+        default ``<dynamicid_path>/image_encoder``) and the face analyzer (a registered backend name built with
+        ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32)."""
+        weights = load_dynamicid(dynamicid_path)
+        if clip_vision_path is None:
+            clip_vision_path = os.path.join(os.fspath(dynamicid_path), "image_encoder")
+            if not os.path.isdir(clip_vision_path):
+                raise ValueError("clip_vision_path is required: a CLIPVisionModelWithProjection folder (the official "
+                                 "weights use laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+        sd = StableDiffusion.from_pretrained(sd_path, config=config, scheduler=scheduler, dtype=dtype)
+        image_encoder, image_params = load_image_encoder(clip_vision_path, dtype=dtype)
+        if isinstance(analyzer, str):
+            analyzer = F.get_analyzer(analyzer, **(analyzer_kwargs or {}))
+        elif analyzer_kwargs:
+            raise ValueError("analyzer_kwargs only apply when analyzer is a backend name")
+        return cls.from_weights(sd, weights, image_encoder, image_params, analyzer, dtype=dtype, strict=strict)
+
+    @classmethod
+    def from_weights(cls, sd: StableDiffusion, weights: DynamicIDWeights, image_encoder, image_encoder_params,
+                     analyzer, *, dtype=jnp.float32, strict: bool = False) -> "DynamicIDPipeline":
+        """Assemble from loaded parts, checking that they fit together."""
+        if not isinstance(analyzer, F.FaceAnalyzer):
+            raise TypeError(f"analyzer must be a FaceAnalyzer (analyze, embedding_dim, num_landmarks), got "
+                            f"{type(analyzer).__name__}")
+        ucfg, enc = sd.unet.config, weights.id_encoder_config
+        text_dim, vision_dim = sd.text_encoder.config.hidden_size, image_encoder.config.hidden_size
+        problems = []
+        if enc.id_embed_dim != analyzer.embedding_dim:
+            problems.append(f"the ID encoder takes {enc.id_embed_dim}-d face embeddings but the analyzer "
+                            f"{type(analyzer).__name__} gives {analyzer.embedding_dim}-d ones (official weights: "
+                            f"insightface, 512-d)")
+        if enc.dim != ucfg.cross_attention_dim:
+            problems.append(f"ID tokens are {enc.dim} wide, the UNet's cross-attention takes "
+                            f"{ucfg.cross_attention_dim}")
+        if enc.clip_dim != vision_dim:
+            problems.append(f"the ID encoder expects {enc.clip_dim}-wide CLIP features, the vision tower gives "
+                            f"{vision_dim}")
+        if enc.num_tokens != weights.saa.num_id_tokens:
+            problems.append(f"{enc.num_tokens} ID tokens per identity, SAA expects {weights.saa.num_id_tokens}")
+        if weights.has_imr:
+            icfg, kcfg = weights.imr_config, weights.keypoint_encoder_config
+            if icfg.embedding_dim != enc.dim or icfg.num_queries != enc.num_tokens:
+                problems.append(f"the IMR edits [{icfg.num_queries}, {icfg.embedding_dim}] tokens, the ID encoder "
+                                f"makes [{enc.num_tokens}, {enc.dim}]")
+            if icfg.txt_dim != text_dim:
+                problems.append(f"the IMR takes {icfg.txt_dim}-d pooled text, the text encoder gives {text_dim}")
+            if kcfg.embedding_dim != icfg.embedding_dim:
+                problems.append(f"KeyPointEncoder width {kcfg.embedding_dim} != IMR landmark width "
+                                f"{icfg.embedding_dim}")
+        if problems:
+            raise ValueError("the DynamicID weights do not fit this model: " + "; ".join(problems))
+        flat_saa = _flat(weights.saa_params)
+        _check_shapes(flat_saa, _saa_shapes(weights.saa, ucfg), "the DynamicID SAA weights (converted for a UNet "
+                      f"with {len(weights.saa_unet_config.block_out_channels)} blocks of "
+                      f"{weights.saa_unet_config.block_out_channels}) on this model's UNet")
+        if weights.has_imr and analyzer.num_landmarks != 106:
+            warnings.warn(f"the IMR's landmark rasters come from a {analyzer.num_landmarks}-point analyzer; "
+                          "checkpoints trained on insightface's 106 points (the official ones) have never seen "
+                          "such rasters", stacklevel=3)
+        unet = UNet2DConditionModel(ucfg, strategy=weights.saa, dtype=dtype)
+        to_device = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
+        return cls(sd=sd, unet=unet, unet_params=saa_mod.merge_params(sd.params["unet"], to_device(weights.saa_params)),
+                   image_encoder=image_encoder, image_encoder_params=image_encoder_params,
+                   id_encoder=ide.IDEncoder(enc, dtype=dtype), id_encoder_params=to_device(weights.id_encoder_params),
+                   analyzer=analyzer,
+                   imr=imr_mod.IMR(weights.imr_config, dtype=dtype) if weights.has_imr else None,
+                   imr_params=to_device(weights.imr_params) if weights.has_imr else None,
+                   keypoint_encoder=(imr_mod.KeyPointEncoder(weights.keypoint_encoder_config, dtype=dtype)
+                                     if weights.has_imr else None),
+                   keypoint_encoder_variables=(to_device(weights.keypoint_encoder_variables)
+                                               if weights.has_imr else None),
+                   strict=strict)
+
+    # ------------------------------------------------------------------------------------------- identities
+    def _fn(self, name: str):
+        if name in self._fns:
+            return self._fns[name]
+        if name == "encode":
+            def run(clip_params, id_params, embeds, pixels):
+                feats = self.image_encoder.apply({"params": clip_params}, pixels).hidden_states[-2]
+                return self.id_encoder.apply({"params": id_params}, embeds, feats)
+        elif name == "edit":
+            def run(imr_params, kpe_vars, text_params, tokens, rasters, text_ids):
+                pooled = self.sd.text_encoder.apply({"params": text_params}, text_ids).pooler_output
+                landmark = self.keypoint_encoder.apply(kpe_vars, rasters, train=False)
+                return self.imr.apply({"params": imr_params}, tokens, landmark[:1], pooled[:1], landmark[1:],
+                                      pooled[1:])
+        else:
+            raise KeyError(name)
+        self._fns[name] = jax.jit(run)
+        return self._fns[name]
+
+    def unconditional_tokens(self, num_ids: int = 1) -> jax.Array:
+        """CFG's negative ID tokens ``[num_ids, 4, D]``: ``encoder(zeros(D), CLIP(normalised zeros))`` repeated."""
+        if "uncond" not in self._fns:
+            size = self.image_encoder.config.image_size
+            zeros = jnp.zeros((1, self.id_encoder.config.id_embed_dim), jnp.float32)
+            self._fns["uncond"] = self._fn("encode")(self.image_encoder_params, self.id_encoder_params, zeros,
+                                                     ide.unconditional_clip_pixels(1, size))
+        return jnp.repeat(self._fns["uncond"], num_ids, axis=0)
+
+    def encode_identities(self, references: Sequence[Any] | Any, face_prompts: Sequence[str | None] | None = None,
+                          *, target_landmarks: Sequence[Any] | None = None,
+                          source_face_prompts: Sequence[str | None] | None = None,
+                          strict: bool | None = None) -> jax.Array:
+        """Reference images (paths, PIL images or RGB ``uint8`` arrays; one identity each) → ID tokens
+        ``[N, 4, D]`` in reference order, edited by the IMR where ``face_prompts[i]`` is given.
+
+        ``target_landmarks[i]``: a 96×96 landmark image / raster for identity ``i``'s target (default: its source
+        raster); ``source_face_prompts[i]`` overrides the automatic source prompt."""
+        strict = self.strict if strict is None else strict
+        images = [F.load_rgb(im, f"reference image {i}") for i, im in enumerate(_as_list(references, "references"))]
+        n = len(images)
+        face_prompts = self._per_identity(face_prompts, n, "face_prompts")
+        target_landmarks = self._per_identity(target_landmarks, n, "target_landmarks")
+        source_face_prompts = self._per_identity(source_face_prompts, n, "source_face_prompts")
+        for i, p in enumerate(face_prompts):
+            if p is not None and (not isinstance(p, str) or not p.strip()):
+                raise ValueError(f"face_prompts[{i}] must be non-empty text or None (no edit), got {p!r}")
+        if any(p is not None for p in face_prompts) and self.imr is None:
+            raise ValueError("face prompts need the IMR, but this DynamicID folder has none (convert it with "
+                             "--imr IMR.bin)")
+        faces = [F.reference_face(self.analyzer, im, strict, what=f"reference image {i}")
+                 for i, im in enumerate(images)]
+        embeds = jnp.asarray(np.stack([f.embedding for f in faces]), jnp.float32)
+        pixels = jnp.asarray(clip_preprocess(images, size=self.image_encoder.config.image_size))
+        tokens = self._fn("encode")(self.image_encoder_params, self.id_encoder_params, embeds, pixels)
+        rows = []
+        for i in range(n):
+            if face_prompts[i] is None:
+                rows.append(tokens[i:i + 1])
+                continue
+            source = F.landmark_raster(images[i], self.analyzer, strict)
+            target = source if target_landmarks[i] is None else _raster(target_landmarks[i], i)
+            src_prompt = source_face_prompts[i] or F.auto_face_prompt(faces[i].pose)
+            text_ids = jnp.asarray(tokenize(self.sd.tokenizer, [src_prompt, face_prompts[i]]))
+            rows.append(self._fn("edit")(self.imr_params, self.keypoint_encoder_variables,
+                                         self.sd.params["text_encoder"], tokens[i:i + 1],
+                                         jnp.asarray(np.stack([source, target])), text_ids))
+        return jnp.concatenate(rows, axis=0)
+
+    @staticmethod
+    def _per_identity(values, n: int, what: str) -> list:
+        if values is None:
+            return [None] * n
+        if isinstance(values, str) or not isinstance(values, (list, tuple)):
+            raise ValueError(f"{what} must be a list with one entry per reference ({n}), got {type(values).__name__}")
+        if len(values) != n:
+            raise ValueError(f"{what} has {len(values)} entries for {n} reference image(s); give one per reference "
+                             f"(None for none)")
+        return list(values)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _sample_fn(self, key: SamplerKey):
+        sd, unet = self.sd, self.unet
+
+        def run(params, cond_ids, uncond_ids, id_tokens, uncond_tokens, noise, guidance_scale, inputs,
+                boost_steps, boost_strength):
+            encode = lambda ids: sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+
+            def with_ids(text, tokens):
+                t = tokens.reshape(1, -1, tokens.shape[-1]).astype(text.dtype)
+                return jnp.concatenate([text, jnp.broadcast_to(t, (text.shape[0],) + t.shape[1:])], axis=1)
+
+            context = with_ids(encode(cond_ids), id_tokens)
+            uncond = with_ids(encode(uncond_ids), uncond_tokens) if key.guided else None
+            step_inputs = lambda i: saa_mod.saa_inputs_for_step(inputs, i, boost_steps, boost_strength)  # noqa: E731
+            latents, gates = _denoise_collecting_gates(unet, params["unet"], sd.scheduler, key.steps, noise, context,
+                                                       guidance_scale, step_inputs, uncond)
+            return to_uint8(decode_latents(sd.vae, params["vae"], latents)), gates
+
+        return jax.jit(run)
+
+    def __call__(self, prompt: str | Sequence[str], references: Sequence[Any] | Any | None = None, *,
+                 face_prompts: Sequence[str | None] | None = None, target_landmarks: Sequence[Any] | None = None,
+                 source_face_prompts: Sequence[str | None] | None = None, id_tokens: Any = None,
+                 boxes: Any = None, layout: str | Sequence[float] = "row",
+                 negative_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 5.0,
+                 seed: int = 0, height: int = 512, width: int = 512, id_scale: float = 1.0,
+                 boost_steps: int | None = None, boost_strength: float | None = None, mix: float = 0.5,
+                 activate_query: bool = True, return_gates: bool = False, strict: bool | None = None,
+                 latents: np.ndarray | None = None):
+        """Generate ``uint8 [B, height, width, 3]`` (B = number of prompts; every image shows all identities), and
+        with ``return_gates=True`` also the :class:`GateMaps`.
+
+        ``references``: one image per identity (or precomputed ``id_tokens [N, 4, D]`` instead). ``boxes``:
+        normalised ``[y0, x0, y1, x1]``, one per identity (routing) or one for several (mixing with ``mix``); by
+        default ``layout`` places them (``"row"``: equal vertical strips left → right, ``"grid"``, or relative
+        widths). ``boost_steps``/``boost_strength``: the layout boost (default :func:`default_boost`).
+        ``activate_query=False``: no gate, routing or boost (the "w/o SAA" baseline). ``id_scale=0``: the model's
+        text-to-image for the same seed. ``latents`` replaces the seed's initial noise."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a non-empty string or list of strings")
+        negatives = _negatives(negative_prompt, len(prompts))
+        factor = 8 * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not np.isfinite(id_scale):
+            raise ValueError(f"id_scale must be a finite number, got {id_scale!r}")
+        timings = {}
+        start = time.perf_counter()
+        if id_tokens is None:
+            if references is None:
+                raise ValueError("give references (one image per identity) or id_tokens")
+            tokens = self.encode_identities(references, face_prompts, target_landmarks=target_landmarks,
+                                            source_face_prompts=source_face_prompts, strict=strict)
+        else:
+            if references is not None or face_prompts is not None:
+                raise ValueError("give either references (with optional face_prompts) or id_tokens, not both")
+            tokens = jnp.asarray(id_tokens, jnp.float32)
+            want = (self.id_encoder.config.num_tokens, self.id_encoder.config.dim)
+            if tokens.ndim != 3 or tuple(tokens.shape[1:]) != want:
+                raise ValueError(f"id_tokens must be [N, {want[0]}, {want[1]}], got {tuple(tokens.shape)}")
+        num_ids = int(tokens.shape[0])
+        defaults = default_boost(num_ids, boxes is not None)
+        boost_steps = defaults[0] if boost_steps is None else boost_steps
+        boost_strength = defaults[1] if boost_strength is None else boost_strength
+        if not isinstance(boost_steps, (int, np.integer)) or boost_steps < 0:
+            raise ValueError(f"boost_steps must be a non-negative integer, got {boost_steps!r}")
+        if not np.isfinite(boost_strength) or boost_strength < 0:
+            raise ValueError(f"boost_strength must be a non-negative number, got {boost_strength!r}")
+        inputs = saa_mod.saa_inputs(num_ids, (height, width), boxes, id_scale=id_scale, mix=mix,
+                                    activate_query=activate_query, layout=layout)
+        timings["encode_s"] = time.perf_counter() - start
+
+        key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0, num_ids, inputs.mode,
+                         bool(activate_query))
+        shape = (len(prompts), height // 8, width // 8, self.unet.config.in_channels)
+        if latents is None:
+            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        else:
+            noise = jnp.asarray(latents, jnp.float32)
+            if noise.shape != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+        params = {"unet": self.unet_params, "vae": self.sd.params["vae"],
+                  "text_encoder": self.sd.params["text_encoder"]}
+        args = (params, jnp.asarray(tokenize(self.sd.tokenizer, prompts)),
+                jnp.asarray(tokenize(self.sd.tokenizer, negatives)), tokens, self.unconditional_tokens(num_ids),
+                noise, jnp.float32(guidance_scale), inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = self._sample_fn(key).lower(*args).compile()
+            timings["compile_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        images, gates = jax.block_until_ready(self._compiled[key](*args))
+        timings["run_s"] = time.perf_counter() - start
+        self.last_timings = timings
+        images = np.asarray(images)
+        if not return_gates:
+            return images
+        maps = {}
+        for name, g in gates.items():
+            gh, gw = saa_mod.layer_grid(g.shape[-1], (height, width))
+            maps[name] = np.asarray(g).reshape(g.shape[0], gh, gw)
+        return images, GateMaps(maps, np.asarray(inputs.boxes), inputs.mode, num_ids, (height, width),
+                                bool(activate_query))
+
+    @property
+    def num_compiled(self) -> int:
+        """How many sampler programs have been compiled."""
+        return len(self._compiled)
+
+
+def _raster(value: Any, index: int) -> np.ndarray:
+    """A target landmark input → ``[96, 96, 1]`` float32 in ``[-1, 1]``: a float raster as is, else an image."""
+    arr = value if isinstance(value, np.ndarray) else None
+    if arr is not None and arr.dtype.kind == "f":
+        arr = arr.reshape(arr.shape[0], arr.shape[1], -1) if arr.ndim in (2, 3) else arr
+        if arr.shape != (imr_mod.RASTER_SIZE, imr_mod.RASTER_SIZE, 1):
+            raise ValueError(f"target_landmarks[{index}]: a float raster must be [96, 96(, 1)], got {value.shape}")
+        return arr.astype(np.float32)
+    return F.raster_from_image(value)

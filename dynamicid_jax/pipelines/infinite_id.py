@@ -1,0 +1,286 @@
+"""Infinite-ID inference: a text stream and an ID stream in one batched, jitted UNet call per step (SPEC §7).
+
+    pipe = InfiniteIDPipeline.from_pretrained("sd15/", weights="infinite_id/", image_encoder="clip-h/")
+    images = pipe("a woman in watercolor painting style", references=["me.jpg"])      # uint8 [1, 512, 512, 3]
+
+Per step the UNet sees ``[uncond: text rows, ID rows; cond: text rows, ID rows]``. Both streams start from the
+same noise (the seed's, exactly what :meth:`StableDiffusion.generate` draws). The text stream is the unchanged
+base model, so its image equals plain text-to-image. The ID stream's self-attention mixes in the text stream's
+keys/values (:mod:`dynamicid_jax.methods.infinite_id`). Its cross-attention adds ``λ`` × the ID tokens, which
+are stacked over all references (identity mixing). Under CFG the ID stream's negative row gets the negative
+prompt and the null ID tokens (``encoder(0, CLIP(grey))``), the same tokens ID dropout uses in training.
+
+References go through face analysis (the largest face; none → :class:`~dynamicid_jax.faces.NoFaceError`). The
+ArcFace vector feeds the face mapper. The face crop aligned to the ArcFace template (224 px, i.e. the 112-px
+template × 2) goes through CLIP preprocessing into the CLIP mapper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_preprocess
+from dynamicid_jax.models.unet import UNet2DConditionModel
+from dynamicid_jax.models.vae import decode_latents
+from dynamicid_jax.pipelines.sampling import denoise, to_uint8
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+from dynamicid_jax.tokenizer import tokenize
+
+ALIGN_SIZE = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class _SamplerKey:
+    batch: int
+    num_tokens: int
+    height: int
+    width: int
+    steps: int
+    guided: bool
+    adain: bool
+    mix_layers: tuple[int, ...] | None
+    text_stream: bool
+
+
+@dataclasses.dataclass
+class InfiniteIDPipeline:
+    """Stable Diffusion + face analyzer + CLIP vision encoder + the Infinite-ID encoder and ID projections.
+
+    ``mix_layers``: the default self-attention layers with mixed attention (indices, see
+    :func:`~dynamicid_jax.methods.infinite_id.self_attention_layers`); ``None`` = all."""
+
+    sd: StableDiffusion
+    analyzer: Any  # a dynamicid_jax.faces.FaceAnalyzer
+    image_encoder: CLIPVisionModelWithProjection
+    image_encoder_params: dict
+    encoder: iid.InfiniteIDEncoder
+    encoder_params: dict
+    id_params: dict
+    mix_layers: tuple[int, ...] | None = None
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+    last_timings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        cfg = self.encoder.config
+        cross = self.sd.unet.config.cross_attention_dim
+        if cfg.dim != cross:
+            raise ValueError(f"Infinite-ID encoder makes {cfg.dim}-wide tokens but the UNet's cross-attention is "
+                             f"{cross} wide")
+        if cfg.clip_dim != self.image_encoder.config.hidden_size:
+            raise ValueError(f"Infinite-ID encoder expects {cfg.clip_dim}-wide CLIP features but the image encoder "
+                             f"is {self.image_encoder.config.hidden_size} wide")
+        dim = getattr(self.analyzer, "embedding_dim", cfg.id_embed_dim)
+        if dim != cfg.id_embed_dim:
+            raise ValueError(f"the face analyzer gives {dim}-d embeddings but the Infinite-ID encoder was trained on "
+                             f"{cfg.id_embed_dim}-d ones (ArcFace: 512 via insightface; dlib: 128)")
+        self.mix_layers = _resolve_layers(self.sd.unet.config, self.mix_layers)
+        self._params = {"unet": iid.merge_id_params(self.sd.params["unet"], self.id_params),
+                        "vae": self.sd.params["vae"], "text_encoder": self.sd.params["text_encoder"]}
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | StableDiffusion, weights: str | os.PathLike,
+                        image_encoder: str | os.PathLike, *, face_analyzer: Any = "insightface",
+                        analyzer_kwargs: dict | None = None, config: str | os.PathLike | None = None,
+                        scheduler: str | None = "ddim", dtype=jnp.float32,
+                        mix_layers: Sequence[int] | Sequence[str] | None = None) -> "InfiniteIDPipeline":
+        """``model``: a diffusers SD folder, a single-file checkpoint or a loaded :class:`StableDiffusion`;
+        ``weights``: a folder written by :func:`~dynamicid_jax.methods.infinite_id.save_infinite_id` (training);
+        ``image_encoder``: a CLIP vision folder (CLIP-H for SD1.5); ``face_analyzer``: a backend name for
+        :func:`~dynamicid_jax.faces.get_analyzer` (with ``analyzer_kwargs``) or an analyzer object."""
+        from dynamicid_jax.faces import get_analyzer
+        from dynamicid_jax.models.clip import load_image_encoder
+
+        sd = model if isinstance(model, StableDiffusion) else StableDiffusion.from_pretrained(
+            model, config=config, scheduler=scheduler, dtype=dtype)
+        enc_cfg, enc_params, id_params = iid.load_infinite_id(os.fspath(weights), sd.unet.config)
+        vision, vision_params = load_image_encoder(image_encoder, dtype=sd.unet.dtype)
+        analyzer = get_analyzer(face_analyzer, **(analyzer_kwargs or {})) if isinstance(face_analyzer, str) \
+            else face_analyzer
+        return cls(sd, analyzer, vision, vision_params, iid.InfiniteIDEncoder(enc_cfg, dtype=sd.unet.dtype),
+                   enc_params, id_params, mix_layers=mix_layers)
+
+    # ------------------------------------------------------------------------------------------------ identities
+    def _encode(self, embeds: np.ndarray, pixels: np.ndarray) -> jax.Array:
+        if "encode" not in self._cache:
+            layer = self.encoder.config.clip_layer
+
+            def encode(vision_params, encoder_params, e, px):
+                feats = self.image_encoder.apply({"params": vision_params}, px).hidden_states[layer]
+                return self.encoder.apply({"params": encoder_params}, e, feats).astype(jnp.float32)
+
+            self._cache["encode"] = jax.jit(encode)
+        return self._cache["encode"](self.image_encoder_params, self.encoder_params, jnp.asarray(embeds),
+                                     jnp.asarray(pixels))
+
+    def reference_inputs(self, references: Sequence[Any], *, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Face analysis of each reference → ``(ArcFace vectors [n, D], CLIP pixels of the aligned crops)``."""
+        from dynamicid_jax.faces import align_face, load_rgb, reference_face
+
+        if isinstance(references, (str, os.PathLike)) or (isinstance(references, np.ndarray) and references.ndim == 3):
+            references = [references]
+        references = list(references)
+        if not references:
+            raise ValueError("references must hold at least one image of the identity")
+        embeds, crops = [], []
+        for i, ref in enumerate(references):
+            what = f"reference image {i}"
+            rgb = load_rgb(ref, what)
+            face = reference_face(self.analyzer, rgb, strict, what=what)
+            embeds.append(np.asarray(face.embedding, np.float32))
+            crops.append(align_face(rgb, face.kps, size=ALIGN_SIZE))
+        return np.stack(embeds), clip_preprocess(crops, size=self.image_encoder.config.image_size)
+
+    def identity_tokens(self, references: Sequence[Any], *, strict: bool = False) -> jax.Array:
+        """``c_id [1, n·T, dim]``: the tokens of every reference, stacked (identity mixing). Blend two results
+        (``a·x + (1−a)·y``) to interpolate identities, then pass it as ``id_tokens``."""
+        embeds, pixels = self.reference_inputs(references, strict=strict)
+        return iid.stack_identities(self._encode(embeds, pixels))
+
+    def null_tokens(self) -> jax.Array:
+        """The "no identity" tokens ``[1, T, dim]``: ``encoder(zeros, CLIP(zero normalised pixels))``."""
+        if "null" not in self._cache:
+            size = self.image_encoder.config.image_size
+            self._cache["null"] = self._encode(np.zeros((1, self.encoder.config.id_embed_dim), np.float32),
+                                               np.zeros((1, size, size, 3), np.float32))
+        return self._cache["null"]
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _sample_fn(self, key: _SamplerKey):
+        unet = UNet2DConditionModel(self.sd.unet.config, strategy=iid.InfiniteIDAttention(key.mix_layers),
+                                    dtype=self.sd.unet.dtype)
+        sd = self.sd
+
+        def run(params, cond_ids, uncond_ids, noise, id_tokens, null_tokens, guidance, id_scale, mix_start,
+                mix_end):
+            encode = lambda ids: sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+
+            def streams(text, tokens):  # rows [text stream; ID stream], every context [text; ID tokens]
+                tokens = jnp.broadcast_to(tokens.astype(text.dtype), (text.shape[0],) + tokens.shape[1:])
+                return jnp.concatenate([jnp.concatenate([text, jnp.zeros_like(tokens)], 1),
+                                        jnp.concatenate([text, tokens], 1)], 0)
+
+            context = streams(encode(cond_ids), id_tokens)
+            uncond = streams(encode(uncond_ids), null_tokens) if key.guided else None
+            inputs = iid.two_stream_inputs(key.num_tokens, guided=key.guided, id_scale=id_scale, adain=key.adain)
+            latents = denoise(unet, params["unet"], sd.scheduler, key.steps, jnp.concatenate([noise, noise], 0),
+                              context, guidance, uncond_context=uncond,
+                              attention_inputs=lambda i: iid.inputs_for_step(inputs, i, mix_start, mix_end))
+            text_latents, id_latents = jnp.split(latents, 2, axis=0)
+            if not key.text_stream:
+                return to_uint8(decode_latents(sd.vae, params["vae"], id_latents))
+            images = to_uint8(decode_latents(sd.vae, params["vae"], jnp.concatenate([id_latents, text_latents], 0)))
+            return jnp.split(images, 2, axis=0)
+
+        return jax.jit(run)
+
+    def __call__(self, prompt: str | Sequence[str], references: Sequence[Any] | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, steps: int = 30, guidance_scale: float = 5.0,
+                 seed: int = 0, height: int = 512, width: int = 512, *, id_tokens: jax.Array | None = None,
+                 id_scale: float = 1.0, adain: bool = True, mix_steps: tuple[int, int | None] = (0, None),
+                 mix_layers: Sequence[int] | Sequence[str] | None | str = "default",
+                 latents: np.ndarray | None = None, strict: bool = False,
+                 return_text_stream: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Generate ``uint8 [B, height, width, 3]`` images of the reference identity (one per prompt).
+
+        ``references``: images (paths, arrays, PIL) of one person, or several people to mix; or give
+        ``id_tokens [1, n·T, dim]`` instead (e.g. an interpolation of :meth:`identity_tokens`).
+        ``id_scale`` = λ of the ID cross-attention; ``adain``: AdaIN-mean on the ID stream's K/V; ``mix_steps =
+        (start, end)``: denoising steps ``start ≤ i < end`` with mixed attention (``end=None``: to the last);
+        ``mix_layers``: ``"default"`` (the pipeline's), ``None`` (all), layer indices or name prefixes such as
+        ``("up_blocks",)``. ``return_text_stream=True`` → ``(id_images, text_stream_images)``; the text stream
+        is plain text-to-image with the same seed."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a non-empty string or list of strings")
+        negatives = _negatives(negative_prompt, len(prompts))
+        factor = 8 * 2 ** (len(self.sd.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        start, end = _mix_range(mix_steps, steps)
+        if (references is None) == (id_tokens is None):
+            raise ValueError("give exactly one of references (images) or id_tokens")
+        tokens = self.identity_tokens(references, strict=strict) if id_tokens is None else jnp.asarray(id_tokens)
+        per_id = self.encoder.config.num_tokens
+        if tokens.ndim != 3 or tokens.shape[0] != 1 or tokens.shape[1] % per_id or tokens.shape[2] != \
+                self.encoder.config.dim:
+            raise ValueError(f"id_tokens must be [1, n·{per_id}, {self.encoder.config.dim}], got {tuple(tokens.shape)}")
+        null = jnp.tile(self.null_tokens(), (1, tokens.shape[1] // per_id, 1))
+        layers = self.mix_layers if isinstance(mix_layers, str) and mix_layers == "default" else \
+            _resolve_layers(self.sd.unet.config, mix_layers)
+        key = _SamplerKey(len(prompts), int(tokens.shape[1]), height, width, steps, guidance_scale > 1.0,
+                          bool(adain), layers, bool(return_text_stream))
+        shape = (len(prompts), height // 8, width // 8, self.sd.unet.config.in_channels)
+        if latents is None:
+            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)  # = StableDiffusion.generate's
+        else:
+            noise = jnp.asarray(latents, jnp.float32)
+            if noise.shape != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+        args = (self._params, jnp.asarray(tokenize(self.sd.tokenizer, prompts)),
+                jnp.asarray(tokenize(self.sd.tokenizer, negatives)), noise, tokens, null,
+                jnp.float32(guidance_scale), jnp.float32(id_scale), jnp.int32(start), jnp.int32(end))
+        timings = {}
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = self._sample_fn(key).lower(*args).compile()
+            timings["compile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(self._compiled[key](*args))
+        timings["run_s"] = time.perf_counter() - t0
+        self.last_timings = timings
+        if return_text_stream:
+            return np.asarray(out[0]), np.asarray(out[1])
+        return np.asarray(out)
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._compiled)
+
+
+def _resolve_layers(unet_config, layers) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if all(isinstance(x, str) for x in layers):
+        return iid.self_attention_layers(unet_config, layers)
+    allowed = set(iid.self_attention_layers(unet_config))
+    if not all(isinstance(x, (int, np.integer)) and int(x) in allowed for x in layers):
+        raise ValueError(f"mix_layers must be None, name prefixes or self-attention layer indices from "
+                         f"{sorted(allowed)}, got {layers!r}")
+    return tuple(sorted(int(x) for x in layers))
+
+
+def _mix_range(mix_steps, steps: int) -> tuple[int, int]:
+    try:
+        start, end = mix_steps
+    except (TypeError, ValueError):
+        raise ValueError(f"mix_steps must be (start, end) denoising-step indices, got {mix_steps!r}") from None
+    end = steps if end is None else end
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= steps):
+        raise ValueError(f"mix_steps must satisfy 0 ≤ start ≤ end ≤ steps={steps}, got {mix_steps!r}")
+    return start, end
+
+
+def _negatives(negative: str | Sequence[str] | None, batch: int) -> list[str]:
+    if negative is None:
+        return [""] * batch
+    if isinstance(negative, str):
+        return [negative] * batch
+    negative = list(negative)
+    if len(negative) != batch:
+        raise ValueError(f"negative_prompt has {len(negative)} entries for {batch} prompts")
+    return negative

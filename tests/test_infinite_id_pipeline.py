@@ -1,0 +1,208 @@
+"""Infinite-ID pipeline on the tiny SD: shared noise, the text stream is plain text-to-image, mixing off + λ=0 is the
+base model, identity stacking, errors, and the CLI module."""
+import argparse
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from dynamicid_jax.faces import Face, NoFaceError, register_backend
+from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.models.clip import load_image_encoder
+from dynamicid_jax.pipelines.infinite_id import InfiniteIDPipeline
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+from tiny_sd import make_tiny_sd
+
+EMBED_DIM = 16
+# the ArcFace template (112 px) scaled onto a 64-px reference image
+KPS = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]]) * 64 / 112
+
+
+class FakeAnalyzer:
+    """One face per image at fixed keypoints; the embedding is a fixed projection of the image's colours. An
+    all-black image has no face."""
+
+    embedding_dim = EMBED_DIM
+    num_landmarks = 5
+
+    def __init__(self):
+        self.proj = np.random.default_rng(9).standard_normal((48, EMBED_DIM))
+
+    def analyze(self, image):
+        image = np.asarray(image)
+        if image.max() == 0:
+            return []
+        small = image.reshape(4, image.shape[0] // 4, 4, image.shape[1] // 4, 3).mean((1, 3)).reshape(-1) / 255
+        e = (small - 0.5) @ self.proj
+        return [Face(bbox=[8, 8, 56, 60], kps=KPS, landmarks=KPS, embedding=e / np.linalg.norm(e), pose=[0, 0, 0],
+                     det_score=0.99)]
+
+
+register_backend("infinite-id-test", lambda **_: FakeAnalyzer(), overwrite=True)
+
+
+def _same_image(a, b, what):
+    """Equal up to float32 rounding: kernels batched differently (4 UNet rows here, 2 in plain CFG) may round
+    differently, which moves a handful of pixels by one level."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 2e-3, f"{what}: max diff {diff.max()}, {np.mean(diff > 0):.2%}"
+
+
+def _reference(seed):
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def iid_dirs(tmp_path_factory, torch):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    root = tmp_path_factory.mktemp("infinite_id")
+    sd_dir = make_tiny_sd(str(root / "sd"))
+    torch.manual_seed(3)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+        patch_size=4, projection_dim=48)).eval()
+    vision.save_pretrained(str(root / "clip"), safe_serialization=True)
+    sd = StableDiffusion.from_pretrained(sd_dir, scheduler="ddim")
+    enc_cfg = iid.infinite_id_encoder_config("tiny")
+    rng = np.random.default_rng(0)
+    # random ID projections from the shapes alone (no UNet init to compile), scaled like the text ones
+    ids = jax.tree_util.tree_map(lambda s: (rng.standard_normal(s.shape) * 0.3).astype(np.float32),
+                                 nn.meta.unbox(iid.abstract_id_params(sd.unet.config)))
+    iid.save_infinite_id(str(root / "weights"), enc_cfg, iid.init_encoder_params(enc_cfg, jax.random.key(0)),
+                         ids, sd.unet.config)
+    return sd_dir, str(root / "clip"), str(root / "weights"), sd
+
+
+@pytest.fixture(scope="session")
+def pipe(iid_dirs):
+    _, clip_dir, weights_dir, sd = iid_dirs
+    return InfiniteIDPipeline.from_pretrained(sd, weights_dir, clip_dir, face_analyzer="infinite-id-test")
+
+
+COMMON = dict(negative_prompt="blurry", steps=3, guidance_scale=5.0, seed=3, height=64, width=64,
+              return_text_stream=True)
+
+
+def test_text_stream_is_text_to_image_and_mixing_off_is_the_base_model(pipe):
+    sd = pipe.sd
+    plain = sd.generate("a photo of a person", negative_prompt="blurry", height=64, width=64, steps=3,
+                        guidance_scale=5.0, seed=3)
+    ident, text = pipe("a photo of a person", references=[_reference(1)], **COMMON)
+    assert ident.dtype == np.uint8 and ident.shape == (1, 64, 64, 3)
+    _same_image(text, plain, "text stream vs StableDiffusion.generate")
+    assert np.abs(ident.astype(int) - text.astype(int)).max() > 8  # the ID stream is not
+    compiled = pipe.num_compiled
+    # mixing off on every step and λ = 0: the ID stream is the base model from the same (shared) noise
+    off_id, off_text = pipe("a photo of a person", references=[_reference(1)], id_scale=0.0, mix_steps=(0, 0),
+                            **COMMON)
+    assert pipe.num_compiled == compiled, "λ and the mixing steps are traced values"
+    _same_image(off_text, plain, "text stream, mixing off")
+    _same_image(off_id, plain, "ID stream, mixing off + λ=0")
+    # λ = 0 with mixing on: the streams never diverge and attending over [K; K] duplicates is plain attention
+    mix_only, _ = pipe("a photo of a person", references=[_reference(1)], id_scale=0.0, **COMMON)
+    _same_image(mix_only, plain, "mixing on, λ=0")
+    # the ID branch alone changes the image; mixing then changes it again (the streams differ now)
+    id_only, _ = pipe("a photo of a person", references=[_reference(1)], mix_steps=(0, 0), **COMMON)
+    assert np.abs(id_only.astype(int) - plain.astype(int)).max() > 8
+    assert np.abs(id_only.astype(int) - ident.astype(int)).max() > 8
+    other, _ = pipe("a photo of a person", references=[_reference(2)], **COMMON)
+    assert np.abs(other.astype(int) - ident.astype(int)).max() > 0  # the identity matters
+
+
+def test_identity_tokens_stack_references(pipe):
+    one = np.asarray(pipe.identity_tokens([_reference(1)]))
+    two = np.asarray(pipe.identity_tokens([_reference(1), _reference(2)]))
+    t = pipe.encoder.config.num_tokens
+    assert one.shape == (1, t, 32) and two.shape == (1, 2 * t, 32)
+    np.testing.assert_allclose(two[:, :t], one, atol=1e-5)
+    assert np.abs(two[:, t:] - one).max() > 1e-3
+    null = np.asarray(pipe.null_tokens())
+    assert null.shape == (1, t, 32) and np.abs(null - one).max() > 1e-3
+
+
+def test_bad_input(pipe):
+    ref = _reference(1)
+    with pytest.raises(NoFaceError, match="reference image 1"):
+        pipe.identity_tokens([ref, np.zeros((64, 64, 3), np.uint8)])
+    with pytest.raises(ValueError, match="exactly one of references"):
+        pipe("a", steps=1, height=64, width=64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipe("a", references=[ref], height=60, width=64)
+    with pytest.raises(ValueError, match="mix_steps"):
+        pipe("a", references=[ref], steps=3, mix_steps=(2, 5), height=64, width=64)
+    with pytest.raises(ValueError, match="id_tokens must be"):
+        pipe("a", id_tokens=np.zeros((1, 5, 32), np.float32), steps=1, height=64, width=64)
+    with pytest.raises(ValueError, match="match no self-attention"):
+        pipe("a", references=[ref], steps=1, height=64, width=64, mix_layers=("nowhere",))
+
+
+def _cli_parser():
+    from infer import infinite_id_cli as cli
+
+    parser = argparse.ArgumentParser()
+    for name, kw in (("--model", {}), ("--config", {}), ("--prompt", {"action": "append"}),
+                     ("--negative-prompt", {}), ("--height", {"type": int}), ("--width", {"type": int}),
+                     ("--steps", {"type": int}), ("--guidance-scale", {"type": float}),
+                     ("--seed", {"type": int, "default": 0}), ("--scheduler", {"default": "ddim"}),
+                     ("--dtype", {"default": "float32"}), ("--out", {})):
+        parser.add_argument(name, **kw)
+    return cli.add_arguments(parser)
+
+
+def test_cli_arguments(tmp_path):
+    from infer import infinite_id_cli as cli
+
+    parser = _cli_parser()
+    args = parser.parse_args(["--model", "m", "--prompt", "x", "--out", "x.png", "--reference", "a.png",
+                              "--reference", "b.png", "--no-adain", "--mix-steps", "5:25", "--mix-layers",
+                              "up_blocks, mid_block", "--id-scale", "0.5"])
+    assert args.reference == ["a.png", "b.png"] and not args.adain and args.id_scale == 0.5
+    assert args.guidance_scale is None and args.steps is None  # → the Infinite-ID defaults in run()
+    assert cli.parse_mix_steps(args.mix_steps) == (5, 25) and cli.parse_mix_steps("0:") == (0, None)
+    assert cli.parse_mix_layers(args.mix_layers) == ("up_blocks", "mid_block")
+    assert cli.parse_mix_layers("all") is None
+    with pytest.raises(SystemExit, match="--infinite-id-weights, --image-encoder"):
+        cli.run(parser.parse_args(["--model", "m", "--prompt", "x", "--out", "x.png", "--reference", "r.png"]))
+    with pytest.raises(ValueError, match="START:END"):
+        cli.parse_mix_steps("5")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(iid_dirs, tmp_path):
+    from infer import infinite_id_cli as cli
+
+    sd_dir, clip_dir, weights_dir, _ = iid_dirs
+    parser = _cli_parser()
+    ref_path = tmp_path / "ref.png"
+    from dynamicid_jax.image_io import save_png
+
+    save_png(_reference(1), ref_path)
+    args = parser.parse_args([
+        "--model", sd_dir, "--prompt", "a photo of a person", "--negative-prompt", "blurry", "--height", "64",
+        "--width", "64", "--steps", "3", "--seed", "3", "--out", str(tmp_path / "id.png"),
+        "--reference", str(ref_path), "--infinite-id-weights", weights_dir, "--image-encoder", clip_dir,
+        "--face-backend", "infinite-id-test", "--save-text-stream", str(tmp_path / "text.png")])
+    assert cli.run(args) == 0
+    from PIL import Image
+
+    ident = np.asarray(Image.open(tmp_path / "id.png"))
+    text = np.asarray(Image.open(tmp_path / "text.png"))
+    assert ident.shape == text.shape == (64, 64, 3) and np.abs(ident.astype(int) - text.astype(int)).max() > 8
+    plain = StableDiffusion.from_pretrained(sd_dir).generate("a photo of a person", negative_prompt="blurry",
+                                                              height=64, width=64, steps=3, guidance_scale=5.0,
+                                                              seed=3)
+    _same_image(text[None], plain, "CLI text stream (default guidance 5.0) vs text-to-image")
+
+
+@pytest.mark.slow
+def test_two_identities_and_layer_subset(pipe):
+    one = pipe("a photo of a person", references=[_reference(1)], **COMMON)[0]
+    two = pipe("a photo of a person", references=[_reference(1), _reference(2)], **COMMON)[0]
+    assert np.abs(two.astype(int) - one.astype(int)).max() > 0
+    up = pipe("a photo of a person", references=[_reference(1)], mix_layers=("up_blocks",), **COMMON)[0]
+    assert np.abs(up.astype(int) - one.astype(int)).max() > 0
+    no_layers, text = pipe("a photo of a person", references=[_reference(1)], id_scale=0.0, mix_layers=(),
+                           **COMMON)
+    assert np.abs(no_layers.astype(int) - text.astype(int)).max() <= 1

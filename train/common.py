@@ -1,0 +1,167 @@
+"""Pieces the DynamicID stages share: loading the frozen models, abstract (boxed) param trees for shardings,
+exporting / importing trainable params, the multi-host entry point and the CLI skeleton."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def boxed_abstract(module: nn.Module, *args: Any, collection: str = "params", **kwargs: Any) -> Any:
+    """``jax.eval_shape(module.init)`` — the boxed (logical axes) abstract tree of one collection."""
+    return jax.eval_shape(lambda r: module.init(r, *args, **kwargs), jax.random.key(0)).get(collection, {})
+
+
+@dataclasses.dataclass
+class BaseModel:
+    """The frozen Stable Diffusion parts of a stage: modules, params and facts the losses need."""
+
+    unet_config: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    params: dict  # {"unet", "vae", "text_encoder"}
+    scaling_factor: float
+    source: str
+
+
+def load_base(path: str, dtype) -> BaseModel:
+    """SD1.5 from a diffusers folder or a single ``.safetensors`` file (params fp32, modules at ``dtype``)."""
+    from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+
+    if not path:
+        raise ValueError("model.base must name a Stable Diffusion 1.5 diffusers folder or .safetensors file")
+    sd = StableDiffusion.from_pretrained(path, dtype=dtype)
+    return BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                     scheduler=sd.scheduler, params=dict(sd.params), scaling_factor=float(sd.vae.config.scaling_factor),
+                     source=os.path.abspath(path))
+
+
+def load_image_encoder(spec: str, dtype, seed: int = 0):
+    """``(module, params, source)`` for a CLIP vision folder, or ``"random:<variant>"`` (random weights: tests,
+    SynthFace); ``""`` → ``(None, None, "")``."""
+    from dynamicid_jax.models import clip
+
+    if not spec:
+        return None, None, ""
+    if spec.startswith("random:"):
+        module = clip.CLIPVisionModelWithProjection(clip.vision_config(spec.split(":", 1)[1]), dtype=dtype)
+        size = module.config.image_size
+        params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed + 7), jnp.zeros((1, size, size, 3)))
+                               )["params"]
+        return module, params, spec
+    module, params = clip.load_image_encoder(spec, dtype=dtype)
+    return module, params, os.path.abspath(spec)
+
+
+def clip_penultimate(module, params, pixels: jax.Array) -> jax.Array:
+    """CLIP vision penultimate hidden states ``[B, L, C]`` (the ID encoder's input)."""
+    return module.apply({"params": params}, pixels).hidden_states[-2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainable params on disk (between stages): flat safetensors with "/"-joined Flax paths
+# ---------------------------------------------------------------------------------------------------------
+def save_params(params: Mapping, path: str, metadata: dict[str, str] | None = None) -> str:
+    from dynamicid_jax.weights.keymap import write_safetensors
+
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(
+        jax.device_get(dict(params))).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_safetensors(flat, path, metadata=metadata)
+    return path
+
+
+def load_params(path: str) -> dict:
+    from dynamicid_jax.weights.keymap import read_safetensors
+
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in read_safetensors(path).items()})
+
+
+def check_tree(params: Mapping, abstract: Any, what: str) -> None:
+    """``params`` must have exactly the paths and shapes of ``abstract`` (boxed or not)."""
+    from dynamicid_jax.sharding import _unbox
+
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(_unbox(dict(abstract))).items()}
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or bad:
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes "
+                         f"{[(k, have[k], want[k]) for k in bad[:5]]}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+def cli_args(description: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None, help="YAML experiment config (train/configs/)")
+    p.add_argument("--workdir", default=None, help="checkpoints / logs folder (overrides the config's workdir)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (GPU clusters; TPU finds it)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with no arguments (TPU pods, Slurm, Open MPI)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return p.parse_args(argv)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` before any JAX computation, when asked to."""
+    if args.coordinator or args.num_processes or args.distributed:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+
+def training_sections(loop_module) -> dict:
+    return {"train": dict(loop_module.TRAIN_DEFAULTS), "optimizer": dict(loop_module.OPTIMIZER_DEFAULTS),
+            "checkpoint": dict(loop_module.CHECKPOINT_DEFAULTS), "mesh": dict(loop_module.MESH_DEFAULTS)}
+
+
+def run_cli(description: str, defaults: dict, build: Callable, make_data: Callable, argv=None) -> int:
+    """Parse, initialise, build the task, train, export. ``build(cfg) -> (task, export_fn)``,
+    ``make_data(cfg) -> iterator``."""
+    from train.config import load_config
+    from train.loop import Trainer
+
+    args = cli_args(description, argv)
+    init_distributed(args)
+    setup_logging()
+    cfg = load_config(args.config, args.overrides, defaults=defaults)
+    workdir = args.workdir or cfg.get("workdir")
+    if not workdir:
+        raise SystemExit("give --workdir or workdir= in the config")
+    task, export = build(cfg)
+    trainer = Trainer(task, cfg, workdir)
+    state = trainer.fit(make_data(cfg))
+    export(state, workdir)
+    return 0
+
+
+__all__ = ["BaseModel", "boxed_abstract", "check_tree", "cli_args", "clip_penultimate", "compute_dtype",
+           "init_distributed", "load_base", "load_image_encoder", "load_params", "run_cli", "save_params"]

@@ -1,0 +1,167 @@
+"""Experiment configs: one YAML file per experiment (``train/configs/``), overridable from the command line.
+
+A config is a nested mapping. Each stage module owns a ``DEFAULTS`` dict; the YAML file is merged over it and
+``key.sub=value`` overrides are merged over that. An override must name an existing key (typos fail with the
+closest names) and its value is parsed with the type of the value it replaces: ``true/false`` for bools,
+ints, floats, strings as written, and lists / dicts / ``None`` through YAML (``mesh.data=-1``,
+``optimizer.lr=3e-5``, ``model.base=/ckpt/sd15``, ``train.sample_prompts=["a", "b"]``). Keys under a mapping
+whose default is an empty dict (free-form sections) may be added.
+
+    cfg = load_config("train/configs/stage1_sd15.yaml", ["optimizer.lr=5e-5"], defaults=stage1.DEFAULTS)
+    cfg.optimizer.lr            # attribute access; cfg.to_dict() for JSON / checkpoints
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or an override that does not fit the defaults."""
+
+
+class Config(dict):
+    """A nested ``dict`` with attribute access (``cfg.optimizer.lr``). Values are plain Python / YAML types."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no entry {name!r} (entries: {sorted(self)})") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only through attributes; build a new one with load_config / merge")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self))
+
+
+def _wrap(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return Config({k: _wrap(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def _merge(base: dict, update: Mapping, where: str, free: frozenset = frozenset()) -> dict:
+    """``update`` merged into a copy of ``base``; ``free`` = paths of free-form sections (empty by default)."""
+    out = copy.deepcopy(base)
+    if not base and where:
+        free = free | {where}
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in out:
+            if where in free:  # free-form section: new keys allowed
+                out[key] = copy.deepcopy(value)
+                continue
+            close = difflib.get_close_matches(str(key), [str(k) for k in out], n=3)
+            raise ConfigError(f"unknown config key {path!r}" + (f"; did you mean {close}?" if close else
+                                                                 f"; known keys here: {sorted(out)}"))
+        current = out[key]
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            out[key] = _merge(current, value, path, free)
+        elif isinstance(current, dict) and current and value is not None:
+            raise ConfigError(f"config key {path!r} is a section; give its sub-keys, not {value!r}")
+        else:
+            out[key] = _coerce(value, current, path)
+    return out
+
+
+def _coerce(value: Any, current: Any, path: str) -> Any:
+    """``value`` checked against the type of the default ``current`` (None = any)."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {path!r} expects true/false, got {value!r}")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key {path!r} expects an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {path!r} expects a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {path!r} expects a string, got {value!r}")
+        return value
+    if isinstance(current, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {path!r} expects a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def parse_override(text: str, defaults: Mapping) -> dict:
+    """``"a.b.c=value"`` → ``{"a": {"b": {"c": parsed}}}``; the value is parsed as YAML, except that a default
+    string keeps the raw text (so ``model.base=1.5`` stays ``"1.5"``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    node: Any = defaults
+    for p in parts:
+        node = node.get(p) if isinstance(node, Mapping) else None
+    if isinstance(node, str) and raw.strip().lower() not in ("null", "none", "~"):
+        value: Any = raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {text!r}: cannot parse the value: {e}") from None
+        if isinstance(value, str) and value.lower() == "none":
+            value = None
+    out: dict = {}
+    cur = out
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _free_sections(d: Mapping, where: str):
+    for k, v in d.items():
+        path = f"{where}.{k}" if where else str(k)
+        if isinstance(v, Mapping):
+            if not v:
+                yield path
+            yield from _free_sections(v, path)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *,
+                defaults: Mapping) -> Config:
+    """``defaults`` ← YAML file at ``path`` (optional) ← ``overrides`` (``key.sub=value`` strings)."""
+    merged = copy.deepcopy(dict(defaults))
+    free = frozenset(_free_sections(merged, ""))
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path!r} must hold a mapping at the top level, got {type(data).__name__}")
+        merged = _merge(merged, data, "", free)
+    for text in overrides:
+        merged = _merge(merged, parse_override(text, merged), "", free)
+    return _wrap(merged)
+
+
+def config_from_dict(data: Mapping, *, defaults: Mapping) -> Config:
+    """A config from a mapping (e.g. the ``config`` item of a checkpoint) merged over ``defaults``."""
+    return _wrap(_merge(copy.deepcopy(dict(defaults)), data, "", frozenset(_free_sections(defaults, ""))))
+
+
+__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "parse_override"]
