@@ -34,8 +34,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-
     from common import machine, write_result
+
     from dynamicid_jax.methods import saa as S
     from dynamicid_jax.models import unet as U
 

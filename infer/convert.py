@@ -40,11 +40,11 @@ def resolve_unet_config(value: str):
 def convert(saa: str, out: str, unet_config, *, imr: str | None = None, key_point_encoder: str | None = None,
             overwrite: bool = False, backend: str = "auto") -> tuple[str, dict]:
     """Import the official files and write the converted folder; returns ``(out, {part: parameter count})``."""
+    from dynamicid_jax.methods.saa import SAA
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights, save_dynamicid
     from dynamicid_jax.weights import official
     from dynamicid_jax.weights.keymap import count_params
     from dynamicid_jax.weights.official_saa import import_saa, infer_saa_rank
-    from dynamicid_jax.methods.saa import SAA
 
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")

@@ -1,10 +1,15 @@
-"""Text-to-image and DynamicID identity generation from the command line.
+"""Text-to-image and identity generation (DynamicID, Infinite-ID) from the command line.
 
     python -m infer.generate --model PATH --prompt "a photo of a cat" --out cat.png
     python -m infer.generate --model SD15 --dynamicid CONVERTED --clip-vision CLIP-H --ref alice.jpg --ref bob.jpg \\
         --prompt "two people in a bus" --boxes "0.1,0.1,0.5,0.4;0.1,0.6,0.5,0.9" --save-gates gates.png --out out.png
+    python -m infer.generate --method infinite-id --model SD15 --infinite-id-weights IID --image-encoder CLIP-H \\
+        --reference me.jpg --prompt "a man in oil painting style" --out me.png
 
 ``--dynamicid`` takes a folder written by ``python -m infer.convert`` (official ``SAA.bin`` etc. converted once).
+Methods: without ``--method``, ``--dynamicid`` selects DynamicID and plain text-to-image runs otherwise. Other
+methods plug in as a module with ``add_arguments(parser)`` and ``run(args)`` (see :func:`identity_methods`);
+``--steps`` / ``--guidance-scale`` left out take each method's defaults, ``--id-scale`` is shared.
 """
 from __future__ import annotations
 
@@ -13,12 +18,21 @@ import os
 import sys
 import time
 
+TEXT_TO_IMAGE_STEPS = DYNAMICID_STEPS = 50
 NO_EDIT = ("", "-")  # a --face-prompt / --target-landmark value meaning "nothing for this reference"
 TEXT_TO_IMAGE_GUIDANCE = 7.5
 DYNAMICID_GUIDANCE = 5.0  # the official DynamicID pipeline's default
-_DYNAMICID_ONLY = ("ref", "face_prompt", "target_landmark", "boxes", "layout", "clip_vision", "id_scale",
-                   "save_gates", "boost_steps", "boost_strength", "analyzer_root", "mix", "no_gate",
+_DYNAMICID_ONLY = ("dynamicid", "ref", "face_prompt", "target_landmark", "boxes", "layout", "clip_vision",
+                   "save_gates", "boost_steps", "boost_strength", "analyzer", "analyzer_root", "mix", "no_gate",
                    "strict_faces")
+
+
+def identity_methods() -> dict:
+    """Identity methods besides DynamicID (defined in this file): ``--method`` name → a module with
+    ``add_arguments(parser)`` and ``run(args) -> int``. Add a method by adding its module here."""
+    from infer import infinite_id_cli
+
+    return {"infinite-id": infinite_id_cli}
 
 
 def parse_boxes(text: str) -> list[list[float]]:
@@ -59,18 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="default: 50 (text-to-image, DynamicID), 30 (Infinite-ID)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help=f"default {TEXT_TO_IMAGE_GUIDANCE} (text-to-image) / {DYNAMICID_GUIDANCE} (DynamicID)")
+                   help=f"default {TEXT_TO_IMAGE_GUIDANCE} (text-to-image), {DYNAMICID_GUIDANCE} (DynamicID, "
+                        "Infinite-ID)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++2m", "euler"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (params stay fp32; scheduler math is fp32)")
     p.add_argument("--out", required=True, help="PNG path; a batch is saved as one grid")
 
-    # Identity methods. DynamicID is selected by --dynamicid; another method plugs in here with its own
-    # add_arguments(parser) / run(args) pair (see _METHODS below and main()).
-    g = p.add_argument_group("DynamicID (identity personalisation)")
+    methods = identity_methods()
+    p.add_argument("--method", choices=["dynamicid", *methods], default=None,
+                   help="identity method (default: dynamicid when --dynamicid is given, else plain text-to-image)")
+    p.method_dests = {}  # method → the option dests it added (to reject them when another method runs)
+    for name, module in methods.items():
+        before = set(map(id, p._actions))
+        module.add_arguments(p)
+        p.method_dests[name] = {a.dest for a in p._actions if id(a) not in before}
+
+    g = p.add_argument_group("DynamicID (identity personalisation; --id-scale weighs the identity branch)")
     g.add_argument("--dynamicid", metavar="PATH", help="converted DynamicID folder (python -m infer.convert)")
     g.add_argument("--ref", action="append", metavar="IMAGE", help="reference photo, one per identity (repeat); "
                    "identities are placed left → right in this order unless --boxes says otherwise")
@@ -88,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--analyzer-root", metavar="DIR",
                    help="insightface: root holding models/buffalo_l/; dlib: folder of the .dat models")
     g.add_argument("--clip-vision", metavar="PATH", help="CLIPVisionModelWithProjection folder (CLIP-ViT-H-14)")
-    g.add_argument("--id-scale", type=float, default=1.0, help="weight of the identity branch (0 = text only)")
+    try:
+        g.add_argument("--id-scale", type=float, default=1.0, help="weight of the identity branch (0 = text only)")
+    except argparse.ArgumentError:  # already added by another method, with the same meaning and default
+        pass
     g.add_argument("--boost-steps", type=int, default=None, help="layout boost steps (default: 0 for one "
                    "identity without boxes, else 12)")
     g.add_argument("--boost-strength", type=float, default=None, help="layout boost s (default 2)")
@@ -100,29 +125,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_dynamicid_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not args.dynamicid:
-        given = [f"--{name.replace('_', '-')}" for name in _DYNAMICID_ONLY
-                 if getattr(args, name) != parser.get_default(name)]
-        if given:
-            parser.error(f"{', '.join(given)} need --dynamicid")
-        return
-    if not args.ref:
-        parser.error("--dynamicid needs at least one --ref image")
-    for flag in ("face_prompt", "target_landmark"):
-        values = getattr(args, flag)
-        if values is not None and len(values) != len(args.ref):
-            parser.error(f"--{flag.replace('_', '-')} given {len(values)} time(s) for {len(args.ref)} --ref "
-                         f"image(s); give one per --ref ('-' for none)")
+def _resolve_method(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Which method runs (``"text-to-image"``, ``"dynamicid"`` or another ``--method``); rejects options that
+    belong to a method that does not run."""
+    method = args.method or ("dynamicid" if args.dynamicid else "text-to-image")
+
+    def given(dests):
+        return [f"--{d.replace('_', '-')}" for d in sorted(dests) if getattr(args, d) != parser.get_default(d)]
+
+    if method != "dynamicid":
+        wrong = given(set(_DYNAMICID_ONLY))
+        if wrong:
+            parser.error(f"{', '.join(wrong)} belong to DynamicID (--dynamicid PATH)")
+        if method == "text-to-image" and args.id_scale != parser.get_default("id_scale"):
+            parser.error("--id-scale needs an identity method")
+    for name, dests in parser.method_dests.items():
+        wrong = given(dests - {"id_scale"}) if name != method else []
+        if wrong:
+            parser.error(f"{', '.join(wrong)} belong to --method {name}")
+    if method == "dynamicid":
+        if not args.dynamicid:
+            parser.error("--method dynamicid needs --dynamicid PATH (a folder from python -m infer.convert)")
+        if not args.ref:
+            parser.error("--dynamicid needs at least one --ref image")
+        for flag in ("face_prompt", "target_landmark"):
+            values = getattr(args, flag)
+            if values is not None and len(values) != len(args.ref):
+                parser.error(f"--{flag.replace('_', '-')} given {len(values)} time(s) for {len(args.ref)} --ref "
+                             f"image(s); give one per --ref ('-' for none)")
+    return method
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_dynamicid_args(parser, args)
-    if args.dynamicid:
+    method = _resolve_method(parser, args)
+    if method == "dynamicid":
         return run_dynamicid(args)
-    return run_text_to_image(args)
+    if method == "text-to-image":
+        return run_text_to_image(args)
+    return identity_methods()[method].run(args)
 
 
 def run_text_to_image(args: argparse.Namespace) -> int:
@@ -133,17 +175,18 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
     guidance = TEXT_TO_IMAGE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    steps = TEXT_TO_IMAGE_STEPS if args.steps is None else args.steps
     start = time.perf_counter()
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     sd = StableDiffusion.from_pretrained(args.model, config=args.config, scheduler=args.scheduler,
                                          dtype=getattr(jnp, args.dtype))
     print(f"loaded in {time.perf_counter() - start:.1f}s; compiling the sampler "
-          f"({len(args.prompt)}×{args.height}×{args.width}, {args.steps} steps) …", file=sys.stderr, flush=True)
+          f"({len(args.prompt)}×{args.height}×{args.width}, {steps} steps) …", file=sys.stderr, flush=True)
     images = sd.generate(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                         steps=args.steps, guidance_scale=guidance, seed=args.seed)
+                         steps=steps, guidance_scale=guidance, seed=args.seed)
     t = sd.last_timings
     print(f"compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s "
-          f"({args.steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
+          f"({steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
     save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), args.out)
     print(os.path.abspath(args.out))
     return 0
@@ -167,6 +210,7 @@ def run_dynamicid(args: argparse.Namespace) -> int:
         return None if values is None else [None if v in NO_EDIT else v for v in values]
 
     guidance = DYNAMICID_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    steps = DYNAMICID_STEPS if args.steps is None else args.steps
     start = time.perf_counter()
     print(f"loading {args.model} + DynamicID {args.dynamicid} (analyzer: {args.analyzer}) …", file=sys.stderr,
           flush=True)
@@ -175,17 +219,17 @@ def run_dynamicid(args: argparse.Namespace) -> int:
                                              dtype=getattr(jnp, args.dtype), scheduler=args.scheduler,
                                              config=args.config, strict=args.strict_faces)
     print(f"loaded in {time.perf_counter() - start:.1f}s; {len(args.ref)} identit{'y' if len(args.ref) == 1 else 'ies'}"
-          f", {args.steps} steps at {args.height}×{args.width} …", file=sys.stderr, flush=True)
+          f", {steps} steps at {args.height}×{args.width} …", file=sys.stderr, flush=True)
     result = pipe(args.prompt, args.ref, face_prompts=per_ref(args.face_prompt),
                   target_landmarks=per_ref(args.target_landmark), boxes=args.boxes, layout=args.layout,
-                  negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed,
+                  negative_prompt=args.negative_prompt, steps=steps, guidance_scale=guidance, seed=args.seed,
                   height=args.height, width=args.width, id_scale=args.id_scale, boost_steps=args.boost_steps,
                   boost_strength=args.boost_strength, mix=args.mix, activate_query=not args.no_gate,
                   return_gates=bool(args.save_gates))
     images, gates = result if args.save_gates else (result, None)
     t = pipe.last_timings
     print(f"identities {t['encode_s']:.1f}s, compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s "
-          f"({args.steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
+          f"({steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
     save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), args.out)
     if gates is not None:
         save_gate_overlay(gates, images[0], args.save_gates)

@@ -1,6 +1,7 @@
 """`python -m infer.convert`: official-layout ``SAA.bin`` / ``IMR.bin`` / ``key_point_encoder.bin`` (written with
 ``torch.save`` from the PyTorch re-expressions with the official key names) → our folder → the pipeline, with
 parity against the PyTorch modules; atomic output; errors."""
+import json
 import os
 
 import jax.numpy as jnp
@@ -118,8 +119,9 @@ def test_pipeline_on_converted_weights_matches_torch(torch, converted, torch_mod
                                      jnp.asarray(clip_preprocess([ref], size=32))).hidden_states[-2]
     face = pipe.analyzer.analyze(ref)[0]
     with torch.no_grad():
-        expected = enc(torch.from_numpy(face.embedding[None]), torch.from_numpy(np.asarray(feats))).numpy()
+        expected = enc(torch.from_numpy(face.embedding[None]), torch.from_numpy(np.array(feats))).numpy()
     assert_close(tokens, expected, 1e-4, 1e-4, "ID tokens from the converted SAA.bin")
+    print(f"\nID tokens: max |ours - torch| = {float(np.abs(np.asarray(tokens) - expected).max()):.2e}")
 
     prompt = "a very surprised expression, front view"
     edited = pipe.encode_identities([ref], [prompt])
@@ -128,9 +130,10 @@ def test_pipeline_on_converted_weights_matches_torch(torch, converted, torch_mod
     pooled = np.asarray(pipe.sd.text_encoder.apply({"params": pipe.sd.params["text_encoder"]}, ids).pooler_output)
     with torch.no_grad():
         lmk = kpe(torch.from_numpy(np.stack([raster, raster]).transpose(0, 3, 1, 2))).reshape(2, -1)
-        t = torch.from_numpy(pooled)
-        expected = imr_model(torch.from_numpy(np.asarray(tokens)), lmk[:1], lmk[1:], t[:1], t[1:]).numpy()
+        t = torch.from_numpy(pooled.copy())
+        expected = imr_model(torch.from_numpy(np.array(tokens)), lmk[:1], lmk[1:], t[:1], t[1:]).numpy()
     assert_close(edited, expected, 1e-4, 1e-4, "IMR-edited tokens from the converted IMR.bin")
+    print(f"IMR-edited tokens: max |ours - torch| = {float(np.abs(np.asarray(edited) - expected).max()):.2e}")
 
     image = pipe("a photo of a person", [ref], steps=2, height=64, width=64, seed=0)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8 and np.std(image) > 1.0
@@ -152,8 +155,12 @@ def test_errors_leave_no_output(bins, converted, tiny_sd_dir, tmp_path, torch):
     with pytest.raises(FileExistsError, match="already exists"):
         convert.main(["--saa", saa, "--unet-config", tiny_sd_dir, "--out", converted])
     assert load_dynamicid(converted).has_imr  # untouched
-    with pytest.raises(km.WeightLoadError, match="wrong shape|missing"):  # tiny SAA.bin vs the SD1.5 UNet
-        convert.main(["--saa", saa, "--unet-config", "sd15", "--out", str(out)])
+    other = dict(tiny_sd.UNET, block_out_channels=[32, 64, 128])  # another UNet: the mid block is 128 wide
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(other, f)
+    with pytest.raises(km.WeightLoadError, match=r"(?s)16 wrong-shape key.*mid_block"):
+        convert.main(["--saa", saa, "--unet-config", str(tmp_path / "config.json"), "--out", str(out)])
+    os.remove(tmp_path / "config.json")
     with pytest.raises(ValueError, match="--imr as well"):
         convert.main(["--saa", saa, "--key-point-encoder", str(bins / "key_point_encoder.bin"), "--unet-config",
                       tiny_sd_dir, "--out", str(out)])

@@ -1,5 +1,5 @@
-"""Infinite-ID pipeline on the tiny SD: shared noise, the text stream is plain text-to-image, mixing off + λ=0 is the
-base model, identity stacking, errors, and the CLI module."""
+"""Infinite-ID on the tiny SD: the pipeline (shared noise, the text stream is plain text-to-image, mixing off + λ=0
+is the base model, identity stacking, errors), the CLI module and the training stage (train/infinite_id.py)."""
 import argparse
 
 import jax
@@ -206,3 +206,96 @@ def test_two_identities_and_layer_subset(pipe):
     no_layers, text = pipe("a photo of a person", references=[_reference(1)], id_scale=0.0, mix_layers=(),
                            **COMMON)
     assert np.abs(no_layers.astype(int) - text.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- training
+TRAIN = ["model.encoder_variant=tiny", "model.dtype=float32", "train.progress_bar=false", "train.log_every=1",
+         "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="session")
+def stage(iid_dirs):
+    from train import common
+    from train.config import load_config
+    from train.infinite_id import DEFAULTS, InfiniteIDStage
+
+    sd_dir, clip_dir, _, sd = iid_dirs
+    base = common.BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder,
+                            tokenizer=sd.tokenizer, scheduler=sd.scheduler, params=dict(sd.params),
+                            scaling_factor=float(sd.vae.config.scaling_factor), source=sd_dir)
+    cfg = load_config(None, TRAIN + [f"model.base={sd_dir}"], defaults=DEFAULTS)
+    module, params = load_image_encoder(clip_dir)
+    return InfiniteIDStage(cfg, base=base, image_encoder=(module, params, clip_dir))
+
+
+def _train_batch(b=2, seed=0, pixels=False):
+    rng = np.random.default_rng(seed)
+    batch = {"ref_clip_pixels": rng.standard_normal((b, 32, 32, 3)).astype(np.float32),
+             "ref_id_embedding": rng.standard_normal((b, EMBED_DIM)).astype(np.float32),
+             "input_ids": rng.integers(1, 1000, (b, 77)).astype(np.int32), "identity": np.arange(b, dtype=np.int32)}
+    if pixels:
+        batch["target_pixels"] = rng.uniform(-1, 1, (b, 64, 64, 3)).astype(np.float32)
+    else:
+        batch["target_latent_moments"] = rng.standard_normal((b, 8, 8, 8)).astype(np.float32)
+    return batch
+
+
+def test_training_stage_trees_and_traced_step(stage):
+    """Trainable = the two mappers + to_k_id/to_v_id (no base UNet weight, no text encoder anywhere); a traced
+    step of the shared train loop gives a scalar loss and gradients for exactly that tree."""
+    from flax import traverse_util
+
+    from train import loop
+
+    task = stage.task()
+    trainable = traverse_util.flatten_dict(loop._unboxed(task.abstract_trainable))
+    assert {k[0] for k in trainable} == {"encoder", "id_projections"}
+    assert {k[1] for k in trainable if k[0] == "encoder"} == {"clip_mapper", "face_mapper"}
+    assert all(iid.is_id_path(k) for k in trainable if k[0] == "id_projections")
+    assert set(task.frozen) == {"unet", "vae", "null_clip_features", "image_encoder"}
+    assert not any(iid.is_id_path(k) for k in traverse_util.flatten_dict(task.frozen["unet"]))
+    assert stage.enc_cfg.clip_input == "image"  # the stage-1 loader feeds CLIP the whole reference
+    tx, sched = loop.make_optimizer({"lr": 1e-4, "clip_grad_norm": 1.0})
+    step = loop.make_train_step(task.loss_fn, tx, lr_schedule=sched)
+    from dynamicid_jax import sharding as sh
+
+    mesh = sh.make_mesh(sh.MeshConfig(data=1), devices=jax.devices()[:1])
+    abstract_state, _ = loop.state_shardings(task, tx, mesh, False)
+    new_state, metrics = jax.eval_shape(step, abstract_state, task.frozen, loop.numeric_batch(_train_batch()))
+    assert jax.tree_util.tree_structure(new_state.trainable) == jax.tree_util.tree_structure(abstract_state.trainable)
+    assert metrics["loss"].shape == () and {"id_dropped", "grad_norm", "lr"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_training_stage_trains_and_exports_for_the_pipeline(stage, iid_dirs, tmp_path):
+    """Two steps on a data=2 mesh (both target formats): the trainable params move, the export loads into the
+    pipeline, whose text stream is still plain text-to-image."""
+    from flax import traverse_util
+
+    from dynamicid_jax import sharding as sh
+    from train import loop
+    from train.config import load_config
+    from train.infinite_id import DEFAULTS
+
+    _, clip_dir, _, sd = iid_dirs
+    task = stage.task(references=_train_batch(1))
+    cfg = load_config(None, TRAIN + ["mesh.data=2", "train.steps=2", "train.sample_every=2", "sample.steps=2",
+                                     "sample.size=64"], defaults=DEFAULTS)
+    tr = loop.Trainer(task, cfg, str(tmp_path), mesh=sh.make_mesh(sh.MeshConfig(data=2), devices=jax.devices()[:2]))
+    state0 = jax.device_get(tr.init_state())
+    init_ids = traverse_util.flatten_dict(state0.trainable["id_projections"])
+    base_flat = traverse_util.flatten_dict(task.frozen["unet"])
+    for k, v in init_ids.items():  # to_k_id / to_v_id start as the text to_k / to_v
+        np.testing.assert_array_equal(v, base_flat[k[:-2] + (k[-2][:-3], "kernel")])
+    state = tr.fit(iter([_train_batch(2, 1), _train_batch(2, 2, pixels=True)]))
+    after = traverse_util.flatten_dict(jax.device_get(state.trainable))
+    before = traverse_util.flatten_dict(state0.trainable)
+    assert all(not np.allclose(after[k], before[k]) for k in after if k[-1] == "kernel" and "id_projections" in k)
+    assert (tmp_path / "samples").exists()
+    stage.export(state, str(tmp_path))
+    pipe = InfiniteIDPipeline.from_pretrained(sd, str(tmp_path / "export"), clip_dir,
+                                              face_analyzer="infinite-id-test")
+    ident, text = pipe("a photo of a person", references=[_reference(1)], **COMMON)
+    plain = sd.generate("a photo of a person", negative_prompt="blurry", height=64, width=64, steps=3,
+                        guidance_scale=5.0, seed=3)
+    _same_image(text, plain, "text stream after training")

@@ -144,6 +144,9 @@ def test_parity_with_torch_processors(case, torch, torch_unet, ours, apply_saa):
             assert all_gates.max() >= kwargs["strength"]  # the boost acted
     else:
         assert (all_gates == 1).all()
+    ref.configure_all(model, image_size=image_size, **dict(settings, id_scale=0.0))  # (after reading last_gate)
+    without_ids = _torch_eps(torch, model, sample, t, ctx)
+    assert float(np.abs(expected - without_ids).max()) > 1e-2  # the ID branch matters at this tolerance
 
 
 def _flax_layer_path(name: str) -> tuple[str, ...]:
@@ -386,6 +389,13 @@ def test_routing_inside_and_outside_boxes():
     live = outside[None] & (gate > 0)
     assert live.sum() >= 8
     assert (out[..., 0][live] > 0).all() and (out[..., 1][live] > 0).all()  # outside: both identities
+    # the boost against the unboosted gate: w/(s+1) outside, w/(s+1)·(s+1) + s inside (s = 1)
+    _, plain = layer.apply({"params": params}, hidden, context, inputs.replace(strength=jnp.float32(0.0)),
+                           mutable=["intermediates"])
+    plain = np.asarray(plain["intermediates"]["gate"][0])
+    inside = box0 | box1
+    np.testing.assert_array_equal(gate[:, outside], plain[:, outside] / np.float32(2))
+    np.testing.assert_array_equal(gate[:, inside], plain[:, inside] / np.float32(2) * np.float32(2) + np.float32(1))
     # without the gate's routing (activate_query=False) box 0 sees identity 1 again
     off = layer.apply({"params": params}, hidden, context, inputs.replace(activate_query=False))
     assert (np.asarray(off)[:, box0, 1] > 0).all()

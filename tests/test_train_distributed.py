@@ -6,10 +6,12 @@ compiles): run with ``make test-slow``.
 import os
 import pathlib
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -51,6 +53,15 @@ def _wait(proc, timeout=500):
         raise AssertionError(f"train.smoke did not finish in {timeout} s:\n{_output(proc)}") from None
     assert proc.returncode == 0, f"train.smoke exited with {proc.returncode}:\n{_output(proc)}"
     return _output(proc)
+
+
+@pytest.fixture
+def tmp_path():
+    """A private temporary folder (not pytest's tmp_path: other pytest sessions on the machine may prune the
+    shared base folder while these subprocesses still write to it)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="dynamicid_train_"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _free_port() -> int:

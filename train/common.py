@@ -138,6 +138,13 @@ def setup_logging() -> None:
                         format="%(asctime)s %(name)s: %(message)s")
 
 
+def loader_config(cls, d: Mapping, **extra: Any):
+    """A ``data_pipelines.loaders`` config from a ``data`` config section (+ stage-specific fields)."""
+    return cls(seed=int(d["seed"]), resolution=int(d["resolution"]), latents=d["latents"], clip=d["clip"],
+               clip_size=int(d["clip_size"]), tokenizer=d.get("tokenizer"), worker_count=int(d["worker_count"]),
+               read_threads=int(d["read_threads"]), **extra)
+
+
 def training_sections(loop_module) -> dict:
     return {"train": dict(loop_module.TRAIN_DEFAULTS), "optimizer": dict(loop_module.OPTIMIZER_DEFAULTS),
             "checkpoint": dict(loop_module.CHECKPOINT_DEFAULTS), "mesh": dict(loop_module.MESH_DEFAULTS)}

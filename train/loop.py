@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from dynamicid_jax import sharding as sh
 
@@ -129,9 +129,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_
             def body(carry, xs):
                 grads_acc, mutable = carry
                 i, mb = xs
-                (l, (m, mutable)), g = grad_fn(state.trainable, frozen, mutable, mb, jax.random.fold_in(rng, i))
+                (loss_i, (m, mutable)), g = grad_fn(state.trainable, frozen, mutable, mb, jax.random.fold_in(rng, i))
                 grads_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
-                return (grads_acc, mutable), (l, m)
+                return (grads_acc, mutable), (loss_i, m)
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
             (grads, mutable), (losses, ms) = jax.lax.scan(body, (zeros, state.mutable),
@@ -362,7 +362,16 @@ class Trainer:
 
     def train_step(self, state: TrainState, host_batch: PyTree) -> tuple[TrainState, dict]:
         shardings = self.batch_shardings(host_batch)
-        return self.step_fn(shardings)(state, self.frozen, put_batch(host_batch, shardings))
+        batch = put_batch(host_batch, shardings)
+        key = ("compiled", jax.tree_util.tree_structure(batch),
+               tuple((x.shape, x.dtype, s.spec) for x, s in zip(jax.tree_util.tree_leaves(batch),
+                                                                  jax.tree_util.tree_leaves(shardings))))
+        if key not in self._jitted:
+            # Compile ahead of time, then wait for every process: CPU (gloo) collectives give up after 30 s
+            # when one process is still compiling while another already runs the step.
+            self._jitted[key] = self.step_fn(shardings).lower(state, self.frozen, batch).compile()
+            barrier(f"train_step_compiled_{len(self._jitted)}")
+        return self._jitted[key](state, self.frozen, batch)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_manager(self, with_data: bool):
@@ -473,13 +482,28 @@ class Trainer:
                 self.task.sample_fn, in_shardings=(self.state_sh.trainable, self.frozen_sh, self.state_sh.mutable),
                 out_shardings=sh.replicated(self.mesh), mesh=self.mesh)
         params = state.ema if state.ema is not None else state.trainable
-        images = host_value(self._jitted["sample"](params, self.frozen, state.mutable))
+        if "sample_compiled" not in self._jitted:
+            self._jitted["sample_compiled"] = self._jitted["sample"].lower(params, self.frozen, state.mutable).compile()
+            barrier("sample_compiled")
+        images = host_value(self._jitted["sample_compiled"](params, self.frozen, state.mutable))
         if self.is_primary:
             grid = image_grid(images, columns=min(len(images), 4))
             os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
             save_png(grid, os.path.join(self.workdir, "samples", f"step_{step:08d}.png"))
             if writer is not None:
                 writer.image("samples", grid, step)
+
+
+_BARRIER_TIMEOUT_S = 3600
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (the coordination service's barrier, generous timeout); no-op with
+    one process. ``name`` must be unique per call site and occurrence."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.sync_global_processes(f"dynamicid_{name}", timeout=_BARRIER_TIMEOUT_S)
 
 
 def host_value(tree: PyTree) -> PyTree:
@@ -501,14 +525,16 @@ def replicated_to_host(tree: PyTree) -> PyTree:
     """Fully gather a (possibly multi-process, sharded) tree to host numpy arrays on every process."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
+    leaves = jax.tree_util.tree_leaves(tree)
+    mesh = leaves[0].sharding.mesh
+    gather = jax.jit(lambda t: t, out_shardings=sh.replicated(mesh)).lower(tree).compile()
+    barrier("replicated_to_host")
+    return host_value(gather(tree))
 
 
 __all__ = [
     "CHECKPOINT_DEFAULTS", "MESH_DEFAULTS", "OPTIMIZER_DEFAULTS", "TRAIN_DEFAULTS", "Task", "TrainState",
-    "Trainer", "default_batch_shardings", "learning_rate_schedule", "make_checkpoint_manager", "make_optimizer",
-    "host_value", "make_train_step", "numeric_batch", "put_batch", "replicated_to_host", "split_microbatches",
-    "state_shardings", "tree_shardings",
+    "Trainer", "barrier", "default_batch_shardings", "host_value", "learning_rate_schedule",
+    "make_checkpoint_manager", "make_optimizer", "make_train_step", "numeric_batch", "put_batch",
+    "replicated_to_host", "split_microbatches", "state_shardings", "tree_shardings",
 ]

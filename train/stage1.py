@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0},
     "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
-             "distinct_reference": True, "latents": "auto", "clip": "auto", "tokenizer": None},
+             "distinct_reference": True, "latents": "auto", "clip": "auto", "clip_size": 224, "tokenizer": None},
     "sample": {"prompts": ["a photo of a person", "a portrait of a person, oil painting"], "steps": 25,
                "guidance_scale": 5.0, "size": 512},
     **common.training_sections(loop),
@@ -254,9 +254,7 @@ def make_data(cfg):
     d = cfg["data"]
     if not d["shards"]:
         raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
-    conf = loaders.Stage1Config(seed=int(d["seed"]), resolution=int(d["resolution"]), latents=d["latents"],
-                                clip=d["clip"], tokenizer=d.get("tokenizer"), worker_count=int(d["worker_count"]),
-                                read_threads=int(d["read_threads"]), batch_size=int(d["batch_size"]),
+    conf = common.loader_config(loaders.Stage1Config, d, batch_size=int(d["batch_size"]),
                                 distinct_reference=bool(d["distinct_reference"]))
     return iter(loaders.stage1_loader(d["shards"], conf))
 
@@ -271,6 +269,8 @@ def main(argv=None) -> int:
     workdir = args.workdir or cfg["workdir"]
     if not workdir:
         raise SystemExit("give --workdir or workdir: in the config")
+    if not cfg["data"]["shards"]:
+        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
     stage = Stage1(cfg)
     data = make_data(cfg)
     first = next(data) if cfg["train"].get("sample_every") else None

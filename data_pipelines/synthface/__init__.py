@@ -7,12 +7,33 @@
 data_pipelines.synthface.train_models`` trains the world's face models (recogniser, detector, landmarks,
 evaluation classifiers) on such a tree.
 """
-from .dataset import (SCHEMA, caption_for, generate, list_images, load_index, load_split, read_record,
-                      render_identity, render_scene, write_identity, write_scene)
+from .dataset import (
+                      SCHEMA,
+                      caption_for,
+                      generate,
+                      list_images,
+                      load_index,
+                      load_split,
+                      read_record,
+                      render_identity,
+                      render_scene,
+                      write_identity,
+                      write_scene,
+)
 from .face_model import EXPRESSION_SHAPES, FaceLayout, Pose2D, face_layout
 from .render import draw_person, render_group, render_portrait
-from .world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSE_YAW, POSES, PROMPT_EXPRESSION,
-                    Identity, SceneAttributes, sample_identity)
+from .world import (
+                      BACKGROUNDS,
+                      CLOTHING,
+                      EXPRESSIONS,
+                      PLACEMENTS,
+                      POSE_YAW,
+                      POSES,
+                      PROMPT_EXPRESSION,
+                      Identity,
+                      SceneAttributes,
+                      sample_identity,
+)
 
 __all__ = [
     "SCHEMA", "generate", "load_index", "list_images", "load_split", "read_record", "render_identity",

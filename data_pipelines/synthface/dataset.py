@@ -17,14 +17,29 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from .render import render_group, render_portrait
-from .world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, GLASSES, HAIR_STYLES, PLACEMENT_PHRASE, PLACEMENTS,
-                    POSE_YAW, POSES, ImageVariation, identity_name, image_name, rng_for, sample_identity,
-                    sample_scene, sample_variation)
+from .world import (
+    BACKGROUNDS,
+    CLOTHING,
+    EXPRESSIONS,
+    GLASSES,
+    HAIR_STYLES,
+    PLACEMENT_PHRASE,
+    PLACEMENTS,
+    POSE_YAW,
+    POSES,
+    identity_name,
+    image_name,
+    rng_for,
+    sample_identity,
+    sample_scene,
+    sample_variation,
+)
 
 __all__ = ["SCHEMA", "caption_for", "render_identity", "write_identity", "render_scene", "write_scene",
            "generate", "load_index", "list_images", "load_split", "read_record"]
@@ -178,7 +193,8 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
     if workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers) as pool:
+        # "spawn": safe even when the caller has started JAX's threads (forking those is not)
+        with mp.get_context("spawn").Pool(workers) as pool:
             for _ in pool.imap_unordered(_identity_job, jobs, chunksize=2):
                 if bar is not None:
                     bar.update()
@@ -250,6 +266,3 @@ def load_split(out_dir: str, split: str, identities: Iterable[str] | None = None
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     return images, [read_record(p) for p in paths]
 
-
-def variation_from_dict(d: dict[str, float]) -> ImageVariation:
-    return ImageVariation(**d)

@@ -49,18 +49,19 @@ class ExpressionShape:
 
 EXPRESSION_SHAPES = {
     "neutral": ExpressionShape(),
-    "happy": ExpressionShape(mouth_lift=0.11, mouth_open=0.07, mouth_width=1.25, teeth=True, brow_raise=0.02,
-                             upper_lid=0.85, lower_lid=0.35),
-    "sad": ExpressionShape(mouth_lift=-0.1, mouth_width=0.9, brow_inner=0.1, upper_lid=0.7, lower_lid=0.8),
-    "surprised": ExpressionShape(mouth_open=0.28, mouth_width=0.66, mouth_round=0.5, lip_scale=0.8,
-                                 brow_raise=0.13, upper_lid=1.45, lower_lid=1.05, forehead_lines=0.6),
-    "angry": ExpressionShape(mouth_lift=-0.04, mouth_width=0.86, lip_scale=0.55, brow_raise=-0.05,
-                             brow_inner=-0.11, upper_lid=0.55, lower_lid=0.75, frown_lines=0.7),
-    "disgusted": ExpressionShape(mouth_lift=-0.05, mouth_open=0.05, mouth_width=0.95, teeth=True, sneer=0.07,
-                                 brow_raise=-0.02, brow_inner=-0.06, upper_lid=0.6, lower_lid=0.5,
-                                 nose_wrinkle=0.8),
-    "afraid": ExpressionShape(mouth_lift=-0.05, mouth_open=0.13, mouth_width=1.15, teeth=True, brow_raise=0.09,
-                              brow_inner=0.08, upper_lid=1.35, lower_lid=1.0, forehead_lines=0.45),
+    "happy": ExpressionShape(mouth_lift=0.2, mouth_open=0.1, mouth_width=1.4, teeth=True, brow_raise=0.03,
+                             upper_lid=0.85, lower_lid=0.3),
+    "sad": ExpressionShape(mouth_lift=-0.16, mouth_width=0.88, lip_scale=1.15, brow_inner=0.17, brow_raise=0.02,
+                           upper_lid=0.6, lower_lid=0.8),
+    "surprised": ExpressionShape(mouth_open=0.3, mouth_width=0.66, mouth_round=0.5, lip_scale=0.8,
+                                 brow_raise=0.18, upper_lid=1.5, lower_lid=1.1, forehead_lines=0.7),
+    "angry": ExpressionShape(mouth_lift=-0.04, mouth_width=0.85, lip_scale=0.4, brow_raise=-0.07,
+                             brow_inner=-0.17, upper_lid=0.5, lower_lid=0.7, frown_lines=0.9),
+    "disgusted": ExpressionShape(mouth_lift=-0.09, mouth_open=0.06, mouth_width=0.95, teeth=True, sneer=0.12,
+                                 brow_raise=-0.04, brow_inner=-0.07, upper_lid=0.55, lower_lid=0.45,
+                                 nose_wrinkle=1.0),
+    "afraid": ExpressionShape(mouth_lift=-0.06, mouth_open=0.18, mouth_width=1.05, mouth_round=0.9, teeth=True,
+                              brow_raise=0.13, brow_inner=0.12, upper_lid=1.45, lower_lid=1.05, forehead_lines=0.5),
 }
 assert set(EXPRESSION_SHAPES) == set(EXPRESSIONS)
 
@@ -258,19 +259,17 @@ def face_layout(ident: Identity, expression: str, pose: Pose2D, intensity: float
     # --- brows 17..26 (each brow left → right in the image)
     brows = []
     for side, sl in ((-1.0, slice(17, 22)), (1.0, slice(22, 27))):
-        s = np.linspace(-1.0, 1.0, 5)
-        bl = i.eye_size * i.brow_length
-        u = side * i.eye_spacing + bl * s
-        inner = np.clip(side * -s * 0.5 + 0.5, 0, 1)  # 1 at the end nearest the midline
-        y = (i.eye_y - i.brow_gap - ex.brow_raise - i.brow_arch * (1 - s ** 2) - ex.brow_inner * inner ** 1.5
-             + 0.03 * (1 - inner))
-        lmk_uv[sl] = np.stack([u, y], -1)
-        dense_s = np.linspace(-1.0, 1.0, 9)
-        du = side * i.eye_spacing + bl * dense_s
-        dinner = np.clip(side * -dense_s * 0.5 + 0.5, 0, 1)
-        dy = (i.eye_y - i.brow_gap - ex.brow_raise - i.brow_arch * (1 - dense_s ** 2) - ex.brow_inner * dinner ** 1.5
-              + 0.03 * (1 - dinner))
-        brows.append(head.project(du, dy, 0.01))
+
+        def brow(s, side=side):
+            inner = np.clip(side * -s * 0.5 + 0.5, 0, 1)  # 1 at the end nearest the midline
+            u = side * i.eye_spacing + i.eye_size * i.brow_length * s
+            y = (i.eye_y - i.brow_gap - ex.brow_raise - i.brow_arch * (1 - s ** 2) - ex.brow_inner * inner ** 1.5
+                 + 0.03 * (1 - inner))
+            return u, y
+
+        lmk_uv[sl] = np.stack(brow(np.linspace(-1.0, 1.0, 5)), -1)
+        lmk_dz[sl] = 0.01
+        brows.append(head.project(*brow(np.linspace(-1.0, 1.0, 9)), 0.01))
 
     # --- nose 27..35
     yn = i.eye_y + i.nose_length

@@ -29,11 +29,11 @@ class Window:
         self._grid: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
-    def X(self) -> np.ndarray:  # noqa: N802 (image-coordinate names)
+    def X(self) -> np.ndarray:
         return self._coords()[1]
 
     @property
-    def Y(self) -> np.ndarray:  # noqa: N802
+    def Y(self) -> np.ndarray:
         return self._coords()[0]
 
     def _coords(self) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,17 @@ import numpy as np
 
 from .face_model import FaceLayout, Head, Pose2D, face_layout
 from .raster import Canvas, offset_polygon, polygon_coverage
-from .world import (BACKGROUNDS, CLOTHING, PLACEMENT_X, POSE_YAW, PROMPT_EXPRESSION, Identity, ImageVariation,
-                    SceneAttributes, grid_prompt)
+from .world import (
+    BACKGROUNDS,
+    CLOTHING,
+    PLACEMENT_X,
+    POSE_YAW,
+    PROMPT_EXPRESSION,
+    Identity,
+    ImageVariation,
+    SceneAttributes,
+    grid_prompt,
+)
 
 __all__ = ["HEAD_SCALE", "HEAD_CENTRE_Y", "render_portrait", "render_group", "draw_person", "face_annotation"]
 

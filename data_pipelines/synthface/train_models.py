@@ -22,7 +22,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from .dataset import load_index, load_split
 
 MODELS = ("recognizer", "eval_recognizer", "detector", "landmarker", "face_classifier", "scene_classifier")
 #: training steps at --steps-scale 1 (batch 64; the detector 32 tiles of 64²)
-STEPS = {"recognizer": 600, "eval_recognizer": 400, "detector": 600, "landmarker": 500, "face_classifier": 400,
+STEPS = {"recognizer": 600, "eval_recognizer": 500, "detector": 600, "landmarker": 400, "face_classifier": 400,
          "scene_classifier": 250}
 
 __all__ = ["MODELS", "STEPS", "train_all", "evaluate", "main"]
@@ -130,10 +131,17 @@ def evaluate(data_dir: str, models_dir: str, max_images: int = 700) -> dict[str,
 
     from dynamicid_jax.eval.classifiers import AttributeClassifier
     from dynamicid_jax.faces.synthetic_backend import kps_from_landmarks
-    from dynamicid_jax.faces.synthetic_detector import (SyntheticDetector, SyntheticLandmarker, box_iou,
-                                                        detection_metrics)
-    from dynamicid_jax.faces.synthetic_recognizer import (SyntheticRecognizer, identification_accuracy,
-                                                          verification_metrics)
+    from dynamicid_jax.faces.synthetic_detector import (
+        SyntheticDetector,
+        SyntheticLandmarker,
+        box_iou,
+        detection_metrics,
+    )
+    from dynamicid_jax.faces.synthetic_recognizer import (
+        SyntheticRecognizer,
+        identification_accuracy,
+        verification_metrics,
+    )
 
     index = load_index(data_dir)
     images, records = load_split(data_dir, "heldout")
@@ -144,7 +152,10 @@ def evaluate(data_dir: str, models_dir: str, max_images: int = 700) -> dict[str,
     arr = _arrays(records)
     ident = np.array([r["identity"] for r in records])
     out: dict[str, Any] = {"heldout_images": int(len(images)), "heldout_identities": int(len(set(ident)))}
-    path = lambda name: os.path.join(models_dir, name)  # noqa: E731
+
+    def path(name: str) -> str:
+        return os.path.join(models_dir, name)
+
     gallery = np.array([r["image"] == "neutral_front.png" for r in records])
 
     recs = {}

@@ -142,28 +142,12 @@ class Identity:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Identity":
+    def from_dict(cls, d: dict[str, Any]) -> Identity:
         names = {f.name for f in dataclasses.fields(cls)}
         missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
         if missing or unknown:
             raise ValueError(f"identity parameters: missing {missing}, unknown {unknown}")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-
-    def vector(self) -> np.ndarray:
-        """All numeric parameters as one float32 vector (the style / glasses names one-hot)."""
-        vals: list[float] = []
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name == "hair_style":
-                vals += [float(v == s) for s in HAIR_STYLES]
-            elif f.name == "glasses":
-                vals += [float(v == s) for s in GLASSES]
-            elif isinstance(v, tuple):
-                vals += list(v)
-            else:
-                vals.append(float(v))
-        return np.asarray(vals, dtype=np.float32)
-
 
 def sample_identity(seed: int, split: str, index: int) -> Identity:
     """The identity ``index`` of ``split`` for dataset ``seed``."""
@@ -171,7 +155,7 @@ def sample_identity(seed: int, split: str, index: int) -> Identity:
     u = rng.uniform
     skin = _colour(rng, _SKIN, 0.02)
     lip_tint = np.array([0.78, 0.22, 0.28]) + rng.uniform(-0.06, 0.06, 3)
-    lips = tuple(float(v) for v in np.clip(0.45 * np.array(skin) + 0.55 * lip_tint, 0, 1))
+    lips = tuple(float(v) for v in np.clip(0.3 * np.array(skin) + 0.7 * lip_tint, 0, 1))
     head_height = u(1.2, 1.42)
     eye_y = u(-0.1, 0.03)
     nose_length = u(0.3, 0.42)

@@ -2,7 +2,7 @@
 
 SPEC §9 measures generated images with models *different from the ones the method consumes*:
 
-* :func:`train_eval_recognizer` — a recogniser with another architecture (wider, residual blocks, 96-d) and
+* :func:`train_eval_recognizer` — a recogniser with another architecture (3 stages with residual blocks, 96-d) and
   another seed than the input "ArcFace" (``faces.synthetic_recognizer``); FaceSim uses it.
 * :class:`AttributeClassifier` — one small conv net with several softmax heads. Two kinds are trained by
   ``data_pipelines.synthface.train_models``:
@@ -20,28 +20,40 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.faces.synthetic_recognizer import (ConvNet, RecognizerConfig, SyntheticRecognizer,
-                                                      augment_crops, box_matrices, fit, jitter_matrices,
-                                                      load_model, save_model, to_unit, train_recognizer,
-                                                      warp_crops)
+from dynamicid_jax.faces.synthetic_recognizer import (
+    ConvNet,
+    RecognizerConfig,
+    SyntheticRecognizer,
+    augment_crops,
+    batched_apply,
+    box_matrices,
+    fit,
+    init_params,
+    jitter_matrices,
+    load_model,
+    save_model,
+    to_unit,
+    train_recognizer,
+    warp_crops,
+)
 from dynamicid_jax.models import layers
 
 __all__ = ["EVAL_RECOGNIZER_CONFIG", "train_eval_recognizer", "ClassifierConfig", "MultiHeadNet",
            "AttributeClassifier", "train_classifier", "region_matrices", "EvalModels", "load_eval_models"]
 
 #: the evaluation recogniser: a different architecture from the input recogniser's default
-EVAL_RECOGNIZER_CONFIG = RecognizerConfig(crop_size=32, widths=(24, 48, 96), blocks=1, embed_dim=96, margin=0.35,
+EVAL_RECOGNIZER_CONFIG = RecognizerConfig(crop_size=32, widths=(16, 32, 64), blocks=1, embed_dim=96, margin=0.35,
                                           scale=20.0)
 
 
-def train_eval_recognizer(images: np.ndarray, kps: np.ndarray, labels: np.ndarray, *, steps: int = 400,
+def train_eval_recognizer(images: np.ndarray, kps: np.ndarray, labels: np.ndarray, *, steps: int = 500,
                           batch_size: int = 64, seed: int = 1, progress: bool = True) -> SyntheticRecognizer:
     """The second, independently trained recogniser (``EVAL_RECOGNIZER_CONFIG``, seed 1 by default)."""
     return train_recognizer(images, kps, labels, EVAL_RECOGNIZER_CONFIG, steps=steps, batch_size=batch_size,
@@ -136,9 +148,9 @@ class AttributeClassifier:
         return warp_crops(images, self.matrices(images, boxes), self.config.crop_size, border="edge")
 
     def logits(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        out = [np.asarray(self._apply(self.params, to_unit(crops[i:i + batch_size])))
-               for i in range(0, len(crops), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, sum(len(v) for _, v in self.config.heads)))
+        if len(crops) == 0:
+            return np.zeros((0, sum(len(v) for _, v in self.config.heads)), np.float32)
+        return batched_apply(self._apply, self.params, to_unit(crops), batch_size)
 
     def probabilities(self, images, boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{head: [B, C]}`` softmax probabilities; ``images``: ``[B, H, W, 3]`` or a list (one per box)."""
@@ -170,7 +182,7 @@ class AttributeClassifier:
         return save_model(folder, self.kind, self.config.to_dict(), self.params, {"metrics": self.metrics})
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "AttributeClassifier":
+    def load(cls, folder: str | os.PathLike) -> AttributeClassifier:
         config, params, meta = load_model(folder, cls.kind)
         config["heads"] = tuple((n, tuple(v)) for n, v in config["heads"])
         return cls(ClassifierConfig(**config), params, meta.get("metrics"))
@@ -196,8 +208,7 @@ def train_classifier(images: np.ndarray, labels: dict[str, np.ndarray], config: 
     clf = AttributeClassifier(c, None)
     base = clf.matrices(images, boxes)
     module = clf.module
-    params = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(seed),
-                                                jnp.zeros((1, c.crop_size, c.crop_size, 3)))["params"])
+    params = init_params(module, jnp.zeros((1, c.crop_size, c.crop_size, 3)), seed)
     sizes = [len(c.labels(n)) for n in c.head_names]
     y_all = np.stack(ys, 1)
     face = c.input == "face"
@@ -209,7 +220,7 @@ def train_classifier(images: np.ndarray, labels: dict[str, np.ndarray], config: 
         crops = warp_crops(images[idx], m, c.crop_size, border="edge")
         return to_unit(augment_crops(rng, crops, 1.0 if face else 0.3)), y_all[idx]
 
-    def loss_fn(p, batch, _):
+    def loss_fn(p, batch):
         x, y = batch
         logits = module.apply({"params": p}, x)
         loss, start = 0.0, 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,8 +24,18 @@ import numpy as np
 
 from dynamicid_jax.models import layers
 
-from .synthetic_recognizer import (ConvNet, augment_crops, box_matrices, fit, load_model, save_model, to_unit,
-                                   warp_crops)
+from .synthetic_recognizer import (
+    ConvNet,
+    augment_crops,
+    batched_apply,
+    box_matrices,
+    fit,
+    init_params,
+    load_model,
+    save_model,
+    to_unit,
+    warp_crops,
+)
 
 __all__ = ["DetectorConfig", "CenterNet", "SyntheticDetector", "train_detector", "LandmarkerConfig",
            "LandmarkNet", "SyntheticLandmarker", "train_landmarker", "box_iou", "detection_metrics"]
@@ -100,8 +110,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), -1)
-    area = lambda z: np.prod(np.clip(z[:, 2:] - z[:, :2], 0, None), -1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), -1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), -1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 class SyntheticDetector:
@@ -115,9 +126,12 @@ class SyntheticDetector:
         self._apply = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
 
     def raw(self, image: np.ndarray) -> np.ndarray:
-        """The net's output map ``[H/8, W/8, 5]`` for one RGB ``uint8`` image (padded to a multiple of 16)."""
-        x = to_unit(_pad_to(np.asarray(image), 16)[None].astype(np.float32))
-        return np.asarray(self._apply(self.params, x))[0]
+        """The net's output map ``[H/8, W/8, 5]`` for one RGB ``uint8`` image (edge-padded to a multiple of 64, so
+        few input shapes get compiled; the padding's cells are cut off again)."""
+        image = np.asarray(image)
+        h, w = image.shape[:2]
+        x = to_unit(_pad_to(image, 64)[None].astype(np.float32))
+        return np.asarray(self._apply(self.params, x))[0, : -(-h // STRIDE), : -(-w // STRIDE)]
 
     def detect(self, image: np.ndarray, score_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         thr = self.config.score_threshold if score_threshold is None else float(score_threshold)
@@ -141,7 +155,7 @@ class SyntheticDetector:
         return save_model(folder, self.kind, self.config.to_dict(), self.params, {"metrics": self.metrics})
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "SyntheticDetector":
+    def load(cls, folder: str | os.PathLike) -> SyntheticDetector:
         config, params, meta = load_model(folder, cls.kind)
         return cls(DetectorConfig(**config), params, meta.get("metrics"))
 
@@ -193,7 +207,7 @@ def train_detector(canvases: np.ndarray, boxes: Sequence[np.ndarray], config: De
     t = config.tile
     _, h, w, _ = canvases.shape
     module = CenterNet(config)
-    params = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, t, t, 3)))["params"])
+    params = init_params(module, jnp.zeros((1, t, t, 3)), seed)
 
     def sample(rng):
         idx = rng.integers(0, len(canvases), batch_size)
@@ -209,7 +223,7 @@ def train_detector(canvases: np.ndarray, boxes: Sequence[np.ndarray], config: De
         tgt = _targets(tb, t)
         return to_unit(augment_crops(rng, tiles)), tgt["heat"], tgt["reg"], tgt["mask"]
 
-    def loss_fn(p, batch, _):
+    def loss_fn(p, batch):
         x, heat, reg, mask = batch
         return _detector_loss(module.apply({"params": p}, x), heat, reg, mask)
 
@@ -287,7 +301,9 @@ class SyntheticLandmarker:
         """``images``: one image per box (``[B, H, W, 3]`` or a list); ``boxes`` ``[B, 4]`` pixels."""
         c = self.config
         m = box_matrices(boxes, c.crop_size, c.expand)
-        out = np.asarray(self._apply(self.params, to_unit(warp_crops(images, m, c.crop_size))), np.float64)
+        if len(m) == 0:
+            return np.zeros((0, c.num_landmarks, 2), np.float32), np.zeros((0, 3), np.float32)
+        out = batched_apply(self._apply, self.params, to_unit(warp_crops(images, m, c.crop_size))).astype(np.float64)
         n = c.num_landmarks
         pts = out[:, : 2 * n].reshape(-1, n, 2) * c.crop_size
         # crop → image: invert the crop's scale-and-shift
@@ -299,7 +315,7 @@ class SyntheticLandmarker:
         return save_model(folder, self.kind, self.config.to_dict(), self.params, {"metrics": self.metrics})
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "SyntheticLandmarker":
+    def load(cls, folder: str | os.PathLike) -> SyntheticLandmarker:
         config, params, meta = load_model(folder, cls.kind)
         return cls(LandmarkerConfig(**config), params, meta.get("metrics"))
 
@@ -320,8 +336,7 @@ def train_landmarker(images: np.ndarray, boxes: np.ndarray, landmarks: np.ndarra
         raise ValueError(f"landmarks: expected [N, {config.num_landmarks}, 2], got {landmarks.shape}")
     c = config
     module = LandmarkNet(c)
-    params = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(seed),
-                                                jnp.zeros((1, c.crop_size, c.crop_size, 3)))["params"])
+    params = init_params(module, jnp.zeros((1, c.crop_size, c.crop_size, 3)), seed)
     # start from the mean shape (in crop coordinates of the true boxes)
     m0 = box_matrices(boxes, c.crop_size, c.expand)
     local = (landmarks * m0[:, None, 0, 0, None] + m0[:, None, :, 2]) / c.crop_size
@@ -342,7 +357,7 @@ def train_landmarker(images: np.ndarray, boxes: np.ndarray, landmarks: np.ndarra
         y = np.concatenate([tgt.reshape(batch_size, -1), poses[idx] / 60.0], 1).astype(np.float32)
         return to_unit(augment_crops(rng, crops)), y
 
-    def loss_fn(p, batch, _):
+    def loss_fn(p, batch):
         x, y = batch
         out = module.apply({"params": p}, x)
         n2 = 2 * c.num_landmarks

@@ -17,7 +17,8 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,8 +32,9 @@ from .geometry import ARCFACE_TEMPLATE, similarity_transform
 
 __all__ = [
     "ConvNet", "warp_crops", "box_matrices", "alignment_matrices", "jitter_matrices", "augment_crops",
-    "to_unit", "fit", "save_model", "load_model", "RecognizerConfig", "FaceEmbedder", "SyntheticRecognizer",
-    "train_recognizer", "arcface_loss", "verification_metrics", "identification_accuracy",
+    "to_unit", "batched_apply", "init_params", "fit", "save_model", "load_model", "RecognizerConfig",
+    "FaceEmbedder", "SyntheticRecognizer", "train_recognizer", "arcface_loss", "verification_metrics",
+    "identification_accuracy",
 ]
 
 
@@ -104,6 +106,20 @@ def _warp_same_size(images: np.ndarray, matrices: np.ndarray, size: int, border:
         px = images[bi, np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)].astype(np.float64)
         out += wgt * valid * px
     return out.astype(np.float32)
+
+
+def batched_apply(fn: Callable, params, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``fn(params, x)`` over ``x`` in chunks, each zero-padded to a power of two (≥ 8) so a jitted ``fn`` compiles
+    for a handful of shapes only, whatever the number of faces."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i:i + batch_size]
+        n = len(chunk)
+        padded = max(8, 1 << (n - 1).bit_length())
+        if padded != n:
+            chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(fn(params, chunk))[:n])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def to_unit(crops: np.ndarray) -> np.ndarray:
@@ -179,12 +195,39 @@ class ConvNet(nn.Module):
         return x
 
 
+def init_params(module: nn.Module, example: jax.Array, seed: int = 0) -> dict:
+    """Fresh params for ``module`` drawn in numpy from the abstract shapes (``jax.eval_shape``).
+
+    Same distributions as the ``layers`` initialisers (kernels: LeCun-normal truncated at 2σ; biases 0; norm
+    scales 1) without compiling the RNG-heavy Flax ``init`` — on a CPU that compile alone takes seconds per model.
+    """
+    abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), example)["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if name == "kernel":
+            std = 1.0 / np.sqrt(max(int(np.prod(shape[:-1])), 1)) / 0.87962566103423978  # truncation correction
+            w = rng.standard_normal(shape)
+            bad = np.abs(w) > 2.0
+            while bad.any():
+                w[bad] = rng.standard_normal(int(bad.sum()))
+                bad = np.abs(w) > 2.0
+            return jnp.asarray(w * std, jnp.float32)
+        if name == "scale":
+            return jnp.ones(shape, jnp.float32)
+        return jnp.zeros(shape, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 def fit(loss_fn: Callable, params, sample_batch: Callable[[np.random.Generator], Any], *, steps: int,
         learning_rate: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0, desc: str = "train",
         progress: bool = True, warmup: int | None = None):
-    """Minimise ``loss_fn(params, batch, rng) -> (loss, aux)`` with AdamW (warm-up + cosine decay), one jitted
+    """Minimise ``loss_fn(params, batch) -> (loss, aux)`` with AdamW (warm-up + cosine decay), one jitted
     step per batch from ``sample_batch(np_rng)``. Returns ``(params, losses)`` (losses every step, numpy)."""
     import optax
     from tqdm import tqdm
@@ -197,13 +240,12 @@ def fit(loss_fn: Callable, params, sample_batch: Callable[[np.random.Generator],
     opt_state = opt.init(params)
 
     @jax.jit
-    def step(params, opt_state, batch, key):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    def step(params, opt_state, batch):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     np_rng = np.random.default_rng(seed)
-    key = jax.random.PRNGKey(seed)
     losses = []
     bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
     # the next batch is prepared (numpy, releases the GIL) while the current step runs
@@ -213,7 +255,7 @@ def fit(loss_fn: Callable, params, sample_batch: Callable[[np.random.Generator],
             batch = pending.result()
             if i + 1 < steps:
                 pending = pool.submit(sample_batch, np_rng)
-            params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(key, i))
+            params, opt_state, loss = step(params, opt_state, batch)
             losses.append(loss)
             if progress and (i % 20 == 0 or i == steps - 1):
                 bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -352,9 +394,9 @@ class SyntheticRecognizer:
         if crops.ndim != 4 or crops.shape[1:] != (self.config.crop_size, self.config.crop_size, 3):
             raise ValueError(f"crops: expected [B, {self.config.crop_size}, {self.config.crop_size}, 3], "
                              f"got {crops.shape}")
-        out = [np.asarray(self._apply(self.params, to_unit(crops[i:i + batch_size])))
-               for i in range(0, len(crops), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)
+        if len(crops) == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return batched_apply(self._apply, self.params, to_unit(crops), batch_size)
 
     def embed(self, images, kps) -> np.ndarray:
         """Embeddings of the faces given by ``kps`` (``[B, 5, 2]``) in ``images`` (``[B, H, W, 3]`` or a list)."""
@@ -364,7 +406,7 @@ class SyntheticRecognizer:
         return save_model(folder, self.kind, self.config.to_dict(), self.params, {"metrics": self.metrics})
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "SyntheticRecognizer":
+    def load(cls, folder: str | os.PathLike) -> SyntheticRecognizer:
         config, params, meta = load_model(folder, cls.kind)
         return cls(RecognizerConfig(**config), params, meta.get("metrics"))
 
@@ -385,16 +427,16 @@ def train_recognizer(images: np.ndarray, kps: np.ndarray, labels: np.ndarray,
     size = config.crop_size
     base = alignment_matrices(kps, size)
     module = FaceEmbedder(config)
-    key = jax.random.PRNGKey(seed)
-    params = {"net": nn.meta.unbox(jax.jit(module.init)(key, jnp.zeros((1, size, size, 3)))["params"]),
-              "classes": jax.random.normal(jax.random.fold_in(key, 1), (config.embed_dim, num_classes)) * 0.1}
+    params = {"net": init_params(module, jnp.zeros((1, size, size, 3)), seed),
+              "classes": jnp.asarray(np.random.default_rng(seed + 1).normal(0, 0.1, (config.embed_dim, num_classes)),
+                                     jnp.float32)}
 
     def sample(rng):
         idx = rng.integers(0, len(images), batch_size)
         crops = warp_crops(images[idx], jitter_matrices(rng, base[idx], size), size)
         return to_unit(augment_crops(rng, crops)), labels[idx]
 
-    def loss_fn(p, batch, _):
+    def loss_fn(p, batch):
         x, y = batch
         return arcface_loss(module.apply({"params": p["net"]}, x), p["classes"], y, config.margin, config.scale)
 

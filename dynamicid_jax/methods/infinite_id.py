@@ -59,6 +59,7 @@ __all__ = [
 
 LN_EPS = 1e-5
 Dtype = Any
+CLIP_INPUTS = ("aligned", "image")
 
 
 # =========================================================================================================
@@ -66,9 +67,14 @@ Dtype = Any
 # =========================================================================================================
 @dataclasses.dataclass(frozen=True)
 class InfiniteIDEncoderConfig:
-    """Hyper-parameters of the Infinite-ID encoder. ``dim`` is the UNet's cross-attention width (768 for SD1.5);
-    ``clip_layer`` picks ``hidden_states[clip_layer]`` of the CLIP vision model (-2: penultimate, as DynamicID and
-    IP-Adapter-Plus use, so the CLIP features can be shared; training and inference read it from here)."""
+    """Hyper-parameters of the Infinite-ID encoder. ``dim`` is the UNet's cross-attention width (768 for SD1.5).
+
+    Two fields say how the CLIP features were made; training and inference both read them from here.
+    ``clip_layer`` picks ``hidden_states[clip_layer]`` of the CLIP vision model (-2, the penultimate layer, as
+    DynamicID and IP-Adapter-Plus use, so the features can be shared). ``clip_input`` is what CLIP sees:
+    ``"aligned"`` is the ArcFace-aligned face crop (the paper's "Face Align" before both encoders);
+    ``"image"`` is the whole reference image (DynamicID's convention, and what the stage-1 data loader
+    provides)."""
 
     id_embed_dim: int = 512  # 512: ArcFace (insightface); 128: dlib
     dim: int = 768
@@ -80,6 +86,7 @@ class InfiniteIDEncoderConfig:
     head_dim: int = 64
     ff_mult: int = 4
     clip_layer: int = -2
+    clip_input: str = "aligned"
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +101,9 @@ class InfiniteIDEncoderConfig:
                 raise ValueError(f"InfiniteIDEncoderConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.clip_layer, (int, np.integer)) or isinstance(self.clip_layer, bool):
             raise ValueError(f"InfiniteIDEncoderConfig.clip_layer must be an integer, got {self.clip_layer!r}")
+        if self.clip_input not in CLIP_INPUTS:
+            raise ValueError(f"InfiniteIDEncoderConfig.clip_input must be one of {CLIP_INPUTS}, got "
+                             f"{self.clip_input!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,7 +24,13 @@ layer's ``(H_l, W_l)`` grid; :func:`gate_maps` reshapes them), so a caller can s
 Parameters live inside each attention module under the official names (``to_q_lora/down``, ``to_q_lora/up``, …,
 ``to_out_lora``, ``to_k_ip``, ``to_v_ip``); :func:`init_saa_params` creates them, :func:`merge_params` joins them
 with the base UNet's, :func:`init_ip_from_base` copies ``to_k``/``to_v`` into ``to_k_ip``/``to_v_ip`` (the
-training initialisation), and :mod:`dynamicid_jax.weights.official_saa` imports the official ``SAA.bin``.
+training initialisation), and :mod:`dynamicid_jax.weights.official_saa` imports the official ``SAA.bin``::
+
+    unet = UNet2DConditionModel(config, strategy=SAA())
+    params = merge_params(base_params, load_official_saa("SAA.bin", config))
+    inputs = saa_inputs(2, image_size=(768, 768), boxes=[[.1, .1, .5, .4], [.1, .6, .5, .9]])
+    latents = denoise(unet, params, scheduler, 50, noise, context, 5.0, uncond_context=uncond,
+                      attention_inputs=lambda step: saa_inputs_for_step(inputs, step, boost_steps=12, strength=2.0))
 """
 from __future__ import annotations
 
@@ -107,7 +113,11 @@ class SAAInputs:
 @dataclasses.dataclass(frozen=True)
 class SAA:
     """The SAA attention strategy (frozen, hashable): LoRA in every attention layer plus the gated, routed ID
-    branch in every cross-attention. ``num_id_tokens`` tokens per identity sit at the end of the context."""
+    branch in every cross-attention.
+
+    ``lora_rank``: rank of the four LoRAs per layer (128 in the official checkpoint); ``num_id_tokens``: tokens
+    per identity at the end of the context; ``threshold``: gate values below it become 0; ``eps``: added to the
+    min–max denominator (constant logits → gate 0, not NaN); ``lora_scale``: multiplies every LoRA output."""
 
     lora_rank: int = 128
     num_id_tokens: int = 4
@@ -225,7 +235,7 @@ def routing_mask(in_box: jax.Array, tokens_per_id: int) -> jax.Array:
     identity ``i``'s tokens; a query outside every box sees all of them."""
     owner = jnp.arange(in_box.shape[0] * tokens_per_id) // tokens_per_id
     allowed = in_box.T[:, owner]  # [Lq, T]: the query lies in the box of the token's identity
-    return jnp.ones_like(allowed)
+    return jnp.where(jnp.any(in_box, axis=0)[:, None], allowed, True)
 
 
 def mixing_factors(num_ids: int, tokens_per_id: int, mix: jax.Array | float) -> jax.Array:

@@ -20,7 +20,8 @@ KeyPointEncoder runs in eval mode. Classifier-free guidance's negative rows get 
 **Sampling**: context ``[77 text tokens | ID₀ ×4 | … | ID_{N−1} ×4]``; text encoding, the whole denoising loop
 (the layout boost is a pure function of the step index: :func:`saa_inputs_for_step`) and the VAE decode are one
 XLA program, compiled once per (batch, size, steps, guidance on/off, number of identities, routing/mixing,
-gate on/off) and reused; ``id_scale``, boxes, boost and ``guidance_scale`` are traced values. The loop also
+gate on/off) and reused — also by other pipelines built from the same architecture; ``id_scale``, boxes, boost
+and ``guidance_scale`` are traced values. The loop also
 accumulates every cross-attention's gate (the mean over the steps, conditional rows), returned as
 :class:`~dynamicid_jax.pipelines.gates.GateMaps` with ``return_gates=True``.
 
@@ -43,6 +44,7 @@ All weights fp32; the JSON files are written after their weights and the folder 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -78,6 +80,10 @@ __all__ = ["DynamicIDWeights", "save_dynamicid", "load_dynamicid", "DynamicIDPip
 FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
 MANIFEST = "dynamicid.json"
 DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layout control (SPEC §4)
+# Compiled samplers shared by every pipeline with the same modules (a program depends on the modules, the
+# scheduler and the shapes only; params are arguments), most recently used last.
+_PROGRAMS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_MAX_PROGRAMS = 8
 
 
 # =========================================================================================================
@@ -457,7 +463,8 @@ class DynamicIDPipeline:
 
         def run(params, cond_ids, uncond_ids, id_tokens, uncond_tokens, noise, guidance_scale, inputs,
                 boost_steps, boost_strength):
-            encode = lambda ids: sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+            def encode(ids):
+                return sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
             def with_ids(text, tokens):
                 t = tokens.reshape(1, -1, tokens.shape[-1]).astype(text.dtype)
@@ -543,9 +550,15 @@ class DynamicIDPipeline:
                 jnp.asarray(tokenize(self.sd.tokenizer, negatives)), tokens, self.unconditional_tokens(num_ids),
                 noise, jnp.float32(guidance_scale), inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
         if key not in self._compiled:
-            start = time.perf_counter()
-            self._compiled[key] = self._sample_fn(key).lower(*args).compile()
-            timings["compile_s"] = time.perf_counter() - start
+            shared = (self.unet, self.sd.vae, self.sd.text_encoder, self.sd.scheduler, key)
+            if shared not in _PROGRAMS:
+                start = time.perf_counter()
+                _PROGRAMS[shared] = self._sample_fn(key).lower(*args).compile()
+                timings["compile_s"] = time.perf_counter() - start
+                while len(_PROGRAMS) > _MAX_PROGRAMS:
+                    _PROGRAMS.popitem(last=False)
+            _PROGRAMS.move_to_end(shared)
+            self._compiled[key] = _PROGRAMS[shared]
         start = time.perf_counter()
         images, gates = jax.block_until_ready(self._compiled[key](*args))
         timings["run_s"] = time.perf_counter() - start
@@ -562,7 +575,7 @@ class DynamicIDPipeline:
 
     @property
     def num_compiled(self) -> int:
-        """How many sampler programs have been compiled."""
+        """How many sampler programs this pipeline has used (compiled, or shared by an identical pipeline)."""
         return len(self._compiled)
 
 

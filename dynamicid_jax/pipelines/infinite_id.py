@@ -11,8 +11,9 @@ are stacked over all references (identity mixing). Under CFG the ID stream's neg
 prompt and the null ID tokens (``encoder(0, CLIP(grey))``), the same tokens ID dropout uses in training.
 
 References go through face analysis (the largest face; none → :class:`~dynamicid_jax.faces.NoFaceError`). The
-ArcFace vector feeds the face mapper. The face crop aligned to the ArcFace template (224 px, i.e. the 112-px
-template × 2) goes through CLIP preprocessing into the CLIP mapper.
+ArcFace vector feeds the face mapper. CLIP preprocessing, then the CLIP mapper, get what the encoder was trained
+on (``encoder.config.clip_input``). ``"aligned"`` is the face crop aligned to the ArcFace template at 224 px
+(the 112-px template × 2), as in the paper. ``"image"`` is the whole reference image.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class InfiniteIDPipeline:
                                      jnp.asarray(pixels))
 
     def reference_inputs(self, references: Sequence[Any], *, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Face analysis of each reference → ``(ArcFace vectors [n, D], CLIP pixels of the aligned crops)``."""
+        """Face analysis of each reference → ``(ArcFace vectors [n, D], CLIP pixels [n, S, S, 3])``."""
         from dynamicid_jax.faces import align_face, load_rgb, reference_face
 
         if isinstance(references, (str, os.PathLike)) or (isinstance(references, np.ndarray) and references.ndim == 3):
@@ -136,7 +137,8 @@ class InfiniteIDPipeline:
             rgb = load_rgb(ref, what)
             face = reference_face(self.analyzer, rgb, strict, what=what)
             embeds.append(np.asarray(face.embedding, np.float32))
-            crops.append(align_face(rgb, face.kps, size=ALIGN_SIZE))
+            crops.append(align_face(rgb, face.kps, size=ALIGN_SIZE) if self.encoder.config.clip_input == "aligned"
+                         else rgb)
         return np.stack(embeds), clip_preprocess(crops, size=self.image_encoder.config.image_size)
 
     def identity_tokens(self, references: Sequence[Any], *, strict: bool = False) -> jax.Array:

@@ -1,0 +1,225 @@
+"""Infinite-ID identity-enhanced training (SPEC §6): face mapper + CLIP mapper + ``to_k_id``/``to_v_id``.
+
+    python -m train.infinite_id --config my_infinite_id.yaml --workdir runs/iid [key.sub=value ...]
+
+The cross-attention runs in "ID only" mode: the text branch is not computed, no prompt is encoded, and the loss
+is ε-MSE conditioned on the ID tokens alone (:func:`dynamicid_jax.methods.infinite_id.infinite_id_loss`).
+Frozen: the UNet base, the VAE (used only for ``target_pixels`` batches) and the CLIP image encoder (used only
+for ``ref_clip_pixels`` batches). ID dropout (``method.drop_id``) swaps in the null tokens, ``encoder(0,
+CLIP(grey))``, so that inference can use CFG. The ID projections start as copies of the text ``to_k``/``to_v``.
+At the end, ``{workdir}/export/`` holds ``infinite_id.safetensors`` + ``infinite_id.json``, the folder that
+:class:`~dynamicid_jax.pipelines.infinite_id.InfiniteIDPipeline` loads.
+
+Data: the stage-1 loader (``data_pipelines.loaders.stage1_loader``; its ``input_ids`` are ignored). Its CLIP
+input is the whole reference image, so the exported config says ``clip_input: image``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.models.unet import UNet2DConditionModel
+from dynamicid_jax.models.vae import DiagonalGaussian
+from train import common, loop
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "workdir": "",
+    "model": {
+        "base": "",  # SD1.5 diffusers folder or single .safetensors
+        "image_encoder": "",  # CLIP-H vision folder or "random:<variant>"; "" → data must carry CLIP features
+        "uncond_clip_features": "",  # .npy [1, L, C]: CLIP features of the grey image when image_encoder is ""
+        "encoder_variant": "sd15",
+        "encoder_overrides": {},  # InfiniteIDEncoderConfig fields, e.g. {num_clip_tokens: 32, id_embed_dim: 128}
+        "init_from": "",  # optional: an export folder (infinite_id.safetensors/.json) to start from
+        "dtype": "bfloat16",
+        "remat": None,
+    },
+    "method": {"drop_id": 0.05},
+    "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
+             "distinct_reference": True, "latents": "auto", "clip": "auto", "clip_size": 224, "tokenizer": None},
+    "sample": {"steps": 25, "guidance_scale": 3.0, "size": 512, "count": 2},
+    **common.training_sections(loop),
+}
+
+
+class InfiniteIDStage:
+    """Builds the Infinite-ID :class:`~train.loop.Task` from a config (see :data:`DEFAULTS`)."""
+
+    def __init__(self, cfg, base: common.BaseModel | None = None, image_encoder: tuple | None = None):
+        self.cfg = cfg
+        m = cfg["model"]
+        self.dtype = common.compute_dtype(m["dtype"])
+        self.base = base if base is not None else common.load_base(m["base"], self.dtype)
+        overrides = {"clip_input": "image", **dict(m.get("encoder_overrides") or {})}
+        self.enc_cfg = iid.infinite_id_encoder_config(m["encoder_variant"], **overrides)
+        unet_cfg = self.base.unet_config
+        if self.enc_cfg.dim != unet_cfg.cross_attention_dim:
+            raise ValueError(f"the Infinite-ID encoder's width ({self.enc_cfg.dim}) must equal the UNet's "
+                             f"cross_attention_dim ({unet_cfg.cross_attention_dim})")
+        self.encoder = iid.InfiniteIDEncoder(self.enc_cfg, dtype=self.dtype)
+        self.unet = UNet2DConditionModel(unet_cfg, strategy=iid.InfiniteIDAttention(), dtype=self.dtype,
+                                         remat_policy=m.get("remat"))
+        self.image_module, image_params, image_source = (image_encoder if image_encoder is not None else
+                                                         common.load_image_encoder(m["image_encoder"], self.dtype))
+        null = self._null_clip_features(m, image_params)
+        if null is None:
+            raise ValueError("ID dropout needs the CLIP features of the grey image: give model.image_encoder or "
+                             "model.uncond_clip_features")
+        self.frozen = {"unet": self.base.params["unet"], "vae": self.base.params["vae"], "null_clip_features": null}
+        if self.image_module is not None:
+            self.frozen["image_encoder"] = image_params
+        self.frozen_source = {"base": self.base.source, "image_encoder": image_source, "stage": "infinite_id"}
+
+    def _clip(self, module, params, pixels):
+        return module.apply({"params": params}, pixels).hidden_states[self.enc_cfg.clip_layer]
+
+    def _null_clip_features(self, m, image_params) -> np.ndarray | None:
+        if self.image_module is not None:
+            size = self.image_module.config.image_size
+            feats = jax.jit(self._clip, static_argnums=0)(self.image_module, image_params,
+                                                          jnp.zeros((1, size, size, 3), jnp.float32))
+            return np.asarray(feats, np.float32)
+        if m.get("uncond_clip_features"):
+            return np.load(m["uncond_clip_features"]).astype(np.float32)
+        return None
+
+    # ---- the task -------------------------------------------------------------------------------------------
+    def loss_batch(self, frozen, batch, rng) -> dict:
+        """The loader's batch → :func:`infinite_id_loss`'s (latents sampled here, CLIP features computed)."""
+        if "target_latent_moments" in batch:
+            dist = DiagonalGaussian.from_moments(batch["target_latent_moments"])
+        elif "target_pixels" in batch:
+            dist = self.base.vae.apply({"params": frozen["vae"]}, batch["target_pixels"], method="encode")
+        else:
+            raise KeyError("an Infinite-ID batch needs target_latent_moments or target_pixels")
+        if "ref_clip_features" in batch:
+            feats = batch["ref_clip_features"].astype(jnp.float32)
+        elif "ref_clip_pixels" in batch:
+            if self.image_module is None:
+                raise ValueError("batches with ref_clip_pixels need model.image_encoder")
+            feats = self._clip(self.image_module, frozen["image_encoder"], batch["ref_clip_pixels"])
+        else:
+            raise KeyError("an Infinite-ID batch needs ref_clip_pixels or ref_clip_features")
+        return {"latents": dist.sample(rng) * self.base.scaling_factor,
+                "id_embeds": batch["ref_id_embedding"].astype(jnp.float32), "clip_features": feats.astype(jnp.float32)}
+
+    def loss_fn(self, trainable, frozen, mutable, batch, rng):
+        k_lat, k_loss = jax.random.split(rng)
+        loss, aux = iid.infinite_id_loss(trainable, frozen, self.loss_batch(frozen, batch, k_lat), k_loss,
+                                         unet=self.unet, encoder=self.encoder, scheduler=self.base.scheduler,
+                                         id_dropout=float(self.cfg["method"]["drop_id"]))
+        return loss, ({"id_dropped": aux["id_dropped"]}, mutable)
+
+    def init(self, rng, frozen):
+        m = self.cfg["model"]
+        unet_cfg = self.base.unet_config
+        if m.get("init_from"):
+            enc_cfg, enc, ids = iid.load_infinite_id(m["init_from"], unet_cfg)
+            if enc_cfg != self.enc_cfg:
+                raise ValueError(f"model.init_from holds an encoder with config {enc_cfg}, expected {self.enc_cfg}")
+            return {"encoder": enc, "id_projections": ids}, {}
+        k_enc, k_ids = jax.random.split(rng)
+        enc = iid.init_encoder_params(self.enc_cfg, k_enc)
+        ids = iid.init_id_from_base(frozen["unet"], iid.init_id_params(unet_cfg, k_ids))
+        return {"encoder": enc, "id_projections": ids}, {}
+
+    def abstract_trainable(self):
+        return {"encoder": iid.abstract_encoder_params(self.enc_cfg),
+                "id_projections": iid.abstract_id_params(self.base.unet_config)}
+
+    def abstract_frozen(self):
+        from dynamicid_jax.models import unet as unet_lib
+        from dynamicid_jax.models import vae as vae_lib
+
+        out = {"unet": unet_lib.abstract_params(UNet2DConditionModel(self.base.unet_config)),
+               "vae": vae_lib.abstract_params(self.base.vae),
+               "null_clip_features": jax.ShapeDtypeStruct(self.frozen["null_clip_features"].shape, jnp.float32)}
+        if self.image_module is not None:
+            size = self.image_module.config.image_size
+            out["image_encoder"] = common.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
+        return out
+
+    def sample_fn(self, references: dict):
+        """Sample grid of what the objective trains: the UNet conditioned on the first reference's ID tokens only
+        (no text), CFG against the null tokens, ``sample.count`` seeds."""
+        from dynamicid_jax.models.vae import decode_latents
+        from dynamicid_jax.pipelines.sampling import denoise, to_uint8
+
+        s = self.cfg["sample"]
+        n, size = int(s["count"]), int(s["size"])
+        ref = {k: jnp.asarray(v[:1]) for k, v in references.items()
+               if k in ("ref_id_embedding", "ref_clip_features", "ref_clip_pixels")}
+
+        def sample(trainable, frozen, mutable):
+            if "ref_clip_features" in ref:
+                feats = ref["ref_clip_features"].astype(jnp.float32)
+            else:
+                feats = self._clip(self.image_module, frozen["image_encoder"], ref["ref_clip_pixels"])
+            enc = trainable["encoder"]
+            tokens = self.encoder.apply({"params": enc}, ref["ref_id_embedding"].astype(jnp.float32), feats)
+            null = iid.null_id_tokens(self.encoder, enc, frozen["null_clip_features"])
+            latents = jax.random.normal(jax.random.key(0), (n, size // 8, size // 8, 4), jnp.float32)
+            out = denoise(self.unet, iid.merge_id_params(frozen["unet"], trainable["id_projections"]),
+                          self.base.scheduler, int(s["steps"]), latents, jnp.repeat(tokens, n, 0),
+                          float(s["guidance_scale"]), attention_inputs=iid.id_only_inputs(self.enc_cfg.num_tokens),
+                          uncond_context=jnp.repeat(null, n, 0))
+            return to_uint8(decode_latents(self.base.vae, frozen["vae"], out))
+
+        return sample
+
+    def task(self, references: dict | None = None) -> loop.Task:
+        return loop.Task(init=self.init, abstract_trainable=self.abstract_trainable(),
+                         abstract_frozen=self.abstract_frozen(), frozen=self.frozen, loss_fn=self.loss_fn,
+                         sample_fn=self.sample_fn(references) if references is not None else None,
+                         frozen_source=self.frozen_source)
+
+    def export(self, state: loop.TrainState, workdir: str) -> str | None:
+        """Write the pipeline-ready folder ``{workdir}/export`` (EMA params if kept; process 0)."""
+        params = loop.replicated_to_host(state.ema if state.ema is not None else state.trainable)
+        if jax.process_index() != 0:
+            return None
+        return iid.save_infinite_id(os.path.join(workdir, "export"), self.enc_cfg, params["encoder"],
+                                    params["id_projections"], self.base.unet_config)
+
+
+def main(argv=None) -> int:
+    args = common.cli_args(__doc__.split("\n\n")[0], argv)
+    common.init_distributed(args)
+    common.setup_logging()
+    from train.config import load_config
+    from train.stage1 import make_data
+
+    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
+    workdir = args.workdir or cfg["workdir"]
+    if not workdir:
+        raise SystemExit("give --workdir or workdir: in the config")
+    if not cfg["data"]["shards"]:
+        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
+    stage = InfiniteIDStage(cfg)
+    data = make_data(cfg)
+    first = next(data) if cfg["train"].get("sample_every") else None
+    trainer = loop.Trainer(stage.task(references=first), cfg, workdir)
+    if first is not None:  # the references came from a fresh iterator: start the run from its beginning
+        data = make_data(cfg)
+    path = stage.export(trainer.fit(data), workdir)
+    if path:
+        log.info("exported the Infinite-ID weights to %s", os.path.dirname(path))
+    return 0
+
+
+def copy_defaults() -> dict:
+    return copy.deepcopy(DEFAULTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

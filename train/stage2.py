@@ -1,0 +1,255 @@
+"""Stage 2 (reconfiguration, SPEC §6): train the IMR and the KeyPointEncoder; everything else is frozen.
+
+    python -m train.token_cache --config train/configs/stage2_sd15.yaml      # once: target tokens
+    python -m train.stage2 --config train/configs/stage2_sd15.yaml [key.sub=value ...]
+
+One identity per element: a source and ``T`` targets (with replacement). The IMR edits the source's cached ID
+tokens towards each target's landmarks + face prompt; the loss is
+
+    L = MSE(pred, tgt) + λ · MSE(ε(z_t, t, c, pred), sg(ε(z_t, t, c, tgt)))
+
+with ``tgt`` the target's cached tokens (the stage-1 ID encoder's output for that image), ``z_t`` the noised
+target latent (own ``t`` and noise per target, shared by both UNet calls), ``c`` the fixed prompt's last hidden
+state, and the UNet's SAA ID branch **ungated** (w = 1). The KeyPointEncoder runs in train mode (BatchNorm over
+the ``G·(1+T)`` rasters of the step; its ``batch_stats`` are the loop's mutable state).
+
+Batch (``data.identities_per_step = G`` loader elements stacked): ``src_raster [G,96,96,1]``, ``tgt_rasters
+[G,T,96,96,1]``, ``src_face_prompt_ids [G,77]``, ``tgt_face_prompt_ids [G,T,77]``, ``tgt_latent_moments
+[G,T,h,w,8]`` or ``tgt_pixels [G,T,H,W,3]``, ``src_index [G]``, ``tgt_index [G,T]``, ``identity [G]``, plus
+``src_tokens [G,4,768]`` / ``tgt_tokens [G,T,4,768]`` looked up in the token cache on the host
+(:class:`train.token_cache.TokenLookup`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamicid_jax.methods import imr as imr_lib
+from dynamicid_jax.methods import saa as saa_lib
+from dynamicid_jax.models.unet import UNet2DConditionModel
+from dynamicid_jax.models.vae import DiagonalGaussian
+from train import common, loop
+
+log = logging.getLogger(__name__)
+
+FIXED_PROMPT = "portrait, cinematic photo, film, professional, 4k, highly detailed"
+
+DEFAULTS: dict[str, Any] = {
+    "workdir": "",
+    "model": {
+        "base": "",
+        "stage1": "",  # stage-1 export (.safetensors with saa/… and id_encoder/… keys)
+        "image_encoder": "",  # only the token cache needs it (when the shards hold CLIP pixels)
+        "imr_variant": "sd15",
+        "imr_overrides": {},
+        "keypoint_variant": "sd15",
+        "id_encoder_variant": "sd15",  # the token cache rebuilds the stage-1 encoder
+        "id_encoder_overrides": {},
+        "lora_rank": 128,
+        "dtype": "bfloat16",
+        "remat": None,
+    },
+    "method": {"lambda_eps": 1.0, "prompt": FIXED_PROMPT},
+    "data": {"shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
+             "worker_count": 0, "read_threads": 4, "latents": "auto", "clip": "auto", "clip_size": 224,
+             "tokenizer": None},
+    "token_cache": {"path": "", "batch_size": 16},
+    **common.training_sections(loop),
+}
+
+
+class Stage2:
+    """Builds the stage-2 :class:`~train.loop.Task` (see :data:`DEFAULTS`)."""
+
+    def __init__(self, cfg, base: common.BaseModel | None = None, stage1_params: dict | None = None):
+        self.cfg = cfg
+        m = cfg["model"]
+        self.dtype = common.compute_dtype(m["dtype"])
+        self.base = base if base is not None else common.load_base(m["base"], self.dtype)
+        b = self.base
+        self.strategy = saa_lib.SAA(lora_rank=int(m["lora_rank"]))
+        self.unet = UNet2DConditionModel(b.unet_config, strategy=self.strategy, dtype=self.dtype,
+                                         remat_policy=m.get("remat"))
+        if stage1_params is None:
+            if not m["stage1"]:
+                raise ValueError("model.stage1 must name the stage-1 export (stage1.safetensors)")
+            stage1_params = common.load_params(m["stage1"])
+        common.check_tree(stage1_params["saa"], saa_lib.abstract_saa_params(b.unet_config, self.strategy),
+                          "stage-1 SAA params")
+        self.imr = imr_lib.IMR(imr_lib.imr_config(m["imr_variant"], **dict(m.get("imr_overrides") or {})),
+                               dtype=self.dtype)
+        self.kpe = imr_lib.KeyPointEncoder(imr_lib.keypoint_encoder_config(m["keypoint_variant"]), dtype=self.dtype)
+        if self.imr.config.embedding_dim != b.unet_config.cross_attention_dim:
+            raise ValueError(f"IMR embedding_dim ({self.imr.config.embedding_dim}) must equal the UNet's "
+                             f"cross_attention_dim ({b.unet_config.cross_attention_dim})")
+        self.frozen = {"unet": saa_lib.merge_params(b.params["unet"], stage1_params["saa"]),
+                       "vae": b.params["vae"], "text_encoder": b.params["text_encoder"]}
+        from dynamicid_jax.tokenizer import tokenize
+
+        ids = jnp.asarray(tokenize(b.tokenizer, [cfg["method"]["prompt"]]), jnp.int32)
+        self.prompt_context = np.asarray(jax.jit(lambda p, i: b.text_encoder.apply({"params": p}, i)
+                                                 .last_hidden_state)(b.params["text_encoder"], ids), np.float32)
+        self.frozen_source = {"base": b.source, "stage1": os.path.abspath(m["stage1"]) if m["stage1"] else "",
+                              "stage": "stage2"}
+
+    def pooled_text(self, frozen, ids):
+        return self.base.text_encoder.apply({"params": frozen["text_encoder"]}, ids).pooler_output
+
+    def latents(self, frozen, batch, rng):
+        if "tgt_latent_moments" in batch:
+            dist = DiagonalGaussian.from_moments(batch["tgt_latent_moments"])
+        elif "tgt_pixels" in batch:
+            dist = self.base.vae.apply({"params": frozen["vae"]}, batch["tgt_pixels"], method="encode")
+        else:
+            raise KeyError("a stage-2 batch needs tgt_latent_moments or tgt_pixels")
+        return dist.sample(rng) * self.base.scaling_factor
+
+    def loss_fn(self, trainable, frozen, mutable, batch, rng):
+        g, t_count = batch["tgt_rasters"].shape[:2]
+        n = g * t_count
+        k_lat, k_t, k_noise = jax.random.split(rng, 3)
+        rasters = jnp.concatenate([batch["src_raster"], batch["tgt_rasters"].reshape((n,) +
+                                                                                     batch["tgt_rasters"].shape[2:])])
+        feats, new_vars = self.kpe.apply({"params": trainable["keypoint_encoder"], **mutable},
+                                         rasters.astype(jnp.float32), train=True, mutable=["batch_stats"])
+        src_lmk, tgt_lmk = feats[:g], feats[g:].reshape(g, t_count, -1)
+        ids = jnp.concatenate([batch["src_face_prompt_ids"], batch["tgt_face_prompt_ids"].reshape(n, -1)])
+        pooled = self.pooled_text(frozen, ids.astype(jnp.int32))
+        src_txt, tgt_txt = pooled[:g], pooled[g:].reshape(g, t_count, -1)
+
+        def one(src_tokens, s_lmk, s_txt, t_lmk, t_txt):
+            return self.imr.apply({"params": trainable["imr"]}, src_tokens[None], s_lmk[None], s_txt[None], t_lmk,
+                                  t_txt)
+
+        pred = jax.vmap(one)(batch["src_tokens"], src_lmk, src_txt, tgt_lmk, tgt_txt).astype(jnp.float32)
+        tgt = batch["tgt_tokens"].astype(jnp.float32)
+        token_loss = jnp.mean(jnp.square(pred - tgt))
+
+        latents = self.latents(frozen, batch, k_lat)
+        latents = latents.reshape((n,) + latents.shape[2:])
+        sched = self.base.scheduler
+        t = jax.random.randint(k_t, (n,), 0, sched.config.num_train_timesteps)
+        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        z_t = sched.add_noise(latents, noise, t)
+        c = jnp.broadcast_to(jnp.asarray(self.prompt_context, self.dtype), (n,) + self.prompt_context.shape[1:])
+        inputs = saa_lib.saa_inputs(1, (8 * latents.shape[1], 8 * latents.shape[2]), activate_query=False)
+        run = lambda tokens: self.unet.apply(  # noqa: E731
+            {"params": frozen["unet"]}, z_t, t,
+            jnp.concatenate([c, tokens.reshape((n,) + tokens.shape[2:]).astype(self.dtype)], axis=1),
+            inputs).astype(jnp.float32)
+        eps_pred = run(pred)
+        eps_tgt = jax.lax.stop_gradient(run(tgt))
+        eps_loss = jnp.mean(jnp.square(eps_pred - eps_tgt))
+        loss = token_loss + float(self.cfg["method"]["lambda_eps"]) * eps_loss
+        return loss, ({"token_mse": token_loss, "eps_mse": eps_loss}, dict(new_vars))
+
+    def init(self, rng, frozen):
+        k_imr, k_kpe = jax.random.split(rng)
+        kpe = imr_lib.keypoint_init_variables(self.kpe, k_kpe)
+        return ({"imr": imr_lib.init_params(self.imr, k_imr), "keypoint_encoder": kpe["params"]},
+                {"batch_stats": kpe["batch_stats"]})
+
+    def abstract_trainable(self):
+        kpe = imr_lib.keypoint_abstract_variables(self.kpe)
+        return {"imr": imr_lib.abstract_params(self.imr), "keypoint_encoder": kpe["params"]}
+
+    def abstract_mutable(self):
+        return {"batch_stats": imr_lib.keypoint_abstract_variables(self.kpe)["batch_stats"]}
+
+    def abstract_frozen(self):
+        from dynamicid_jax.models import unet as unet_lib
+        from dynamicid_jax.models import vae as vae_lib
+
+        unet_abs = saa_lib.merge_params(unet_lib.abstract_params(UNet2DConditionModel(self.base.unet_config)),
+                                        saa_lib.abstract_saa_params(self.base.unet_config, self.strategy))
+        return {"unet": unet_abs, "vae": vae_lib.abstract_params(self.base.vae),
+                "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+
+    def task(self) -> loop.Task:
+        return loop.Task(init=self.init, abstract_trainable=self.abstract_trainable(),
+                         abstract_frozen=self.abstract_frozen(), frozen=self.frozen, loss_fn=self.loss_fn,
+                         abstract_mutable=self.abstract_mutable(), frozen_source=self.frozen_source,
+                         batch_shardings=batch_shardings)
+
+
+    def export(self, state: loop.TrainState, workdir: str) -> str | None:
+        """``{workdir}/export/stage2.safetensors``: ``imr/…``, ``keypoint_encoder/…`` and ``batch_stats/…``."""
+        params = loop.replicated_to_host({**(state.ema if state.ema is not None else state.trainable),
+                                          **state.mutable})
+        if jax.process_index() != 0:
+            return None
+        return common.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"),
+                                  metadata={"step": str(int(loop.host_value(state.step)))})
+
+
+def batch_shardings(mesh, batch):
+    """Split the identities (leading axis ``G``) over data×fsdp when they divide; otherwise (one process, e.g.
+    the official G = 1) split the ``T`` targets (axis 1) of the per-target leaves and replicate the rest."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dynamicid_jax import sharding as sh
+
+    axes = tuple(a for a in sh.BATCH_AXES if a in mesh.axis_names)
+    split = int(np.prod([mesh.shape[a] for a in axes]))
+    g, t_count = np.shape(batch["tgt_rasters"])[:2]
+    if g % split == 0:
+        return loop.default_batch_shardings(mesh, batch)
+    if jax.process_count() > 1:
+        raise ValueError(f"data.identities_per_step ({g} per process) × processes must divide by data×fsdp "
+                         f"({split}) on several processes")
+    if t_count % split:
+        raise ValueError(f"neither identities per step ({g}) nor targets ({t_count}) divide by data×fsdp ({split})")
+
+    def one(key, x):
+        shape = np.shape(x)
+        if key.startswith("tgt_") and len(shape) >= 2 and shape[1] == t_count:
+            return NamedSharding(mesh, PartitionSpec(None, axes, *([None] * (len(shape) - 2))))
+        return sh.replicated(mesh)
+
+    return {k: one(k, v) for k, v in batch.items()}
+
+
+def make_data(cfg):
+    """Stage-2 loader elements, ``identities_per_step`` stacked, with cached tokens attached (Grain, checkpointable)."""
+    from data_pipelines import loaders
+    from train.token_cache import TokenCache, TokenLookup
+
+    d = cfg["data"]
+    if not d["shards"]:
+        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
+    if not cfg["token_cache"]["path"]:
+        raise SystemExit("token_cache.path must name the cache built by python -m train.token_cache")
+    conf = common.loader_config(loaders.Stage2Config, d, num_targets=int(d["num_targets"]))
+    ds = loaders.stage2_loader(d["shards"], conf).batch(int(d["identities_per_step"]), drop_remainder=True)
+    return iter(ds.map(TokenLookup(TokenCache.load(cfg["token_cache"]["path"]))))
+
+
+def main(argv=None) -> int:
+    args = common.cli_args(__doc__.split("\n\n")[0], argv)
+    common.init_distributed(args)
+    common.setup_logging()
+    from train.config import load_config
+
+    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
+    workdir = args.workdir or cfg["workdir"]
+    if not workdir:
+        raise SystemExit("give --workdir or workdir: in the config")
+    if not (cfg["data"]["shards"] and cfg["token_cache"]["path"]):
+        raise SystemExit("set data.shards and token_cache.path (python -m train.token_cache builds the cache)")
+    stage = Stage2(cfg)
+    trainer = loop.Trainer(stage.task(), cfg, workdir)
+    state = trainer.fit(make_data(cfg))
+    path = stage.export(state, workdir)
+    if path:
+        log.info("exported the trainable params to %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
