@@ -2,18 +2,12 @@
 
     python -m infer.demo --out demo_out [--quick]
 
-Sections (each writes into ``--out``):
+It writes into ``--out``: ``faces.png`` / ``faces.md`` — real face analysis with real offline weights (dlib) on
+the group photo shipped with insightface: boxes, 5-point keypoints, head pose, SPEC §5's automatic face prompt per
+face, and the identity-similarity matrix — plus ``summary.json``.
 
-1. ``faces.png`` / ``faces.md`` — real face analysis with real offline weights (dlib) on the group photo shipped
-   with insightface: boxes, 5-point keypoints, head pose, SPEC §5's automatic face prompt per face, and the
-   identity-similarity matrix.
-2. ``routing.png`` / ``routing.md`` — the DynamicID machinery end to end on a *randomly initialised* tiny SD and
-   DynamicID (no trained weights exist for this world yet): two references from the photo, two boxes, the jitted
-   sampler, and SAA's per-layer gate maps, which show each identity injected only inside its own box. The images
-   themselves are noise, by construction; the routing is what is shown.
-
-The trained SynthFace demo (stage 0 → 1 → 2, metrics) is tracked separately and replaces section 2's random
-weights when it lands.
+This is the part of the system that has real weights on a fresh machine today. The trained SynthFace demo
+(stage 0 → 1 → 2 in the embedded world, single-/multi-ID and edit images, gate maps, metrics) is not built yet.
 """
 from __future__ import annotations
 
@@ -73,11 +67,10 @@ def face_section(out: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infer.demo", description="the embedded dynamicid-jax demo")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    _log("[1/2] face analysis on a real photo (dlib, offline weights)")
+    _log("face analysis on a real photo (dlib, offline weights)")
     summary = {"faces": {k: v for k, v in face_section(args.out).items() if k != "crops"}}
     summary["total_s"] = time.perf_counter() - start
     with open(os.path.join(args.out, "summary.json"), "w") as f:
