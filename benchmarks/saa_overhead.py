@@ -82,6 +82,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(v) for name, v in times.items()}
     overhead = {name: med[name] / med["plain"] - 1.0 for name in med if name != "plain"}
+    spread = {name: (max(v) - min(v)) / med[name] for name, v in times.items()}  # run-to-run noise
 
     info = machine()
     result = {"benchmark": "saa_overhead", "machine": info,
@@ -89,17 +90,21 @@ def main() -> None:
                          "dtype": args.dtype, "repeats": args.repeats, "lora_rank": strategy.lora_rank,
                          "boost_strength": 2.0, "routing": "N boxes (equal strips)"},
               "init_s": init_s, "compile_s": compile_s, "median_s": med, "times_s": times,
-              "overhead_vs_plain": overhead}
+              "overhead_vs_plain": overhead, "spread_max_min_over_median": spread}
     print(f"machine: {info['platform']}, {info['cpu_count']} cores, jax {jax.__version__} ({info['jax_backend']}: "
           f"{info['device']})")
     print(f"config: SD1.5 UNet step, {args.size}² (latent {h}²), batch {args.batch}, {args.dtype}, "
           f"SAA rank {strategy.lora_rank}, {args.repeats} interleaved repeats")
     for name in med:
         extra = "" if name == "plain" else f"   overhead {100 * overhead[name]:+.1f} %"
-        print(f"  {name:16s} {med[name] * 1e3:9.1f} ms median{extra}")
+        print(f"  {name:16s} {med[name] * 1e3:9.1f} ms median (spread {100 * spread[name]:.0f} %){extra}")
     worst = max(v for k, v in overhead.items() if k.startswith("saa_") and "no_gate" not in k)
     print(f"worst SAA overhead {100 * worst:.1f} % of a plain step (goal ≤ 10 % at 512²"
           f"{'' if args.size == 512 else f'; measured at {args.size}²'})")
+    noise = max(spread.values())
+    if noise > 0.05:
+        print(f"NOTE: run-to-run spread up to {100 * noise:.0f} % (a shared or busy machine?): overheads smaller than "
+              f"that are not resolved by this run")
     if args.save:
         device = "gpu" if info["jax_backend"] == "gpu" else info["jax_backend"]
         print(write_result(result, f"saa_overhead_{device}_{args.size}_{info['date']}"))

@@ -71,8 +71,10 @@ def test_registry(monkeypatch):
         F.register_backend("fixed", FixedAnalyzer)
     F.register_backend("fixed", lambda: FixedAnalyzer([]), overwrite=True)
     assert F.get_analyzer("fixed").analyze(np.zeros((4, 4, 3), np.uint8)) == []
-    with pytest.raises(ValueError, match=r"unknown face-analysis backend 'nope'; registered: (\w+, )*dlib, fixed, insightface"):
+    with pytest.raises(ValueError, match=r"unknown face-analysis backend 'nope'; registered: ") as err:
         F.get_analyzer("nope")
+    listed = str(err.value).split("registered: ")[1].split(", ")
+    assert {"dlib", "fixed", "insightface"} <= set(listed) and listed == sorted(listed)
     F.register_backend("broken", lambda: object())
     with pytest.raises(TypeError, match="lacks analyze"):
         F.get_analyzer("broken")
