@@ -2,7 +2,8 @@
 
     python benchmarks/infinite_id_step.py [--config sd15|mid] [--size 256] [--batch 1] [--repeats 3] [--save]
 
-A step here is the UNet call of the guided batch plus the guidance combination (the scheduler update is the same
+Cases are timed interleaved (round-robin over the repeats) so that load on a shared machine hits all of them
+alike. A step here is the UNet call of the guided batch plus the guidance combination (the scheduler update is the same
 elementwise work for every method). Plain CFG runs 2B rows. Infinite-ID runs 4B rows: the text and ID streams,
 each with CFG. Its ID rows use mixed self-attention (twice the keys, AdaIN-mean on) in every self-attention
 layer, plus the ID cross-attention. When ``dynamicid_jax.methods.saa`` is importable, DynamicID's SAA step runs
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 
@@ -51,7 +53,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from common import machine, median_time, write_result
+    from common import machine, write_result
     from dynamicid_jax.methods import infinite_id as iid
     from dynamicid_jax.models import unet as U
 
@@ -113,13 +115,20 @@ def main() -> None:
         cases["dynamicid_saa"] = (saa_step, (saa_params, latents, text, saa_ids))
 
     results = {}
-    for name, (fn, fargs) in cases.items():
+    for name, (fn, fargs) in cases.items():  # compile + one warm-up call each
         start = time.perf_counter()
         jax.block_until_ready(fn(*fargs))
-        compile_s = time.perf_counter() - start
-        med, times = median_time(lambda: jax.block_until_ready(fn(*fargs)), args.repeats, warmup=0)
-        results[name] = {"compile_s": compile_s, "median_s": med, "times_s": times}
-        print(f"  {name}: {med * 1e3:.0f} ms median (first call incl. compile {compile_s:.1f}s)", flush=True)
+        results[name] = {"compile_s": time.perf_counter() - start, "times_s": []}
+        jax.block_until_ready(fn(*fargs))
+    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit every case alike
+        for name, (fn, fargs) in cases.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*fargs))
+            results[name]["times_s"].append(time.perf_counter() - start)
+    for name, r in results.items():
+        r["median_s"] = statistics.median(r["times_s"])
+        print(f"  {name}: {r['median_s'] * 1e3:.0f} ms median of {args.repeats} "
+              f"(first call incl. compile {r['compile_s']:.1f}s)", flush=True)
     ratios = {f"{k}_over_plain_cfg": v["median_s"] / results["plain_cfg"]["median_s"]
               for k, v in results.items() if k != "plain_cfg"}
     mach = machine()
