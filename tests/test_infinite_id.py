@@ -246,7 +246,10 @@ def test_training_loss_and_trainable_split(tiny_unet):
     unet = U.UNet2DConditionModel(cfg, strategy=iid.InfiniteIDAttention())
     grad_fn = jax.jit(jax.value_and_grad(lambda tr, fr, bt, r: iid.infinite_id_loss(
         tr, fr, bt, r, unet=unet, encoder=encoder, scheduler=DDIMScheduler(), id_dropout=0.0)[0]))
-    loss_fn = lambda tr, r: grad_fn(tr, frozen, batch, r)  # noqa: E731  (params are arguments, not constants)
+
+    def loss_fn(tr, r):  # params are arguments, not closure constants (those would be folded into the program)
+        return grad_fn(tr, frozen, batch, r)
+
     loss, grads = loss_fn(trainable, jax.random.key(3))
     assert np.isfinite(float(loss)) and 0.1 < float(loss) < 100
     g_enc = traverse_util.flatten_dict(grads["encoder"])

@@ -299,3 +299,4 @@ def test_training_stage_trains_and_exports_for_the_pipeline(stage, iid_dirs, tmp
     plain = sd.generate("a photo of a person", negative_prompt="blurry", height=64, width=64, steps=3,
                         guidance_scale=5.0, seed=3)
     _same_image(text, plain, "text stream after training")
+    assert np.abs(ident.astype(int) - plain.astype(int)).max() > 0

@@ -1,4 +1,4 @@
-"""Infinite-ID (ID-semantics decoupling) on the shared UNet: ID encoder, attention strategy, loss, weights (SPEC §6–§7).
+"""Infinite-ID (ID-semantics decoupling) on the shared UNet: encoder, attention strategy, loss, weights (SPEC §6–7).
 
 **ID encoder** (:class:`InfiniteIDEncoder`): ``c_id = [M_clip(CLIP tokens); M_face(ArcFace vector)]``.
 
@@ -281,12 +281,7 @@ def mixed_attention(q_id, k_id, v_id, k_t, v_t, *, adain: bool, upcast: bool = F
     token axis), with optional AdaIN-mean of ``k_id``/``v_id`` towards ``k_t``/``v_t``."""
     if adain:
         k_id, v_id = adain_mean(k_id, k_t), adain_mean(v_id, v_t)
-    k = jnp.concatenate([k_id, k_t], axis=1)
-    v = jnp.concatenate([v_id, v_t], axis=1)
-    out_dtype = q_id.dtype
-    if upcast:
-        q_id, k, v = q_id.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-    return layers.dot_product_attention(q_id, k, v).astype(out_dtype)
+    return _plain(q_id, jnp.concatenate([k_id, k_t], axis=1), jnp.concatenate([v_id, v_t], axis=1), upcast)
 
 
 def _plain(q, k, v, upcast: bool) -> jax.Array:
@@ -544,13 +539,12 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def _expected(encoder_config: InfiniteIDEncoderConfig, unet_config) -> dict[str, tuple[int, ...]]:
-    enc = {f"encoder/{k}": v.shape for k, v in _flat_shapes(abstract_encoder_params(encoder_config)).items()}
-    ids = {f"unet/{k}": v.shape for k, v in _flat_shapes(abstract_id_params(unet_config)).items()}
-    return {k: tuple(v) for k, v in {**enc, **ids}.items()}
-
-
-def _flat_shapes(tree):
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+    out = {}
+    trees = (("encoder", abstract_encoder_params(encoder_config)), ("unet", abstract_id_params(unet_config)))
+    for prefix, tree in trees:
+        out.update({f"{prefix}/{'/'.join(k)}": tuple(v.shape)
+                    for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()})
+    return out
 
 
 def _check(flat, expected, source):

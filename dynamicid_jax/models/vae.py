@@ -134,6 +134,11 @@ class VAEConfig:
         return {"_class_name": "AutoencoderKL", **dict(sorted(d.items()))}
 
 
+def vae_scale_factor(config: VAEConfig) -> int:
+    """Pixels per latent along each side: the encoder halves the resolution between levels (8 for SD1.5)."""
+    return 2 ** (len(config.block_out_channels) - 1)
+
+
 def vae_config(variant: str = "sd15") -> VAEConfig:
     """Variant factory: ``"sd15"`` (83,653,863 params) or ``"tiny"`` (tests: 2 levels, every module kind)."""
     if variant == "sd15":

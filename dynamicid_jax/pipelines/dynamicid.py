@@ -501,7 +501,7 @@ class DynamicIDPipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a non-empty string or list of strings")
         negatives = _negatives(negative_prompt, len(prompts))
-        factor = 8 * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        factor = self.sd.size_multiple()
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % factor:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
@@ -537,7 +537,8 @@ class DynamicIDPipeline:
 
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0, num_ids, inputs.mode,
                          bool(activate_query))
-        shape = (len(prompts), height // 8, width // 8, self.unet.config.in_channels)
+        f = self.sd.vae_scale_factor
+        shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
         if latents is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         else:

@@ -163,7 +163,8 @@ class InfiniteIDPipeline:
 
         def run(params, cond_ids, uncond_ids, noise, id_tokens, null_tokens, guidance, id_scale, mix_start,
                 mix_end):
-            encode = lambda ids: sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+            def encode(ids):
+                return sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
             def streams(text, tokens):  # rows [text stream; ID stream], every context [text; ID tokens]
                 tokens = jnp.broadcast_to(tokens.astype(text.dtype), (text.shape[0],) + tokens.shape[1:])
@@ -204,7 +205,7 @@ class InfiniteIDPipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a non-empty string or list of strings")
         negatives = _negatives(negative_prompt, len(prompts))
-        factor = 8 * 2 ** (len(self.sd.unet.config.block_out_channels) - 1)
+        factor = self.sd.size_multiple()
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % factor:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
@@ -217,13 +218,15 @@ class InfiniteIDPipeline:
         per_id = self.encoder.config.num_tokens
         if tokens.ndim != 3 or tokens.shape[0] != 1 or tokens.shape[1] % per_id or tokens.shape[2] != \
                 self.encoder.config.dim:
-            raise ValueError(f"id_tokens must be [1, n·{per_id}, {self.encoder.config.dim}], got {tuple(tokens.shape)}")
+            raise ValueError(f"id_tokens must be [1, n·{per_id}, {self.encoder.config.dim}], got "
+                             f"{tuple(tokens.shape)}")
         null = jnp.tile(self.null_tokens(), (1, tokens.shape[1] // per_id, 1))
         layers = self.mix_layers if isinstance(mix_layers, str) and mix_layers == "default" else \
             _resolve_layers(self.sd.unet.config, mix_layers)
         key = _SamplerKey(len(prompts), int(tokens.shape[1]), height, width, steps, guidance_scale > 1.0,
                           bool(adain), layers, bool(return_text_stream))
-        shape = (len(prompts), height // 8, width // 8, self.sd.unet.config.in_channels)
+        f = self.sd.vae_scale_factor
+        shape = (len(prompts), height // f, width // f, self.sd.unet.config.in_channels)
         if latents is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)  # = StableDiffusion.generate's
         else:

@@ -21,7 +21,7 @@ import numpy as np
 from dynamicid_jax.models.attention import AttentionStrategy
 from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
-from dynamicid_jax.models.vae import AutoencoderKL, decode_latents
+from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
 from dynamicid_jax.pipelines.sampling import denoise, to_uint8
 from dynamicid_jax.tokenizer import tokenize
 
@@ -180,6 +180,15 @@ class StableDiffusion:
             raise
         return folder
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side: ``2 ** (VAE levels − 1)`` (8 for SD1.5)."""
+        return vae_scale_factor(self.vae.config)
+
+    def size_multiple(self) -> int:
+        """Generated heights and widths must be multiples of this (VAE factor × UNet downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     # ------------------------------------------------------------------------------------------------ sampling
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """CLIP last hidden states ``[B, 77, D]`` for a list of prompts."""
@@ -203,19 +212,21 @@ class StableDiffusion:
         """Text-to-image: ``uint8 [B, height, width, 3]``; deterministic for a given ``seed``.
 
         Guidance is on when ``guidance_scale > 1`` (one batched UNet call of ``2B`` rows per step).
-        ``latents`` (optional, ``[B, height/8, width/8, C]``) replaces the seed's initial noise."""
+        ``latents`` (optional, ``[B, height/f, width/f, C]``, f = :attr:`vae_scale_factor`) replaces the seed's
+        initial noise."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty string or list of strings")
         negatives = _broadcast_negative(negative_prompt, len(prompts))
-        factor = 8 * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        factor = self.size_multiple()
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % factor:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0)
-        shape = (len(prompts), height // 8, width // 8, self.unet.config.in_channels)
+        f = self.vae_scale_factor
+        shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
         if latents is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         else:
