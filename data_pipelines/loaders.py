@@ -50,7 +50,7 @@ from .shards import FaceDataset, open_shards
 
 __all__ = [
     "LoaderConfig", "Stage1Config", "Stage2Config", "CorruptDataError", "resolve_inputs", "stage1_loader",
-    "stage2_loader", "record_loader", "tokenize_cached",
+    "stage2_loader", "record_loader", "tokenize_cached", "grid_face_prompt",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,22 @@ class Stage1Config(LoaderConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Stage2Config(LoaderConfig):
-    """Stage 2: one identity per element, one source and ``num_targets`` targets drawn with replacement."""
+    """Stage 2: one identity per element, one source and ``num_targets`` targets drawn with replacement.
+
+    ``grid_prompt_fraction``: the share of elements whose face prompts (source and targets) are the KDEF-style
+    grid prompts ``"the expression is {e}, the face is {p}"`` (:func:`grid_face_prompt`) instead of the records'
+    own — SPEC §6's optional grid-prompt source. Needs records with an ``expression``; an element whose records
+    lack one keeps its own prompts."""
 
     num_targets: int = 32
+    grid_prompt_fraction: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_targets < 1:
             raise ValueError(f"num_targets must be >= 1, got {self.num_targets}")
+        if not 0.0 <= self.grid_prompt_fraction <= 1.0:
+            raise ValueError(f"grid_prompt_fraction must lie in [0, 1], got {self.grid_prompt_fraction}")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -164,6 +172,24 @@ def _tokens(path: str | None, text: str) -> np.ndarray:
 def tokenize_cached(text: str, tokenizer: str | None = None) -> np.ndarray:
     """``int32 [77]`` token ids of ``text`` (thread-safe, cached)."""
     return _tokens(tokenizer, text)
+
+
+def grid_face_prompt(expression: str | None, pose) -> str | None:
+    """The KDEF-style grid prompt ``"the expression is {e}, the face is {p}"`` (SPEC §6) of a face with an
+    ``expression`` label (the analyzer vocabulary ``happy, surprise, …`` or SynthFace's ``surprised, …``) and a
+    ``pose`` ``(pitch, yaw[, roll])``: the head turn is the nearest of SynthFace's five yaws (±50°, ±25°, 0°), as
+    its sidecars' ``grid_prompt`` says it. ``None`` when the expression is unknown."""
+    from data_pipelines.synthface.world import EXPRESSIONS, POSE_YAW, PROMPT_EXPRESSION, grid_prompt
+
+    if expression is None:
+        return None
+    names = {v: k for k, v in PROMPT_EXPRESSION.items()}
+    name = expression if expression in EXPRESSIONS else names.get(expression)
+    if name is None:
+        return None
+    yaw = float(np.asarray(pose, np.float64).reshape(-1)[1])
+    pose_name = min(POSE_YAW, key=lambda p: abs(POSE_YAW[p] - yaw))
+    return grid_prompt(name, pose_name)
 
 
 def resolve_inputs(data: FaceDataset, config: LoaderConfig) -> tuple[bool, bool]:
@@ -286,8 +312,9 @@ class _Stage1Example:
 
 
 class _Stage2Example:
-    def __init__(self, records: _Records, identities: np.ndarray, num_targets: int):
+    def __init__(self, records: _Records, identities: np.ndarray, num_targets: int, grid_fraction: float = 0.0):
         self.records, self.identities, self.num_targets = records, identities, num_targets
+        self.grid_fraction = grid_fraction
 
     def __call__(self, position: int, rng: np.random.Generator) -> dict:
         r = self.records
@@ -295,20 +322,41 @@ class _Stage2Example:
         members = r.members[identity]
         src = int(members[rng.integers(len(members))])
         tgt = members[rng.integers(len(members), size=self.num_targets)].astype(np.int64)
+        # drawn last, and only when enabled, so that the stream without grid prompts is unchanged
+        grid = self.grid_fraction > 0 and bool(rng.uniform() < self.grid_fraction)
         try:
             recs = {int(i): r.record(int(i)) for i in np.unique(np.append(tgt, src))}
             wanted = set(tgt.tolist())
             targets = {i: r.target(rec) for i, rec in recs.items() if i in wanted}
             rasters = {i: rec.raster() for i, rec in recs.items()}
+            prompts = {i: rec.face_prompt for i, rec in recs.items()}
+            if grid:
+                grid_prompts = {i: grid_face_prompt(rec.expression, rec.pose) for i, rec in recs.items()}
+                grid = all(p is not None for p in grid_prompts.values())
+                if grid:
+                    prompts = grid_prompts
+                else:
+                    _warn_once("grid prompts need records with an expression label; elements without keep their "
+                               "own face prompts")
             key = "tgt_latent_moments" if r.use_latents else "tgt_pixels"
             return {"src_raster": rasters[src],
                     "tgt_rasters": np.stack([rasters[int(i)] for i in tgt]),
-                    "src_face_prompt_ids": r.tokens(recs[src].face_prompt),
-                    "tgt_face_prompt_ids": np.stack([r.tokens(recs[int(i)].face_prompt) for i in tgt]),
+                    "src_face_prompt_ids": r.tokens(prompts[src]),
+                    "tgt_face_prompt_ids": np.stack([r.tokens(prompts[int(i)]) for i in tgt]),
                     key: np.stack([targets[int(i)] for i in tgt]),
-                    "src_index": np.int32(src), "tgt_index": tgt.astype(np.int32), "identity": np.int32(identity)}
+                    "src_index": np.int32(src), "tgt_index": tgt.astype(np.int32), "identity": np.int32(identity),
+                    "grid_prompt": np.bool_(grid)}
         except (RecordError, OSError) as err:
             return _corrupt(position, err)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 class _RecordExample:
@@ -442,11 +490,12 @@ def stage1_loader(data: FaceDataset | str | os.PathLike, config: Stage1Config = 
 
 def stage2_loader(data: FaceDataset | str | os.PathLike, config: Stage2Config = Stage2Config()) -> grain.IterDataset:
     """Stage-2 elements (``schema`` module docstring): every identity with records once per epoch; a random
-    source and ``num_targets`` targets drawn with replacement from its images."""
+    source and ``num_targets`` targets drawn with replacement from its images; ``grid_prompt`` (bool) says
+    whether the element's face prompts are grid prompts (``Stage2Config.grid_prompt_fraction``)."""
     data = _as_dataset(data)
     records = _Records(data, config)
     identities = np.asarray(sorted(records.members), np.int64)
-    make = _Stage2Example(records, identities, config.num_targets)
+    make = _Stage2Example(records, identities, config.num_targets, config.grid_prompt_fraction)
     return _pipeline(len(identities), make, config, None, True, 2)
 
 

@@ -1,6 +1,7 @@
 """Infinite-ID identity-enhanced training (SPEC §6): face mapper + CLIP mapper + ``to_k_id``/``to_v_id``.
 
     python -m train.infinite_id --config my_infinite_id.yaml --workdir runs/iid [key.sub=value ...]
+    folder = train.infinite_id.run("train/configs/synthface_infinite_id.yaml", [...])   # in-process
 
 The cross-attention runs in "ID only" mode: the text branch is not computed, no prompt is encoded, and the loss
 is ε-MSE conditioned on the ID tokens alone (:func:`dynamicid_jax.methods.infinite_id.infinite_id_loss`).
@@ -8,7 +9,10 @@ Frozen: the UNet base, the VAE (used only for ``target_pixels`` batches) and the
 for ``ref_clip_pixels`` batches). ID dropout (``method.drop_id``) swaps in the null tokens, ``encoder(0,
 CLIP(grey))``, so that inference can use CFG. The ID projections start as copies of the text ``to_k``/``to_v``.
 At the end, ``{workdir}/export/`` holds ``infinite_id.safetensors`` + ``infinite_id.json``, the folder that
-:class:`~dynamicid_jax.pipelines.infinite_id.InfiniteIDPipeline` loads.
+:class:`~dynamicid_jax.pipelines.infinite_id.InfiniteIDPipeline` loads, plus ``image_encoder/`` when the CLIP
+tower is a ``random:`` one (the pipeline's ``image_encoder`` argument; :func:`run` returns the export folder and
+``train.json`` there records the step and the run's fingerprint). Runs resume / skip / refuse a changed workdir as
+stage 1's (:func:`train.stage1.run`).
 
 Data: the stage-1 loader (``data_pipelines.loaders.stage1_loader``; its ``input_ids`` are ignored). Its CLIP
 input is the whole reference image, so the exported config says ``clip_input: image``.
@@ -16,10 +20,11 @@ input is the whole reference image, so the exported config says ``clip_input: im
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +32,14 @@ import numpy as np
 
 from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.unet import UNet2DConditionModel
-from dynamicid_jax.models.vae import DiagonalGaussian
+from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import common, loop
 
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "workdir": "",
+    "on_change": "error",  # a workdir run with other settings / inputs: "error" or "restart" (discard it)
     "model": {
         "base": "",  # SD1.5 diffusers folder or single .safetensors
         "image_encoder": "",  # CLIP-H vision folder or "random:<variant>"; "" → data must carry CLIP features
@@ -46,7 +52,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "method": {"drop_id": 0.05},
     "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
-             "distinct_reference": True, "latents": "auto", "clip": "auto", "clip_size": 224, "tokenizer": None},
+             "distinct_reference": True, "latents": "auto", "clip": "auto",
+             "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
+             "tokenizer": None},
     "sample": {"steps": 25, "guidance_scale": 3.0, "size": 512, "count": 2},
     **common.training_sections(loop),
 }
@@ -71,6 +79,15 @@ class InfiniteIDStage:
                                          remat_policy=m.get("remat"))
         self.image_module, image_params, image_source = (image_encoder if image_encoder is not None else
                                                          common.load_image_encoder(m["image_encoder"], self.dtype))
+        if self.image_module is not None and self.image_module.config.hidden_size != self.enc_cfg.clip_dim:
+            raise ValueError(f"the Infinite-ID encoder takes {self.enc_cfg.clip_dim}-wide CLIP features but the image "
+                             f"encoder {m['image_encoder']!r} is {self.image_module.config.hidden_size} wide (set "
+                             f"model.encoder_overrides.clip_dim)")
+        from train.stage1 import resolve_clip_size
+
+        self.vae_factor = vae_scale_factor(self.base.vae.config)
+        self.clip_size = resolve_clip_size(cfg["data"], self.image_module)
+        self.image_params, self.image_source = image_params, image_source
         null = self._null_clip_features(m, image_params)
         if null is None:
             raise ValueError("ID dropout needs the CLIP features of the grey image: give model.image_encoder or "
@@ -138,10 +155,10 @@ class InfiniteIDStage:
                 "id_projections": iid.abstract_id_params(self.base.unet_config)}
 
     def abstract_frozen(self):
-        from dynamicid_jax.models import unet as unet_lib
         from dynamicid_jax.models import vae as vae_lib
+        from train.stage1 import abstract_unet
 
-        out = {"unet": unet_lib.abstract_params(UNet2DConditionModel(self.base.unet_config)),
+        out = {"unet": abstract_unet(self.base.unet_config),
                "vae": vae_lib.abstract_params(self.base.vae),
                "null_clip_features": jax.ShapeDtypeStruct(self.frozen["null_clip_features"].shape, jnp.float32)}
         if self.image_module is not None:
@@ -156,7 +173,10 @@ class InfiniteIDStage:
         from dynamicid_jax.pipelines.sampling import denoise, to_uint8
 
         s = self.cfg["sample"]
-        n, size = int(s["count"]), int(s["size"])
+        n, size, f = int(s["count"]), int(s["size"]), self.vae_factor
+        multiple = f * 2 ** (len(self.base.unet_config.block_out_channels) - 1)  # VAE factor × UNet downsampling
+        if size <= 0 or size % multiple:
+            raise ValueError(f"sample.size must be a positive multiple of {multiple}, got {size}")
         ref = {k: jnp.asarray(v[:1]) for k, v in references.items()
                if k in ("ref_id_embedding", "ref_clip_features", "ref_clip_pixels")}
 
@@ -168,7 +188,8 @@ class InfiniteIDStage:
             enc = trainable["encoder"]
             tokens = self.encoder.apply({"params": enc}, ref["ref_id_embedding"].astype(jnp.float32), feats)
             null = iid.null_id_tokens(self.encoder, enc, frozen["null_clip_features"])
-            latents = jax.random.normal(jax.random.key(0), (n, size // 8, size // 8, 4), jnp.float32)
+            shape = (n, size // f, size // f, self.base.unet_config.in_channels)
+            latents = jax.random.normal(jax.random.key(0), shape, jnp.float32)
             out = denoise(self.unet, iid.merge_id_params(frozen["unet"], trainable["id_projections"]),
                           self.base.scheduler, int(s["steps"]), latents, jnp.repeat(tokens, n, 0),
                           float(s["guidance_scale"]), attention_inputs=iid.id_only_inputs(self.enc_cfg.num_tokens),
@@ -183,37 +204,78 @@ class InfiniteIDStage:
                          sample_fn=self.sample_fn(references) if references is not None else None,
                          frozen_source=self.frozen_source)
 
-    def export(self, state: loop.TrainState, workdir: str) -> str | None:
-        """Write the pipeline-ready folder ``{workdir}/export`` (EMA params if kept; process 0)."""
+    def export(self, state: loop.TrainState, workdir: str, *, fingerprint: str = "") -> str | None:
+        """Write the pipeline-ready folder ``{workdir}/export`` (EMA params if kept; process 0): the weights, a
+        ``random:`` image encoder as ``image_encoder/``, and ``train.json`` (step, fingerprint, image encoder)
+        last. Returns the weights' path."""
         params = loop.replicated_to_host(state.ema if state.ema is not None else state.trainable)
         if jax.process_index() != 0:
             return None
-        return iid.save_infinite_id(os.path.join(workdir, "export"), self.enc_cfg, params["encoder"],
-                                    params["id_projections"], self.base.unet_config)
+        folder = os.path.join(workdir, "export")
+        record = os.path.join(folder, TRAIN_RECORD)
+        if os.path.exists(record):
+            os.remove(record)
+        path = iid.save_infinite_id(folder, self.enc_cfg, params["encoder"], params["id_projections"],
+                                    self.base.unet_config)
+        image_encoder = self.image_source
+        if self.image_module is not None and self.image_source.startswith("random:"):
+            from dynamicid_jax.models.clip import save_image_encoder
+
+            image_encoder = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module,
+                                               self.image_params)
+        with open(record + ".tmp", "w") as f:
+            json.dump({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
+                       "image_encoder": image_encoder, "base": self.base.source}, f, indent=1)
+        os.replace(record + ".tmp", record)
+        return path
+
+
+TRAIN_RECORD = "train.json"
+
+
+def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
+        base: common.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
+    """Train Infinite-ID (or resume, or skip when finished; see :func:`train.stage1.run`) → the export folder
+    (``InfiniteIDPipeline.from_pretrained(sd, folder, folder + "/image_encoder", ...)`` for ``random:`` CLIP)."""
+    from train.stage1 import (check_shards, claim_workdir, load, make_data, quiet_logs, run_fingerprint,
+                              workdir_of)
+
+    quiet_logs()
+    cfg = load(config, overrides, defaults=DEFAULTS)
+    workdir = workdir_of(cfg, workdir)
+    m, d = cfg["model"], cfg["data"]
+    enc_cfg = iid.infinite_id_encoder_config(m["encoder_variant"], **{"clip_input": "image",
+                                                                     **dict(m.get("encoder_overrides") or {})})
+    check_shards(d["shards"], enc_cfg.id_embed_dim)
+    inputs = {"base": m["base"] if base is None else base.source, "shards": d["shards"],
+              "image_encoder": m["image_encoder"], "init_from": m["init_from"],
+              "uncond_clip_features": m["uncond_clip_features"]}
+    fp, settings = run_fingerprint(cfg, inputs)
+    folder = os.path.join(workdir, "export")
+    record = os.path.join(folder, TRAIN_RECORD)
+    if os.path.isfile(record):
+        with open(record) as f:
+            done = json.load(f)
+        if done.get("fingerprint") == fp and done.get("step") == int(cfg["train"]["steps"]):
+            log.info("Infinite-ID in %s is finished (step %s): %s", workdir, done["step"], folder)
+            return folder
+    claim_workdir(workdir, fp, settings, cfg["on_change"])
+    stage = InfiniteIDStage(cfg, base=base, image_encoder=image_encoder)
+    references = next(make_data(cfg, stage.clip_size)) if cfg["train"].get("sample_every") else None
+    trainer = loop.Trainer(stage.task(references=references), cfg, workdir, mesh=mesh)
+    stage.export(trainer.fit(make_data(cfg, stage.clip_size)), workdir, fingerprint=fp)
+    log.info("exported the Infinite-ID weights to %s", folder)
+    return folder
 
 
 def main(argv=None) -> int:
+    from train.stage1 import quiet_logs
+
     args = common.cli_args(__doc__.split("\n\n")[0], argv)
     common.init_distributed(args)
     common.setup_logging()
-    from train.config import load_config
-    from train.stage1 import make_data
-
-    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
-    workdir = args.workdir or cfg["workdir"]
-    if not workdir:
-        raise SystemExit("give --workdir or workdir: in the config")
-    if not cfg["data"]["shards"]:
-        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
-    stage = InfiniteIDStage(cfg)
-    data = make_data(cfg)
-    first = next(data) if cfg["train"].get("sample_every") else None
-    trainer = loop.Trainer(stage.task(references=first), cfg, workdir)
-    if first is not None:  # the references came from a fresh iterator: start the run from its beginning
-        data = make_data(cfg)
-    path = stage.export(trainer.fit(data), workdir)
-    if path:
-        log.info("exported the Infinite-ID weights to %s", os.path.dirname(path))
+    quiet_logs()
+    run(args.config, args.overrides, workdir=args.workdir)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Stage 1 (anchoring, SPEC §6): train the ID encoder and SAA (LoRA + ``to_k_ip``/``to_v_ip``) with ε-MSE.
 
     python -m train.stage1 --config train/configs/stage1_sd15.yaml [key.sub=value ...]
+    path = train.stage1.run("train/configs/synthface_stage1.yaml", ["model.base=...", "workdir=..."])  # in-process
 
 Frozen: UNet base, VAE, text encoder, CLIP-H image encoder (ArcFace embeddings come precomputed in the data).
 Per sample: one uniform draw ``u``; ``u < p_id`` drops the ID (zero ArcFace vector + zero normalised CLIP input,
@@ -9,34 +10,51 @@ the next ``p_both`` drops both. Latents = ``sample(moments) · scaling_factor`` 
 ``target_pixels``), uniform ``t`` over the training timesteps, target ε (or v for v-prediction models). The SAA
 gate is on (``method.gate``) with one identity and the whole image as its box. At the end the trainable params
 are exported to ``{workdir}/export/stage1.safetensors`` (``id_encoder/…`` and ``saa/…`` keys), which stage 2 and
-the token cache read.
+the token cache read. The export's metadata holds the ID encoder / SAA / UNet configs and the CLIP vision folder
+(a ``random:`` image encoder is saved to ``{workdir}/export/image_encoder/``), so the later steps need nothing else.
+
+Runs: :func:`run` records a fingerprint of the settings and inputs that decide the result in
+``{workdir}/run.json``. A rerun with the same fingerprint resumes from the last checkpoint, or returns the export
+at once when it is already at ``train.steps``; a different fingerprint is an error unless ``on_change=restart``
+(which discards the old checkpoints). ``train.steps`` and the ``optimizer`` may change between runs (resume).
 
 Batch contract (data_pipelines.loaders.stage1_loader): ``target_pixels [B,H,W,3]`` in [-1, 1] or
-``target_latent_moments [B,H/8,W/8,8]``; ``ref_clip_pixels [B,224,224,3]`` (CLIP-normalised) or
+``target_latent_moments [B,H/f,W/f,8]`` (f = the VAE's scale factor); ``ref_clip_pixels [B,S,S,3]`` (CLIP-normalised,
+S = the image encoder's input size; ``data.clip_size`` 0 picks it) or
 ``ref_clip_features [B,257,1280]``; ``ref_id_embedding [B,D]``; ``input_ids int32 [B,77]``; ``identity``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
-from typing import Any
+from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
-from dynamicid_jax.models.vae import DiagonalGaussian
+from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import common, loop
 
 log = logging.getLogger(__name__)
 
+EXPORT_FORMAT = "dynamicid-jax/stage1-export-v1"
+
 DEFAULTS: dict[str, Any] = {
     "workdir": "",
+    "on_change": "error",  # a workdir run with other settings / inputs: "error" or "restart" (discard it)
     "model": {
         "base": "",  # SD1.5 diffusers folder or single .safetensors
         "image_encoder": "",  # CLIP-H vision folder, or "random:<variant>"; "" → data must carry CLIP features
@@ -50,11 +68,21 @@ DEFAULTS: dict[str, Any] = {
     },
     "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0},
     "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
-             "distinct_reference": True, "latents": "auto", "clip": "auto", "clip_size": 224, "tokenizer": None},
+             "distinct_reference": True, "latents": "auto", "clip": "auto",
+             "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
+             "tokenizer": None},
     "sample": {"prompts": ["a photo of a person", "a portrait of a person, oil painting"], "steps": 25,
                "guidance_scale": 5.0, "size": 512},
     **common.training_sections(loop),
 }
+
+
+@functools.lru_cache(maxsize=4)
+def abstract_unet(unet_config):
+    """The base UNet's boxed abstract params (cached: tracing its init takes seconds; treat as read-only)."""
+    from dynamicid_jax.models import unet as unet_lib
+
+    return unet_lib.abstract_params(UNet2DConditionModel(unet_config))
 
 
 def drop_masks(rng: jax.Array, batch: int, p_id: float, p_text: float, p_both: float):
@@ -75,6 +103,7 @@ class Stage1:
         self.dtype = common.compute_dtype(m["dtype"])
         self.base = base if base is not None else common.load_base(m["base"], self.dtype)
         b = self.base
+        self.vae_factor = vae_scale_factor(b.vae.config)
         self.strategy = saa_lib.SAA(lora_rank=int(m["lora_rank"]))
         self.unet = UNet2DConditionModel(b.unet_config, strategy=self.strategy, dtype=self.dtype,
                                          remat_policy=m.get("remat"))
@@ -85,6 +114,12 @@ class Stage1:
         self.id_encoder = ide.IDEncoder(enc_cfg, dtype=self.dtype)
         self.image_module, image_params, image_source = (image_encoder if image_encoder is not None else
                                                          common.load_image_encoder(m["image_encoder"], self.dtype))
+        if self.image_module is not None and self.image_module.config.hidden_size != enc_cfg.clip_dim:
+            raise ValueError(f"the ID encoder takes {enc_cfg.clip_dim}-wide CLIP features but the image encoder "
+                             f"{m['image_encoder']!r} is {self.image_module.config.hidden_size} wide (set "
+                             f"model.id_encoder_overrides.clip_dim)")
+        self.image_params, self.image_source = image_params, image_source
+        self.clip_size = resolve_clip_size(cfg["data"], self.image_module)
         self.frozen = {"unet": b.params["unet"], "vae": b.params["vae"], "text_encoder": b.params["text_encoder"]}
         if self.image_module is not None:
             self.frozen["image_encoder"] = image_params
@@ -129,7 +164,8 @@ class Stage1:
         return dist.sample(rng) * self.base.scaling_factor
 
     def saa_inputs(self, latent_hw: tuple[int, int]):
-        return saa_lib.saa_inputs(1, (8 * latent_hw[0], 8 * latent_hw[1]),
+        f = self.vae_factor  # the image size in pixels: latent × the VAE's scale factor
+        return saa_lib.saa_inputs(1, (f * latent_hw[0], f * latent_hw[1]),
                                   id_scale=float(self.cfg["method"]["id_scale"]),
                                   activate_query=bool(self.cfg["method"]["gate"]))
 
@@ -175,19 +211,37 @@ class Stage1:
             saa = jax.tree_util.tree_map(jnp.asarray, loaded["saa"])
             return {"id_encoder": enc, "saa": saa}, {}
         enc = ide.init_params(self.id_encoder, k_enc)
-        saa = saa_lib.init_saa_params(self.base.unet_config, k_saa, self.strategy)
-        merged = saa_lib.init_ip_from_base(saa_lib.merge_params(frozen["unet"], saa))
+        merged = saa_lib.init_ip_from_base(saa_lib.merge_params(frozen["unet"], self._fresh_saa(k_saa)))
         return {"id_encoder": enc, "saa": saa_lib.split_saa_params(merged)[1]}, {}
+
+    def _fresh_saa(self, rng) -> dict:
+        """SAA's training initialisation in one random draw: every LoRA ``down`` from a single normal vector
+        (SAA's own ``down`` initialiser: i.i.d. entries, so one draw split into the leaves has the same
+        distribution), ``up`` = 0, ``to_k_ip``/``to_v_ip`` placeholders that :func:`init_ip_from_base` replaces.
+        One draw instead of one per leaf keeps the jitted init quick to compile (seconds, not tens)."""
+        flat = traverse_util.flatten_dict(nn.meta.unbox(
+            saa_lib.abstract_saa_params(self.base.unet_config, self.strategy)))
+        downs = sorted(p for p in flat if p[-2] == "down")
+        sizes = [int(np.prod(flat[p].shape)) for p in downs]
+        draw = saa_lib._initializer("down", self.strategy.lora_rank)(rng, (max(sum(sizes), 1),), jnp.float32)
+        out, offset = {}, 0
+        for path in sorted(flat):
+            if path[-2] == "down":
+                n = int(np.prod(flat[path].shape))
+                out[path] = draw[offset:offset + n].reshape(flat[path].shape)
+                offset += n
+            else:  # LoRA up (zero) and the *_ip kernels (copied from to_k / to_v by init_ip_from_base)
+                out[path] = jnp.zeros(flat[path].shape, jnp.float32)
+        return traverse_util.unflatten_dict(out)
 
     def abstract_trainable(self):
         return {"id_encoder": ide.abstract_params(self.id_encoder),
                 "saa": saa_lib.abstract_saa_params(self.base.unet_config, self.strategy)}
 
     def abstract_frozen(self):
-        from dynamicid_jax.models import unet as unet_lib
         from dynamicid_jax.models import vae as vae_lib
 
-        out = {"unet": unet_lib.abstract_params(UNet2DConditionModel(self.base.unet_config)),
+        out = {"unet": abstract_unet(self.base.unet_config),
                "vae": vae_lib.abstract_params(self.base.vae),
                "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
         if self.image_module is not None:
@@ -206,7 +260,10 @@ class Stage1:
         prompts = list(s["prompts"])
         n = len(prompts)
         ids = jnp.asarray(tokenize(self.base.tokenizer, prompts), jnp.int32)
-        size = int(s["size"])
+        size, f = int(s["size"]), self.vae_factor
+        multiple = f * 2 ** (len(self.base.unet_config.block_out_channels) - 1)  # VAE factor × UNet downsampling
+        if size <= 0 or size % multiple:
+            raise ValueError(f"sample.size must be a positive multiple of {multiple}, got {size}")
         sched = self.base.scheduler  # DDIM (load_base asks for it)
         ref_embed = jnp.asarray(references["ref_id_embedding"][:1], jnp.float32)
         ref_clip = {k: jnp.asarray(references[k][:1]) for k in ("ref_clip_features", "ref_clip_pixels")
@@ -223,8 +280,9 @@ class Stage1:
             cond = jnp.concatenate([text, jnp.repeat(tokens, n, 0).astype(text.dtype)], axis=1)
             uncond = jnp.concatenate([jnp.repeat(empty, n, 0), jnp.repeat(un_tokens, n, 0).astype(text.dtype)],
                                      axis=1)
-            latents = jax.random.normal(jax.random.key(0), (n, size // 8, size // 8, 4), jnp.float32)
-            inputs = self.saa_inputs((size // 8, size // 8))
+            shape = (n, size // f, size // f, self.base.unet_config.in_channels)
+            latents = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+            inputs = self.saa_inputs((size // f, size // f))
             out = denoise(self.unet, self.unet_params(trainable, frozen), sched, int(s["steps"]), latents, cond,
                           float(s["guidance_scale"]), attention_inputs=inputs, uncond_context=uncond)
             return to_uint8(decode_latents(self.base.vae, frozen["vae"], out))
@@ -237,50 +295,231 @@ class Stage1:
                          sample_fn=self.sample_fn(references) if references is not None else None,
                          frozen_source=self.frozen_source)
 
-    def export(self, state: loop.TrainState, workdir: str) -> str | None:
-        """Write the trainable params (EMA if kept) to ``{workdir}/export/stage1.safetensors`` (process 0)."""
+    def export(self, state: loop.TrainState, workdir: str, *, fingerprint: str = "") -> str | None:
+        """Write the trainable params (EMA if kept) to ``{workdir}/export/stage1.safetensors`` (process 0), with
+        the configs the later steps need in its metadata; a ``random:`` image encoder is saved beside it."""
         params = loop.replicated_to_host(state.ema if state.ema is not None else state.trainable)
         if jax.process_index() != 0:
             return None
-        path = os.path.join(workdir, "export", "stage1.safetensors")
-        return common.save_params(params, path, metadata={"step": str(int(loop.host_value(state.step))),
-                                                          "base": self.base.source})
+        folder = os.path.join(workdir, "export")
+        image_encoder = self.image_source
+        if self.image_module is not None and self.image_source.startswith("random:"):
+            from dynamicid_jax.models.clip import save_image_encoder
+
+            image_encoder = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module,
+                                               self.image_params)
+        meta = {"format": EXPORT_FORMAT, "step": str(int(loop.host_value(state.step))), "base": self.base.source,
+                "fingerprint": fingerprint, "image_encoder": image_encoder,
+                "id_encoder_config": json.dumps(self.id_encoder.config.to_dict()),
+                "saa": json.dumps(dataclasses.asdict(self.strategy)),
+                "unet_config": json.dumps(self.base.unet_config.to_dict())}
+        return common.save_params(params, os.path.join(folder, "stage1.safetensors"), metadata=meta)
 
 
-def make_data(cfg):
+# ---------------------------------------------------------------------------------------------------------
+# Runs (shared by the stage CLIs): config loading, fingerprints, the workdir record, finished exports
+# ---------------------------------------------------------------------------------------------------------
+#: config entries that do not change what a run computes (or may change on resume): left out of fingerprints
+RUN_VOLATILE: dict[str, Any] = {
+    "workdir": None, "on_change": None, "checkpoint": None, "optimizer": None, "mesh": None, "sample": None,
+    "train": ("steps", "log_every", "sample_every", "progress_bar"),
+    "data": ("worker_count", "read_threads"), "token_cache": ("batch_size",),
+}
+
+
+class RunMismatchError(RuntimeError):
+    """The workdir holds a run with other settings or inputs."""
+
+
+def load(config: Any = None, overrides: Sequence[str] = (), defaults: Mapping | None = None):
+    """A stage config: ``config`` is a YAML path, a mapping (merged over ``defaults``) or ``None`` (defaults),
+    then ``key.sub=value`` ``overrides``."""
+    from train.config import config_from_dict, load_config
+
+    defaults = DEFAULTS if defaults is None else defaults
+    if isinstance(config, Mapping):
+        base = config_from_dict(config, defaults=defaults)
+        return load_config(None, list(overrides), defaults=base)
+    return load_config(config, list(overrides), defaults=defaults)
+
+
+def path_signature(path: str) -> Any:
+    """What identifies the contents of an input path cheaply: sizes and modification times of its files
+    (``random:…`` specs and empty strings stand for themselves)."""
+    if not path or str(path).startswith("random:") or not os.path.exists(path):
+        return path
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+            if len(out) > 10000:
+                return out
+    return out
+
+
+def run_fingerprint(cfg: Mapping, inputs: Mapping[str, str]) -> tuple[str, dict]:
+    """``(fingerprint, settings)``: the config without :data:`RUN_VOLATILE` entries plus the signatures of the
+    ``inputs`` paths."""
+    settings = json.loads(json.dumps(cfg, default=str))
+    for key, sub in RUN_VOLATILE.items():
+        if sub is None:
+            settings.pop(key, None)
+        elif isinstance(settings.get(key), dict):
+            for k in sub:
+                settings[key].pop(k, None)
+    settings["inputs"] = {k: path_signature(v) for k, v in sorted(inputs.items())}
+    blob = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], settings
+
+
+def _flat_settings(d: Any, where: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat_settings(v, f"{where}.{k}" if where else str(k)))
+        return out
+    return {where: d}
+
+
+def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str,
+                  owned: Sequence[str] = ("checkpoints", "export", "tb", "samples")) -> None:
+    """Check ``{workdir}/run.json`` against this run (see the module docstring) and write it."""
+    if on_change not in ("error", "restart"):
+        raise ValueError(f"on_change must be 'error' or 'restart', got {on_change!r}")
+    record = os.path.join(workdir, "run.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+        if old.get("fingerprint") != fingerprint:
+            a, b = _flat_settings(old.get("settings", {})), _flat_settings(settings)
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if on_change == "error":
+                raise RunMismatchError(
+                    f"{workdir} holds a run with other settings or inputs (changed: {changed[:8]}); use a new "
+                    f"workdir, or set on_change=restart to discard its checkpoints")
+            log.warning("%s: settings or inputs changed (%s), discarding the old run", workdir, changed[:8])
+            if jax.process_index() == 0:
+                for name in owned:
+                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    if jax.process_index() == 0:  # one writer (the workdir may be shared by every process)
+        os.makedirs(workdir, exist_ok=True)
+        tmp = record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": fingerprint, "settings": settings}, f, indent=1, sort_keys=True)
+        os.replace(tmp, record)
+    loop.barrier("claim_workdir")
+
+
+def export_metadata(path: str) -> dict[str, str]:
+    """The string metadata of a stage export (``.safetensors``); ``{}`` when the file does not exist."""
+    if not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+def finished(meta: Mapping[str, str], fingerprint: str, steps: int) -> bool:
+    """Whether an export (its metadata) is the result of this very run at ``steps``."""
+    return bool(meta) and meta.get("fingerprint") == fingerprint and meta.get("step") == str(int(steps))
+
+
+def quiet_logs() -> None:
+    """Keep the checkpointer's per-file INFO lines out of the training log."""
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def workdir_of(cfg: Mapping, workdir: str | None) -> str:
+    workdir = workdir or cfg["workdir"]
+    if not workdir:
+        raise ValueError("give a workdir (workdir=... in the config, --workdir, or run(..., workdir=...))")
+    return os.path.abspath(workdir)
+
+
+def check_shards(shards: str, embed_dim: int | None = None, what: str = "data.shards"):
+    """Open the face shards (clear errors for a missing folder, no records, a wrong embedding width)."""
+    from data_pipelines.shards import open_shards
+
+    if not shards:
+        raise ValueError(f"{what} must name a folder of face shards (python -m data_pipelines.build_shards)")
+    data = open_shards(shards)
+    if len(data) == 0 or not any(e.records for e in data.manifest.identities):
+        raise ValueError(f"{what}={shards!r} holds no face records (the build skipped every image: "
+                         f"{dict(data.manifest.skipped) or 'no images found'})")
+    if embed_dim is not None and data.manifest.embedding_dim != embed_dim:
+        raise ValueError(f"{what}={shards!r} holds {data.manifest.embedding_dim}-d face embeddings but the ID encoder "
+                         f"takes {embed_dim}-d ones (set model.id_encoder_overrides.id_embed_dim, or build the shards "
+                         f"with the matching face analyzer)")
+    return data
+
+
+def resolve_clip_size(d: Mapping, image_module) -> int:
+    """``data.clip_size`` (0 = the image encoder's input size; 224 without an image encoder)."""
+    size = int(d.get("clip_size") or 0)
+    if image_module is None:
+        return size or 224
+    want = int(image_module.config.image_size)
+    if size and size != want:
+        raise ValueError(f"data.clip_size={size} but the image encoder takes {want}×{want} inputs (use 0 to follow "
+                         f"the image encoder)")
+    return want
+
+
+def make_data(cfg, clip_size: int | None = None):
     """This process's stage-1 Grain iterator (data_pipelines.loaders.stage1_loader)."""
     from data_pipelines import loaders
 
-    d = cfg["data"]
+    d = dict(cfg["data"])
     if not d["shards"]:
-        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
+        raise ValueError("data.shards must name a folder of face shards (data_pipelines)")
+    d["clip_size"] = clip_size if clip_size is not None else (int(d.get("clip_size") or 0) or 224)
     conf = common.loader_config(loaders.Stage1Config, d, batch_size=int(d["batch_size"]),
                                 distinct_reference=bool(d["distinct_reference"]))
     return iter(loaders.stage1_loader(d["shards"], conf))
+
+
+def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
+        base: common.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
+    """Train stage 1 (or resume, or skip when finished; module docstring) → the export's path.
+
+    ``config``: a YAML path, a mapping or a loaded config; ``overrides``: ``key.sub=value`` strings; ``mesh``: a
+    device mesh (default: every device, ``mesh`` section); ``base`` / ``image_encoder``: already loaded models."""
+    quiet_logs()
+    cfg = load(config, overrides)
+    workdir = workdir_of(cfg, workdir)
+    m, d = cfg["model"], cfg["data"]
+    enc_cfg = ide.id_encoder_config(m["id_encoder_variant"], **dict(m.get("id_encoder_overrides") or {}))
+    check_shards(d["shards"], enc_cfg.id_embed_dim)
+    inputs = {"base": m["base"] if base is None else base.source, "shards": d["shards"],
+              "image_encoder": m["image_encoder"], "id_encoder_init": m["id_encoder_init"]}
+    fp, settings = run_fingerprint(cfg, inputs)
+    path = os.path.join(workdir, "export", "stage1.safetensors")
+    if finished(export_metadata(path), fp, cfg["train"]["steps"]):
+        log.info("stage 1 in %s is finished (step %s): %s", workdir, cfg["train"]["steps"], path)
+        return path
+    claim_workdir(workdir, fp, settings, cfg["on_change"])
+    stage = Stage1(cfg, base=base, image_encoder=image_encoder)
+    references = next(make_data(cfg, stage.clip_size)) if cfg["train"].get("sample_every") else None
+    trainer = loop.Trainer(stage.task(references=references), cfg, workdir, mesh=mesh)
+    state = trainer.fit(make_data(cfg, stage.clip_size))
+    out = stage.export(state, workdir, fingerprint=fp)
+    log.info("exported the stage-1 params to %s", out)
+    return out or path
 
 
 def main(argv=None) -> int:
     args = common.cli_args(__doc__.split("\n\n")[0], argv)
     common.init_distributed(args)
     common.setup_logging()
-    from train.config import load_config
-
-    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
-    workdir = args.workdir or cfg["workdir"]
-    if not workdir:
-        raise SystemExit("give --workdir or workdir: in the config")
-    if not cfg["data"]["shards"]:
-        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
-    stage = Stage1(cfg)
-    data = make_data(cfg)
-    first = next(data) if cfg["train"].get("sample_every") else None
-    trainer = loop.Trainer(stage.task(references=first), cfg, workdir)
-    if first is not None:  # the sample references came from a fresh iterator: start the run from its beginning
-        data = make_data(cfg)
-    state = trainer.fit(data)
-    path = stage.export(state, workdir)
-    if path:
-        log.info("exported the trainable params to %s", path)
+    quiet_logs()
+    run(args.config, args.overrides, workdir=args.workdir)
     return 0
 
 

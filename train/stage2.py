@@ -2,6 +2,13 @@
 
     python -m train.token_cache --config train/configs/stage2_sd15.yaml      # once: target tokens
     python -m train.stage2 --config train/configs/stage2_sd15.yaml [key.sub=value ...]
+    path = train.stage2.run(cfg)   # in-process: builds the token cache when needed, trains, exports
+
+``model.stage1`` names the stage-1 export; its metadata gives the SAA strategy (LoRA rank), the ID encoder
+config and the CLIP vision folder, so they need not be repeated here. Runs resume / skip / refuse a changed
+workdir as stage 1's (:func:`train.stage1.run`); the export ``{workdir}/export/stage2.safetensors`` carries the
+IMR and KeyPointEncoder configs in its metadata (``python -m train.export_dynamicid`` assembles the pipeline
+folder from both exports).
 
 One identity per element: a source and ``T`` targets (with replacement). The IMR edits the source's cached ID
 tokens towards each target's landmarks + face prompt; the loss is
@@ -13,18 +20,25 @@ target latent (own ``t`` and noise per target, shared by both UNet calls), ``c``
 state, and the UNet's SAA ID branch **ungated** (w = 1). The KeyPointEncoder runs in train mode (BatchNorm over
 the ``G·(1+T)`` rasters of the step; its ``batch_stats`` are the loop's mutable state).
 
+Face prompts: the records' own (SynthFace: ``"in a happy expression, in side view"``, SPEC §5's automatic
+format); with probability ``data.grid_prompt_fraction`` an element uses the KDEF-style grid prompts
+``"the expression is happy, the face is slightly turned to the left"`` for its source and targets instead (SPEC
+§6; :func:`data_pipelines.loaders.grid_face_prompt`).
+
 Batch (``data.identities_per_step = G`` loader elements stacked): ``src_raster [G,96,96,1]``, ``tgt_rasters
 [G,T,96,96,1]``, ``src_face_prompt_ids [G,77]``, ``tgt_face_prompt_ids [G,T,77]``, ``tgt_latent_moments
-[G,T,h,w,8]`` or ``tgt_pixels [G,T,H,W,3]``, ``src_index [G]``, ``tgt_index [G,T]``, ``identity [G]``, plus
+[G,T,h,w,8]`` or ``tgt_pixels [G,T,H,W,3]``, ``src_index [G]``, ``tgt_index [G,T]``, ``identity [G]``,
+``grid_prompt [G]``, plus
 ``src_tokens [G,4,768]`` / ``tgt_tokens [G,T,4,768]`` looked up in the token cache on the host
 (:class:`train.token_cache.TokenLookup`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,33 +47,38 @@ import numpy as np
 from dynamicid_jax.methods import imr as imr_lib
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
-from dynamicid_jax.models.vae import DiagonalGaussian
+from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import common, loop
 
 log = logging.getLogger(__name__)
 
 FIXED_PROMPT = "portrait, cinematic photo, film, professional, 4k, highly detailed"
 
+EXPORT_FORMAT = "dynamicid-jax/stage2-export-v1"
+
 DEFAULTS: dict[str, Any] = {
     "workdir": "",
+    "on_change": "error",  # a workdir run with other settings / inputs: "error" or "restart" (discard it)
     "model": {
         "base": "",
         "stage1": "",  # stage-1 export (.safetensors with saa/… and id_encoder/… keys)
-        "image_encoder": "",  # only the token cache needs it (when the shards hold CLIP pixels)
+        "image_encoder": "",  # token cache only; "" = the one the stage-1 export names
         "imr_variant": "sd15",
         "imr_overrides": {},
         "keypoint_variant": "sd15",
-        "id_encoder_variant": "sd15",  # the token cache rebuilds the stage-1 encoder
+        "keypoint_overrides": {},
+        "id_encoder_variant": "sd15",  # only for stage-1 exports without metadata (the token cache's encoder)
         "id_encoder_overrides": {},
-        "lora_rank": 128,
+        "lora_rank": None,  # None = the stage-1 export's (its metadata)
         "dtype": "bfloat16",
         "remat": None,
     },
     "method": {"lambda_eps": 1.0, "prompt": FIXED_PROMPT},
     "data": {"shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
-             "worker_count": 0, "read_threads": 4, "latents": "auto", "clip": "auto", "clip_size": 224,
-             "tokenizer": None},
-    "token_cache": {"path": "", "batch_size": 16},
+             "worker_count": 0, "read_threads": 4, "latents": "auto", "clip": "auto",
+             "clip_size": 0,  # token cache: CLIP input size; 0 = the image encoder's
+             "tokenizer": None, "grid_prompt_fraction": 0.05},
+    "token_cache": {"path": "", "batch_size": 16},  # path "" = {workdir}/token_cache
     **common.training_sections(loop),
 }
 
@@ -68,26 +87,35 @@ class Stage2:
     """Builds the stage-2 :class:`~train.loop.Task` (see :data:`DEFAULTS`)."""
 
     def __init__(self, cfg, base: common.BaseModel | None = None, stage1_params: dict | None = None):
+        from train.token_cache import require_stage1
+
         self.cfg = cfg
         m = cfg["model"]
         self.dtype = common.compute_dtype(m["dtype"])
+        meta = require_stage1(m["stage1"]) if stage1_params is None or m["stage1"] else {}
         self.base = base if base is not None else common.load_base(m["base"], self.dtype)
         b = self.base
-        self.strategy = saa_lib.SAA(lora_rank=int(m["lora_rank"]))
+        self.vae_factor = vae_scale_factor(b.vae.config)
+        self.strategy = stage1_strategy(meta, m.get("lora_rank"))
         self.unet = UNet2DConditionModel(b.unet_config, strategy=self.strategy, dtype=self.dtype,
                                          remat_policy=m.get("remat"))
         if stage1_params is None:
-            if not m["stage1"]:
-                raise ValueError("model.stage1 must name the stage-1 export (stage1.safetensors)")
             stage1_params = common.load_params(m["stage1"])
         common.check_tree(stage1_params["saa"], saa_lib.abstract_saa_params(b.unet_config, self.strategy),
                           "stage-1 SAA params")
         self.imr = imr_lib.IMR(imr_lib.imr_config(m["imr_variant"], **dict(m.get("imr_overrides") or {})),
                                dtype=self.dtype)
-        self.kpe = imr_lib.KeyPointEncoder(imr_lib.keypoint_encoder_config(m["keypoint_variant"]), dtype=self.dtype)
+        self.kpe = imr_lib.KeyPointEncoder(imr_lib.keypoint_encoder_config(
+            m["keypoint_variant"], **dict(m.get("keypoint_overrides") or {})), dtype=self.dtype)
         if self.imr.config.embedding_dim != b.unet_config.cross_attention_dim:
             raise ValueError(f"IMR embedding_dim ({self.imr.config.embedding_dim}) must equal the UNet's "
                              f"cross_attention_dim ({b.unet_config.cross_attention_dim})")
+        if self.kpe.config.embedding_dim != self.imr.config.embedding_dim:
+            raise ValueError(f"the KeyPointEncoder's width ({self.kpe.config.embedding_dim}) must equal the IMR's "
+                             f"embedding_dim ({self.imr.config.embedding_dim}): set model.keypoint_overrides")
+        if self.imr.config.txt_dim != b.text_encoder.config.hidden_size:
+            raise ValueError(f"the IMR takes {self.imr.config.txt_dim}-d pooled text but the text encoder gives "
+                             f"{b.text_encoder.config.hidden_size}-d (set model.imr_overrides.txt_dim)")
         self.frozen = {"unet": saa_lib.merge_params(b.params["unet"], stage1_params["saa"]),
                        "vae": b.params["vae"], "text_encoder": b.params["text_encoder"]}
         from dynamicid_jax.tokenizer import tokenize
@@ -102,10 +130,14 @@ class Stage2:
         return self.base.text_encoder.apply({"params": frozen["text_encoder"]}, ids).pooler_output
 
     def latents(self, frozen, batch, rng):
+        """Target latents ``[G·T, h, w, C]`` (× scaling factor), sampled from the moments or the VAE encoding."""
         if "tgt_latent_moments" in batch:
-            dist = DiagonalGaussian.from_moments(batch["tgt_latent_moments"])
+            moments = batch["tgt_latent_moments"]
+            dist = DiagonalGaussian.from_moments(moments.reshape((-1,) + moments.shape[2:]))
         elif "tgt_pixels" in batch:
-            dist = self.base.vae.apply({"params": frozen["vae"]}, batch["tgt_pixels"], method="encode")
+            pixels = batch["tgt_pixels"]
+            dist = self.base.vae.apply({"params": frozen["vae"]}, pixels.reshape((-1,) + pixels.shape[2:]),
+                                       method="encode")
         else:
             raise KeyError("a stage-2 batch needs tgt_latent_moments or tgt_pixels")
         return dist.sample(rng) * self.base.scaling_factor
@@ -132,13 +164,13 @@ class Stage2:
         token_loss = jnp.mean(jnp.square(pred - tgt))
 
         latents = self.latents(frozen, batch, k_lat)
-        latents = latents.reshape((n,) + latents.shape[2:])
         sched = self.base.scheduler
         t = jax.random.randint(k_t, (n,), 0, sched.config.num_train_timesteps)
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         z_t = sched.add_noise(latents, noise, t)
         c = jnp.broadcast_to(jnp.asarray(self.prompt_context, self.dtype), (n,) + self.prompt_context.shape[1:])
-        inputs = saa_lib.saa_inputs(1, (8 * latents.shape[1], 8 * latents.shape[2]), activate_query=False)
+        f = self.vae_factor  # the image size in pixels: latent × the VAE's scale factor
+        inputs = saa_lib.saa_inputs(1, (f * latents.shape[1], f * latents.shape[2]), activate_query=False)
         run = lambda tokens: self.unet.apply(  # noqa: E731
             {"params": frozen["unet"]}, z_t, t,
             jnp.concatenate([c, tokens.reshape((n,) + tokens.shape[2:]).astype(self.dtype)], axis=1),
@@ -163,10 +195,10 @@ class Stage2:
         return {"batch_stats": imr_lib.keypoint_abstract_variables(self.kpe)["batch_stats"]}
 
     def abstract_frozen(self):
-        from dynamicid_jax.models import unet as unet_lib
         from dynamicid_jax.models import vae as vae_lib
+        from train.stage1 import abstract_unet
 
-        unet_abs = saa_lib.merge_params(unet_lib.abstract_params(UNet2DConditionModel(self.base.unet_config)),
+        unet_abs = saa_lib.merge_params(abstract_unet(self.base.unet_config),
                                         saa_lib.abstract_saa_params(self.base.unet_config, self.strategy))
         return {"unet": unet_abs, "vae": vae_lib.abstract_params(self.base.vae),
                 "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
@@ -178,14 +210,30 @@ class Stage2:
                          batch_shardings=batch_shardings)
 
 
-    def export(self, state: loop.TrainState, workdir: str) -> str | None:
-        """``{workdir}/export/stage2.safetensors``: ``imr/…``, ``keypoint_encoder/…`` and ``batch_stats/…``."""
+    def export(self, state: loop.TrainState, workdir: str, *, fingerprint: str = "") -> str | None:
+        """``{workdir}/export/stage2.safetensors``: ``imr/…``, ``keypoint_encoder/…`` and ``batch_stats/…``, with
+        the IMR / KeyPointEncoder configs in the metadata."""
         params = loop.replicated_to_host({**(state.ema if state.ema is not None else state.trainable),
                                           **state.mutable})
         if jax.process_index() != 0:
             return None
-        return common.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"),
-                                  metadata={"step": str(int(loop.host_value(state.step)))})
+        m = self.cfg["model"]
+        meta = {"format": EXPORT_FORMAT, "step": str(int(loop.host_value(state.step))), "fingerprint": fingerprint,
+                "stage1": os.path.abspath(m["stage1"]) if m["stage1"] else "", "base": self.base.source,
+                "imr_config": json.dumps(self.imr.config.to_dict()),
+                "keypoint_encoder_config": json.dumps(self.kpe.config.to_dict())}
+        return common.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"), metadata=meta)
+
+
+def stage1_strategy(meta: dict, lora_rank: int | None) -> saa_lib.SAA:
+    """The SAA strategy stage 1 trained (its export's metadata); ``lora_rank`` must agree when given."""
+    if meta.get("saa"):
+        strategy = saa_lib.SAA(**json.loads(meta["saa"]))
+        if lora_rank is not None and int(lora_rank) != strategy.lora_rank:
+            raise ValueError(f"model.lora_rank={lora_rank} but the stage-1 export was trained with LoRA rank "
+                             f"{strategy.lora_rank} (leave model.lora_rank unset to follow it)")
+        return strategy
+    return saa_lib.SAA(lora_rank=int(lora_rank) if lora_rank is not None else 128)
 
 
 def batch_shardings(mesh, batch):
@@ -215,39 +263,63 @@ def batch_shardings(mesh, batch):
     return {k: one(k, v) for k, v in batch.items()}
 
 
-def make_data(cfg):
+def make_data(cfg, cache_path: str | None = None):
     """Stage-2 loader elements, ``identities_per_step`` stacked, with cached tokens attached (Grain, checkpointable)."""
     from data_pipelines import loaders
     from train.token_cache import TokenCache, TokenLookup
 
     d = cfg["data"]
     if not d["shards"]:
-        raise SystemExit("data.shards must name a folder of face shards (data_pipelines)")
-    if not cfg["token_cache"]["path"]:
-        raise SystemExit("token_cache.path must name the cache built by python -m train.token_cache")
-    conf = common.loader_config(loaders.Stage2Config, d, num_targets=int(d["num_targets"]))
+        raise ValueError("data.shards must name a folder of face shards (data_pipelines)")
+    cache_path = cache_path or cfg["token_cache"]["path"]
+    if not cache_path:
+        raise ValueError("token_cache.path must name the cache built by python -m train.token_cache")
+    conf = common.loader_config(loaders.Stage2Config, {**d, "clip_size": int(d["clip_size"]) or 224},
+                                num_targets=int(d["num_targets"]),
+                                grid_prompt_fraction=float(d["grid_prompt_fraction"]))
     ds = loaders.stage2_loader(d["shards"], conf).batch(int(d["identities_per_step"]), drop_remainder=True)
-    return iter(ds.map(TokenLookup(TokenCache.load(cfg["token_cache"]["path"]))))
+    return iter(ds.map(TokenLookup(TokenCache.load(cache_path))))
+
+
+def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
+        base: common.BaseModel | None = None) -> str:
+    """Build the token cache if needed, then train stage 2 (or resume, or skip when finished; see
+    :func:`train.stage1.run`) → the export's path."""
+    from train import token_cache
+    from train.stage1 import (check_shards, claim_workdir, export_metadata, finished, load, quiet_logs,
+                              run_fingerprint, workdir_of)
+
+    quiet_logs()
+    cfg = load(config, overrides, defaults=DEFAULTS)
+    workdir = workdir_of(cfg, workdir)
+    m, d = cfg["model"], cfg["data"]
+    meta = token_cache.require_stage1(m["stage1"])
+    check_shards(d["shards"], token_cache.stage1_id_encoder_config(cfg, meta).id_embed_dim)
+    inputs = {"base": m["base"] if base is None else base.source, "shards": d["shards"], "stage1": m["stage1"],
+              "image_encoder": token_cache.stage1_image_encoder(cfg, meta)}
+    fp, settings = run_fingerprint(cfg, inputs)
+    path = os.path.join(workdir, "export", "stage2.safetensors")
+    if finished(export_metadata(path), fp, cfg["train"]["steps"]):
+        log.info("stage 2 in %s is finished (step %s): %s", workdir, cfg["train"]["steps"], path)
+        return path
+    claim_workdir(workdir, fp, settings, cfg["on_change"], owned=("checkpoints", "export", "tb", "token_cache"))
+    cache = token_cache.run(cfg, workdir=workdir)
+    stage = Stage2(cfg, base=base)
+    trainer = loop.Trainer(stage.task(), cfg, workdir, mesh=mesh)
+    state = trainer.fit(make_data(cfg, cache))
+    out = stage.export(state, workdir, fingerprint=fp)
+    log.info("exported the stage-2 params to %s", out)
+    return out or path
 
 
 def main(argv=None) -> int:
+    from train.stage1 import quiet_logs
+
     args = common.cli_args(__doc__.split("\n\n")[0], argv)
     common.init_distributed(args)
     common.setup_logging()
-    from train.config import load_config
-
-    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
-    workdir = args.workdir or cfg["workdir"]
-    if not workdir:
-        raise SystemExit("give --workdir or workdir: in the config")
-    if not (cfg["data"]["shards"] and cfg["token_cache"]["path"]):
-        raise SystemExit("set data.shards and token_cache.path (python -m train.token_cache builds the cache)")
-    stage = Stage2(cfg)
-    trainer = loop.Trainer(stage.task(), cfg, workdir)
-    state = trainer.fit(make_data(cfg))
-    path = stage.export(state, workdir)
-    if path:
-        log.info("exported the trainable params to %s", path)
+    quiet_logs()
+    run(args.config, args.overrides, workdir=args.workdir)
     return 0
 
 

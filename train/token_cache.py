@@ -1,22 +1,28 @@
 """Stage 2's target-token cache: the stage-1 ID encoder's tokens for every record of the face shards.
 
     python -m train.token_cache --config train/configs/stage2_sd15.yaml [key.sub=value ...]
+    folder = train.token_cache.run(cfg)          # in-process (train.stage2.run calls it when needed)
 
-Reads ``model.stage1`` (the stage-1 export: ``id_encoder/…``), ``model.image_encoder`` (only when the shards
-hold CLIP pixels rather than CLIP features) and ``data.shards``; writes ``token_cache.path`` (a folder): one
+Reads ``model.stage1`` (the stage-1 export: ``id_encoder/…``, whose metadata names the ID encoder config and
+the CLIP vision folder), ``model.image_encoder`` (overrides that folder; only used when the shards hold CLIP
+pixels rather than CLIP features) and ``data.shards``; writes ``token_cache.path`` (a folder; default
+``{workdir}/token_cache``): one
 ``tokens.p{i}-of-{n}.safetensors`` per process with ``index int64 [n]`` (global record indices) and ``tokens
 float32 [n, 4, C]``. Every process encodes its share (``data_pipelines.loaders.record_loader``); the part
-files are written atomically, so a crashed run leaves no half file. :class:`TokenCache` joins the parts;
-:class:`TokenLookup` is the Grain map that attaches ``src_tokens`` / ``tgt_tokens`` to stage-2 elements.
+files are written atomically, so a crashed run leaves no half file; ``cache.json`` (written last) holds the
+fingerprint of the inputs (stage-1 export, shards, image encoder), and :func:`run` skips a cache whose fingerprint
+matches. :class:`TokenCache` joins the parts; :class:`TokenLookup` is the Grain map that attaches
+``src_tokens`` / ``tgt_tokens`` to stage-2 elements.
 """
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
 import sys
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +85,8 @@ class TokenLookup:
 
 
 def build_token_cache(batches: Iterable[Mapping], encode: Callable[[dict], np.ndarray], folder: str, *,
-                      batch_size: int, process_index: int = 0, process_count: int = 1) -> str:
+                      batch_size: int, process_index: int = 0, process_count: int = 1,
+                      metadata: dict[str, str] | None = None) -> str:
     """Encode every batch (``index``, ``ref_id_embedding``, ``ref_clip_*``) and write this process's part.
 
     Short batches are padded to ``batch_size`` (one compiled shape) and the padding dropped again."""
@@ -96,20 +103,53 @@ def build_token_cache(batches: Iterable[Mapping], encode: Callable[[dict], np.nd
     path = os.path.join(folder, f"tokens.p{process_index}-of-{process_count}.safetensors")
     idx = np.concatenate(indices) if indices else np.zeros((0,), np.int64)
     tok = np.concatenate(tokens) if tokens else np.zeros((0, 0, 0), np.float32)
-    write_safetensors({"index": idx, "tokens": tok}, path)
+    write_safetensors({"index": idx, "tokens": tok}, path, metadata=metadata)
     return path
 
 
-def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | None = None):
-    """``encode(batch) -> tokens [B, 4, C]`` with the stage-1 ID encoder (jitted, fp32)."""
+def stage1_id_encoder_config(cfg, meta: Mapping[str, str]):
+    """The stage-1 ID encoder's config: from the export's metadata, else ``model.id_encoder_*`` of ``cfg``."""
+    from dynamicid_jax.methods import id_encoder as ide
+
+    if meta.get("id_encoder_config"):
+        return ide.IDEncoderConfig.from_dict(json.loads(meta["id_encoder_config"]))
+    m = cfg["model"]
+    return ide.id_encoder_config(m["id_encoder_variant"], **dict(m.get("id_encoder_overrides") or {}))
+
+
+def stage1_image_encoder(cfg, meta: Mapping[str, str]) -> str:
+    """The CLIP vision spec: ``model.image_encoder`` if set, else the one the stage-1 export names."""
+    return cfg["model"].get("image_encoder") or meta.get("image_encoder", "")
+
+
+def require_stage1(path: str) -> dict[str, str]:
+    """The stage-1 export's metadata; a clear error when the export does not exist."""
+    from train.stage1 import export_metadata
+
+    if not path:
+        raise ValueError("model.stage1 must name the stage-1 export (W1/export/stage1.safetensors, written by "
+                         "python -m train.stage1)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.stage1={path!r} does not exist: run stage 1 first (python -m train.stage1 "
+                                f"... workdir=W1 writes W1/export/stage1.safetensors)")
+    return export_metadata(path)
+
+
+def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | None = None,
+                 id_encoder_config=None):
+    """``encode(batch) -> tokens [B, 4, C]`` with the stage-1 ID encoder (jitted, fp32). The encoder config and
+    CLIP vision tower default to what the stage-1 export's metadata names (:func:`stage1_id_encoder_config`)."""
     from dynamicid_jax.methods import id_encoder as ide
 
     m = cfg["model"]
-    module = ide.IDEncoder(ide.id_encoder_config(m["id_encoder_variant"], **dict(m.get("id_encoder_overrides") or {})))
+    need = stage1_params is None or id_encoder_config is None or image_encoder is None
+    meta = require_stage1(m["stage1"]) if need and (m["stage1"] or stage1_params is None) else {}
+    enc_cfg = id_encoder_config if id_encoder_config is not None else stage1_id_encoder_config(cfg, meta)
+    module = ide.IDEncoder(enc_cfg)
     params = (stage1_params if stage1_params is not None else common.load_params(m["stage1"]))["id_encoder"]
     common.check_tree(params, ide.abstract_params(module), "stage-1 ID encoder params")
     image_module, image_params, _ = image_encoder if image_encoder is not None else common.load_image_encoder(
-        m.get("image_encoder", ""), jnp.float32)
+        stage1_image_encoder(cfg, meta), jnp.float32)
 
     @jax.jit
     def encode_features(p, embeds, feats):
@@ -130,23 +170,80 @@ def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | 
     return encode
 
 
+CACHE_RECORD = "cache.json"
+
+
+def cache_folder(cfg, workdir: str | None = None) -> str:
+    """``token_cache.path``, or ``{workdir}/token_cache`` when it is empty."""
+    path = cfg["token_cache"]["path"]
+    if path:
+        return os.path.abspath(path)
+    from train.stage1 import workdir_of
+
+    try:
+        return os.path.join(workdir_of(cfg, workdir), "token_cache")
+    except ValueError:
+        raise ValueError("set token_cache.path (or a workdir, whose token_cache/ then holds the cache)") from None
+
+
+def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None,
+        image_encoder: tuple | None = None) -> str:
+    """Build (or reuse) the token cache for a stage-2 config → its folder (module docstring).
+
+    ``image_encoder``: the already loaded ``(module, params, spec)`` of the CLIP tower the export names."""
+    from data_pipelines import loaders
+    from train import loop
+    from train.stage1 import check_shards, load, resolve_clip_size, run_fingerprint
+    from train.stage2 import DEFAULTS
+
+    cfg = load(config, overrides, defaults=DEFAULTS)
+    d, m, tc = cfg["data"], cfg["model"], cfg["token_cache"]
+    meta = require_stage1(m["stage1"])
+    enc_cfg = stage1_id_encoder_config(cfg, meta)
+    check_shards(d["shards"], enc_cfg.id_embed_dim)
+    folder = cache_folder(cfg, workdir)
+    spec = stage1_image_encoder(cfg, meta)
+    fp, _ = run_fingerprint({"id_encoder": enc_cfg.to_dict(), "latents": d["latents"], "clip": d["clip"],
+                             "clip_size": d["clip_size"], "tokenizer": d["tokenizer"]},
+                            {"stage1": m["stage1"], "shards": d["shards"], "image_encoder": spec})
+    record = os.path.join(folder, CACHE_RECORD)
+    if os.path.isfile(record):
+        with open(record) as f:
+            if json.load(f).get("fingerprint") == fp:
+                TokenCache.load(folder)  # complete?
+                log.info("token cache %s is up to date", folder)
+                return folder
+    if jax.process_index() == 0:
+        for old in glob.glob(os.path.join(folder, "tokens.p*-of-*.safetensors")) + [record]:
+            if os.path.exists(old):
+                os.remove(old)
+    loop.barrier("token_cache_cleared")
+    if image_encoder is None:
+        image_encoder = common.load_image_encoder(spec, jnp.float32)
+    conf = common.loader_config(loaders.LoaderConfig, {**d, "clip_size": resolve_clip_size(d, image_encoder[0])})
+    batches = loaders.record_loader(d["shards"], int(tc["batch_size"]), conf)
+    encode = make_encoder(cfg, image_encoder=image_encoder, id_encoder_config=enc_cfg)
+    path = build_token_cache(iter(batches), encode, folder, batch_size=int(tc["batch_size"]),
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             metadata={"fingerprint": fp})
+    log.info("wrote %s", path)
+    loop.barrier("token_cache_written")
+    if jax.process_index() == 0:
+        with open(record + ".tmp", "w") as f:
+            json.dump({"fingerprint": fp, "stage1": os.path.abspath(m["stage1"]),
+                       "shards": os.path.abspath(d["shards"])}, f, indent=1)
+        os.replace(record + ".tmp", record)
+    return folder
+
+
 def main(argv=None) -> int:
+    from train.stage1 import quiet_logs
+
     args = common.cli_args(__doc__.split("\n\n")[0], argv)
     common.init_distributed(args)
     common.setup_logging()
-    from data_pipelines import loaders
-    from train.config import load_config
-    from train.stage2 import DEFAULTS
-
-    cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
-    d, tc = cfg["data"], cfg["token_cache"]
-    if not (d["shards"] and tc["path"] and cfg["model"]["stage1"]):
-        raise SystemExit("set data.shards, token_cache.path and model.stage1")
-    conf = common.loader_config(loaders.LoaderConfig, d)
-    batches = loaders.record_loader(d["shards"], int(tc["batch_size"]), conf)
-    path = build_token_cache(iter(batches), make_encoder(cfg), tc["path"], batch_size=int(tc["batch_size"]),
-                             process_index=jax.process_index(), process_count=jax.process_count())
-    log.info("wrote %s", path)
+    quiet_logs()
+    run(args.config, args.overrides, workdir=args.workdir)
     return 0
 
 

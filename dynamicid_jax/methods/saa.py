@@ -257,13 +257,15 @@ def layer_grid(query_len: int, image_size: tuple[int, int]) -> tuple[int, int]:
 
 def query_grids(image_size: tuple[int, int], max_levels: int = 8) -> tuple[tuple[int, int], ...]:
     """The grids of the UNet's attention levels for an image of ``(H, W)`` px: latent ``(H/8, W/8)`` and each
-    halving while both sides stay integers (SD1.5 at 512×768 → 64×96, 32×48, 16×24, 8×12)."""
+    halving while both sides stay integers (SD1.5 at 512×768 → 64×96, 32×48, 16×24, 8×12), then the finer grids
+    ``(H/4, W/4)``, ``(H/2, W/2)``, ``(H, W)`` of VAEs with a smaller scale factor (e.g. 4 for a 3-level VAE)."""
     height, width = image_size
     grids = []
-    for level in range(max_levels):
-        r = 8 * 2 ** level
+    factors = [8 * 2 ** level for level in range(max_levels)]
+    factors = [r for i, r in enumerate(factors) if all(height % q == 0 and width % q == 0 for q in factors[:i + 1])]
+    for r in factors + [4, 2, 1]:
         if height % r or width % r:
-            break
+            continue
         grid = layer_grid((height // r) * (width // r), image_size)
         if grid != (height // r, width // r):  # cannot happen for exact multiples; kept as a guard
             raise AssertionError(f"grid rule mismatch at {image_size}: {grid}")

@@ -177,7 +177,8 @@ def _sub_config(d: Mapping[str, Any], which: str, source: str) -> dict:
 
 
 def text_config(variant: str = "sd15") -> CLIPTextConfig:
-    """``"sd15"``: CLIP ViT-L/14 text (SD1.x); ``"openclip-h"``: OpenCLIP ViT-H/14 text (SD2.x); ``"tiny"``.
+    """``"sd15"``: CLIP ViT-L/14 text (SD1.x); ``"openclip-h"``: OpenCLIP ViT-H/14 text (SD2.x); ``"tiny"``;
+    ``"synthface"``: the SynthFace base's (SD1.5 vocabulary and EOS, 77 positions, hidden size 64).
 
     ``"sd15"`` uses ``eos_token_id=49407``; SD1.5's own config.json says 2 (argmax pooling), which picks the same
     position for tokenizer output, since 49407 is the largest id.
@@ -188,6 +189,9 @@ def text_config(variant: str = "sd15") -> CLIPTextConfig:
                                      num_attention_heads=16, hidden_act="gelu", projection_dim=512),
         "tiny": CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, eos_token_id=999, projection_dim=64),
+        # The SynthFace base (train/stage0.py): SD1.5's vocabulary / tokenizer, 77 positions, 64 wide.
+        "synthface": CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                    projection_dim=64),
     }
     if variant not in variants:
         raise ValueError(f"unknown CLIP text variant {variant!r}; expected one of {sorted(variants)}")
@@ -469,6 +473,44 @@ def load_image_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, p
     state = canonical_vision_state(read_weights(folder, variant))
     params = load_state_dict(state, VISION_KEYMAP, abstract, source=str(folder))
     return model, _to_device(params, param_dtype)
+
+
+def save_image_encoder(folder: str | os.PathLike, module: CLIPVisionModelWithProjection, params: Any) -> str:
+    """Write ``module``/``params`` as a transformers ``CLIPVisionModelWithProjection`` folder (``config.json`` +
+    ``model.safetensors``, fp32) that :func:`load_image_encoder` and ``transformers`` both read. The folder
+    appears complete or not at all (written to a temporary sibling, then renamed); an existing folder is replaced.
+    Returns the folder."""
+    import json
+    import shutil
+    import tempfile
+
+    from dynamicid_jax.weights.keymap import export_state_dict, write_safetensors
+
+    if not isinstance(module, CLIPVisionModelWithProjection):
+        raise TypeError(f"module must be a CLIPVisionModelWithProjection, got {type(module).__name__}")
+    c = module.config
+    dummy = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), dummy)["params"]
+    state = export_state_dict(jax.device_get(params), VISION_KEYMAP)
+    load_state_dict(state, VISION_KEYMAP, abstract, source="save_image_encoder params")  # every key and shape
+    config = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+              **dataclasses.asdict(c)}
+    folder = os.path.abspath(os.fspath(folder))
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-image-encoder-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        write_safetensors({k: np.asarray(v, np.float32) for k, v in state.items()},
+                          os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------------

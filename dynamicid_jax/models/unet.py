@@ -151,7 +151,8 @@ _INERT_DEFAULTS: dict[str, Any] = {
 
 
 def unet_config(variant: str = "sd15") -> UNetConfig:
-    """Variant factory: ``"sd15"`` (859,520,964 params) or ``"tiny"`` (tests / SynthFace)."""
+    """Variant factory: ``"sd15"`` (859,520,964 params), ``"tiny"`` (tests) or ``"synthface"`` (the SynthFace
+    demo's base, trained from scratch by ``train/stage0.py``)."""
     if variant == "sd15":
         return UNetConfig().validate()
     if variant == "tiny":
@@ -159,7 +160,15 @@ def unet_config(variant: str = "sd15") -> UNetConfig:
                           down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                           norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2).validate()
-    raise ValueError(f"unknown UNet variant {variant!r}; expected 'sd15' or 'tiny'")
+    if variant == "synthface":
+        # The SynthFace base (train/stage0.py): 16×16×4 latents (64 px), text width 64. Cross-attention at 8×8 and
+        # 4×4 (and the mid block) only: attention over the 256 tokens of the 16×16 level costs more CPU time than
+        # the rest of the UNet together.
+        return UNetConfig(sample_size=16, block_out_channels=(64, 64, 64), layers_per_block=1,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4).validate()
+    raise ValueError(f"unknown UNet variant {variant!r}; expected 'sd15', 'tiny' or 'synthface'")
 
 
 def attention_layer_names(config: UNetConfig) -> list[str]:

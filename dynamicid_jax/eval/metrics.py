@@ -1,0 +1,331 @@
+"""Evaluation metrics (SPEC §9): FaceSim, multi-ID matching and placement, attribute / expression / pose accuracy,
+identity baselines and CLIP-T.
+
+Faces in generated images are *found*, never assumed: a scorer's :meth:`detect` returns, per image, the face boxes
+and identity embeddings of an **evaluation** recogniser (on SynthFace the ``eval_recognizer`` — another architecture
+and seed than the recogniser the method consumes; on real photos the chosen analyzer's). Then:
+
+* **Matching** (:func:`greedy_match`): the most similar (face, reference) pair is matched first, both are removed,
+  and so on. Every reference gets at most one face; a reference left without a face is *missed*.
+* **FaceSim** of one (image, reference): the cosine of the matched face's embedding with the reference's, **0 when
+  the reference was missed** (no face detected counts as a failure); the detection rate is reported beside it, and
+  ``*_detected`` variants average over matched faces only.
+* **Multi-ID**: per image the mean and the min over its references; **placement**: a reference is placed when its
+  matched face's box centre lies inside the reference's own layout box (:func:`placed`).
+* **Accuracies**: the fraction of requests whose prediction equals the requested label (a missed face is wrong).
+* **Baselines** (:func:`identity_baselines`): the FaceSim a real photo of the *same* person gets (ceiling) and
+  that of a *different* person (baseline), with the same recogniser and the same reference images.
+* **CLIP-T** (:class:`ClipScorer`): cosine of CLIP's projected text and image embeddings (not ×100).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["FaceDetections", "Match", "cosine_matrix", "greedy_match", "match_faces", "box_centres", "placed",
+           "accuracy", "mean_or_none", "identity_baselines", "SynthFaceScorer", "AnalyzerScorer",
+           "reference_embeddings", "view_of_pose", "ClipScorer", "clip_t"]
+
+
+@dataclasses.dataclass
+class FaceDetections:
+    """The faces found in one image: ``boxes [K, 4]`` (pixels ``x0, y0, x1, y1``), unit ``embeddings [K, D]``,
+    ``scores [K]`` and, where the scorer has them, ``poses [K, 3]`` (pitch, yaw, roll in degrees)."""
+
+    boxes: np.ndarray
+    embeddings: np.ndarray
+    scores: np.ndarray
+    poses: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @classmethod
+    def empty(cls, dim: int) -> FaceDetections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0, dim), np.float32), np.zeros((0,), np.float32),
+                   np.zeros((0, 3), np.float32))
+
+
+@dataclasses.dataclass
+class Match:
+    """Matching of one image's faces to its references: ``face [R]`` (face index, −1 = missed) and
+    ``similarity [R]`` (cosine; 0 where missed)."""
+
+    face: np.ndarray
+    similarity: np.ndarray
+
+    @property
+    def matched(self) -> np.ndarray:
+        return self.face >= 0
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` cosines of the rows of ``a`` and ``b`` (normalised here)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or b.ndim != 2 or (a.size and b.size and a.shape[1] != b.shape[1]):
+        raise ValueError(f"cosine_matrix: expected [N, D] and [M, D], got {a.shape} and {b.shape}")
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    return _unit(a) @ _unit(b).T
+
+
+def greedy_match(similarity: np.ndarray) -> np.ndarray:
+    """``similarity [F, R]`` (faces × references) → ``[R]`` face index per reference (−1: none left). The most
+    similar remaining pair is taken first; ties go to the lower index."""
+    sim = np.array(similarity, np.float64, copy=True)
+    if sim.ndim != 2:
+        raise ValueError(f"greedy_match: expected a [faces, references] matrix, got shape {sim.shape}")
+    out = np.full(sim.shape[1], -1, np.int64)
+    for _ in range(min(sim.shape)):
+        f, r = np.unravel_index(np.argmax(sim), sim.shape)
+        if not np.isfinite(sim[f, r]):
+            break
+        out[r] = f
+        sim[f, :] = -np.inf
+        sim[:, r] = -np.inf
+    return out
+
+
+def match_faces(faces: FaceDetections, references: np.ndarray) -> Match:
+    """Greedy matching of ``faces`` to reference embeddings ``[R, D]``."""
+    sim = cosine_matrix(faces.embeddings, references)
+    face = greedy_match(sim)
+    similarity = np.array([sim[f, r] if f >= 0 else 0.0 for r, f in enumerate(face)], np.float64)
+    return Match(face, similarity)
+
+
+def box_centres(boxes: np.ndarray) -> np.ndarray:
+    """``[K, 2]`` centres ``(x, y)`` of ``[K, 4]`` pixel boxes ``x0, y0, x1, y1``."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], -1)
+
+
+def placed(match: Match, faces: FaceDetections, layout: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """``[R]`` bool: reference ``r``'s matched face has its centre inside ``layout[r]`` (normalised
+    ``[y0, x0, y1, x1]``; pixel centres at integer coordinates, so a box spans ``[x0·W − ½, x1·W − ½]``)."""
+    layout = np.asarray(layout, np.float64).reshape(-1, 4)
+    if len(layout) != len(match.face):
+        raise ValueError(f"placed: {len(layout)} layout boxes for {len(match.face)} references")
+    h, w = image_size
+    out = np.zeros(len(layout), bool)
+    if len(faces) == 0:
+        return out
+    centres = box_centres(faces.boxes)
+    for r, f in enumerate(match.face):
+        if f < 0:
+            continue
+        x, y = centres[f] + 0.5
+        y0, x0, y1, x1 = layout[r]
+        out[r] = x0 * w <= x < x1 * w and y0 * h <= y < y1 * h
+    return out
+
+
+def accuracy(predicted: Sequence[Any], requested: Sequence[Any]) -> float | None:
+    """Fraction of equal pairs (``None`` predictions — missed faces — are wrong); ``None`` for no requests."""
+    if len(predicted) != len(requested):
+        raise ValueError(f"accuracy: {len(predicted)} predictions for {len(requested)} requests")
+    if not len(requested):
+        return None
+    return float(np.mean([p is not None and p == q for p, q in zip(predicted, requested)]))
+
+
+def mean_or_none(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def identity_baselines(reference_embeddings: np.ndarray, reference_ids: Sequence[Any], embeddings: np.ndarray,
+                       ids: Sequence[Any]) -> dict[str, Any]:
+    """FaceSim of real photos against the references: ``same_identity`` (mean cosine of a reference with the other
+    photos of its person: the ceiling) and ``different_identity`` (with photos of other people: the baseline).
+    ``embeddings`` must not contain the reference photos themselves."""
+    sim = cosine_matrix(embeddings, reference_embeddings)
+    ids, ref_ids = np.asarray(ids), np.asarray(reference_ids)
+    same = ids[:, None] == ref_ids[None, :]
+    if not same.any() or same.all():
+        raise ValueError("identity_baselines needs photos of the references' own people and of other people")
+    return {"same_identity": float(sim[same].mean()), "different_identity": float(sim[~same].mean()),
+            "same_pairs": int(same.sum()), "different_pairs": int((~same).sum())}
+
+
+# ------------------------------------------------------------------------------------------------- scorers
+class SynthFaceScorer:
+    """SynthFace's evaluation models: detector + landmarker find faces, the evaluation recogniser embeds them, the
+    face classifier reads expression / pose from a face box, the scene classifier background / clothing /
+    placement from an image region."""
+
+    def __init__(self, recognizer, detector, landmarker, face_classifier=None, scene_classifier=None, *,
+                 score_threshold: float | None = None):
+        self.recognizer, self.detector, self.landmarker = recognizer, detector, landmarker
+        self.face_classifier, self.scene_classifier = face_classifier, scene_classifier
+        self.score_threshold = score_threshold
+
+    @classmethod
+    def from_models_dir(cls, models_dir: str | os.PathLike, **kwargs) -> SynthFaceScorer:
+        """Load ``eval_recognizer/``, ``detector/``, ``landmarker/``, ``face_classifier/``, ``scene_classifier/``."""
+        from dynamicid_jax.eval.classifiers import load_eval_models
+        from dynamicid_jax.faces.synthetic_detector import SyntheticDetector, SyntheticLandmarker
+
+        folder = os.fspath(models_dir)
+        models = load_eval_models(folder)
+        missing = [n for n, m in (("eval_recognizer", models.recognizer), ("face_classifier", models.face_classifier),
+                                  ("scene_classifier", models.scene_classifier)) if m is None]
+        missing += [n for n in ("detector", "landmarker") if not os.path.isdir(os.path.join(folder, n))]
+        if missing:
+            raise FileNotFoundError(f"SynthFace models folder {folder!r} lacks {missing} (train them with python -m "
+                                    "data_pipelines.synthface.train_models --data DATA --out MODELS)")
+        return cls(models.recognizer, SyntheticDetector.load(os.path.join(folder, "detector")),
+                   SyntheticLandmarker.load(os.path.join(folder, "landmarker")), models.face_classifier,
+                   models.scene_classifier, **kwargs)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[FaceDetections]:
+        """Faces of every image (boxes from the detector, keypoints from the landmarker, eval embeddings)."""
+        from dynamicid_jax.faces.synthetic_backend import kps_from_landmarks
+
+        images = [np.asarray(im) for im in images]
+        found = [self.detector.detect(im, self.score_threshold) for im in images]
+        owners = [i for i, (b, _) in enumerate(found) for _ in range(len(b))]
+        dim = self.recognizer.embedding_dim
+        if not owners:
+            return [FaceDetections.empty(dim) for _ in images]
+        boxes = np.concatenate([b for b, _ in found if len(b)])
+        crops_of = [images[i] for i in owners]
+        landmarks, poses = self.landmarker.predict(crops_of, boxes)
+        kps = np.stack([kps_from_landmarks(p) for p in landmarks])
+        emb = self.recognizer.embed(crops_of, kps)
+        out, start = [], 0
+        for b, s in found:
+            k = len(b)
+            out.append(FaceDetections(np.asarray(b, np.float32), emb[start:start + k], np.asarray(s, np.float32),
+                                      poses[start:start + k]))
+            start += k
+        return out
+
+    def face_labels(self, images: Sequence[np.ndarray], boxes: np.ndarray) -> dict[str, list[str]]:
+        """``{"expression": [...], "pose": [...]}`` for one face box per image."""
+        if self.face_classifier is None:
+            raise ValueError("no face classifier loaded")
+        if not len(boxes):
+            return {h: [] for h in self.face_classifier.config.head_names}
+        return self.face_classifier.predict(list(images), np.asarray(boxes, np.float64))
+
+    def scene_labels(self, images: Sequence[np.ndarray], regions: np.ndarray | None = None) -> dict[str, list[str]]:
+        """Background / clothing / placement of whole images, or of pixel ``regions [B, 4]`` (one per image)."""
+        if self.scene_classifier is None:
+            raise ValueError("no scene classifier loaded")
+        if not len(images):
+            return {h: [] for h in self.scene_classifier.config.head_names}
+        return self.scene_classifier.predict(list(images), None if regions is None else np.asarray(regions))
+
+
+def view_of_pose(pose: Sequence[float]) -> str:
+    """The view word of the automatic face prompt: ``"front"`` when |yaw| < 10°, else ``"side"``."""
+    return "front" if abs(float(pose[1])) < 10 else "side"
+
+
+class AnalyzerScorer:
+    """Real photos: a :class:`~dynamicid_jax.faces.FaceAnalyzer` (insightface / dlib) finds and embeds faces; no
+    attribute classifiers (expression accuracy is not available), the pose is the analyzer's."""
+
+    face_classifier = None
+    scene_classifier = None
+
+    def __init__(self, analyzer):
+        self.analyzer = analyzer
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[FaceDetections]:
+        out = []
+        for im in images:
+            faces = self.analyzer.analyze(np.asarray(im))
+            if not faces:
+                out.append(FaceDetections.empty(self.analyzer.embedding_dim))
+                continue
+            out.append(FaceDetections(np.stack([np.asarray(f.bbox, np.float32) for f in faces]),
+                                      _unit(np.stack([f.embedding for f in faces])).astype(np.float32),
+                                      np.array([f.det_score for f in faces], np.float32),
+                                      np.stack([np.asarray(f.pose, np.float32) for f in faces])))
+        return out
+
+
+def reference_embeddings(scorer, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
+    """``[N, D]``: the most confident face of each reference image (none → :class:`NoFaceError`)."""
+    from dynamicid_jax.faces import NoFaceError
+
+    out = []
+    for i, det in enumerate(scorer.detect(images)):
+        if not len(det):
+            name = names[i] if names else f"reference {i}"
+            raise NoFaceError(f"the evaluation scorer finds no face in {name}; a reference must show one face")
+        out.append(det.embeddings[int(np.argmax(det.scores))])
+    return np.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------- CLIP-T
+def clip_t(text_embeds: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of paired text and image embeddings ``[B, D]`` → ``[B]`` in ``[-1, 1]``."""
+    t, v = np.asarray(text_embeds), np.asarray(image_embeds)
+    if t.shape != v.shape or t.ndim != 2:
+        raise ValueError(f"clip_t: expected two [B, D] arrays of one shape, got {t.shape} and {v.shape}")
+    return np.sum(_unit(t) * _unit(v), axis=-1)
+
+
+class ClipScorer:
+    """CLIP-T with our own encoders: a transformers ``CLIPModel`` folder (CLIP ViT-L/14 for SD1.5 papers) gives the
+    text tower, ``text_projection`` and the vision tower with ``visual_projection``."""
+
+    def __init__(self, text_model, text_params, text_projection: np.ndarray, vision_model, vision_params, tokenizer):
+        self.text_model, self.text_params = text_model, text_params
+        self.text_projection = jnp.asarray(text_projection, jnp.float32)  # [proj, hidden] (torch Linear weight)
+        self.vision_model, self.vision_params = vision_model, vision_params
+        self.tokenizer = tokenizer
+        self._text = jax.jit(lambda p, w, ids: self.text_model.apply({"params": p}, ids).pooler_output @ w.T)
+        self._image = jax.jit(lambda p, px: self.vision_model.apply({"params": p}, px,
+                                                                    output_hidden_states=False).image_embeds)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ClipScorer:
+        from dynamicid_jax.models.clip import load_image_encoder, load_text_encoder
+        from dynamicid_jax.tokenizer import load_tokenizer
+        from dynamicid_jax.weights import folders
+
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"CLIP folder {path!r} does not exist (expected a transformers CLIPModel folder, "
+                                    "e.g. openai/clip-vit-large-patch14)")
+        state, source = folders.read_weights(path, "model")
+        if "text_projection.weight" not in state or "visual_projection.weight" not in state:
+            raise ValueError(f"{source} is not a full CLIPModel checkpoint (CLIP-T needs text_projection and "
+                             "visual_projection)")
+        text_model, text_params = load_text_encoder(path)
+        vision_model, vision_params = load_image_encoder(path)
+        has_tok = any(os.path.isfile(os.path.join(path, n)) for n in ("vocab.json", "tokenizer.json"))
+        return cls(text_model, text_params, state["text_projection.weight"], vision_model, vision_params,
+                   load_tokenizer(path if has_tok else None))
+
+    def text_embeds(self, prompts: Sequence[str]) -> np.ndarray:
+        from dynamicid_jax.tokenizer import tokenize
+
+        ids = tokenize(self.tokenizer, list(prompts), max_length=self.text_model.config.max_position_embeddings)
+        return np.asarray(self._text(self.text_params, self.text_projection, jnp.asarray(ids)))
+
+    def image_embeds(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        from dynamicid_jax.models.clip import clip_preprocess
+
+        pixels = clip_preprocess(list(images), size=self.vision_model.config.image_size)
+        return np.asarray(self._image(self.vision_params, jnp.asarray(pixels)))
+
+    def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+        """``[B]`` CLIP-T of each image with its prompt."""
+        if len(images) != len(prompts):
+            raise ValueError(f"ClipScorer.score: {len(images)} images for {len(prompts)} prompts")
+        return clip_t(self.text_embeds(prompts), self.image_embeds(images))

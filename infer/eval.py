@@ -1,0 +1,368 @@
+"""Evaluate DynamicID, its ablations and Infinite-ID (SPEC §9): one table for all methods, JSON + Markdown + grids.
+
+    python -m infer.eval --suite synthface --data DATA --models MODELS --sd SD --dynamicid DIR \\
+        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,infinite-id] [--quick] --out OUT
+    python -m infer.eval --suite real --model SD15 --dynamicid DIR --image-encoder CLIP-H [--infinite-id DIR] \\
+        --clip CLIP-L --analyzer insightface --refs REFS_DIR --prompts prompts.txt --out OUT
+
+Methods: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same weights,
+requests only in the text prompt), ``infinite-id``. Without ``--method`` every method whose weights are given
+runs. Writes into ``--out``: ``metrics.json`` (per method every metric and count, the baselines, the targets
+with pass / fail flags), ``metrics.md`` (the table, the baselines, the targets) and ``{method}_single.png``,
+``{method}_multi.png``, ``{method}_edit.png``.
+
+**synthface** — the protocol of :mod:`dynamicid_jax.eval.synthface_suite` on the held-out identities of a SynthFace
+tree, scored with its evaluation models (``--models``).
+
+**real** — the same requests on real weights: every reference (one image per identity in ``--refs``, named by
+file stem) × every prompt (``--prompts``, one per line); references paired left / right in one image; the first
+reference × the 7 expressions of the automatic face prompt (front view). Faces are found and embedded by
+``--analyzer`` (insightface / dlib); CLIP-T uses a CLIP ``CLIPModel`` folder (ViT-L/14) through our encoders. No
+expression classifier exists for real faces, so Expr is not reported; Pose is the front-view rate of the edits.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dynamicid_jax.eval import synthface_suite as S
+
+__all__ = ["run_eval", "run_real", "write_report", "markdown_report", "main"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _default_methods(dynamicid: str | None, infinite_id: str | None) -> list[str]:
+    methods = ["dynamicid", "no-saa", "no-imr"] if dynamicid else []
+    return methods + (["infinite-id"] if infinite_id else [])
+
+
+def _parse_methods(methods: str | Sequence[str] | None, dynamicid: str | None, infinite_id: str | None) -> list[str]:
+    if methods is None:
+        chosen = _default_methods(dynamicid, infinite_id)
+        if not chosen:
+            raise ValueError("no weights given: pass --dynamicid DIR and/or --infinite-id DIR")
+        return chosen
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.replace("|", ",").split(",") if m.strip()]
+    unknown = [m for m in methods if m not in S.METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown or methods}; choose from {', '.join(S.METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+# ---------------------------------------------------------------------------------------------- real suite
+def read_references(folder: str) -> tuple[list[str], list[np.ndarray]]:
+    from dynamicid_jax.faces import load_rgb
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--refs {folder!r} is not a folder (expected one image per identity)")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"--refs {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return ([os.path.splitext(f)[0] for f in files],
+            [load_rgb(os.path.join(folder, f), f"reference {f}") for f in files])
+
+
+def read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts {path!r} does not exist (expected a text file, one prompt per line)")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompts")
+    return prompts
+
+
+def real_requests(num_refs: int, prompts: Sequence[str], *, size: int, seed: int = 0, batch: int = 1,
+                  multi_prompts: Sequence[str] | None = None) -> list[S.Request]:
+    """single: each reference × each prompt; multi: references (0, 1), (2, 3), … left / right in one
+    ``size²`` image with every prompt; edit: reference 0 × the 7 automatic-face-prompt expressions (front view)
+    with the first prompt, plus its unedited control."""
+    from dynamicid_jax.faces import EXPRESSIONS, auto_face_prompt
+    from dynamicid_jax.methods.saa import layout_boxes
+
+    def chunks(items):
+        for i in range(0, len(items), batch):
+            c = list(items[i:i + batch])
+            yield c + [c[-1]] * (batch - len(c))
+
+    out = []
+    for r in range(num_refs):
+        for c, chunk in enumerate(chunks(prompts)):
+            out.append(S.Request("single", (r,), tuple(chunk), seed + 100 * r + c, size, size))
+    boxes = tuple(tuple(float(v) for v in b) for b in layout_boxes(2, "row"))
+    for k in range(num_refs // 2):
+        for c, chunk in enumerate(chunks(list(multi_prompts or prompts))):
+            out.append(S.Request("multi", (2 * k, 2 * k + 1), tuple(chunk), seed + 10_000 + 100 * k + c, size, size,
+                                 boxes=boxes))
+    out.append(S.Request("control", (0,), (prompts[0],) * batch, seed + 20_000, size, size))
+    for e in EXPRESSIONS:
+        face_prompt = auto_face_prompt((0.0, 0.0), e)
+        out.append(S.Request("edit", (0,), (f"{prompts[0]}, {face_prompt}",) * batch, seed + 20_000, size, size,
+                             face_prompt=face_prompt, expression=e, pose="front"))
+    return out
+
+
+def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[str] | None = None,
+             dynamicid: str | None = None, infinite_id: str | None = None, analyzer: Any = "insightface",
+             input_analyzer: Any = "insightface", image_encoder: str | None = None,
+             infinite_id_image_encoder: str | None = None, size: int = 512, steps: int = 30,
+             guidance_scale: float = 5.0, seed: int = 0, batch: int = 1, multi_prompts: str | None = None,
+             pipes: dict | None = None, log=_log) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """The real-weights suite → ``(results, grids)`` (see the module docstring)."""
+    from dynamicid_jax.eval import metrics as M
+    from dynamicid_jax.faces import get_analyzer
+
+    methods = _parse_methods(methods, dynamicid, infinite_id)
+    names, references = read_references(refs)
+    prompt_list = read_prompts(prompts)
+    multi_list = read_prompts(multi_prompts) if multi_prompts else prompt_list
+    t_all = time.perf_counter()
+    clip_scorer = M.ClipScorer.from_pretrained(clip)
+    scorer = M.AnalyzerScorer(get_analyzer(analyzer) if isinstance(analyzer, str) else analyzer)
+    if pipes is None:
+        pipes = S.load_pipelines(methods, sd, dynamicid_path=dynamicid, infinite_id_path=infinite_id,
+                                 analyzer=input_analyzer, dynamicid_image_encoder=image_encoder,
+                                 infinite_id_image_encoder=infinite_id_image_encoder)
+    ref_emb = M.reference_embeddings(scorer, references, names)
+    baselines: dict[str, Any] = {"references": names}
+    if len(names) >= 2:
+        sim = M.cosine_matrix(ref_emb, ref_emb)
+        baselines["different_identity"] = float(sim[~np.eye(len(names), dtype=bool)].mean())
+        baselines["note"] = "mean cosine between different references (one image per identity: no ceiling)"
+    requests = real_requests(len(names), prompt_list, size=size, seed=seed, batch=batch, multi_prompts=multi_list)
+    results, grids = {}, {}
+    for method in methods:
+        log(f"[eval] {method}: {len(requests)} calls")
+        outputs, gen_s = S.run_method(method, pipes, requests, references, steps=steps,
+                                      guidance_scale=guidance_scale)
+        t0 = time.perf_counter()
+        results[method] = S.score_outputs(outputs, scorer, ref_emb, clip_scorer)
+        results[method]["seconds"] = {"generate": gen_s, "score": time.perf_counter() - t0}
+        grids[method] = S.preview_grids(outputs, references)
+    counts = {k: sum(len(r.prompts) for r in requests if r.kind == k) for k in ("single", "multi", "edit", "control")}
+    return {"suite": "real", "protocol": {"references": names, "prompts": prompt_list, "multi_prompts": multi_list,
+                                          "size": size, "steps": steps,
+                                          "guidance_scale": guidance_scale, "seed": seed, "batch": batch,
+                                          "images": counts, "calls": len(requests),
+                                          "analyzer": getattr(scorer.analyzer, "name", str(analyzer))},
+            "baselines": baselines, "methods": results, "targets": [],
+            "seconds": {"total": time.perf_counter() - t_all}}, grids
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+COLUMNS = (("FaceSim", ("single", "facesim")), ("FaceSim (det.)", ("single", "facesim_detected")),
+           ("Det.", ("single", "detection_rate")), ("Multi FaceSim mean", ("multi", "facesim_mean")),
+           ("Multi FaceSim min", ("multi", "facesim_min")), ("Placement", ("multi", "placement")),
+           ("Attr. acc", ("attribute_accuracy",)), ("Expr", ("edit", "expression_accuracy")),
+           ("Pose", ("edit", "pose_accuracy")), ("Edit FaceSim", ("edit", "facesim")),
+           ("Unedited FaceSim", ("edit", "facesim_unedited")), ("Δ FaceSim", ("edit", "facesim_drop")),
+           ("CLIP-T", ("single", "clip_t")), ("Gen. s", ("seconds", "generate")))
+METHOD_TITLES = {"dynamicid": "DynamicID", "no-saa": "w/o SAA", "no-imr": "w/o IMR", "infinite-id": "Infinite-ID"}
+
+
+def _get(d: Any, keys: Sequence[str]) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """One table for all methods, then the baselines and the targets with measured values."""
+    suite = results["suite"]
+    cols = [c for c in COLUMNS if suite == "real" or c[0] != "CLIP-T"]
+    lines = [f"# Evaluation ({suite})", ""]
+    p = results["protocol"]
+    lines.append("Images per method: " + ", ".join(f"{k} {v}" for k, v in p["images"].items()) +
+                 f"; references: {', '.join(map(str, p['references']))}.")
+    lines += ["", "| Method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, m in results["methods"].items():
+        lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(_fmt(_get(m, k)) for _, k in cols)
+                     + " |")
+    b = results["baselines"]
+    if suite == "synthface":
+        real = {"single": {"facesim": b.get("same_identity"), "detection_rate": b.get("detection_rate")},
+                "multi": {"placement": b.get("scene_placement")}, "attribute_accuracy": b.get("attribute_accuracy"),
+                "edit": {"expression_accuracy": b.get("expression_accuracy"), "pose_accuracy": b.get("pose_accuracy")}}
+        lines.append("| *real SynthFace images* | " + " | ".join(_fmt(_get(real, k)) for _, k in cols) + " |")
+    lines += ["", "FaceSim: cosine of evaluation-recogniser embeddings (generated face vs reference), a face that "
+              "is not found counts as 0 (FaceSim (det.): found faces only; Det.: detection rate). Multi-ID: faces "
+              "greedily matched to references; placement: the matched face's centre lies in its identity's box "
+              "(chance with two found faces: 0.5). Expr: expression edits; Pose: all edits; Δ FaceSim = unedited "
+              "control − edited.", "", "## Baselines", ""]
+    for k, v in b.items():
+        if k not in ("identities", "references"):
+            lines.append(f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v, sort_keys=True)}")
+    if results.get("targets"):
+        lines += ["", "## Targets", ""]
+        for t in results["targets"]:
+            flag = {True: "PASS", False: "MISS", None: "not measured"}[t["passed"]]
+            measured = ", ".join(f"{k} = {_fmt(v)}" for k, v in t["measured"].items())
+            lines.append(f"- **{flag}** — {t['target']}: {t['rule']} (measured: {measured})")
+    lines += ["", f"Total evaluation time: {results['seconds'].get('total', float('nan')):.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars → Python, non-finite floats → None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_report(out: str, results: dict[str, Any], grids: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+    """Write ``metrics.json``, ``metrics.md`` and the grids into ``out`` (each file atomically); returns paths."""
+    from dynamicid_jax.image_io import save_png
+
+    os.makedirs(out, exist_ok=True)
+    paths = {}
+    for method, by_kind in grids.items():
+        for kind, image in by_kind.items():
+            paths[f"{method}_{kind}"] = save_png(image, os.path.join(out, f"{method}_{kind}.png"))
+            os.chmod(paths[f"{method}_{kind}"], 0o644)
+    results = _clean(results)
+    paths["metrics.json"] = os.path.join(out, "metrics.json")
+    _write_text(paths["metrics.json"], json.dumps(results, indent=1, sort_keys=True) + "\n")
+    paths["metrics.md"] = os.path.join(out, "metrics.md")
+    _write_text(paths["metrics.md"], markdown_report(results))
+    return paths
+
+
+def run_eval(*, out: str, suite: str = "synthface", sd: str, methods: str | Sequence[str] | None = None,
+             dynamicid: str | None = None, infinite_id: str | None = None, data: str | None = None,
+             models: str | None = None, quick: bool = False, protocol: S.Protocol | None = None,
+             pipes: dict | None = None, log=_log, **real_kwargs) -> dict[str, Any]:
+    """Run a suite and write its report into ``out``; returns the results (what ``metrics.json`` holds).
+
+    synthface: ``data`` (a SynthFace tree), ``models`` (its face models), ``protocol`` (default
+    :class:`Protocol`, or :meth:`Protocol.quick` with ``quick=True``). real: the keyword arguments of
+    :func:`run_real` (``refs``, ``prompts``, ``clip``, ``analyzer``, …). ``pipes`` reuses loaded pipelines."""
+    if suite == "synthface":
+        if real_kwargs:
+            raise ValueError(f"options {sorted(real_kwargs)} belong to --suite real")
+        if not data or not models:
+            raise ValueError("--suite synthface needs --data (a SynthFace folder) and --models (its face models)")
+        chosen = _parse_methods(methods, dynamicid, infinite_id)
+        protocol = protocol or (S.Protocol.quick() if quick else S.Protocol())
+        results, grids = S.run_synthface(data, models, sd, dynamicid_path=dynamicid, infinite_id_path=infinite_id,
+                                         methods=chosen, protocol=protocol, pipes=pipes, log=log)
+    elif suite == "real":
+        for key in ("refs", "prompts", "clip"):
+            if not real_kwargs.get(key):
+                raise ValueError(f"--suite real needs --{key}")
+        results, grids = run_real(sd, methods=methods, dynamicid=dynamicid, infinite_id=infinite_id, pipes=pipes,
+                                  log=log, **real_kwargs)
+    else:
+        raise ValueError(f"unknown suite {suite!r}; choose synthface or real")
+    write_report(out, results, grids)
+    return _clean(results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("synthface", "real"), default="synthface")
+    p.add_argument("--sd", "--model", dest="sd", required=True, help="the Stable Diffusion base (diffusers folder "
+                   "or single file)")
+    p.add_argument("--dynamicid", help="a DynamicID folder (save_dynamicid / infer.convert / train.export_dynamicid)")
+    p.add_argument("--infinite-id", help="an Infinite-ID weights folder (train.infinite_id export)")
+    p.add_argument("--method", "--methods", dest="methods", help=f"comma-separated subset of {','.join(S.METHODS)} "
+                   "(default: every method whose weights are given)")
+    p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("synthface")
+    g.add_argument("--data", help="SynthFace folder (python -m data_pipelines.synthface)")
+    g.add_argument("--models", help="its face models (python -m data_pipelines.synthface.train_models)")
+    g.add_argument("--quick", action="store_true", help="the test-sized protocol (few images, 2 steps)")
+    g.add_argument("--steps", type=int, help="denoising steps (synthface default 20, real 30)")
+    g.add_argument("--guidance-scale", type=float, help="CFG scale (default 5.0)")
+    g.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("real")
+    r.add_argument("--clip", help="CLIP ViT-L/14 folder (transformers CLIPModel) for CLIP-T")
+    r.add_argument("--analyzer", default="insightface", choices=("insightface", "dlib"),
+                   help="face analysis for scoring")
+    r.add_argument("--input-analyzer", default="insightface", help="face analysis the methods consume")
+    r.add_argument("--refs", help="folder with one reference image per identity")
+    r.add_argument("--prompts", help="text file, one prompt per line")
+    r.add_argument("--multi-prompts", help="prompts for the two-identity images (default: --prompts)")
+    r.add_argument("--image-encoder", help="DynamicID's CLIP vision tower (default DYNAMICID/image_encoder)")
+    r.add_argument("--infinite-id-image-encoder", help="Infinite-ID's CLIP vision tower (default "
+                   "INFINITE_ID/image_encoder)")
+    r.add_argument("--size", type=int, default=512)
+    r.add_argument("--batch", type=int, default=1)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.suite == "synthface":
+            overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
+                                           ("seed", args.seed)) if v is not None}
+            base = S.Protocol.quick() if args.quick else S.Protocol()
+            results = run_eval(out=args.out, suite="synthface", sd=args.sd, methods=args.methods,
+                               dynamicid=args.dynamicid, infinite_id=args.infinite_id, data=args.data,
+                               models=args.models, protocol=dataclasses.replace(base, **overrides))
+        else:
+            results = run_eval(out=args.out, suite="real", sd=args.sd, methods=args.methods,
+                               dynamicid=args.dynamicid, infinite_id=args.infinite_id, refs=args.refs,
+                               prompts=args.prompts, clip=args.clip, analyzer=args.analyzer,
+                               input_analyzer=args.input_analyzer, image_encoder=args.image_encoder,
+                               infinite_id_image_encoder=args.infinite_id_image_encoder, size=args.size,
+                               steps=30 if args.steps is None else args.steps,
+                               guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
+                               seed=args.seed, batch=args.batch, multi_prompts=args.multi_prompts)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(markdown_report(results))
+    print(os.path.abspath(os.path.join(args.out, "metrics.json")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
