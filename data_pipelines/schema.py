@@ -358,20 +358,21 @@ def _one_of(batch: Mapping[str, Any], options: tuple, what: str) -> str:
 
 
 def validate_stage1_batch(batch: Mapping[str, np.ndarray], *, resolution: int | None = None,
-                          clip_size: int = 224) -> int:
-    """Check a stage-1 batch against the contract (module docstring); returns the batch size."""
+                          clip_size: int = 224, vae_scale_factor: int = 8) -> int:
+    """Check a stage-1 batch against the contract (module docstring); returns the batch size. Latent moments are
+    ``resolution / vae_scale_factor`` on a side (8: SD1.5's VAE; 4: the SynthFace base)."""
     what = "stage-1 batch"
     for options in STAGE1_REQUIRED:
         _one_of(batch, options, what)
     b = int(np.shape(batch["identity"])[0]) if np.ndim(batch["identity"]) == 1 else -1
     if b < 1:
         raise ValueError(f"{what} 'identity': expected int32 [B], got shape {list(np.shape(batch['identity']))}")
-    r = resolution
+    r, f = resolution, int(vae_scale_factor)
     if "target_pixels" in batch:
         _expect(batch, "target_pixels", np.float32, (b, r, r, 3), what)
     else:
         _expect(batch, "target_latent_moments", np.float32,
-                (b, None if r is None else r // 8, None if r is None else r // 8, 8), what)
+                (b, None if r is None else r // f, None if r is None else r // f, 8), what)
     if "ref_clip_pixels" in batch:
         _expect(batch, "ref_clip_pixels", np.float32, (b, clip_size, clip_size, 3), what)
     else:
@@ -383,13 +384,14 @@ def validate_stage1_batch(batch: Mapping[str, np.ndarray], *, resolution: int | 
 
 
 def validate_stage2_example(example: Mapping[str, np.ndarray], *, num_targets: int | None = None,
-                            resolution: int | None = None) -> int:
-    """Check a stage-2 element against the contract (module docstring); returns ``T``."""
+                            resolution: int | None = None, vae_scale_factor: int = 8) -> int:
+    """Check a stage-2 element against the contract (module docstring); returns ``T``
+    (``vae_scale_factor`` as in :func:`validate_stage1_batch`)."""
     what = "stage-2 example"
     for options in STAGE2_REQUIRED:
         _one_of(example, options, what)
     t = num_targets if num_targets is not None else int(np.shape(example["tgt_index"])[0])
-    r = resolution
+    r, f = resolution, int(vae_scale_factor)
     _expect(example, "src_raster", np.float32, (96, 96, 1), what)
     _expect(example, "tgt_rasters", np.float32, (t, 96, 96, 1), what)
     _expect(example, "src_face_prompt_ids", np.int32, (TOKEN_LENGTH,), what)
@@ -398,7 +400,7 @@ def validate_stage2_example(example: Mapping[str, np.ndarray], *, num_targets: i
         _expect(example, "tgt_pixels", np.float32, (t, r, r, 3), what)
     else:
         _expect(example, "tgt_latent_moments", np.float32,
-                (t, None if r is None else r // 8, None if r is None else r // 8, 8), what)
+                (t, None if r is None else r // f, None if r is None else r // f, 8), what)
     _expect(example, "src_index", np.int32, (), what)
     _expect(example, "tgt_index", np.int32, (t,), what)
     _expect(example, "identity", np.int32, (), what)

@@ -36,6 +36,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,13 +1,21 @@
-"""The embedded demo: what runs on a fresh CPU machine with no model download.
+"""The embedded demo: DynamicID trained end to end on a CPU in SynthFace, then evaluated — no download.
 
-    python -m infer.demo --out demo_out [--quick]
+    python -m infer.demo --out demo_out [--quick] [--infinite-id]
 
-It writes into ``--out``: ``faces.png`` / ``faces.md`` — real face analysis with real offline weights (dlib) on
-the group photo shipped with insightface: boxes, 5-point keypoints, head pose, SPEC §5's automatic face prompt per
-face, and the identity-similarity matrix — plus ``summary.json``.
+Stages (each recorded in ``{out}/work/stages.json`` and reused by the next run when its settings are unchanged;
+the training stages also resume from their own checkpoints when interrupted):
 
-This is the part of the system that has real weights on a fresh machine today. The trained SynthFace demo
-(stage 0 → 1 → 2 in the embedded world, single-/multi-ID and edit images, gate maps, metrics) is not built yet.
+1. SynthFace: training identities × 35 images, held-out identities, multi-person scenes;
+2. the world's face models (input recogniser, evaluation recogniser, detector, landmarks, classifiers);
+3. face-record shards of the training split (synthetic analyzer);
+4. stage 0: the tiny Stable Diffusion base (VAE, then text encoder + UNet) trained from scratch on captions;
+5. stage 1: ID encoder + SAA; 6. token cache + stage 2: IMR + KeyPointEncoder; then the DynamicID folder;
+7. Infinite-ID (ID-semantics decoupled training) on the same base;
+8. evaluation of DynamicID, its ablations and Infinite-ID on held-out identities;
+9. figures and the real-photo face analysis.
+
+Outputs in ``--out``: ``single_id.png``, ``multi_id.png``, ``edit.png``, ``gates.png``, ``metrics.json``,
+``metrics.md``, ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds).
 """
 from __future__ import annotations
 
@@ -16,8 +24,11 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
+
+from infer.demo_stages import Stage, StageRunner
 
 
 def _log(msg: str) -> None:
@@ -25,6 +36,7 @@ def _log(msg: str) -> None:
 
 
 def face_section(out: str) -> dict:
+    """Real face analysis with real offline weights (dlib) on the group photo shipped with insightface."""
     from PIL import Image, ImageDraw
 
     from dynamicid_jax.faces import auto_face_prompt, get_analyzer
@@ -59,23 +71,226 @@ def face_section(out: str) -> dict:
                 + "\n".join(rows) + "\n\n## Identity similarity (cosine of 128-d embeddings)\n\n"
                 + "\n".join(sim) + "\n")
     off_diag = similarity[~np.eye(len(faces), dtype=bool)]
-    _log(f"faces: {len(faces)} found in {seconds:.2f}s; max cross-identity cosine {off_diag.max():.2f}")
-    return {"faces": len(faces), "analysis_s": seconds, "max_cross_identity_cosine": float(off_diag.max()),
-            "crops": [image[int(f.bbox[1]):int(f.bbox[3]), int(f.bbox[0]):int(f.bbox[2])] for f in faces[:2]]}
+    return {"faces": len(faces), "analysis_s": seconds, "max_cross_identity_cosine": float(off_diag.max())}
+
+
+#: The demo's settings. ``full`` is ``make demo`` (≤ 15 minutes on 2 CPU cores); ``quick`` is the test suite's
+#: end-to-end run (seconds per stage: it checks the wiring and the files, not the method).
+PRESETS: dict[str, dict] = {
+    "full": {
+        "synthface": {"identities": 40, "heldout": 4, "scenes": 8, "size": 64, "seed": 0},
+        "face_models": {"steps_scale": 0.5},
+        "stage0": [], "stage1": ["train.steps=300"], "stage2": [], "infinite_id": [],
+        "eval": {"quick": False},
+        "figures": {"steps": 25, "guidance_scale": 4.0},
+    },
+    "quick": {
+        "synthface": {"identities": 4, "heldout": 2, "scenes": 2, "size": 64, "seed": 0},
+        "face_models": {"steps_scale": 0.15},
+        "stage0": ["quick"],
+        "stage1": ["train.steps=2", "checkpoint.every=2", "data.batch_size=2", "train.log_every=1"],
+        "stage2": ["train.steps=2", "checkpoint.every=2", "data.num_targets=2", "train.log_every=1"],
+        "infinite_id": ["train.steps=2", "checkpoint.every=2", "data.batch_size=2", "train.log_every=1"],
+        "eval": {"quick": True},
+        "figures": {"steps": 3, "guidance_scale": 4.0},
+    },
+}
+
+CONFIGS = {"stage0": "train/configs/synthface_stage0.yaml", "stage1": "train/configs/synthface_stage1.yaml",
+           "stage2": "train/configs/synthface_stage2.yaml",
+           "infinite_id": "train/configs/synthface_infinite_id.yaml"}
+#: A stage folder without a finished record (an interrupted run) whose upstream stage was retrained since: start it
+#: again instead of stopping with "trained with other inputs" (finished stages are removed by the runner).
+RESTART = ("on_change=restart",)
+
+FIGURE_PROMPTS = ("a photo of a person, blue background", "a photo of a person in a red shirt, green background",
+                  "a photo of a person in a yellow shirt, gray background")
+MULTI_PROMPTS = ("a photo of two people side by side, blue background",
+                 "a photo of two people side by side, the person on the left wears a red shirt, the person on the "
+                 "right wears a yellow shirt, green background")
+
+
+def _config_path(name: str) -> str:
+    """The SynthFace config shipped with the package checkout (``train/configs/``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, CONFIGS[name])
+
+
+def _one_device_mesh():
+    """The demo trains on the first device, as stage 0 does by default: its batches are a few images, and several
+    CPU "devices" (``--xla_force_host_platform_device_count``) would only share the same cores."""
+    import jax
+
+    from dynamicid_jax import sharding
+
+    return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: str) -> list[Stage]:
+    """The demo's stages (module docstring) with their settings; ``runner.folder(name)`` is each one's folder."""
+    sf = preset["synthface"]
+    data, models, shards = runner.folder("synthface"), runner.folder("face_models"), runner.folder("shards")
+    stage0_dir, stage1_dir, stage2_dir = runner.folder("stage0"), runner.folder("stage1"), runner.folder("stage2")
+    dynamicid_dir, iid_dir = runner.folder("dynamicid"), runner.folder("infinite_id")
+    progress = True
+
+    def synthface(folder):
+        from data_pipelines.synthface import generate
+
+        index = generate(folder, sf["identities"], seed=sf["seed"], size=sf["size"], heldout=sf["heldout"],
+                         scenes=sf["scenes"], workers=1, progress=progress)
+        return {"train_identities": len(index["splits"]["train"]), "heldout": len(index["splits"]["heldout"]),
+                "scenes": len(index["scenes"])}
+
+    def face_models(folder):
+        from data_pipelines.synthface.train_models import train_all
+
+        metrics = train_all(data, folder, steps_scale=preset["face_models"]["steps_scale"], progress=progress)
+        return {k: metrics.get(k) for k in ("recognizer", "eval_recognizer", "face_classifier")}
+
+    def build(folder):
+        from data_pipelines.build_shards import build_shards
+
+        manifest = build_shards(os.path.join(data, "train"), folder, "synthetic",
+                                analyzer_kwargs={"models_dir": models}, resolution=sf["size"], progress=progress)
+        return {"records": int(manifest.num_records)}
+
+    def stage0(folder):
+        from train import stage0 as s0
+
+        quick = "quick" in preset["stage0"]
+        overrides = [f"data.root={data}", *(o for o in preset["stage0"] if o != "quick")]
+        return {"sd": s0.run(_config_path("stage0"), overrides, workdir=folder, quick=quick)}
+
+    sd_path = os.path.join(stage0_dir, "export", "sd")
+
+    def stage1(folder):
+        from train import stage1 as s1
+
+        return {"export": s1.run(_config_path("stage1"), [f"model.base={sd_path}", f"data.shards={shards}",
+                                                           *RESTART, *preset["stage1"]], workdir=folder,
+                                 mesh=_one_device_mesh())}
+
+    stage1_export = os.path.join(stage1_dir, "export", "stage1.safetensors")
+
+    def stage2(folder):
+        from train import stage2 as s2
+
+        overrides = [f"model.base={sd_path}", f"data.shards={shards}", f"model.stage1={stage1_export}", *RESTART,
+                     *preset["stage2"]]
+        return {"export": s2.run(_config_path("stage2"), overrides, workdir=folder, mesh=_one_device_mesh())}
+
+    def dynamicid(folder):
+        from train.export_dynamicid import export_dynamicid
+
+        export_dynamicid(stage1_export, os.path.join(stage2_dir, "export", "stage2.safetensors"), folder)
+        return {"folder": folder}
+
+    def infinite(folder):
+        from train import infinite_id as ii
+
+        return {"export": ii.run(_config_path("infinite_id"), [f"model.base={sd_path}", f"data.shards={shards}",
+                                                                *RESTART, *preset["infinite_id"]], workdir=folder,
+                                 mesh=_one_device_mesh())}
+
+    iid_export = os.path.join(iid_dir, "export")
+
+    def evaluate(folder):
+        from infer.eval import run_eval
+
+        results = run_eval(data=data, models=models, sd=sd_path, dynamicid=dynamicid_dir,
+                           infinite_id=iid_export if infinite_id else None, out=folder,
+                           quick=preset["eval"]["quick"])
+        return {"methods": sorted(results.get("methods", {})) if isinstance(results, dict) else []}
+
+    stages = [
+        Stage("synthface", "SynthFace world", sf, synthface),
+        Stage("face_models", "face models (recognisers, detector, landmarks, classifiers)",
+              preset["face_models"], face_models, needs=("synthface",)),
+        Stage("shards", "face-record shards (synthetic analyzer)", {"size": sf["size"]}, build,
+              needs=("synthface", "face_models")),
+        Stage("stage0", "stage 0: the tiny SD base from scratch", {"overrides": preset["stage0"]}, stage0,
+              needs=("synthface",)),
+        Stage("stage1", "stage 1: ID encoder + SAA", {"overrides": preset["stage1"]}, stage1,
+              needs=("stage0", "shards")),
+        Stage("stage2", "stage 2: token cache, IMR + KeyPointEncoder", {"overrides": preset["stage2"]}, stage2,
+              needs=("stage1",)),
+        Stage("dynamicid", "the DynamicID folder", {}, dynamicid, needs=("stage1", "stage2")),
+    ]
+    if infinite_id:
+        stages.append(Stage("infinite_id", "Infinite-ID (ID-semantics decoupled training)",
+                            {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards")))
+    stages.append(Stage("eval", "evaluation on held-out identities", {**preset["eval"], "infinite_id": infinite_id},
+                        evaluate, needs=tuple(s.name for s in stages if s.name in ("dynamicid", "infinite_id"))))
+    return stages
+
+
+def _held_out_references(data: str, count: int) -> list[np.ndarray]:
+    """Neutral frontal images of the first ``count`` held-out identities."""
+    from PIL import Image
+
+    from data_pipelines.synthface import load_index
+
+    names = sorted(load_index(data)["splits"]["heldout"])[:count]
+    return [np.asarray(Image.open(os.path.join(data, "heldout", n, "neutral_front.png")).convert("RGB"))
+            for n in names]
+
+
+def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) -> dict:
+    """Run (or reuse) every stage, then write the figures and the metrics into ``out``; returns the summary.
+
+    ``infinite_id``: train and score Infinite-ID too (default: with ``quick`` only — in the full demo it is the
+    ``--infinite-id`` option, because it does not fit the 15-minute budget beside DynamicID; see the README)."""
+    if infinite_id is None:
+        infinite_id = quick
+    from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
+    from infer.demo_figures import save_all
+
+    preset = PRESETS["quick" if quick else "full"]
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    runner = StageRunner(os.path.join(out, "work"))
+    summary = runner.run(build_stages(runner, preset, infinite_id=infinite_id, out=out))
+    _log("figures: single_id.png, multi_id.png, edit.png, gates.png")
+    t0 = time.perf_counter()
+    data, models = runner.folder("synthface"), runner.folder("face_models")
+    with warnings.catch_warnings():  # SynthFace's IMR is trained on its own 68-point rasters
+        warnings.filterwarnings("ignore", message="the IMR's landmark rasters come from a 68-point analyzer")
+        pipe = DynamicIDPipeline.from_pretrained(os.path.join(runner.folder("stage0"), "export", "sd"),
+                                                 runner.folder("dynamicid"), analyzer="synthetic",
+                                                 analyzer_kwargs={"models_dir": models})
+    figures = save_all(pipe, _held_out_references(data, 2), FIGURE_PROMPTS, MULTI_PROMPTS, out,
+                       **preset["figures"])
+    summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
+    for name in ("metrics.json", "metrics.md"):
+        src = os.path.join(runner.folder("eval"), name)
+        with open(src, encoding="utf-8") as f:
+            text = f.read()
+        with open(os.path.join(out, name + ".tmp"), "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    t0 = time.perf_counter()
+    summary["faces"] = {"result": face_section(out), "seconds": time.perf_counter() - t0}
+    total = time.perf_counter() - start
+    result = {"preset": "quick" if quick else "full", "total_s": total,
+              "stages": {k: {"seconds": round(v["seconds"], 2), "reused": v.get("reused", False)}
+                         for k, v in summary.items()},
+              "faces": summary["faces"]["result"]}
+    with open(os.path.join(out, "summary.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    _log(f"demo done in {total:.0f} s → {os.path.abspath(out)}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer.demo", description="the embedded dynamicid-jax demo")
+    p = argparse.ArgumentParser(prog="python -m infer.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps per stage (checks the wiring)")
+    p.add_argument("--infinite-id", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train and score Infinite-ID (default: on with --quick, off in the full demo)")
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    start = time.perf_counter()
-    _log("face analysis on a real photo (dlib, offline weights)")
-    summary = {"faces": {k: v for k, v in face_section(args.out).items() if k != "crops"}}
-    summary["total_s"] = time.perf_counter() - start
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    _log(f"done in {summary['total_s']:.1f}s → {os.path.abspath(args.out)}")
+    run_demo(args.out, quick=args.quick, infinite_id=args.infinite_id)
     return 0
 
 

@@ -148,6 +148,9 @@ def test_validate_stage1_batch():
         S.validate_stage1_batch({**_stage1(), "input_ids": np.zeros((2, 77), np.int64)})
     with pytest.raises(ValueError, match=r"'target_pixels': expected shape \[2, 32, 32, 3\]"):
         S.validate_stage1_batch(_stage1(), resolution=32)
+    latents16 = _stage1(3, latents=True, clip=True)  # 2×2 latents of a 16 px image: an 8× VAE
+    with pytest.raises(ValueError, match="target_latent_moments"):
+        S.validate_stage1_batch(latents16, resolution=16, vae_scale_factor=4)  # a 4× VAE expects 4×4
 
 
 def test_validate_stage2_example():

@@ -192,6 +192,31 @@ def test_backend_finds_faces_in_a_rendered_scene(world, recognizer, detector_and
     assert all(f.extras["source"] == "sidecar" for f in analyzer.analyze(path))
 
 
+def test_backend_analyses_large_images_at_its_native_size(world, recognizer, detector_and_landmarker):
+    """The IMR's landmark raster upsamples a reference to 512²; the detector (trained at 64 px) is run at its native
+    size and the geometry comes back in the large image's pixels — the same raster as at 64 px."""
+    det, lmk = detector_and_landmarker
+    analyzer = SyntheticAnalyzer(recognizer=recognizer, detector=det, landmarker=lmk)
+    image = world["held"][0]
+    big = np.asarray(Image.fromarray(image).resize((512, 512), Image.Resampling.BICUBIC))
+    small = np.asarray(Image.fromarray(big).resize((64, 64), Image.Resampling.BICUBIC))
+    small_faces, big_faces = analyzer.analyze(small), analyzer.analyze(big)
+    assert len(small_faces) >= 1 and len(big_faces) == len(small_faces)
+    scale = 512 / 64
+    for s_face, b_face in zip(small_faces, big_faces):
+        np.testing.assert_allclose(b_face.bbox, (s_face.bbox + 0.5) * scale - 0.5, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(b_face.landmarks, (s_face.landmarks + 0.5) * scale - 0.5, rtol=1e-5, atol=1e-3)
+        assert b_face.extras["analysed_at"] == [64, 64] and b_face.embedding.shape == s_face.embedding.shape
+    truth = world["held_records"][0]["bbox"]
+    assert box_iou(big_faces[0].bbox[None] / scale, np.asarray(truth, np.float64)[None])[0, 0] > 0.3
+    raster = F.landmark_raster(big, analyzer)  # no longer "no face found"
+    assert raster.shape == (96, 96, 1) and (raster > 0).sum() > 20
+    assert SyntheticAnalyzer(recognizer=recognizer, detector=det, landmarker=lmk, native_size=None).native_size \
+        is None
+    with pytest.raises(ValueError, match="native_size"):
+        SyntheticAnalyzer(recognizer=recognizer, native_size=8)
+
+
 def test_landmarker_and_detector_on_heldout_portraits(world, detector_and_landmarker):
     det, lmk = detector_and_landmarker
     held = world["held_records"][::5]

@@ -150,25 +150,20 @@ def training_sections(loop_module) -> dict:
             "checkpoint": dict(loop_module.CHECKPOINT_DEFAULTS), "mesh": dict(loop_module.MESH_DEFAULTS)}
 
 
-def run_cli(description: str, defaults: dict, build: Callable, make_data: Callable, argv=None) -> int:
-    """Parse, initialise, build the task, train, export. ``build(cfg) -> (task, export_fn)``,
-    ``make_data(cfg) -> iterator``."""
-    from train.config import load_config
-    from train.loop import Trainer
+__all__ = ["BaseModel", "boxed_abstract", "check_tree", "cli_args", "clip_penultimate", "compute_dtype",
+           "init_distributed", "load_base", "load_image_encoder", "load_params", "save_params", "stage_main"]
 
-    args = cli_args(description, argv)
+
+def stage_main(doc: str, run: Callable, argv=None) -> int:
+    """The ``main`` of a stage CLI (``python -m train.stage1 --config FILE [overrides]``): parse, start the
+    distributed runtime when asked, set up logging, ``run(config, overrides, workdir=...)``."""
+    import logging
+
+    args = cli_args(doc.split("\n\n")[0], argv)
     init_distributed(args)
     setup_logging()
-    cfg = load_config(args.config, args.overrides, defaults=defaults)
-    workdir = args.workdir or cfg.get("workdir")
-    if not workdir:
-        raise SystemExit("give --workdir or workdir= in the config")
-    task, export = build(cfg)
-    trainer = Trainer(task, cfg, workdir)
-    state = trainer.fit(make_data(cfg))
-    export(state, workdir)
+    for name in ("absl", "orbax"):  # the checkpointer's per-file INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run(args.config, args.overrides, workdir=args.workdir)
     return 0
 
-
-__all__ = ["BaseModel", "boxed_abstract", "check_tree", "cli_args", "clip_penultimate", "compute_dtype",
-           "init_distributed", "load_base", "load_image_encoder", "load_params", "run_cli", "save_params"]

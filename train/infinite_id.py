@@ -19,7 +19,6 @@ input is the whole reference image, so the exported config says ``clip_input: im
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -269,18 +268,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
 
 
 def main(argv=None) -> int:
-    from train.stage1 import quiet_logs
-
-    args = common.cli_args(__doc__.split("\n\n")[0], argv)
-    common.init_distributed(args)
-    common.setup_logging()
-    quiet_logs()
-    run(args.config, args.overrides, workdir=args.workdir)
-    return 0
-
-
-def copy_defaults() -> dict:
-    return copy.deepcopy(DEFAULTS)
+    return common.stage_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ S = the image encoder's input size; ``data.clip_size`` 0 picks it) or
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -515,16 +514,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
 
 
 def main(argv=None) -> int:
-    args = common.cli_args(__doc__.split("\n\n")[0], argv)
-    common.init_distributed(args)
-    common.setup_logging()
-    quiet_logs()
-    run(args.config, args.overrides, workdir=args.workdir)
-    return 0
-
-
-def copy_defaults() -> dict:
-    return copy.deepcopy(DEFAULTS)
+    return common.stage_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -237,14 +237,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
 
 
 def main(argv=None) -> int:
-    from train.stage1 import quiet_logs
-
-    args = common.cli_args(__doc__.split("\n\n")[0], argv)
-    common.init_distributed(args)
-    common.setup_logging()
-    quiet_logs()
-    run(args.config, args.overrides, workdir=args.workdir)
-    return 0
+    return common.stage_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -257,10 +257,22 @@ class AnalyzerScorer:
         return out
 
 
-def reference_embeddings(scorer, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
-    """``[N, D]``: the most confident face of each reference image (none → :class:`NoFaceError`)."""
+def reference_embeddings(scorer, images: Sequence[np.ndarray], names: Sequence[str] | None = None,
+                         keypoints: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """``[N, D]``: the most confident face of each reference image (none → :class:`NoFaceError`).
+
+    ``keypoints`` (``[5, 2]`` per image, e.g. a SynthFace render's exact ones) embed each reference at those
+    keypoints with the scorer's recogniser instead of detecting it (:class:`SynthFaceScorer` only): references then
+    do not depend on the detector's quality."""
     from dynamicid_jax.faces import NoFaceError
 
+    if keypoints is not None:
+        if not hasattr(scorer, "recognizer"):
+            raise ValueError("keypoints= needs a scorer with a recogniser (SynthFaceScorer)")
+        if len(keypoints) != len(images):
+            raise ValueError(f"keypoints: one [5, 2] array per reference image ({len(images)}), got {len(keypoints)}")
+        emb = scorer.recognizer.embed([np.asarray(im) for im in images], np.asarray(keypoints, np.float64))
+        return _unit(np.asarray(emb, np.float64)).astype(np.float32)
     out = []
     for i, det in enumerate(scorer.detect(images)):
         if not len(det):

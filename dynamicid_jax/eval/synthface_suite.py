@@ -39,7 +39,7 @@ from data_pipelines.synthface import dataset as sf_data
 from data_pipelines.synthface import world
 from dynamicid_jax.eval import metrics as M
 
-__all__ = ["METHODS", "Protocol", "Request", "synthface_requests", "NativeSizeAnalyzer", "load_pipelines",
+__all__ = ["METHODS", "Protocol", "Request", "synthface_requests", "load_pipelines",
            "generate", "run_method", "score_outputs", "synthface_baselines", "synthface_targets", "preview_grids",
            "run_synthface"]
 
@@ -182,34 +182,6 @@ def _layout(n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- the methods
-class NativeSizeAnalyzer:
-    """Analyses images much larger than ``native`` px (the IMR's landmark raster upsamples references to 512²)
-    at ``native`` px and scales the geometry back — SynthFace's learned detector only knows its own scale."""
-
-    def __init__(self, inner, native: int):
-        self.inner, self.native = inner, int(native)
-        self.embedding_dim, self.num_landmarks = inner.embedding_dim, inner.num_landmarks
-
-    def analyze(self, image):
-        from dynamicid_jax.faces import load_rgb
-
-        rgb = load_rgb(image)
-        h, w = rgb.shape[:2]
-        if min(h, w) <= 2 * self.native:
-            return self.inner.analyze(rgb)
-        s = min(h, w) / self.native
-        small = np.asarray(Image.fromarray(rgb).resize((max(1, round(w / s)), max(1, round(h / s))),
-                                                       Image.Resampling.BICUBIC))
-        sx, sy = w / small.shape[1], h / small.shape[0]
-
-        def up(points):
-            pts = np.asarray(points, np.float64).reshape(-1, 2)
-            return ((pts + 0.5) * [sx, sy] - 0.5).reshape(np.shape(points))
-
-        return [dataclasses.replace(f, bbox=up(np.asarray(f.bbox).reshape(2, 2)).reshape(-1), kps=up(f.kps),
-                                    landmarks=up(f.landmarks)) for f in self.inner.analyze(small)]
-
-
 def load_pipelines(methods: Sequence[str], sd_path: str, *, dynamicid_path: str | None = None,
                    infinite_id_path: str | None = None, analyzer: Any = "synthetic",
                    analyzer_kwargs: dict | None = None, dynamicid_image_encoder: str | None = None,
@@ -448,7 +420,8 @@ def synthface_baselines(data_dir: str, scorer: M.SynthFaceScorer, names: Sequenc
         ref_paths = [os.path.join(data_dir, f["reference"]) for f in rec["faces"]]
         if not all(os.path.isfile(p) for p in ref_paths):
             continue
-        refs = M.reference_embeddings(scorer, [_load_rgb(p) for p in ref_paths], ref_paths)
+        refs = M.reference_embeddings(scorer, [_load_rgb(p) for p in ref_paths], ref_paths,
+                                      keypoints=[np.asarray(sf_data.read_record(p)["kps"]) for p in ref_paths])
         image = _load_rgb(path)
         (det,) = scorer.detect([image])
         match = M.match_faces(det, refs)
@@ -558,7 +531,7 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
     if pipes is None:
         from dynamicid_jax.faces import get_analyzer
 
-        analyzer = NativeSizeAnalyzer(get_analyzer("synthetic", models_dir=models_dir), size)
+        analyzer = get_analyzer("synthetic", models_dir=models_dir, native_size=size)
         pipes = load_pipelines(methods, sd_path, dynamicid_path=dynamicid_path, infinite_id_path=infinite_id_path,
                                analyzer=analyzer)
     seconds["load"] = time.perf_counter() - start
@@ -566,7 +539,8 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
     used = sorted({i for r in requests for i in r.refs})
     ref_paths = [os.path.join(data_dir, "heldout", names[i], "neutral_front.png") for i in range(max(used) + 1)]
     references = [_load_rgb(p) for p in ref_paths]
-    ref_emb = M.reference_embeddings(scorer, references, ref_paths)
+    ref_kps = [np.asarray(sf_data.read_record(p)["kps"], np.float64) for p in ref_paths]
+    ref_emb = M.reference_embeddings(scorer, references, ref_paths, keypoints=ref_kps)  # renderer's exact keypoints
     start = time.perf_counter()
     baselines = synthface_baselines(data_dir, scorer, [names[i] for i in used] if len(used) >= 2 else names)
     seconds["baselines"] = time.perf_counter() - start

@@ -89,13 +89,17 @@ class SyntheticAnalyzer:
       use_sidecar: read exact values from sidecars when present (False: always detect — to measure the
         detector on rendered images).
       score_threshold: detector heatmap threshold (default: the detector's own).
+      native_size: the scale (px, shorter side) the learned detector was trained at (SynthFace renders: 64).
+        Images more than twice as large — e.g. a reference upsampled to 512² for the IMR's landmark raster — are
+        analysed at this size and the geometry is mapped back to the image; ``None`` analyses every image as is.
     """
 
     name = "synthetic"
     num_landmarks = 68
 
     def __init__(self, models_dir: str | os.PathLike | None = None, *, recognizer=None, detector=None,
-                 landmarker=None, use_sidecar: bool = True, score_threshold: float | None = None):
+                 landmarker=None, use_sidecar: bool = True, score_threshold: float | None = None,
+                 native_size: int | None = 64):
         folder = None if models_dir is None else os.fspath(models_dir)
         if folder is not None and not os.path.isdir(folder):
             raise FileNotFoundError(f"SynthFace models folder {folder!r} does not exist (train one with "
@@ -108,6 +112,10 @@ class SyntheticAnalyzer:
         self.landmarker = _load(landmarker, SyntheticLandmarker, folder, "landmarker")
         self.use_sidecar = bool(use_sidecar)
         self.score_threshold = score_threshold
+        if native_size is not None and (isinstance(native_size, bool) or not isinstance(native_size, int)
+                                        or native_size < 16):
+            raise ValueError(f"native_size must be an integer >= 16 or None, got {native_size!r}")
+        self.native_size = native_size
 
     @property
     def embedding_dim(self) -> int:
@@ -158,6 +166,9 @@ class SyntheticAnalyzer:
             raise ValueError("this image has no SynthFace sidecar, so the synthetic backend must detect faces, "
                              "but no detector / landmarker was loaded (models_dir needs detector/ and landmarker/)")
         rgb = load_rgb(rgb)
+        h, w = rgb.shape[:2]
+        if self.native_size is not None and min(h, w) > 2 * self.native_size:
+            return self._detect_downsized(rgb)
         boxes, scores = self.detector.detect(rgb, self.score_threshold)
         if len(boxes) == 0:
             return []
@@ -167,3 +178,30 @@ class SyntheticAnalyzer:
         return [Face(bbox=b, kps=k, landmarks=lm, embedding=e, pose=p, det_score=float(s),
                      extras={"source": "detector"})
                 for b, k, lm, e, p, s in zip(boxes, kps, landmarks, emb, poses, scores)]
+
+    def _detect_downsized(self, rgb: np.ndarray) -> list[Face]:
+        """Detect at ``native_size`` (shorter side), map box / keypoints / landmarks back to ``rgb``; the embedding
+        is recomputed on the full-size image."""
+        from PIL import Image
+
+        h, w = rgb.shape[:2]
+        s = min(h, w) / self.native_size
+        small = np.asarray(Image.fromarray(rgb).resize((max(1, round(w / s)), max(1, round(h / s))),
+                                                       Image.Resampling.BICUBIC))
+        scale = np.array([w / small.shape[1], h / small.shape[0]])
+
+        def up(points):
+            pts = np.asarray(points, np.float64)
+            return (pts.reshape(-1, 2) + 0.5) * scale - 0.5
+
+        faces = self.detect(small)
+        if not faces:
+            return []
+        kps = np.stack([up(f.kps) for f in faces])
+        emb = self.recognizer.embed([rgb] * len(faces), kps)
+        out = []
+        for f, k, e in zip(faces, kps, emb):
+            extras = {**f.extras, "analysed_at": [int(small.shape[0]), int(small.shape[1])]}
+            out.append(Face(bbox=up(np.asarray(f.bbox).reshape(2, 2)).reshape(-1), kps=k, landmarks=up(f.landmarks),
+                            embedding=e, pose=f.pose, det_score=f.det_score, extras=extras))
+        return out

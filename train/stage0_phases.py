@@ -1,0 +1,441 @@
+"""Stage 0's phases (see :mod:`train.stage0`): the VAE and diffusion :class:`train.loop.Task` s, host-side
+initialisation, the trainer wrapper and the checks run on the export."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import common, loop
+
+if TYPE_CHECKING:
+    from train.stage0 import Stage0Data
+
+
+# =========================================================================================================
+# Phases
+# =========================================================================================================
+def _forever_empty():
+    while True:
+        yield {}
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _trainer_config(p: Mapping, cfg: Mapping) -> dict:
+    """The :class:`train.loop.Trainer` sections of one phase (warm-up then cosine decay to ``final_lr_fraction``)."""
+    steps = int(p["steps"])
+    warmup = min(int(p["warmup_steps"]), max(steps - 1, 0))
+    return {
+        "train": {**loop.TRAIN_DEFAULTS, "seed": int(cfg["seed"]), "steps": steps, "ema_decay": p["ema_decay"],
+                  "log_every": max(1, int(p["log_every"])), "progress_bar": bool(cfg["progress_bar"])},
+        "optimizer": {**loop.OPTIMIZER_DEFAULTS, "lr": float(p["lr"]), "weight_decay": float(p["weight_decay"]),
+                      "clip_grad_norm": float(p["clip_grad_norm"]), "schedule": "cosine", "warmup_steps": warmup,
+                      "decay_steps": max(steps, warmup + 1), "final_lr_fraction": float(p["final_lr_fraction"])},
+        "checkpoint": {**loop.CHECKPOINT_DEFAULTS, "every": int(p["checkpoint_every"]), "keep": 1, "async": True},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+    }
+
+
+def _mesh(cfg: Mapping):
+    from dynamicid_jax import sharding as sh
+
+    n = int(cfg["devices"])
+    devices = jax.devices() if n <= 0 else jax.devices()[:n]
+    if n > len(jax.devices()):
+        raise ValueError(f"devices={n} but only {len(jax.devices())} are visible")
+    return sh.make_mesh(sh.MeshConfig(data=len(devices)), devices=devices)
+
+
+def _boxed(module, *args):
+    return common.boxed_abstract(module, *args)
+
+
+def _spec_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
+def _batch_constraint(x: jax.Array) -> jax.Array:
+    """Split a batch drawn inside the step over the mesh's data axis (no-op on one device)."""
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
+class _Recorder:
+    """``on_step`` callback: loss every ``every`` steps (appended to ``{folder}/losses.jsonl``) and timings."""
+
+    def __init__(self, folder: str, every: int):
+        self.path, self.every = os.path.join(folder, "losses.jsonl"), max(1, every)
+        self.start = time.perf_counter()
+        self.first_step_s: float | None = None
+        self.steps_run = 0
+
+    def __call__(self, step: int, state, metrics) -> None:
+        self.steps_run += 1
+        if self.first_step_s is None:
+            jax.block_until_ready(metrics["loss"])
+            self.first_step_s = time.perf_counter() - self.start  # includes compilation
+        if step % self.every == 0 or self.steps_run == 1:
+            values = {k: float(v) for k, v in loop.host_value(metrics).items()}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values, "t": time.perf_counter() - self.start}) + "\n")
+
+
+def read_losses(folder: str) -> list[dict]:
+    path = os.path.join(folder, "losses.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["step"]] = rec  # a resumed run may repeat steps: keep the latest
+    return [out[k] for k in sorted(out)]
+
+
+def host_init(abstract: Any, seed: int) -> Any:
+    """Fresh params for an abstract (boxed or not) Flax param tree, drawn on the host with the initialisers our
+    layers use (``kernel``: LeCun normal, truncated at 2σ, fan-in = all but the last axis; ``bias``: 0;
+    ``scale``: 1; ``embedding``: N(0, 0.02²)). XLA on a CPU needs tens of seconds to compile a model's ``init``;
+    this takes milliseconds."""
+    from flax import traverse_util
+    from flax.core import meta
+
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(meta.unbox(abstract))
+    out = {}
+    for path, leaf in sorted(flat.items()):
+        shape, name = tuple(leaf.shape), path[-1]
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            std = np.sqrt(1.0 / max(fan_in, 1)) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
+            x = rng.standard_normal(shape)
+            bad = np.abs(x) > 2
+            while bad.any():
+                x[bad] = rng.standard_normal(int(bad.sum()))
+                bad = np.abs(x) > 2
+            value = x * std
+        elif name == "bias":
+            value = np.zeros(shape)
+        elif name == "scale":
+            value = np.ones(shape)
+        elif name == "embedding":
+            value = rng.standard_normal(shape) * 0.02
+        else:
+            raise ValueError(f"host_init: no initialiser for param {'/'.join(path)} {shape}")
+        out[path] = value.astype(np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+class _HostInitTrainer(loop.Trainer):
+    """:class:`train.loop.Trainer` whose fresh state comes from ``host_params`` (no ``init`` program to compile)."""
+
+    def __init__(self, task: loop.Task, cfg: Mapping, workdir: str, *, mesh, host_params: Any):
+        super().__init__(task, cfg, workdir, mesh=mesh)
+        self.host_params = host_params
+
+    def init_state(self) -> loop.TrainState:
+        from dynamicid_jax import sharding as sh
+
+        params = jax.device_put(self.host_params, self.state_sh.trainable)
+        with sh.use_mesh(self.mesh), sh.axis_rules():
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
+        key = jax.random.key(int(self.tcfg["seed"]))
+        return loop.TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step), trainable=params, opt_state=opt_state,
+            mutable={}, ema=jax.device_put(self.host_params, self.state_sh.trainable) if self.use_ema else None,
+            rng=jax.device_put(jax.random.key_data(jax.random.fold_in(key, 2)), self.state_sh.rng))
+
+
+def fit(task: loop.Task, phase_cfg: Mapping, cfg: Mapping, folder: str, host_params: Any
+         ) -> tuple[loop.TrainState, dict]:
+    trainer = _HostInitTrainer(task, _trainer_config(phase_cfg, cfg), folder, mesh=_mesh(cfg),
+                               host_params=host_params)
+    rec = _Recorder(folder, int(phase_cfg["log_every"]))
+    start = time.perf_counter()
+    state = trainer.fit(_forever_empty(), on_step=rec)
+    wall = time.perf_counter() - start
+    return state, {"wall_s": wall, "steps_run": rec.steps_run, "first_step_s": rec.first_step_s}
+
+
+def final_params(state: loop.TrainState, ema_decay: float | None, initial: Any) -> Any:
+    """The params to export: the trained ones, or their EMA with the initial params' remaining weight
+    ``decay**steps`` removed (``(ema − decay**n · init) / (1 − decay**n)``, Adam's bias correction): a short run's
+    EMA otherwise still holds a noticeable share of the random init (0.995**400 ≈ 13 %)."""
+    if state.ema is None or not ema_decay:
+        return jax.device_get(state.trainable)
+    remaining = float(ema_decay) ** int(loop.host_value(state.step))
+    return jax.tree_util.tree_map(lambda e, i: (np.asarray(e) - remaining * i) / (1.0 - remaining),
+                                  jax.device_get(state.ema), initial)
+
+
+def _to_float(images_u8: jax.Array) -> jax.Array:
+    return images_u8.astype(jnp.float32) / 127.5 - 1.0
+
+
+class VAEPhase:
+    """Phase ``vae``: the :class:`train.loop.Task` and what is measured afterwards."""
+
+    def __init__(self, cfg: Mapping, vae_cfg, data: Stage0Data):
+        from dynamicid_jax.models.vae import AutoencoderKL, vae_scale_factor
+
+        self.cfg, self.p = cfg, cfg["vae"]
+        self.vae = AutoencoderKL(vae_cfg)
+        self.factor = vae_scale_factor(vae_cfg)
+        self.data = data
+
+    def abstract(self):
+        res = self.data.images.shape[1]
+        return _boxed(self.vae, jnp.zeros((1, res, res, 3)))
+
+    def initial_params(self, seed: int):
+        """Host-initialised params; the posterior log-variance channels of ``quant_conv`` start at
+        ``vae.logvar_init`` (kernel 0)."""
+        params = host_init(self.abstract(), seed)
+        c = self.vae.config.latent_channels
+        if self.vae.config.use_quant_conv and self.p["logvar_init"] is not None:
+            params["quant_conv"]["kernel"][..., c:] = 0.0
+            params["quant_conv"]["bias"][c:] = float(self.p["logvar_init"])
+        return params
+
+    def init(self, rng, frozen):
+        raise NotImplementedError("the stage-0 trainer initialises on the host (initial_params)")
+
+    def batch(self, images, rng):
+        """Random crops (offsets on the latent grid) of random images, optionally mirrored."""
+        p = self.p
+        b, crop, res = int(p["batch_size"]), int(p["crop"]), images.shape[1]
+        k_idx, k_y, k_x, k_flip = jax.random.split(rng, 4)
+        x = images[jax.random.randint(k_idx, (b,), 0, images.shape[0])]
+        if crop < res:
+            cells = (res - crop) // self.factor + 1
+            oy = jax.random.randint(k_y, (b,), 0, cells) * self.factor
+            ox = jax.random.randint(k_x, (b,), 0, cells) * self.factor
+            x = jax.vmap(lambda im, y, xx: jax.lax.dynamic_slice(im, (y, xx, 0), (crop, crop, 3)))(x, oy, ox)
+        x = _to_float(_batch_constraint(x))
+        if p["hflip"]:
+            x = jnp.where(jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1)), x[:, :, ::-1], x)
+        return x
+
+    def loss_fn(self, trainable, frozen, mutable, batch, rng):
+        p = self.p
+        k_batch, k_sample = jax.random.split(rng)
+        x = self.batch(frozen["images"], k_batch)
+        posterior = self.vae.apply({"params": trainable}, x, method="encode")
+        y = self.vae.apply({"params": trainable}, posterior.sample(k_sample), method="decode")
+        l1 = jnp.mean(jnp.abs(y - x))
+        mse = jnp.mean(jnp.square(y - x))
+        kl = jnp.mean(posterior.kl())
+        loss = float(p["l1_weight"]) * l1 + float(p["mse_weight"]) * mse + float(p["kl_weight"]) * kl
+        return loss, ({"l1": l1, "mse": mse, "kl": kl}, mutable)
+
+    def task(self) -> loop.Task:
+        frozen = {"images": self.data.images}
+        return loop.Task(init=self.init, abstract_trainable=self.abstract(),
+                         abstract_frozen=_spec_tree(frozen), frozen=frozen, loss_fn=self.loss_fn,
+                         frozen_source={"stage": "stage0/vae", "data": os.path.abspath(self.cfg["data"]["root"])})
+
+    # ---- after training -----------------------------------------------------------------------------------
+    def encode_all(self, params, images: np.ndarray, chunk: int = 128) -> np.ndarray:
+        """Posterior moments ``[N, R/f, R/f, 2·C]`` (mean ‖ logvar) of ``images``."""
+        enc = jax.jit(lambda p, x: self.vae.apply({"params": p}, _to_float(x), method="encode").moments)
+        return _chunked(lambda x: enc(params, x), images, chunk)
+
+    def psnr(self, params, images: np.ndarray, chunk: int = 128) -> float | None:
+        """Mean PSNR (dB, images in [0, 1]) of reconstructions from the posterior mean."""
+        if len(images) == 0:
+            return None
+
+        @jax.jit
+        def rec(p, x):
+            x = _to_float(x)
+            y = self.vae.apply({"params": p}, self.vae.apply({"params": p}, x, method="encode").mean,
+                               method="decode")
+            mse = jnp.mean(jnp.square((jnp.clip(y, -1, 1) - x) / 2), axis=(1, 2, 3))
+            return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+
+        return float(np.mean(_chunked(lambda x: rec(params, x), images, chunk)))
+
+
+def _chunked(fn, images: np.ndarray, chunk: int) -> np.ndarray:
+    """``fn`` over ``images`` in chunks of one shape (the last one padded): one compiled program."""
+    chunk = min(chunk, len(images))
+    out = []
+    for i in range(0, len(images), chunk):
+        part = images[i:i + chunk]
+        pad = chunk - len(part)
+        if pad:
+            part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+        out.append(np.asarray(fn(part))[:chunk - pad])
+    return np.concatenate(out)
+
+
+def timestep_weights(scheduler, kind: str, gamma: float = 5.0) -> np.ndarray:
+    """Per-timestep loss weights, normalised to mean 1 over the training timesteps: ``"uniform"`` (1) or
+    ``"min_snr"`` (Min-SNR-γ: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR + 1) for v-prediction: less weight on the
+    nearly clean timesteps)."""
+    from dynamicid_jax.schedulers.common import alphas_cumprod
+
+    ac = alphas_cumprod(scheduler.config, False).astype(np.float64)
+    snr = ac / (1.0 - ac)
+    if kind == "uniform":
+        w = np.ones_like(snr)
+    elif kind == "min_snr":
+        w = np.minimum(snr, gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1.0)
+    else:
+        raise ValueError(f"diffusion.loss_weighting must be 'uniform' or 'min_snr', got {kind!r}")
+    return (w / w.mean()).astype(np.float32)
+
+
+def latent_scaling_factor(moments: np.ndarray, seed: int = 0) -> float:
+    """1 / std of latents sampled from ``moments`` (one sample per image, a fixed key): SD's recipe."""
+    from dynamicid_jax.models.vae import DiagonalGaussian
+
+    z = DiagonalGaussian.from_moments(jnp.asarray(moments)).sample(jax.random.key(seed))
+    return float(1.0 / jnp.std(z))
+
+
+class DiffusionPhase:
+    """Phase ``diffusion``: text encoder + UNet, ε-MSE on SD1.5's DDPM schedule, the VAE frozen (latent moments)."""
+
+    def __init__(self, cfg: Mapping, text_cfg, unet_cfg, scheduler, moments: np.ndarray, scaling_factor: float,
+                 data: Stage0Data):
+        from dynamicid_jax.models.clip import CLIPTextModel
+        from dynamicid_jax.models.unet import UNet2DConditionModel
+
+        self.cfg, self.p = cfg, cfg["diffusion"]
+        self.text_encoder = CLIPTextModel(text_cfg)
+        self.unet = UNet2DConditionModel(unet_cfg)
+        self.scheduler = scheduler
+        self.scaling_factor = float(scaling_factor)
+        self.frozen = {"moments": np.asarray(moments, np.float32), "token_ids": data.token_ids,
+                       "empty_ids": data.empty_ids}
+        self.context_len = int(data.token_ids.shape[-1])
+        self.weights = timestep_weights(scheduler, self.p["loss_weighting"], float(self.p["snr_gamma"]))
+
+    def _dummy(self):
+        h, w, c2 = self.frozen["moments"].shape[1:]
+        return (jnp.zeros((1, h, w, c2 // 2)), jnp.zeros((1,), jnp.int32),
+                jnp.zeros((1, self.context_len, self.unet.config.cross_attention_dim)))
+
+    def abstract(self):
+        return {"text_encoder": _boxed(self.text_encoder, jnp.zeros((1, self.context_len), jnp.int32)),
+                "unet": _boxed(self.unet, *self._dummy())}
+
+    def initial_params(self, seed: int):
+        return host_init(self.abstract(), seed)
+
+    def init(self, rng, frozen):
+        raise NotImplementedError("the stage-0 trainer initialises on the host (initial_params)")
+
+    def text_ids(self, frozen, idx, rng):
+        """Per sample: empty with ``p_empty``, caption + face prompt with ``p_face_prompt``, caption + grid prompt
+        with ``p_grid_prompt``, else the caption (one uniform draw, consecutive bands)."""
+        d = self.cfg["data"]
+        p_empty, p_face, p_grid = (float(d[k]) for k in ("p_empty", "p_face_prompt", "p_grid_prompt"))
+        u = jax.random.uniform(rng, idx.shape)
+        variant = jnp.where(u < p_empty + p_face, 1, jnp.where(u < p_empty + p_face + p_grid, 2, 0))
+        ids = frozen["token_ids"][idx, variant]
+        return jnp.where((u < p_empty)[:, None], frozen["empty_ids"][None], ids)
+
+    def loss_fn(self, trainable, frozen, mutable, batch, rng):
+        from dynamicid_jax.models.vae import DiagonalGaussian
+
+        b = int(self.p["batch_size"])
+        k_idx, k_text, k_lat, k_t, k_noise = jax.random.split(rng, 5)
+        idx = _batch_constraint(jax.random.randint(k_idx, (b,), 0, frozen["moments"].shape[0]))
+        ids = self.text_ids(frozen, idx, k_text)
+        context = self.text_encoder.apply({"params": trainable["text_encoder"]}, ids).last_hidden_state
+        latents = DiagonalGaussian.from_moments(frozen["moments"][idx]).sample(k_lat) * self.scaling_factor
+        sched = self.scheduler
+        t = jax.random.randint(k_t, (b,), 0, sched.config.num_train_timesteps)
+        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        pred = self.unet.apply({"params": trainable["unet"]}, sched.add_noise(latents, noise, t), t, context)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+        loss = jnp.mean(jnp.asarray(self.weights)[t] * per_sample)
+        return loss, ({"mse": jnp.mean(per_sample)}, mutable)
+
+    def task(self) -> loop.Task:
+        return loop.Task(init=self.init, abstract_trainable=self.abstract(), abstract_frozen=_spec_tree(self.frozen),
+                         frozen=self.frozen, loss_fn=self.loss_fn,
+                         frozen_source={"stage": "stage0/diffusion",
+                                        "data": os.path.abspath(self.cfg["data"]["root"])})
+
+
+# =========================================================================================================
+# Checks on the export
+# =========================================================================================================
+def sample_prompts(count: int) -> tuple[list[str], list[dict]]:
+    """``count`` captions cycling through the backgrounds (clothing and placement vary too) and their labels."""
+    from data_pipelines.synthface import BACKGROUNDS, CLOTHING, PLACEMENTS, caption_for
+
+    bgs, cls = list(BACKGROUNDS), list(CLOTHING)
+    prompts, labels = [], []
+    for k in range(count):
+        lab = {"background": bgs[k % len(bgs)], "clothing": cls[(3 * k + 1) % len(cls)],
+               "placement": PLACEMENTS[(k // len(bgs) + k) % len(PLACEMENTS)]}
+        prompts.append(caption_for(**lab))
+        labels.append(lab)
+    return prompts, labels
+
+
+def background_palette_accuracy(images: np.ndarray, backgrounds: Sequence[str], border: int = 4) -> float:
+    """Fraction of images whose top corners' mean colour is nearest (RGB) to the named background's palette colour
+    (the person stands in the lower middle, so the top corners show the background)."""
+    from data_pipelines.synthface import BACKGROUNDS
+
+    names = list(BACKGROUNDS)
+    palette = np.array([BACKGROUNDS[n] for n in names], np.float32)
+    hits = []
+    for im, name in zip(np.asarray(images, np.float32) / 255.0, backgrounds):
+        corners = np.concatenate([im[:border, :border].reshape(-1, 3), im[:border, -border:].reshape(-1, 3)])
+        nearest = names[int(np.argmin(np.sum((palette - corners.mean(0)) ** 2, axis=1)))]
+        hits.append(nearest == name)
+    return float(np.mean(hits))
+
+
+def check_export(folder: str, cfg: Mapping, out_png: str | None) -> dict:
+    """Load the export with our loader, generate ``sample.count`` images from captions, score them."""
+    from dynamicid_jax.image_io import image_grid, save_png
+    from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+
+    s = cfg["sample"]
+    sd = StableDiffusion.from_pretrained(folder)
+    res = int(cfg["data"]["resolution"])
+    prompts, labels = sample_prompts(int(s["count"]))
+    start = time.perf_counter()
+    images = sd.generate(prompts, height=res, width=res, steps=int(s["steps"]),
+                         guidance_scale=float(s["guidance_scale"]), seed=int(s["seed"]))
+    out = {"count": len(prompts), "steps": int(s["steps"]), "guidance_scale": float(s["guidance_scale"]),
+           "generate_s": time.perf_counter() - start, "prompts": prompts,
+           "background_palette_accuracy": background_palette_accuracy(images, [l["background"] for l in labels])}
+    if s.get("models"):
+        from dynamicid_jax.eval.classifiers import load_eval_models
+
+        scene = load_eval_models(s["models"]).scene_classifier
+        if scene is not None:
+            heads = {h for h, _ in scene.config.heads}
+            truth = {h: [l[h] for l in labels] for h in ("background", "clothing", "placement") if h in heads}
+            out["scene_classifier_accuracy"] = scene.accuracy(images, truth)
+    if out_png:
+        save_png(image_grid(images, columns=min(len(images), 8)), out_png)
+        out["grid"] = os.path.basename(out_png)
+    return out
