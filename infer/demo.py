@@ -103,17 +103,15 @@ CONFIGS = {"stage0": "train/configs/synthface_stage0.yaml", "stage1": "train/con
 #: again instead of stopping with "trained with other inputs" (finished stages are removed by the runner).
 RESTART = ("on_change=restart",)
 
-FIGURE_PROMPTS = ("a photo of a person, blue background", "a photo of a person in a red shirt, green background",
-                  "a photo of a person in a yellow shirt, gray background")
-MULTI_PROMPTS = ("a photo of two people side by side, blue background",
-                 "a photo of two people side by side, the person on the left wears a red shirt, the person on the "
-                 "right wears a yellow shirt, green background")
-
-
-def _config_path(name: str) -> str:
-    """The SynthFace config shipped with the package checkout (``train/configs/``)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, CONFIGS[name])
+#: Captions in SynthFace's own form: the base knows only the words and the sentence shape it was trained on (a
+#: caption without the shirt and placement, like "a photo of a person, blue background", is out of its world).
+FIGURE_PROMPTS = ("a photo of a person in a red shirt in the center, blue background",
+                  "a photo of a person in a yellow shirt on the left, green background",
+                  "a photo of a person in a white shirt on the right, orange background")
+MULTI_PROMPTS = ("a photo of two people side by side, the person on the left wears a red shirt, the person on the "
+                 "right wears a yellow shirt, blue background",
+                 "a photo of two people side by side, the person on the left wears a white shirt, the person on the "
+                 "right wears a black shirt, green background")
 
 
 def _one_device_mesh():
