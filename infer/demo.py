@@ -114,6 +114,12 @@ MULTI_PROMPTS = ("a photo of two people side by side, the person on the left wea
                  "right wears a black shirt, green background")
 
 
+def _config_path(name: str) -> str:
+    """The SynthFace config shipped with the package checkout (``train/configs/``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, CONFIGS[name])
+
+
 def _one_device_mesh():
     """The demo trains on the first device, as stage 0 does by default: its batches are a few images, and several
     CPU "devices" (``--xla_force_host_platform_device_count``) would only share the same cores."""
