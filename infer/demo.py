@@ -204,7 +204,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
 
         results = run_eval(data=data, models=models, sd=sd_path, dynamicid=dynamicid_dir,
                            infinite_id=iid_export if infinite_id else None, out=folder,
-                           quick=preset["eval"]["quick"])
+                           quick=preset["eval"]["quick"], methods=methods)
         return {"methods": sorted(results.get("methods", {})) if isinstance(results, dict) else []}
 
     stages = [
@@ -224,7 +224,10 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     if infinite_id:
         stages.append(Stage("infinite_id", "Infinite-ID (ID-semantics decoupled training)",
                             {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards")))
-    stages.append(Stage("eval", "evaluation on held-out identities", {**preset["eval"], "infinite_id": infinite_id},
+    from dynamicid_jax.eval.synthface_suite import INFINITE_ID_METHODS, METHODS
+
+    methods = [m for m in METHODS if infinite_id or m not in INFINITE_ID_METHODS]
+    stages.append(Stage("eval", "evaluation on held-out identities", {**preset["eval"], "methods": methods},
                         evaluate, needs=tuple(s.name for s in stages if s.name in ("dynamicid", "infinite_id"))))
     return stages
 

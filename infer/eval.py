@@ -1,15 +1,15 @@
 """Evaluate DynamicID, its ablations and Infinite-ID (SPEC §9): one table for all methods, JSON + Markdown + grids.
 
     python -m infer.eval --suite synthface --data DATA --models MODELS --sd SD --dynamicid DIR \\
-        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,infinite-id] [--quick] --out OUT
+        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,infinite-id,infinite-id-no-adain] [--quick] --out OUT
     python -m infer.eval --suite real --model SD15 --dynamicid DIR --image-encoder CLIP-H [--infinite-id DIR] \\
         --clip CLIP-L --analyzer insightface --refs REFS_DIR --prompts prompts.txt --out OUT
 
 Methods: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same weights,
-requests only in the text prompt), ``infinite-id``. Without ``--method`` every method whose weights are given
-runs. Writes into ``--out``: ``metrics.json`` (per method every metric and count, the baselines, the targets
-with pass / fail flags), ``metrics.md`` (the table, the baselines, the targets) and ``{method}_single.png``,
-``{method}_multi.png``, ``{method}_edit.png``.
+requests only in the text prompt), ``infinite-id`` and ``infinite-id-no-adain`` (AdaIN-mean off). Without
+``--method`` every method whose weights are given runs. Writes into ``--out``: ``metrics.json`` (per method
+every metric and count, the baselines, the targets with pass / fail flags), ``metrics.md`` (the table, the
+baselines, the targets) and ``{method}_single.png``, ``{method}_multi.png``, ``{method}_edit.png``.
 
 **synthface** — the protocol of :mod:`dynamicid_jax.eval.synthface_suite` on the held-out identities of a SynthFace
 tree, scored with its evaluation models (``--models``).
@@ -48,7 +48,7 @@ def _log(msg: str) -> None:
 
 def _default_methods(dynamicid: str | None, infinite_id: str | None) -> list[str]:
     methods = ["dynamicid", "no-saa", "no-imr"] if dynamicid else []
-    return methods + (["infinite-id"] if infinite_id else [])
+    return methods + (list(S.INFINITE_ID_METHODS) if infinite_id else [])
 
 
 def _parse_methods(methods: str | Sequence[str] | None, dynamicid: str | None, infinite_id: str | None) -> list[str]:
@@ -181,7 +181,8 @@ COLUMNS = (("FaceSim", ("single", "facesim")), ("FaceSim (det.)", ("single", "fa
            ("Pose", ("edit", "pose_accuracy")), ("Edit FaceSim", ("edit", "facesim")),
            ("Unedited FaceSim", ("edit", "facesim_unedited")), ("Δ FaceSim", ("edit", "facesim_drop")),
            ("CLIP-T", ("single", "clip_t")), ("Gen. s", ("seconds", "generate")))
-METHOD_TITLES = {"dynamicid": "DynamicID", "no-saa": "w/o SAA", "no-imr": "w/o IMR", "infinite-id": "Infinite-ID"}
+METHOD_TITLES = {"dynamicid": "DynamicID", "no-saa": "w/o SAA", "no-imr": "w/o IMR", "infinite-id": "Infinite-ID",
+                 "infinite-id-no-adain": "Infinite-ID w/o AdaIN"}
 
 
 def _get(d: Any, keys: Sequence[str]) -> Any:

@@ -82,7 +82,7 @@ def test_quick_demo_writes_every_file(quick_demo):
 
 def test_quick_demo_metrics_are_well_formed(quick_demo):
     metrics = json.loads((quick_demo / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"dynamicid", "no-saa", "no-imr", "infinite-id"}
+    assert set(metrics["methods"]) == {"dynamicid", "no-saa", "no-imr", "infinite-id", "infinite-id-no-adain"}
     def numbers(tree, path=()):
         if isinstance(tree, dict):
             for k, v in tree.items():
@@ -101,7 +101,8 @@ def test_quick_demo_metrics_are_well_formed(quick_demo):
     assert base["attribute_accuracy"] > 1 / 3
     assert len(metrics["targets"]) == 5 and all(isinstance(t["passed"], bool) for t in metrics["targets"])
     report = (quick_demo / "metrics.md").read_text()
-    assert "| DynamicID |" in report and "| Infinite-ID |" in report and "## Targets" in report
+    assert "| DynamicID |" in report and "| Infinite-ID |" in report
+    assert "| Infinite-ID w/o AdaIN |" in report and "## Targets" in report
 
 
 def test_quick_demo_real_face_analysis(quick_demo):

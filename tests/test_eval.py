@@ -357,7 +357,7 @@ def test_synthface_cli_end_to_end_on_untrained_pipelines(world, models_dir, meth
     md = (out / "metrics.md").read_text()
     for title in ("DynamicID", "w/o SAA", "w/o IMR", "Infinite-ID", "real SynthFace images", "## Targets"):
         assert title in md
-    assert md.count("\n| ") == 1 + 4 + 1 and "| DynamicID |" in printed
+    assert md.count("\n| ") == 1 + len(S.METHODS) + 1 and "| DynamicID |" in printed
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 
@@ -366,7 +366,7 @@ def test_errors_are_clear(world, models_dir, method_weights, tmp_path, capsys):
     common = ["--data", world["dir"], "--models", models_dir, "--sd", w["sd"], "--out", str(tmp_path / "x")]
     with pytest.raises(SystemExit) as err:
         cli.main(["--dynamicid", w["dynamicid"], "--method", "dynamicid,infinite-id", *common])
-    assert err.value.code == 2 and "infinite-id needs the Infinite-ID weights (--infinite-id DIR)" in \
+    assert err.value.code == 2 and "need the Infinite-ID weights (--infinite-id DIR)" in \
         capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--dynamicid", w["dynamicid"], "--method", "dreambooth", *common])

@@ -16,8 +16,9 @@ prompts, references and seeds, hence the same initial noise):
 * ``control`` — the same caption and seed without any request: the unedited FaceSim that edits are compared with.
 
 **Methods**: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same
-weights; requests only in the text) and ``infinite-id`` (two references are mixed, it has no layout). All 64-px
-requests have one batch size, so each method compiles one program per image shape.
+weights; requests only in the text), ``infinite-id`` (two references are mixed, it has no layout) and
+``infinite-id-no-adain`` (the same weights with AdaIN-mean off: the scene-attribute prompts show what it
+changes). All 64-px requests have one batch size, so each method compiles one program per image shape.
 
 **Scores** (:func:`score_outputs`, definitions in :mod:`.metrics`): FaceSim of single-ID images; matched
 multi-ID FaceSim (mean, min) and placement; prompt-attribute accuracy (scene classifier on the whole image,
@@ -39,11 +40,12 @@ from data_pipelines.synthface import dataset as sf_data
 from data_pipelines.synthface import world
 from dynamicid_jax.eval import metrics as M
 
-__all__ = ["METHODS", "Protocol", "Request", "synthface_requests", "load_pipelines",
+__all__ = ["METHODS", "INFINITE_ID_METHODS", "Protocol", "Request", "synthface_requests", "load_pipelines",
            "generate", "run_method", "score_outputs", "synthface_baselines", "synthface_targets", "preview_grids",
            "run_synthface"]
 
-METHODS = ("dynamicid", "no-saa", "no-imr", "infinite-id")
+METHODS = ("dynamicid", "no-saa", "no-imr", "infinite-id", "infinite-id-no-adain")
+INFINITE_ID_METHODS = ("infinite-id", "infinite-id-no-adain")
 EDIT_EXPRESSIONS = world.EXPRESSIONS
 
 
@@ -191,14 +193,16 @@ def load_pipelines(methods: Sequence[str], sd_path: str, *, dynamicid_path: str 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    need_did = any(m != "infinite-id" for m in methods)
+    need_did = any(m not in INFINITE_ID_METHODS for m in methods)
+    need_iid = any(m in INFINITE_ID_METHODS for m in methods)
     if need_did and not dynamicid_path:
-        raise ValueError(f"methods {[m for m in methods if m != 'infinite-id']} need the DynamicID weights "
-                         "(--dynamicid DIR)")
-    if "infinite-id" in methods and not infinite_id_path:
-        raise ValueError("method infinite-id needs the Infinite-ID weights (--infinite-id DIR)")
+        raise ValueError(f"methods {[m for m in methods if m not in INFINITE_ID_METHODS]} need the DynamicID "
+                         "weights (--dynamicid DIR)")
+    if need_iid and not infinite_id_path:
+        raise ValueError(f"methods {[m for m in methods if m in INFINITE_ID_METHODS]} need the Infinite-ID weights "
+                         "(--infinite-id DIR)")
     for what, path in (("SD base", sd_path), ("DynamicID", dynamicid_path if need_did else None),
-                       ("Infinite-ID", infinite_id_path if "infinite-id" in methods else None)):
+                       ("Infinite-ID", infinite_id_path if need_iid else None)):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"{what} weights {path!r} do not exist")
     from dynamicid_jax.faces import get_analyzer
@@ -223,7 +227,7 @@ def load_pipelines(methods: Sequence[str], sd_path: str, *, dynamicid_path: str 
             warnings.filterwarnings("ignore", message=".*-point analyzer.*")
             pipes["dynamicid"] = DynamicIDPipeline.from_weights(sd, load_dynamicid(dynamicid_path), vision,
                                                                 vision_params, analyzer)
-    if "infinite-id" in methods:
+    if need_iid:
         from dynamicid_jax.pipelines.infinite_id import InfiniteIDPipeline
 
         encoder = infinite_id_image_encoder or os.path.join(infinite_id_path, "image_encoder")
@@ -242,10 +246,10 @@ def generate(method: str, pipes: dict[str, Any], request: Request, references: S
     common = dict(steps=steps, guidance_scale=guidance_scale, seed=request.seed, height=request.height,
                   width=request.width)
     prompts = list(request.prompts)
-    if method == "infinite-id":
+    if method in INFINITE_ID_METHODS:
         if "infinite-id" not in pipes:
-            raise ValueError("method infinite-id needs an Infinite-ID pipeline (pipes['infinite-id'])")
-        return pipes["infinite-id"](prompts, references=refs, **common)
+            raise ValueError(f"method {method} needs an Infinite-ID pipeline (pipes['infinite-id'])")
+        return pipes["infinite-id"](prompts, references=refs, adain=method == "infinite-id", **common)
     if method not in ("dynamicid", "no-saa", "no-imr"):
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if "dynamicid" not in pipes:
