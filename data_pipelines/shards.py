@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -35,13 +35,14 @@ MANIFEST_VERSION = 1
 _WRITER_OPTIONS = "group_size:1"
 
 
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON to a temp file in the same folder, then rename it over ``path``."""
+def write_json_atomic(obj: Any, path: str, *, default: Callable[[Any], Any] | None = None) -> None:
+    """Write JSON to a temp file in the same folder, then rename it over ``path``; ``default`` as in
+    :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, default=default)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

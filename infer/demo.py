@@ -20,14 +20,15 @@ Outputs in ``--out``: ``single_id.png``, ``multi_id.png``, ``edit.png``, ``gates
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import sys
 import time
 import warnings
 
 import numpy as np
 
+from data_pipelines.shards import write_json_atomic
 from infer.demo_stages import Stage, StageRunner
 
 
@@ -270,11 +271,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) 
                        **preset["figures"])
     summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
     for name in ("metrics.json", "metrics.md"):
-        src = os.path.join(runner.folder("eval"), name)
-        with open(src, encoding="utf-8") as f:
-            text = f.read()
-        with open(os.path.join(out, name + ".tmp"), "w", encoding="utf-8") as f:
-            f.write(text)
+        shutil.copyfile(os.path.join(runner.folder("eval"), name), os.path.join(out, name + ".tmp"))
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     t0 = time.perf_counter()
     summary["faces"] = {"result": face_section(out), "seconds": time.perf_counter() - t0}
@@ -283,9 +280,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) 
               "stages": {k: {"seconds": round(v["seconds"], 2), "reused": v.get("reused", False)}
                          for k, v in summary.items()},
               "faces": summary["faces"]["result"]}
-    with open(os.path.join(out, "summary.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    write_json_atomic(result, os.path.join(out, "summary.json"))
     _log(f"demo done in {total:.0f} s → {os.path.abspath(out)}")
     return result
 

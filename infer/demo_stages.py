@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from data_pipelines.shards import write_json_atomic
+
 __all__ = ["Stage", "StageRunner", "fingerprint"]
 
 
@@ -62,10 +64,7 @@ class StageRunner:
         return os.path.join(self.work_dir, name)
 
     def _save_records(self) -> None:
-        tmp = self.record_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.records, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.record_path)
+        write_json_atomic(self.records, self.record_path)
 
     def run(self, stages: Sequence[Stage]) -> dict[str, dict]:
         """Run (or reuse) every stage; returns ``{name: {"seconds", "reused", "result"}}``."""

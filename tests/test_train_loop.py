@@ -82,6 +82,28 @@ def test_frozen_params_have_no_optimizer_state(task, tmp_path):
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_task_with_given_initial_params_starts_from_them(task, tmp_path):
+    """``init=None`` + ``initial`` (stage 0's host-drawn params) gives the state ``init`` would, sharded."""
+    import dataclasses
+
+    drawn, mutable = jax.device_get(loop._unboxed(task.init(jax.random.key(0), task.frozen)))
+    given = dataclasses.replace(task, init=None, initial=(drawn, mutable))
+    tr = _trainer(given, tmp_path, MESH, ema_decay=0.9)
+    state = tr.init_state()
+    assert state.trainable["ff_in"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    for name, value in _flat(drawn).items():
+        np.testing.assert_array_equal(_flat(state.trainable)[name], value, err_msg=name)
+        np.testing.assert_array_equal(_flat(state.ema)[name], value, err_msg=name)
+    assert int(state.step) == 0 and all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(
+        state.opt_state) if np.ndim(x))
+    state, _ = tr.train_step(state, _batch(8))
+    assert int(state.step) == 1
+    with pytest.raises(ValueError, match="exactly one of init"):
+        dataclasses.replace(task, init=None)
+    with pytest.raises(ValueError, match="exactly one of init"):
+        dataclasses.replace(task, initial=(drawn, mutable))
+
+
 def test_gradient_accumulation_matches_full_batch(task):
     """accum_steps=2 over the same 8 rows = one full-batch step (the loss is a per-row mean; this loss has no
     per-step noise, so both see identical inputs)."""

@@ -165,6 +165,8 @@ class Task:
 
     * ``init(rng, frozen) -> (trainable, mutable)``: fresh trainable params (may read the frozen ones, e.g. to
       copy ``to_k`` into ``to_k_ip``) and mutable collections (``{}`` if none); traced under ``jax.jit``.
+      Or ``init=None`` and ``initial = (trainable, mutable)``: what ``init`` would return, already drawn (e.g.
+      on the host, which spares compiling a model's ``init``).
     * ``abstract_trainable`` / ``abstract_mutable`` / ``abstract_frozen``: boxed abstract trees (from
       ``jax.eval_shape(module.init, …)``) whose logical axis names give the shardings; unboxed leaves are
       replicated.
@@ -175,7 +177,7 @@ class Task:
     * ``frozen_source``: JSON-able description of where the frozen weights came from (stored in checkpoints).
     """
 
-    init: Callable[[jax.Array, PyTree], tuple[PyTree, PyTree]]
+    init: Callable[[jax.Array, PyTree], tuple[PyTree, PyTree]] | None
     abstract_trainable: PyTree
     abstract_frozen: PyTree
     frozen: PyTree
@@ -184,6 +186,11 @@ class Task:
     sample_fn: Callable[[PyTree, PyTree, PyTree], jax.Array] | None = None
     frozen_source: Mapping = dataclasses.field(default_factory=dict)
     batch_shardings: Callable[[Mesh, PyTree], PyTree] | None = None  # default: leading axis over data×fsdp
+    initial: tuple[PyTree, PyTree] | None = None  # with init=None: fresh (trainable, mutable)
+
+    def __post_init__(self):
+        if (self.init is None) == (self.initial is None):
+            raise ValueError("Task: give exactly one of init (a function) and initial ((trainable, mutable))")
 
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -335,15 +342,21 @@ class Trainer:
         """A fresh state, created directly in its shards."""
         seed = int(self.tcfg["seed"])
 
-        def init(frozen):
-            key = jax.random.key(seed)
-            trainable, mutable = self.task.init(jax.random.fold_in(key, 1), frozen)
-            trainable, mutable = _unboxed(trainable), _unboxed(mutable)
+        key = jax.random.key(seed)
+
+        def state(trainable, mutable):
             return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=self.tx.init(trainable),
                               mutable=mutable, ema=trainable if self.use_ema else None,
                               rng=jax.random.key_data(jax.random.fold_in(key, 2)))
 
+        def init(frozen):
+            trainable, mutable = self.task.init(jax.random.fold_in(key, 1), frozen)
+            return state(_unboxed(trainable), _unboxed(mutable))
+
         with sh.use_mesh(self.mesh), sh.axis_rules():
+            if self.task.init is None:
+                return jax.jit(state, in_shardings=(self.state_sh.trainable, self.state_sh.mutable),
+                               out_shardings=self.state_sh)(*self.task.initial)
             return jax.jit(init, in_shardings=(self.frozen_sh,), out_shardings=self.state_sh)(self.frozen)
 
     def step_fn(self, batch_shardings: PyTree) -> Callable:

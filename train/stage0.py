@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.shards import write_json_atomic
 from train import common, loop
 from train.stage0_phases import (DiffusionPhase, VAEPhase, background_palette_accuracy, check_export, final_params,
                                  fit, latent_scaling_factor, read_json, read_losses, sample_prompts,
-                                 timestep_weights, write_json)
+                                 timestep_weights)
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +267,14 @@ def _prepare_workdir(cfg: Mapping, data_index: Mapping) -> tuple[str, dict[str, 
     metrics = read_json(os.path.join(workdir, "export", "stage0_metrics.json")) or {}
     if stale or metrics.get("fingerprint", fps["diffusion"]) != fps["diffusion"]:
         shutil.rmtree(os.path.join(workdir, "export"), ignore_errors=True)
-    write_json(os.path.join(workdir, "run.json"), {"fingerprints": fps, "config": json.loads(json.dumps(cfg))})
+    write_json_atomic({"fingerprints": fps, "config": json.loads(json.dumps(cfg))}, os.path.join(workdir, "run.json"),
+                      default=float)
     return workdir, fps
 
 
 def _start_phase(folder: str, fp: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, "phase.json"), {"fingerprint": fp})
+    write_json_atomic({"fingerprint": fp}, os.path.join(folder, "phase.json"))
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
@@ -297,7 +299,7 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
     log.info("phase vae: %d steps, batch %d, crops %d px", cfg["vae"]["steps"], cfg["vae"]["batch_size"],
              cfg["vae"]["crop"])
     initial = phase.initial_params(int(cfg["seed"]))
-    state, timing = fit(phase.task(), cfg["vae"], cfg, folder, initial)
+    state, timing = fit(phase.task(initial), cfg["vae"], cfg, folder)
     start = time.perf_counter()
     params = final_params(state, cfg["vae"]["ema_decay"], initial)
     moments = phase.encode_all(params, data.images)
@@ -316,7 +318,7 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
                                                       str(scaling)})
     _save_array(moments_path, moments)
     metrics["wall_s"] += metrics["measure_s"]
-    write_json(os.path.join(folder, "done.json"), metrics)
+    write_json_atomic(metrics, os.path.join(folder, "done.json"), default=float)
     log.info("phase vae: PSNR %.2f dB (held-out), scaling_factor %.4f, %.1f s", psnr or float("nan"), scaling,
              metrics["wall_s"])
     return dataclasses.replace(vae_cfg, scaling_factor=scaling), params, moments, metrics
@@ -337,7 +339,7 @@ def run_diffusion_phase(cfg: Mapping, text_cfg, unet_cfg, scheduler, moments, sc
     log.info("phase diffusion: %d steps, batch %d, lr %g, EMA %s", p["steps"], p["batch_size"], p["lr"],
              p["ema_decay"])
     initial = phase.initial_params(int(cfg["seed"]) + 1)
-    state, timing = fit(phase.task(), p, cfg, folder, initial)
+    state, timing = fit(phase.task(initial), p, cfg, folder)
     params = final_params(state, p["ema_decay"], initial)
     losses = read_losses(folder)
     tail = [r["loss"] for r in losses[-max(1, len(losses) // 10):]]
@@ -346,7 +348,7 @@ def run_diffusion_phase(cfg: Mapping, text_cfg, unet_cfg, scheduler, moments, sc
                "loss_tail_mean": float(np.mean(tail)) if tail else None,
                "losses": [[r["step"], r["loss"]] for r in losses], **timing}
     common.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-diffusion"})
-    write_json(os.path.join(folder, "done.json"), metrics)
+    write_json_atomic(metrics, os.path.join(folder, "done.json"), default=float)
     log.info("phase diffusion: loss %.4f → %.4f, %.1f s", metrics["loss_first"] or float("nan"),
              metrics["loss_tail_mean"] or float("nan"), metrics["wall_s"])
     return params, metrics
@@ -417,7 +419,7 @@ def _run_stage0(cfg: Mapping) -> str:
         metrics["samples"] = check_export(sd_dir, cfg, os.path.join(export_dir, "samples.png"))
         metrics["samples"]["wall_s"] = time.perf_counter() - start
     metrics["wall_s_this_run"] = time.perf_counter() - total_start
-    write_json(metrics_path, metrics)
+    write_json_atomic(metrics, metrics_path, default=float)
     log.info("stage 0: exported %s (%.1f s this run)", sd_dir, metrics["wall_s_this_run"])
     return sd_dir
 

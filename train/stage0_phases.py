@@ -25,13 +25,6 @@ def _forever_empty():
         yield {}
 
 
-def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=float)
-    os.replace(tmp, path)
-
-
 def read_json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
@@ -144,30 +137,8 @@ def host_init(abstract: Any, seed: int) -> Any:
     return traverse_util.unflatten_dict(out)
 
 
-class _HostInitTrainer(loop.Trainer):
-    """:class:`train.loop.Trainer` whose fresh state comes from ``host_params`` (no ``init`` program to compile)."""
-
-    def __init__(self, task: loop.Task, cfg: Mapping, workdir: str, *, mesh, host_params: Any):
-        super().__init__(task, cfg, workdir, mesh=mesh)
-        self.host_params = host_params
-
-    def init_state(self) -> loop.TrainState:
-        from dynamicid_jax import sharding as sh
-
-        params = jax.device_put(self.host_params, self.state_sh.trainable)
-        with sh.use_mesh(self.mesh), sh.axis_rules():
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
-        key = jax.random.key(int(self.tcfg["seed"]))
-        return loop.TrainState(
-            step=jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step), trainable=params, opt_state=opt_state,
-            mutable={}, ema=jax.device_put(self.host_params, self.state_sh.trainable) if self.use_ema else None,
-            rng=jax.device_put(jax.random.key_data(jax.random.fold_in(key, 2)), self.state_sh.rng))
-
-
-def fit(task: loop.Task, phase_cfg: Mapping, cfg: Mapping, folder: str, host_params: Any
-         ) -> tuple[loop.TrainState, dict]:
-    trainer = _HostInitTrainer(task, _trainer_config(phase_cfg, cfg), folder, mesh=_mesh(cfg),
-                               host_params=host_params)
+def fit(task: loop.Task, phase_cfg: Mapping, cfg: Mapping, folder: str) -> tuple[loop.TrainState, dict]:
+    trainer = loop.Trainer(task, _trainer_config(phase_cfg, cfg), folder, mesh=_mesh(cfg))
     rec = _Recorder(folder, int(phase_cfg["log_every"]))
     start = time.perf_counter()
     state = trainer.fit(_forever_empty(), on_step=rec)
@@ -215,9 +186,6 @@ class VAEPhase:
             params["quant_conv"]["bias"][c:] = float(self.p["logvar_init"])
         return params
 
-    def init(self, rng, frozen):
-        raise NotImplementedError("the stage-0 trainer initialises on the host (initial_params)")
-
     def batch(self, images, rng):
         """Random crops (offsets on the latent grid) of random images, optionally mirrored."""
         p = self.p
@@ -246,9 +214,10 @@ class VAEPhase:
         loss = float(p["l1_weight"]) * l1 + float(p["mse_weight"]) * mse + float(p["kl_weight"]) * kl
         return loss, ({"l1": l1, "mse": mse, "kl": kl}, mutable)
 
-    def task(self) -> loop.Task:
+    def task(self, initial: Any) -> loop.Task:
+        """The task, starting from ``initial`` (:meth:`initial_params`)."""
         frozen = {"images": self.data.images}
-        return loop.Task(init=self.init, abstract_trainable=self.abstract(),
+        return loop.Task(init=None, initial=(initial, {}), abstract_trainable=self.abstract(),
                          abstract_frozen=_spec_tree(frozen), frozen=frozen, loss_fn=self.loss_fn,
                          frozen_source={"stage": "stage0/vae", "data": os.path.abspath(self.cfg["data"]["root"])})
 
@@ -342,9 +311,6 @@ class DiffusionPhase:
     def initial_params(self, seed: int):
         return host_init(self.abstract(), seed)
 
-    def init(self, rng, frozen):
-        raise NotImplementedError("the stage-0 trainer initialises on the host (initial_params)")
-
     def text_ids(self, frozen, idx, rng):
         """Per sample: empty with ``p_empty``, caption + face prompt with ``p_face_prompt``, caption + grid prompt
         with ``p_grid_prompt``, else the caption (one uniform draw, consecutive bands)."""
@@ -373,9 +339,10 @@ class DiffusionPhase:
         loss = jnp.mean(jnp.asarray(self.weights)[t] * per_sample)
         return loss, ({"mse": jnp.mean(per_sample)}, mutable)
 
-    def task(self) -> loop.Task:
-        return loop.Task(init=self.init, abstract_trainable=self.abstract(), abstract_frozen=_spec_tree(self.frozen),
-                         frozen=self.frozen, loss_fn=self.loss_fn,
+    def task(self, initial: Any) -> loop.Task:
+        """The task, starting from ``initial`` (:meth:`initial_params`)."""
+        return loop.Task(init=None, initial=(initial, {}), abstract_trainable=self.abstract(),
+                         abstract_frozen=_spec_tree(self.frozen), frozen=self.frozen, loss_fn=self.loss_fn,
                          frozen_source={"stage": "stage0/diffusion",
                                         "data": os.path.abspath(self.cfg["data"]["root"])})
 
