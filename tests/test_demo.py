@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer import demo
 from infer.demo_stages import Stage, StageRunner
 
 FILES = ("single_id.png", "multi_id.png", "edit.png", "gates.png", "metrics.json", "metrics.md", "faces.png",
@@ -53,13 +52,6 @@ def test_stage_runner_reruns_an_interrupted_stage(tmp_path):
     done = []
     StageRunner(str(tmp_path)).run([Stage("a", "A", {}, lambda folder: done.append(folder) or {})])
     assert len(done) == 1
-
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_out")
-    assert demo.main(["--out", str(out), "--quick"]) == 0
-    return out
 
 
 def test_quick_demo_writes_every_file(quick_demo):

@@ -322,6 +322,7 @@ def _finite_numbers(obj, path="") -> list[str]:
     return bad
 
 
+@pytest.mark.slow  # the quick demo (tests/test_demo.py) runs the same evaluation through run_eval
 def test_synthface_cli_end_to_end_on_untrained_pipelines(world, models_dir, method_weights, tmp_path, capsys):
     w = method_weights
     out = tmp_path / "eval"

@@ -200,7 +200,8 @@ def test_sharded_sgd_step_matches(mesh222, sharded, reference_variables, inputs)
         assert arr.sharding.spec == EXPECTED_SPECS[k], k
         assert_close(arr, ref[k], atol=1e-5, rtol=0, what=f"updated {k}")
     # the step moved the params, so the comparison above is not trivially old == old
-    assert float(jnp.max(jnp.abs(ref["params/ff_in/kernel"] - _flat(reference_variables)["params/ff_in/kernel"]))) > 1e-4
+    moved = ref["params/ff_in/kernel"] - _flat(reference_variables)["params/ff_in/kernel"]
+    assert float(jnp.max(jnp.abs(moved))) > 1e-4
 
 
 # (5) uneven dims -------------------------------------------------------------------------------------------
@@ -241,8 +242,9 @@ def test_shard_batch_leading_axis_over_data_fsdp(mesh222):
     assert sh.replicated(mesh222).spec == P()
 
 
-def test_unet_sharded_forward_equals_unsharded_and_follows_rules():
-    """The real UNet (tiny widths) on a data=2 × fsdp=2 × tensor=2 mesh of the 8 virtual CPU devices."""
+def _tiny_unet_on_mesh(*, random_params: bool):
+    """The tiny UNet, a batch of 4, a data=2 × fsdp=2 × tensor=2 mesh and its param shardings; params random (a
+    compiled init) or zeros of the right shapes."""
     import flax.linen as nn
 
     from dynamicid_jax import sharding as S
@@ -253,12 +255,26 @@ def test_unet_sharded_forward_equals_unsharded_and_follows_rules():
     sample = rng.standard_normal((4, 8, 8, 4)).astype(np.float32)
     t = np.array([1, 200, 500, 900], np.int32)
     ctx = rng.standard_normal((4, 5, 32)).astype(np.float32)
-    params = U.init_params(module, jax.random.key(0))
-    params = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
-    reference = jax.jit(module.apply)({"params": params}, sample, t, ctx)
-
+    if random_params:
+        params = U.init_params(module, jax.random.key(0))
+        params = jax.tree_util.tree_map(  # host-side: eager jnp here would compile a kernel per param shape
+            lambda x: (np.asarray(x) + 0.01 * np.sin(np.arange(x.size).reshape(x.shape))).astype(np.float32), params)
+    else:
+        shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), sample[:1], t[:1], ctx[:1])["params"])
+        params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes)
     mesh = S.make_mesh(S.MeshConfig(data=2, fsdp=2, tensor=2))
     _, shardings = S.param_shardings(module, sample[:1], t[:1], ctx[:1], mesh=mesh)
+    return module, (sample, t, ctx), params, mesh, shardings
+
+
+def test_unet_params_follow_rules():
+    """The real UNet (tiny widths) on a data=2 × fsdp=2 × tensor=2 mesh of the 8 virtual CPU devices: every param
+    is placed as its logical axes and the rules table say."""
+    import flax.linen as nn
+
+    from dynamicid_jax import sharding as S
+
+    module, (sample, t, ctx), params, mesh, shardings = _tiny_unet_on_mesh(random_params=False)
     sharded = S.shard_params(params, shardings["params"])
     boxed = jax.eval_shape(module.init, jax.random.key(0), sample[:1], t[:1], ctx[:1])["params"]
     specs = nn.get_partition_spec(boxed)
@@ -269,6 +285,15 @@ def test_unet_sharded_forward_equals_unsharded_and_follows_rules():
     for path, logical in flat_specs:
         expected = jax.sharding.PartitionSpec(*(rules.get(name) for name in logical))
         assert flat_arrays[path].sharding.spec == expected, jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow  # ~50 s of CPU compile; the default run checks a sharded train step (tests/test_train_loop.py)
+def test_unet_sharded_forward_equals_unsharded():
+    from dynamicid_jax import sharding as S
+
+    module, (sample, t, ctx), params, mesh, shardings = _tiny_unet_on_mesh(random_params=True)
+    reference = jax.jit(module.apply)({"params": params}, sample, t, ctx)
+    sharded = S.shard_params(params, shardings["params"])
     batch = S.shard_batch({"s": sample, "t": t, "c": ctx}, mesh)
     forward = S.sharded_jit(module.apply, in_shardings=(shardings, S.batch_sharding(mesh, 4),
                                                         S.batch_sharding(mesh, 1), S.batch_sharding(mesh, 3)),

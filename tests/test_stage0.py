@@ -1,6 +1,6 @@
-"""Stage 0 (train/stage0.py): the quick preset on a tiny SynthFace tree gives a diffusers folder that our loader and
-diffusers both read; a rerun skips finished phases; the VAE's scaling factor is 1/std of its latents; bad configs
-fail early with clear errors."""
+"""Stage 0 (train/stage0.py): the quick preset (the quick demo's stage 0, shared with tests/test_demo.py) gives a
+diffusers folder that our loader and diffusers both read; a rerun skips finished phases; the VAE's scaling factor
+is 1/std of its latents; bad configs fail early with clear errors."""
 import json
 import os
 import time
@@ -14,13 +14,10 @@ from train import stage0, stage0_phases
 from train.config import ConfigError
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    from data_pipelines.synthface import generate
 
-    root = str(tmp_path_factory.mktemp("synthface"))
-    generate(root, identities=2, heldout=1, scenes=0, progress=False)
-    return root
+@pytest.fixture(scope="module")
+def synth_root(quick_demo):
+    return str(quick_demo / "work" / "synthface")
 
 
 def quick_config(root, workdir, *extra):
@@ -29,16 +26,18 @@ def quick_config(root, workdir, *extra):
 
 
 @pytest.fixture(scope="module")
-def quick_run(synth_root, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("stage0"))
-    cfg = quick_config(synth_root, workdir)
-    start = time.perf_counter()
-    folder = stage0.run_stage0(cfg)
-    return cfg, workdir, folder, time.perf_counter() - start
+def quick_run(quick_demo, synth_root):
+    """The quick demo's stage 0: ``--quick`` on its 4-identity SynthFace world, with the config it was run with."""
+    from infer import demo
+
+    workdir = str(quick_demo / "work" / "stage0")
+    cfg = stage0.stage0_config([f"data.root={synth_root}", f"workdir={workdir}"], quick=True,
+                               path=demo._config_path("stage0"))
+    return cfg, workdir, os.path.join(workdir, "export", "sd")
 
 
 def test_quick_export_folder(quick_run):
-    cfg, workdir, folder, _ = quick_run
+    cfg, workdir, folder = quick_run
     assert folder == os.path.join(workdir, "export", "sd")
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
         assert os.path.exists(os.path.join(folder, part)), part
@@ -59,7 +58,7 @@ def test_our_loader_reads_the_export(quick_run, synth_root):
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
     from train.common import load_base
 
-    _, workdir, folder, _ = quick_run
+    _, workdir, folder = quick_run
     sd = StableDiffusion.from_pretrained(folder)
     assert sd.vae_scale_factor == 4
     assert sd.text_encoder.config.hidden_size == 64 and sd.text_encoder.config.vocab_size == 49408
@@ -98,7 +97,7 @@ def test_diffusers_reads_the_export(quick_run):
 
 
 def test_rerun_skips_finished_phases(quick_run, synth_root):
-    cfg, workdir, folder, first = quick_run
+    cfg, workdir, folder = quick_run
     stamp = os.path.getmtime(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
     start = time.perf_counter()
     assert stage0.run_stage0(cfg) == folder
@@ -119,7 +118,7 @@ def test_rerun_skips_finished_phases(quick_run, synth_root):
 
 
 def test_changed_settings(quick_run, synth_root):
-    _, workdir, _, _ = quick_run
+    _, workdir, _ = quick_run
     with pytest.raises(ValueError, match="other settings"):
         stage0.run_stage0(quick_config(synth_root, workdir, "diffusion.lr=0.5"))
 

@@ -57,7 +57,7 @@ def test_sharded_step_equals_single_device(task, tmp_path):
                         state.trainable["ff_in"]["kernel"]))
     (p1, o1, l1, _), (p8, o8, l8, k8) = results
     assert k8.addressable_shards[0].data.size == k8.size // 4  # fsdp=4: each device stores a quarter
-    assert np.isclose(l1, l8, rtol=1e-6, atol=1e-7)
+    assert np.isclose(l1, l8, rtol=1e-5, atol=1e-7)  # the sharded reduction order differs: ~1e-6 apart
     for name in p1:
         np.testing.assert_allclose(p8[name], p1[name], rtol=1e-5, atol=1e-6, err_msg=name)
     for name in o1:

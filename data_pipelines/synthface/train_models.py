@@ -118,8 +118,9 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
                                  crop_size=32)
     run("scene_classifier", lambda: train_classifier(images, scene_labels, scene_cfg, steps=steps["scene_classifier"],
                                                      seed=seed, progress=progress))
-    result: dict[str, Any] = {"train_seconds": timings, "train_cpu_seconds": cpu_timings, "steps": {k: steps[k] for k in names},
-                              "train_images": int(len(images)), "train_identities": int(ident.max() + 1)}
+    result: dict[str, Any] = {"train_seconds": timings, "train_cpu_seconds": cpu_timings,
+                              "steps": {k: steps[k] for k in names}, "train_images": int(len(images)),
+                              "train_identities": int(ident.max() + 1)}
     if evaluate_after:
         result.update(evaluate(data_dir, out_dir))
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
