@@ -43,11 +43,12 @@ older version without an upgrade path raises it as well. Anything malformed rais
 Batch contract
 --------------
 Stage 1 (:func:`data_pipelines.loaders.stage1_loader`): each element is a dict of numpy arrays for this process
-(``B`` = per-process batch size, ``R`` = configured resolution):
+(``B`` = per-process batch size, ``R`` = configured resolution, ``f`` = the VAE's downsampling factor, 8 for
+SD1.5, ``C`` = its latent channels, 4 for SD1.5):
 
 * ``"target_pixels"`` float32 ``[B, R, R, 3]`` in ``[-1, 1]``: the target image, shortest side resized to ``R``
   (bilinear) then centre-cropped — **or**, when latents were precomputed, ``"target_latent_moments"`` float32
-  ``[B, R/8, R/8, 8]`` (``mean ‖ logvar``; the trainer samples ``mean + exp(logvar/2)·ε`` each step and multiplies
+  ``[B, R/f, R/f, 2C]`` (``mean ‖ logvar``; the trainer samples ``mean + exp(logvar/2)·ε`` each step and multiplies
   by the VAE's ``scaling_factor``);
 * ``"ref_clip_pixels"`` float32 ``[B, 224, 224, 3]``: the whole *reference* image through
   ``dynamicid_jax.models.clip.clip_preprocess`` — **or**, when precomputed, ``"ref_clip_features"`` float32
@@ -66,7 +67,7 @@ sampled with replacement from the identity, possibly including the source):
 * ``"src_raster"`` float32 ``[96, 96, 1]``, ``"tgt_rasters"`` float32 ``[T, 96, 96, 1]``: IMR landmark rasters
   in ``{-1, 1}`` (``dynamicid_jax.faces.raster_from_landmarks`` of the stored landmarks);
 * ``"src_face_prompt_ids"`` int32 ``[77]``, ``"tgt_face_prompt_ids"`` int32 ``[T, 77]``;
-* ``"tgt_latent_moments"`` float32 ``[T, R/8, R/8, 8]`` — **or** ``"tgt_pixels"`` float32 ``[T, R, R, 3]``;
+* ``"tgt_latent_moments"`` float32 ``[T, R/f, R/f, 2C]`` — **or** ``"tgt_pixels"`` float32 ``[T, R, R, 3]``;
 * ``"src_index"`` int32 ``[]``, ``"tgt_index"`` int32 ``[T]``: record indices (keys of the trainer's cache of
   stage-1 target tokens);
 * ``"identity"`` int32 ``[]``.
