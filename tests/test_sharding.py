@@ -242,11 +242,8 @@ def test_shard_batch_leading_axis_over_data_fsdp(mesh222):
     assert sh.replicated(mesh222).spec == P()
 
 
-def _tiny_unet_on_mesh(*, random_params: bool):
-    """The tiny UNet, a batch of 4, a data=2 × fsdp=2 × tensor=2 mesh and its param shardings; params random (a
-    compiled init) or zeros of the right shapes."""
-    import flax.linen as nn
-
+def _tiny_unet_on_mesh():
+    """The tiny UNet, a batch of 4, a data=2 × fsdp=2 × tensor=2 mesh and the UNet's param shardings on it."""
     from dynamicid_jax import sharding as S
     from dynamicid_jax.models import unet as U
 
@@ -255,28 +252,22 @@ def _tiny_unet_on_mesh(*, random_params: bool):
     sample = rng.standard_normal((4, 8, 8, 4)).astype(np.float32)
     t = np.array([1, 200, 500, 900], np.int32)
     ctx = rng.standard_normal((4, 5, 32)).astype(np.float32)
-    if random_params:
-        params = U.init_params(module, jax.random.key(0))
-        params = jax.tree_util.tree_map(  # host-side: eager jnp here would compile a kernel per param shape
-            lambda x: (np.asarray(x) + 0.01 * np.sin(np.arange(x.size).reshape(x.shape))).astype(np.float32), params)
-    else:
-        shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), sample[:1], t[:1], ctx[:1])["params"])
-        params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes)
     mesh = S.make_mesh(S.MeshConfig(data=2, fsdp=2, tensor=2))
     _, shardings = S.param_shardings(module, sample[:1], t[:1], ctx[:1], mesh=mesh)
-    return module, (sample, t, ctx), params, mesh, shardings
+    return module, (sample, t, ctx), mesh, shardings
 
 
 def test_unet_params_follow_rules():
     """The real UNet (tiny widths) on a data=2 × fsdp=2 × tensor=2 mesh of the 8 virtual CPU devices: every param
-    is placed as its logical axes and the rules table say."""
+    is placed as its logical axes and the rules table say (zeros of the right shapes: placement only)."""
     import flax.linen as nn
 
     from dynamicid_jax import sharding as S
 
-    module, (sample, t, ctx), params, mesh, shardings = _tiny_unet_on_mesh(random_params=False)
-    sharded = S.shard_params(params, shardings["params"])
+    module, (sample, t, ctx), mesh, shardings = _tiny_unet_on_mesh()
     boxed = jax.eval_shape(module.init, jax.random.key(0), sample[:1], t[:1], ctx[:1])["params"]
+    params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), nn.meta.unbox(boxed))
+    sharded = S.shard_params(params, shardings["params"])
     specs = nn.get_partition_spec(boxed)
     rules = dict(S.LOGICAL_AXIS_RULES)
     flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
@@ -290,8 +281,12 @@ def test_unet_params_follow_rules():
 @pytest.mark.slow  # ~50 s of CPU compile; the default run checks a sharded train step (tests/test_train_loop.py)
 def test_unet_sharded_forward_equals_unsharded():
     from dynamicid_jax import sharding as S
+    from dynamicid_jax.models import unet as U
 
-    module, (sample, t, ctx), params, mesh, shardings = _tiny_unet_on_mesh(random_params=True)
+    module, (sample, t, ctx), mesh, shardings = _tiny_unet_on_mesh()
+    params = jax.tree_util.tree_map(  # host-side: eager jnp here would compile a kernel per param shape
+        lambda x: (np.asarray(x) + 0.01 * np.sin(np.arange(x.size).reshape(x.shape))).astype(np.float32),
+        U.init_params(module, jax.random.key(0)))
     reference = jax.jit(module.apply)({"params": params}, sample, t, ctx)
     sharded = S.shard_params(params, shardings["params"])
     batch = S.shard_batch({"s": sample, "t": t, "c": ctx}, mesh)

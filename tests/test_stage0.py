@@ -14,7 +14,6 @@ from train import stage0, stage0_phases
 from train.config import ConfigError
 
 
-
 @pytest.fixture(scope="module")
 def synth_root(quick_demo):
     return str(quick_demo / "work" / "synthface")
@@ -27,13 +26,9 @@ def quick_config(root, workdir, *extra):
 
 @pytest.fixture(scope="module")
 def quick_run(quick_demo, synth_root):
-    """The quick demo's stage 0: ``--quick`` on its 4-identity SynthFace world, with the config it was run with."""
-    from infer import demo
-
+    """The quick demo's stage 0 (``--quick``, the shipped SynthFace config, its 4-identity world) and that config."""
     workdir = str(quick_demo / "work" / "stage0")
-    cfg = stage0.stage0_config([f"data.root={synth_root}", f"workdir={workdir}"], quick=True,
-                               path=demo._config_path("stage0"))
-    return cfg, workdir, os.path.join(workdir, "export", "sd")
+    return quick_config(synth_root, workdir), workdir, os.path.join(workdir, "export", "sd")
 
 
 def test_quick_export_folder(quick_run):
