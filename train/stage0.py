@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "resolution": 64,  # images are resized when the tree's size differs
         "heldout_images": 70,  # held-out images for the VAE's PSNR (0 = none)
         "p_empty": 0.1, "p_face_prompt": 0.3, "p_grid_prompt": 0.2,
+        "pairs": False,  # also train on the tree's two-person pairs (64×128 images, group captions)
     },
     "model": {"vae": "synthface", "text_encoder": "synthface", "unet": "synthface",
               "vae_overrides": {}, "text_encoder_overrides": {}, "unet_overrides": {}},
@@ -83,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
             "l1_weight": 1.0, "mse_weight": 0.0, "kl_weight": 1e-6, "logvar_init": -9.0},
     "diffusion": {**_PHASE_DEFAULTS, "steps": 1000, "ema_decay": 0.995,
                   "prediction_type": "v_prediction",  # or "epsilon" (see the module docstring)
+                  "pair_batch_size": 0,  # two-person images per step beside batch_size portraits (data.pairs)
                   "loss_weighting": "uniform", "snr_gamma": 5.0},  # or "min_snr" (Min-SNR-γ)
     "sample": {"count": 8, "steps": 25, "guidance_scale": 4.0, "seed": 0, "models": ""},
 }
@@ -103,7 +105,10 @@ def stage0_config(overrides: Sequence[str] = (), *, quick: bool = False, path: s
     ``overrides`` (``key.sub=value``)."""
     from train.config import load_config
 
-    return load_config(path, [*(QUICK_OVERRIDES if quick else ()), *overrides], defaults=DEFAULTS)
+    cfg = load_config(path, [*(QUICK_OVERRIDES if quick else ()), *overrides], defaults=DEFAULTS)
+    if quick and cfg["diffusion"]["pair_batch_size"]:
+        cfg["diffusion"]["pair_batch_size"] = min(int(cfg["diffusion"]["pair_batch_size"]), 2)
+    return cfg
 
 
 def model_configs(cfg: Mapping):
@@ -171,6 +176,13 @@ def validate(cfg: Mapping) -> None:
                 raise ValueError(f"{phase}.{key} must be a positive integer, got {p[key]!r}")
     if cfg["on_change"] not in ("error", "restart"):
         raise ValueError(f"on_change must be 'error' or 'restart', got {cfg['on_change']!r}")
+    pair_batch = cfg["diffusion"]["pair_batch_size"]
+    if isinstance(pair_batch, bool) or not isinstance(pair_batch, int) or pair_batch < 0:
+        raise ValueError(f"diffusion.pair_batch_size must be a non-negative integer, got {pair_batch!r}")
+    if not isinstance(d["pairs"], bool):
+        raise ValueError(f"data.pairs must be true or false, got {d['pairs']!r}")
+    if pair_batch and not d["pairs"]:
+        raise ValueError("diffusion.pair_batch_size > 0 needs data.pairs=true")
 
 
 def phase_fingerprints(cfg: Mapping, data_index: Mapping) -> dict[str, str]:
@@ -185,6 +197,8 @@ def phase_fingerprints(cfg: Mapping, data_index: Mapping) -> dict[str, str]:
     d, m = cfg["data"], cfg["model"]
     data = {"index": {k: data_index.get(k) for k in ("schema", "seed", "image_size", "splits")},
             "resolution": d["resolution"]}
+    if d["pairs"]:
+        data["pairs"] = len(data_index.get("pairs", []))
     vae = digest({"data": data, "heldout": d["heldout_images"], "seed": cfg["seed"], "devices": cfg["devices"],
                   "model": [m["vae"], m.get("vae_overrides")], "vae": section("vae")})
     diffusion = digest({"vae": vae, "seed": cfg["seed"], "devices": cfg["devices"],
@@ -200,7 +214,8 @@ def phase_fingerprints(cfg: Mapping, data_index: Mapping) -> dict[str, str]:
 @dataclasses.dataclass
 class Stage0Data:
     """The training images (``uint8 [N, R, R, 3]``), token ids of each text variant (``int32 [N, 3, 77]``:
-    caption, + face prompt, + grid prompt), the empty prompt's ids (``[77]``) and held-out images."""
+    caption, + face prompt, + grid prompt), the empty prompt's ids (``[77]``) and held-out images; with
+    ``data.pairs`` the two-person images (``uint8 [M, R, 2R, 3]``) and their caption ids (``int32 [M, 77]``)."""
 
     images: np.ndarray
     token_ids: np.ndarray
@@ -208,6 +223,8 @@ class Stage0Data:
     heldout: np.ndarray
     captions: list[str]
     index: dict
+    pair_images: np.ndarray | None = None
+    pair_token_ids: np.ndarray | None = None
 
 
 def text_variants(record: Mapping) -> tuple[str, str, str]:
@@ -216,12 +233,13 @@ def text_variants(record: Mapping) -> tuple[str, str, str]:
     return caption, f"{caption}, {record['face_prompt']}", f"{caption}, {record['grid_prompt']}"
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    if images.shape[1] == size and images.shape[2] == size:
+def _resize(images: np.ndarray, size: int, width: int | None = None) -> np.ndarray:
+    width = size if width is None else width
+    if images.shape[1] == size and images.shape[2] == width:
         return images
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+    return np.stack([np.asarray(Image.fromarray(im).resize((width, size), Image.BICUBIC)) for im in images])
 
 
 def load_data(cfg: Mapping, tokenizer) -> Stage0Data:
@@ -240,7 +258,16 @@ def load_data(cfg: Mapping, tokenizer) -> Stage0Data:
         held, _ = synthface.load_split(d["root"], "heldout")
         heldout = _resize(held[:n_held], int(d["resolution"]))
     empty = np.asarray(tokenize(tokenizer, [""]), np.int32)[0]
-    return Stage0Data(images, ids, empty, heldout, [t[0] for t in texts], index)
+    pair_images = pair_ids = None
+    if d["pairs"]:
+        pair_images, pair_records = synthface.load_pairs(d["root"])
+        if not len(pair_images):
+            raise ValueError(f"data.pairs=true but {d['root']!r} holds no pairs (python -m data_pipelines.synthface "
+                             "... --pairs M)")
+        res = int(d["resolution"])
+        pair_images = _resize(pair_images, res, 2 * res)
+        pair_ids = np.asarray(tokenize(tokenizer, [r["caption"] for r in pair_records]), np.int32)
+    return Stage0Data(images, ids, empty, heldout, [t[0] for t in texts], index, pair_images, pair_ids)
 
 
 # =========================================================================================================
@@ -290,9 +317,12 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
     _start_phase(folder, fp)
     done = read_json(os.path.join(folder, "done.json"))
     params_path, moments_path = os.path.join(folder, "params.safetensors"), os.path.join(folder, "moments.npy")
+    pair_path = os.path.join(folder, "pair_moments.npy")
     if done is not None and os.path.exists(params_path) and os.path.exists(moments_path):
         log.info("phase vae: finished before (%d steps), reusing it", done["steps"])
         params = jax.tree_util.tree_map(jnp.asarray, common.load_params(params_path))
+        if data.pair_images is not None and not os.path.exists(pair_path):
+            _save_array(pair_path, VAEPhase(cfg, vae_cfg, data).encode_all(params, data.pair_images))
         return (dataclasses.replace(vae_cfg, scaling_factor=done["scaling_factor"]), params,
                 np.load(moments_path), {**done, "skipped": True})
     phase = VAEPhase(cfg, vae_cfg, data)
@@ -317,6 +347,8 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
     common.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-vae", "scaling_factor":
                                                       str(scaling)})
     _save_array(moments_path, moments)
+    if data.pair_images is not None:
+        _save_array(pair_path, phase.encode_all(params, data.pair_images))
     metrics["wall_s"] += metrics["measure_s"]
     write_json_atomic(metrics, os.path.join(folder, "done.json"), default=float)
     log.info("phase vae: PSNR %.2f dB (held-out), scaling_factor %.4f, %.1f s", psnr or float("nan"), scaling,
@@ -334,7 +366,10 @@ def run_diffusion_phase(cfg: Mapping, text_cfg, unet_cfg, scheduler, moments, sc
     if done is not None and os.path.exists(params_path):
         log.info("phase diffusion: finished before (%d steps), reusing it", done["steps"])
         return jax.tree_util.tree_map(jnp.asarray, common.load_params(params_path)), {**done, "skipped": True}
-    phase = DiffusionPhase(cfg, text_cfg, unet_cfg, scheduler, moments, scaling, data)
+    pair_moments = None
+    if data.pair_images is not None:
+        pair_moments = np.load(os.path.join(workdir, "vae", "pair_moments.npy"))
+    phase = DiffusionPhase(cfg, text_cfg, unet_cfg, scheduler, moments, scaling, data, pair_moments)
     p = cfg["diffusion"]
     log.info("phase diffusion: %d steps, batch %d, lr %g, EMA %s", p["steps"], p["batch_size"], p["lr"],
              p["ema_decay"])
@@ -408,6 +443,7 @@ def _run_stage0(cfg: Mapping) -> str:
     metrics = {
         "format": "dynamicid-jax/stage0-metrics-v1", "export": "sd", "fingerprint": fps["diffusion"],
         "data_root": os.path.abspath(cfg["data"]["root"]), "train_images": int(len(data.images)),
+        "train_pairs": 0 if data.pair_images is None else int(len(data.pair_images)),
         "resolution": int(cfg["data"]["resolution"]), "vae_scale_factor": sd.vae_scale_factor,
         "latent_shape": [int(x) for x in moments.shape[1:-1]] + [vae_cfg.latent_channels],
         "scaling_factor": vae_cfg.scaling_factor,

@@ -285,7 +285,7 @@ class DiffusionPhase:
     """Phase ``diffusion``: text encoder + UNet, ε-MSE on SD1.5's DDPM schedule, the VAE frozen (latent moments)."""
 
     def __init__(self, cfg: Mapping, text_cfg, unet_cfg, scheduler, moments: np.ndarray, scaling_factor: float,
-                 data: Stage0Data):
+                 data: Stage0Data, pair_moments: np.ndarray | None = None):
         from dynamicid_jax.models.clip import CLIPTextModel
         from dynamicid_jax.models.unet import UNet2DConditionModel
 
@@ -297,6 +297,12 @@ class DiffusionPhase:
         self.frozen = {"moments": np.asarray(moments, np.float32), "token_ids": data.token_ids,
                        "empty_ids": data.empty_ids}
         self.context_len = int(data.token_ids.shape[-1])
+        self.pair_batch = int(self.p.get("pair_batch_size") or 0)
+        if self.pair_batch:
+            if pair_moments is None or data.pair_token_ids is None:
+                raise ValueError("diffusion.pair_batch_size > 0 needs the pairs' latent moments and captions")
+            self.frozen["pair_moments"] = np.asarray(pair_moments, np.float32)
+            self.frozen["pair_token_ids"] = data.pair_token_ids
         self.weights = timestep_weights(scheduler, self.p["loss_weighting"], float(self.p["snr_gamma"]))
 
     def _dummy(self):
@@ -321,23 +327,43 @@ class DiffusionPhase:
         ids = frozen["token_ids"][idx, variant]
         return jnp.where((u < p_empty)[:, None], frozen["empty_ids"][None], ids)
 
-    def loss_fn(self, trainable, frozen, mutable, batch, rng):
+    def _per_sample_loss(self, unet_params, moments, context, rng):
+        """Weighted per-sample v- (or ε-) MSE of the UNet on noised samples of ``moments`` → ``([B], [B])``."""
         from dynamicid_jax.models.vae import DiagonalGaussian
 
-        b = int(self.p["batch_size"])
-        k_idx, k_text, k_lat, k_t, k_noise = jax.random.split(rng, 5)
-        idx = _batch_constraint(jax.random.randint(k_idx, (b,), 0, frozen["moments"].shape[0]))
-        ids = self.text_ids(frozen, idx, k_text)
-        context = self.text_encoder.apply({"params": trainable["text_encoder"]}, ids).last_hidden_state
-        latents = DiagonalGaussian.from_moments(frozen["moments"][idx]).sample(k_lat) * self.scaling_factor
+        k_lat, k_t, k_noise = jax.random.split(rng, 3)
+        b = moments.shape[0]
+        latents = DiagonalGaussian.from_moments(moments).sample(k_lat) * self.scaling_factor
         sched = self.scheduler
         t = jax.random.randint(k_t, (b,), 0, sched.config.num_train_timesteps)
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-        pred = self.unet.apply({"params": trainable["unet"]}, sched.add_noise(latents, noise, t), t, context)
+        pred = self.unet.apply({"params": unet_params}, sched.add_noise(latents, noise, t), t, context)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-        loss = jnp.mean(jnp.asarray(self.weights)[t] * per_sample)
-        return loss, ({"mse": jnp.mean(per_sample)}, mutable)
+        return jnp.asarray(self.weights)[t] * per_sample, per_sample
+
+    def loss_fn(self, trainable, frozen, mutable, batch, rng):
+        """Portraits (``batch_size``) and, with ``pair_batch_size``, two-person images: one text-encoder call for
+        both, one UNet call per image shape; the loss is the mean over all samples."""
+        b, pb = int(self.p["batch_size"]), self.pair_batch
+        k_idx, k_text, k_single, k_pair, k_pidx, k_ptext = jax.random.split(rng, 6)
+        idx = _batch_constraint(jax.random.randint(k_idx, (b,), 0, frozen["moments"].shape[0]))
+        ids = self.text_ids(frozen, idx, k_text)
+        if pb:
+            pidx = _batch_constraint(jax.random.randint(k_pidx, (pb,), 0, frozen["pair_moments"].shape[0]))
+            p_empty = float(self.cfg["data"]["p_empty"])
+            drop = jax.random.uniform(k_ptext, (pb,)) < p_empty
+            pair_ids = jnp.where(drop[:, None], frozen["empty_ids"][None], frozen["pair_token_ids"][pidx])
+            ids = jnp.concatenate([ids, pair_ids], axis=0)
+        context = self.text_encoder.apply({"params": trainable["text_encoder"]}, ids).last_hidden_state
+        weighted, per_sample = self._per_sample_loss(trainable["unet"], frozen["moments"][idx], context[:b], k_single)
+        metrics = {"mse": jnp.mean(per_sample)}
+        if pb:
+            w_pair, s_pair = self._per_sample_loss(trainable["unet"], frozen["pair_moments"][pidx], context[b:],
+                                                   k_pair)
+            weighted = jnp.concatenate([weighted, w_pair])
+            metrics["mse_pairs"] = jnp.mean(s_pair)
+        return jnp.mean(weighted), (metrics, mutable)
 
     def task(self, initial: Any) -> loop.Task:
         """The task, starting from ``initial`` (:meth:`initial_params`)."""

@@ -11,8 +11,10 @@ from .dataset import (
                       SCHEMA,
                       caption_for,
                       generate,
+                      group_caption,
                       list_images,
                       load_index,
+                      load_pairs,
                       load_split,
                       read_record,
                       render_identity,
@@ -36,7 +38,7 @@ from .world import (
 )
 
 __all__ = [
-    "SCHEMA", "generate", "load_index", "list_images", "load_split", "read_record", "render_identity",
+    "SCHEMA", "generate", "load_index", "list_images", "load_split", "load_pairs", "group_caption", "read_record", "render_identity",
     "render_scene", "write_identity", "write_scene", "caption_for", "face_layout", "FaceLayout", "Pose2D",
     "EXPRESSION_SHAPES", "render_portrait", "render_group", "draw_person", "EXPRESSIONS", "POSES", "POSE_YAW",
     "PROMPT_EXPRESSION", "BACKGROUNDS", "CLOTHING", "PLACEMENTS", "Identity", "SceneAttributes", "sample_identity",

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 8, >= 32)")
     p.add_argument("--heldout", type=int, default=None, help="held-out identities (default max(2, N // 10))")
     p.add_argument("--scenes", type=int, default=None, help="multi-person scenes (default 2 × heldout)")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="two-person images of training identities (what stage 0 learns groups from)")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="rendering processes (the output does not depend on it)")
     p.add_argument("--train-models", metavar="MODELS", default=None,
@@ -39,10 +41,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     index = generate(args.out, args.identities, seed=args.seed, size=args.size, heldout=args.heldout,
-                     scenes=args.scenes, workers=args.workers, progress=not args.quiet)
+                     scenes=args.scenes, pairs=args.pairs, workers=args.workers, progress=not args.quiet)
     n_img = (len(index["splits"]["train"]) + len(index["splits"]["heldout"])) * index["images_per_identity"]
     print(f"SynthFace: {n_img} images of {len(index['splits']['train'])} + {len(index['splits']['heldout'])} "
-          f"identities and {len(index['scenes'])} scenes written to {args.out} in {time.time() - t0:.1f} s")
+          f"identities, {len(index['scenes'])} scenes and {len(index['pairs'])} pairs written to {args.out} in {time.time() - t0:.1f} s")
     models = args.models
     if args.train_models:
         from .train_models import train_all

@@ -8,6 +8,7 @@ Layout (``out`` = the dataset folder)::
     out/train/id00000/happy_left.json        exact face values (see ``image_record``)
     out/heldout/ho00000/...                  identities never used in training, same layout
     out/scenes/scene00000.{png,txt,json}     2–3 held-out people side by side, boxes and identities known
+    out/pairs/pair00000.{png,txt,json}       2 training people side by side (the base's prior of groups)
 
 Every file depends only on ``(seed, split, index)`` — see :mod:`.world` — so two runs with the same seed write
 byte-identical trees, and identity ``k`` is the same person whatever ``--identities`` is.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,10 +42,10 @@ from .world import (
     sample_variation,
 )
 
-__all__ = ["SCHEMA", "caption_for", "render_identity", "write_identity", "render_scene", "write_scene",
-           "generate", "load_index", "list_images", "load_split", "read_record"]
+__all__ = ["SCHEMA", "caption_for", "group_caption", "render_identity", "write_identity", "render_scene",
+           "write_scene", "generate", "load_index", "list_images", "load_split", "load_pairs", "read_record"]
 
-SCHEMA = "synthface/1"
+SCHEMA = "synthface/2"  # 2: close-up portraits, training pairs
 _umask = os.umask(0)
 os.umask(_umask)
 _FILE_MODE = 0o666 & ~_umask  # what open() would give (mkstemp makes 0600 files)
@@ -121,46 +122,66 @@ def write_identity(out_dir: str, seed: int, split: str, index: int, size: int = 
     return paths
 
 
-def render_scene(seed: int, scene_index: int, pool: list[tuple[str, int]], size: int = 64
-                 ) -> tuple[np.ndarray, dict]:
-    """A group scene: 2 or 3 distinct people from ``pool`` (``(split, index)`` pairs) side by side."""
-    rng = rng_for(seed, "scenes", scene_index)
-    n = 2 if len(pool) < 3 or rng.uniform() < 0.5 else 3
+def group_caption(background: str, clothing: Sequence[str]) -> str:
+    """The caption of a group image: each person's shirt by side, never who they are."""
+    n = len(clothing)
+    words = _POSITION_WORDS[n]
+    parts = [f"the person {'in the middle' if w == 'middle' else 'on the ' + w} wears {_a(c)} shirt"
+             for w, c in zip(words, clothing)]
+    return f"a photo of {_COUNT_WORDS[n]} people side by side, {', '.join(parts)}, {background} background"
+
+
+def render_scene(seed: int, scene_index: int, pool: list[tuple[str, int]], size: int = 64, *,
+                 split: str = "scenes", people: int | None = None) -> tuple[np.ndarray, dict]:
+    """A group image: ``people`` (default 2 or 3 at random) distinct people from ``pool`` (``(split, index)``
+    pairs) side by side. ``split``: ``"scenes"`` (held-out evaluation scenes) or ``"pairs"`` (training pairs)."""
+    rng = rng_for(seed, split, scene_index)
     if len(pool) < 2:
         raise ValueError(f"a scene needs at least 2 identities to choose from, got {len(pool)}")
+    if people is None:
+        n = 2 if len(pool) < 3 or rng.uniform() < 0.5 else 3
+    else:
+        n = int(people)
+        if n < 2 or n > min(3, len(pool)):
+            raise ValueError(f"people must be 2 or 3 and at most the pool size {len(pool)}, got {people!r}")
     chosen = [pool[int(i)] for i in rng.choice(len(pool), size=n, replace=False)]
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-    people = []
-    for split, index in chosen:
+    people_ = []
+    for id_split, index in chosen:
         options = [c for c in CLOTHING if c != background]
         clothing = options[int(rng.integers(len(options)))]
-        people.append({"identity": sample_identity(seed, split, index), "split": split,
-                       "name": identity_name(split, index), "expression": EXPRESSIONS[int(rng.integers(7))],
-                       "pose_name": POSES[int(rng.integers(5))], "clothing": clothing,
-                       "variation": sample_variation(rng)})
+        people_.append({"identity": sample_identity(seed, id_split, index), "split": id_split,
+                        "name": identity_name(id_split, index), "expression": EXPRESSIONS[int(rng.integers(7))],
+                        "pose_name": POSES[int(rng.integers(5))], "clothing": clothing,
+                        "variation": sample_variation(rng)})
     group_var = sample_variation(rng)
-    image, faces = render_group(people, background, group_var, size)
+    image, faces = render_group(people_, background, group_var, size)
     words = _POSITION_WORDS[n]
-    parts = [f"the person {'in the middle' if w == 'middle' else 'on the ' + w} wears {_a(p['clothing'])} shirt"
-             for w, p in zip(words, people)]
-    caption = f"a photo of {_COUNT_WORDS[n]} people side by side, {', '.join(parts)}, {background} background"
-    for face, p, w in zip(faces, people, words):
+    caption = group_caption(background, [p["clothing"] for p in people_])
+    for face, p, w in zip(faces, people_, words):
         face.update({"identity": p["name"], "split": p["split"], "clothing": p["clothing"], "position": w,
                      "reference": f"{p['split']}/{p['name']}/neutral_front.png",
                      "identity_params": p["identity"].to_dict()})
-    record = {"schema": SCHEMA, "split": "scenes", "image": f"scene{scene_index:05d}.png",
+    stem = "scene" if split == "scenes" else "pair"
+    record = {"schema": SCHEMA, "split": split, "image": f"{stem}{scene_index:05d}.png",
               "size": [int(image.shape[0]), int(image.shape[1])], "caption": caption, "background": background,
               "faces": faces}
     return image, record
 
 
-def write_scene(out_dir: str, seed: int, scene_index: int, pool: list[tuple[str, int]], size: int = 64) -> str:
-    image, record = render_scene(seed, scene_index, pool, size)
-    base = os.path.join(out_dir, "scenes", f"scene{scene_index:05d}")
+def write_scene(out_dir: str, seed: int, scene_index: int, pool: list[tuple[str, int]], size: int = 64, *,
+                split: str = "scenes", people: int | None = None) -> str:
+    image, record = render_scene(seed, scene_index, pool, size, split=split, people=people)
+    base = os.path.join(out_dir, split, os.path.splitext(record["image"])[0])
     _save_png(base + ".png", image)
     _write_text(base + ".txt", record["caption"] + "\n")
     _write_json(base + ".json", record)
     return base + ".png"
+
+
+def _pair_job(args):
+    out_dir, seed, k, pool, size = args
+    return write_scene(out_dir, seed, k, pool, size, split="pairs", people=2)
 
 
 def _identity_job(args):
@@ -168,11 +189,12 @@ def _identity_job(args):
 
 
 def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldout: int | None = None,
-             scenes: int | None = None, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+             scenes: int | None = None, workers: int = 1, progress: bool = True, pairs: int = 0) -> dict[str, Any]:
     """Write a whole SynthFace tree (see the module docstring); returns the index it wrote.
 
-    ``heldout`` defaults to max(2, identities // 10), ``scenes`` to 2 × heldout. ``workers`` > 1 renders identities
-    in that many processes (the output does not depend on it).
+    ``heldout`` defaults to max(2, identities // 10), ``scenes`` to 2 × heldout. ``pairs``: two-person images of
+    training identities (``size × 2·size``, captions naming each person's shirt and side) — what stage 0 learns
+    groups from. ``workers`` > 1 renders identities in that many processes (the output does not depend on it).
     """
     if int(identities) < 1:
         raise ValueError(f"identities must be >= 1, got {identities!r}")
@@ -180,15 +202,17 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
         raise ValueError(f"size must be a multiple of 8 and >= 32, got {size!r}")
     heldout = max(2, identities // 10) if heldout is None else int(heldout)
     scenes = 2 * heldout if scenes is None else int(scenes)
-    if heldout < 0 or scenes < 0:
-        raise ValueError(f"heldout and scenes must be >= 0, got {heldout}, {scenes}")
+    if heldout < 0 or scenes < 0 or int(pairs) < 0:
+        raise ValueError(f"heldout, scenes and pairs must be >= 0, got {heldout}, {scenes}, {pairs}")
+    if int(pairs) and identities < 2:
+        raise ValueError(f"pairs need at least 2 training identities, got {identities}")
     jobs = [(out_dir, seed, "train", i, size) for i in range(identities)]
     jobs += [(out_dir, seed, "heldout", i, size) for i in range(heldout)]
     os.makedirs(out_dir, exist_ok=True)
+    from tqdm import tqdm
+
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(jobs), desc="SynthFace identities", unit="id")
     if workers > 1:
         import multiprocessing as mp
@@ -211,6 +235,16 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
     if scenes and len(pool_ids) >= 2:
         for k in range(scenes):
             scene_files.append(os.path.relpath(write_scene(out_dir, seed, k, pool_ids, size), out_dir))
+    pair_files = []
+    if int(pairs):
+        train_pool = [("train", i) for i in range(identities)]
+        bar = tqdm(total=int(pairs), desc="SynthFace pairs", unit="img") if progress else None
+        for k in range(int(pairs)):
+            pair_files.append(os.path.relpath(_pair_job((out_dir, seed, k, train_pool, size)), out_dir))
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
     index = {
         "schema": SCHEMA, "seed": int(seed), "image_size": int(size),
         "expressions": list(EXPRESSIONS), "poses": list(POSES), "pose_yaw": POSE_YAW,
@@ -220,6 +254,7 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
                    "heldout": [identity_name("heldout", i) for i in range(heldout)]},
         "images_per_identity": len(EXPRESSIONS) * len(POSES),
         "scenes": scene_files,
+        "pairs": pair_files,
     }
     _write_json(os.path.join(out_dir, "synthface.json"), index)
     return index
@@ -253,6 +288,19 @@ def list_images(out_dir: str, split: str, identities: Iterable[str] | None = Non
         folder = os.path.join(out_dir, split, name)
         paths += sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
     return paths
+
+
+def load_pairs(out_dir: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The training pairs as ``uint8 [M, H, 2H, 3]`` plus their records (empty arrays when the tree has none)."""
+    from PIL import Image
+
+    index = load_index(out_dir)
+    paths = [os.path.join(out_dir, p) for p in index.get("pairs", [])]
+    if not paths:
+        size = int(index["image_size"])
+        return np.zeros((0, size, 2 * size, 3), np.uint8), []
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return images, [read_record(p) for p in paths]
 
 
 def load_split(out_dir: str, split: str, identities: Iterable[str] | None = None

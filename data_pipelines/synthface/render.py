@@ -27,10 +27,12 @@ from .world import (
 
 __all__ = ["HEAD_SCALE", "HEAD_CENTRE_Y", "render_portrait", "render_group", "draw_person", "face_annotation"]
 
-#: head scale (pixels per face unit) as a fraction of the image height: the head is ~48 % of the frame wide
-HEAD_SCALE = 0.24
+#: head scale (pixels per face unit) as a fraction of the image height: close-up portraits, face boxes about
+#: 37 px wide at 64² (30 px at the earlier 0.24). Bigger faces keep more of the expression through the 64-px VAE
+#: (docs/demo.md, "what moved what"); 0.30 still leaves a strip of the shirt (a caption attribute) in the frame.
+HEAD_SCALE = 0.30
 #: vertical position of the head centre as a fraction of the image height
-HEAD_CENTRE_Y = 0.44
+HEAD_CENTRE_Y = 0.41
 
 
 def _shade(colour, k) -> np.ndarray:

@@ -48,7 +48,8 @@ CLOTHING = {
     "brown": (0.45, 0.28, 0.14),
 }
 PLACEMENTS = ("left", "center", "right")
-PLACEMENT_X = {"left": 0.35, "center": 0.5, "right": 0.65}
+#: horizontal head centre per placement; close-up heads leave only a small shift inside the frame
+PLACEMENT_X = {"left": 0.45, "center": 0.5, "right": 0.55}
 PLACEMENT_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
 
 HAIR_STYLES = ("bald", "short", "fringe", "side-part", "long", "bob", "curly", "bun")
@@ -63,7 +64,7 @@ _EYES = np.array([(0.36, 0.22, 0.1), (0.2, 0.12, 0.06), (0.25, 0.48, 0.78), (0.3
 _FRAMES = np.array([(0.05, 0.05, 0.05), (0.4, 0.24, 0.1), (0.75, 0.1, 0.12), (0.15, 0.25, 0.7),
                     (0.8, 0.65, 0.2)])
 
-SPLIT_CODES = {"train": 0, "heldout": 1, "scenes": 2}
+SPLIT_CODES = {"train": 0, "heldout": 1, "scenes": 2, "pairs": 3}
 
 
 def rng_for(seed: int, split: str, index: int, *extra: int) -> np.random.Generator:
