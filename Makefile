@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
 
-.PHONY: test test-slow demo bench-cpu clean-venv
+.PHONY: test test-slow demo demo-full base bench-cpu clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# the demo starts from the shipped SynthFace base (assets/synthface_base); demo-full trains the base too
 demo: $(STAMP)
 	$(BIN)/python -m infer.demo --out demo_out
+
+demo-full: $(STAMP)
+	$(BIN)/python -m infer.demo --out demo_out_full --rebuild-base
+
+# retrain the shipped base in place (rarely: every rebuild adds its weights to the repository's history)
+base: $(STAMP)
+	$(BIN)/python -m infer.demo_base --out assets/synthface_base --work demo_out/base_work
 
 bench-cpu: $(STAMP)
 	$(BIN)/python benchmarks/unet_cpu.py

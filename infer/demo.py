@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 
 from data_pipelines.shards import write_json_atomic
+from infer.demo_base import WORLD
 from infer.demo_stages import Stage, StageRunner
 
 
@@ -79,16 +80,17 @@ def face_section(out: str) -> dict:
 #: end-to-end run (seconds per stage: it checks the wiring and the files, not the method).
 PRESETS: dict[str, dict] = {
     "full": {
-        "synthface": {"identities": 40, "heldout": 4, "scenes": 8, "size": 64, "seed": 0},
+        # the shipped base's world (infer.demo_base.WORLD) without the pairs only the base trains on
+        "synthface": {k: v for k, v in WORLD.items() if k != "pairs"},
         "face_models": {"steps_scale": 0.5},
-        "stage0": [], "stage1": ["train.steps=300"], "stage2": [], "infinite_id": [],
+        "base": "shipped", "stage1": [], "stage2": [], "infinite_id": [],
         "eval": {"quick": False},
         "figures": {"steps": 25, "guidance_scale": 4.0, "prompts": 3},
     },
     "quick": {
-        "synthface": {"identities": 4, "heldout": 2, "scenes": 2, "size": 64, "seed": 0},
+        "synthface": {"identities": 4, "heldout": 2, "scenes": 2, "pairs": 4, "size": 64, "seed": 0},
         "face_models": {"steps_scale": 0.15},
-        "stage0": ["quick"],
+        "base": "quick",
         "stage1": ["train.steps=2", "checkpoint.every=2", "data.batch_size=2", "train.log_every=1"],
         "stage2": ["train.steps=2", "checkpoint.every=2", "data.num_targets=2", "train.log_every=1"],
         "infinite_id": ["train.steps=2", "checkpoint.every=2", "data.batch_size=2", "train.log_every=1"],
@@ -132,8 +134,11 @@ def _one_device_mesh():
     return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
-def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: str) -> list[Stage]:
-    """The demo's stages (module docstring) with their settings; ``runner.folder(name)`` is each one's folder."""
+def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: str,
+                 rebuild_base: bool = False) -> tuple[list[Stage], str]:
+    """The demo's stages (module docstring) with their settings, and the base's folder; ``runner.folder(name)`` is
+    each stage's folder. The base: the shipped asset (checked against its provenance and the world), or with
+    ``rebuild_base`` trained here by the same code as ``make base``; the quick preset trains a seconds-long one."""
     sf = preset["synthface"]
     data, models, shards = runner.folder("synthface"), runner.folder("face_models"), runner.folder("shards")
     stage0_dir, stage1_dir, stage2_dir = runner.folder("stage0"), runner.folder("stage1"), runner.folder("stage2")
@@ -144,7 +149,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
         from data_pipelines.synthface import generate
 
         index = generate(folder, sf["identities"], seed=sf["seed"], size=sf["size"], heldout=sf["heldout"],
-                         scenes=sf["scenes"], workers=1, progress=progress)
+                         scenes=sf["scenes"], pairs=sf.get("pairs", 0), workers=1, progress=progress)
         return {"train_identities": len(index["splits"]["train"]), "heldout": len(index["splits"]["heldout"]),
                 "scenes": len(index["scenes"])}
 
@@ -161,19 +166,47 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
                                 analyzer_kwargs={"models_dir": models}, resolution=sf["size"], progress=progress)
         return {"records": int(manifest.num_records)}
 
-    def stage0(folder):
-        from train import stage0 as s0
+    base_mode = "rebuild" if rebuild_base and preset["base"] == "shipped" else preset["base"]
 
-        quick = "quick" in preset["stage0"]
-        overrides = [f"data.root={data}", *(o for o in preset["stage0"] if o != "quick")]
-        return {"sd": s0.run(_config_path("stage0"), overrides, workdir=folder, quick=quick)}
+    def base(folder):
+        from infer import demo_base
 
-    sd_path = os.path.join(stage0_dir, "export", "sd")
+        if base_mode == "quick":
+            from train import stage0 as s0
+
+            return {"sd": s0.run(_config_path("stage0"), [f"data.root={data}"], workdir=folder, quick=True)}
+        if base_mode == "rebuild":
+            path = demo_base.build_base(os.path.join(folder, "asset"), os.path.join(folder, "build"),
+                                        command="python -m infer.demo --rebuild-base")
+            provenance = demo_base.verify_base(path)
+        else:
+            path, provenance = demo_base.ASSET_DIR, demo_base.verify_base(demo_base.ASSET_DIR)
+        return {"sd": path, "commit": provenance.get("commit"), **demo_base.check_world(provenance, data)}
+
+    if base_mode == "quick":
+        sd_path = os.path.join(stage0_dir, "export", "sd")
+    elif base_mode == "rebuild":
+        sd_path = os.path.join(stage0_dir, "asset")
+    else:
+        from infer.demo_base import ASSET_DIR
+
+        sd_path = ASSET_DIR
+    base_settings = {"mode": base_mode}
+    if base_mode == "shipped":
+        import hashlib
+
+        try:
+            with open(os.path.join(sd_path, "provenance.json"), "rb") as f:
+                base_settings["provenance_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            base_settings["provenance_sha256"] = None  # the stage reports the missing asset
+    image_encoder = os.path.join(models, "image_encoder")
 
     def stage1(folder):
         from train import stage1 as s1
 
         return {"export": s1.run(_config_path("stage1"), [f"model.base={sd_path}", f"data.shards={shards}",
+                                                           f"model.image_encoder={image_encoder}",
                                                            *RESTART, *preset["stage1"]], workdir=folder,
                                  mesh=_one_device_mesh())}
 
@@ -184,7 +217,11 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
 
         overrides = [f"model.base={sd_path}", f"data.shards={shards}", f"model.stage1={stage1_export}", *RESTART,
                      *preset["stage2"]]
-        return {"export": s2.run(_config_path("stage2"), overrides, workdir=folder, mesh=_one_device_mesh())}
+        export = s2.run(_config_path("stage2"), overrides, workdir=folder, mesh=_one_device_mesh())
+        from infer.demo_diagnostics import token_variance_shares
+
+        return {"export": export, "token_variance": token_variance_shares(os.path.join(folder, "token_cache"),
+                                                                          shards)}
 
     def dynamicid(folder):
         from train.export_dynamicid import export_dynamicid
@@ -196,6 +233,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
         from train import infinite_id as ii
 
         return {"export": ii.run(_config_path("infinite_id"), [f"model.base={sd_path}", f"data.shards={shards}",
+                                                                f"model.image_encoder={image_encoder}",
                                                                 *RESTART, *preset["infinite_id"]], workdir=folder,
                                  mesh=_one_device_mesh())}
 
@@ -215,23 +253,54 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
               preset["face_models"], face_models, needs=("synthface",)),
         Stage("shards", "face-record shards (synthetic analyzer)", {"size": sf["size"]}, build,
               needs=("synthface", "face_models")),
-        Stage("stage0", "stage 0: the tiny SD base from scratch", {"overrides": preset["stage0"]}, stage0,
+        Stage("stage0", {"shipped": "the SynthFace base (shipped, checked against its provenance)",
+                         "rebuild": "the SynthFace base, trained here (make base's recipe)",
+                         "quick": "stage 0: a seconds-long base"}[base_mode], base_settings, base,
               needs=("synthface",)),
         Stage("stage1", "stage 1: ID encoder + SAA", {"overrides": preset["stage1"]}, stage1,
-              needs=("stage0", "shards")),
+              needs=("stage0", "shards", "face_models")),
         Stage("stage2", "stage 2: token cache, IMR + KeyPointEncoder", {"overrides": preset["stage2"]}, stage2,
               needs=("stage1",)),
         Stage("dynamicid", "the DynamicID folder", {}, dynamicid, needs=("stage1", "stage2")),
     ]
     if infinite_id:
         stages.append(Stage("infinite_id", "Infinite-ID (ID-semantics decoupled training)",
-                            {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards")))
+                            {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards", "face_models")))
     from dynamicid_jax.eval.synthface_suite import INFINITE_ID_METHODS, METHODS
 
     methods = [m for m in METHODS if infinite_id or m not in INFINITE_ID_METHODS]
     stages.append(Stage("eval", "evaluation on held-out identities", {**preset["eval"], "methods": methods},
                         evaluate, needs=tuple(s.name for s in stages if s.name in ("dynamicid", "infinite_id"))))
-    return stages
+    return stages, sd_path
+
+
+def _diagnostics(pipe, data: str, summary: dict) -> dict:
+    """What the ID tokens carry (stage 2's token cache) and how different the IMR's seven edits are."""
+    from data_pipelines.synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
+    from dynamicid_jax.faces.geometry import auto_face_prompt
+    from infer.demo_diagnostics import edit_shift_similarity
+
+    out = {"token_variance": summary.get("stage2", {}).get("result", {}).get("token_variance")}
+    if pipe.imr is not None:
+        prompts = [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
+        out["edit_shifts"] = edit_shift_similarity(pipe, _held_out_references(data, 1)[0], prompts)
+    return out
+
+
+def _diagnostics_md(d: dict) -> str:
+    lines = ["", "## Diagnostics", ""]
+    tv = d.get("token_variance")
+    if tv:
+        lines.append(f"- Stage-1 ID tokens over {tv['records']} training images: {tv['between_identity']:.1%} of the "
+                     f"variance lies between identities; of the variance within an identity the expression explains "
+                     f"{tv['within_expression']:.1%}, the pose {tv['within_pose']:.1%}, the background colour "
+                     f"{tv['within_background']:.1%}.")
+    es = d.get("edit_shifts")
+    if es:
+        lines.append(f"- IMR edits of one held-out reference towards the 7 expressions: token shifts of mean norm "
+                     f"{es['shift_norm_mean']:.2f} (tokens {es['token_norm']:.2f}), mean pairwise cosine "
+                     f"{es['mean_pairwise_cosine']:.3f} (1.0 = one shift whatever is asked).")
+    return "\n".join(lines) + "\n"
 
 
 def _held_out_references(data: str, count: int) -> list[np.ndarray]:
@@ -245,7 +314,7 @@ def _held_out_references(data: str, count: int) -> list[np.ndarray]:
             for n in names]
 
 
-def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) -> dict:
+def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, rebuild_base: bool = False) -> dict:
     """Run (or reuse) every stage, then write the figures and the metrics into ``out``; returns the summary.
 
     ``infinite_id``: train and score Infinite-ID too (default: with ``quick`` only — in the full demo it is the
@@ -259,29 +328,34 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) 
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     runner = StageRunner(os.path.join(out, "work"))
-    summary = runner.run(build_stages(runner, preset, infinite_id=infinite_id, out=out))
+    stages, sd_path = build_stages(runner, preset, infinite_id=infinite_id, out=out, rebuild_base=rebuild_base)
+    summary = runner.run(stages)
     _log("figures: single_id.png, multi_id.png, edit.png, gates.png")
     t0 = time.perf_counter()
     data, models = runner.folder("synthface"), runner.folder("face_models")
     with warnings.catch_warnings():  # SynthFace's IMR is trained on its own 68-point rasters
         warnings.filterwarnings("ignore", message="the IMR's landmark rasters come from a 68-point analyzer")
-        pipe = DynamicIDPipeline.from_pretrained(os.path.join(runner.folder("stage0"), "export", "sd"),
-                                                 runner.folder("dynamicid"), analyzer="synthetic",
+        pipe = DynamicIDPipeline.from_pretrained(sd_path, runner.folder("dynamicid"), analyzer="synthetic",
                                                  analyzer_kwargs={"models_dir": models})
     figure_settings = dict(preset["figures"])
     prompts = FIGURE_PROMPTS[:figure_settings.pop("prompts")]
     figures = save_all(pipe, _held_out_references(data, 2), prompts, MULTI_PROMPTS, out, **figure_settings)
     summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
+    diagnostics = _diagnostics(pipe, data, summary)
     for name in ("metrics.json", "metrics.md"):
         shutil.copyfile(os.path.join(runner.folder("eval"), name), os.path.join(out, name + ".tmp"))
+        if name == "metrics.md":
+            with open(os.path.join(out, name + ".tmp"), "a", encoding="utf-8") as f:
+                f.write(_diagnostics_md(diagnostics))
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     t0 = time.perf_counter()
     summary["faces"] = {"result": face_section(out), "seconds": time.perf_counter() - t0}
     total = time.perf_counter() - start
-    result = {"preset": "quick" if quick else "full", "total_s": total,
+    result = {"preset": "quick" if quick else "full", "base": sd_path, "rebuild_base": bool(rebuild_base),
+              "total_s": total,
               "stages": {k: {"seconds": round(v["seconds"], 2), "reused": v.get("reused", False)}
                          for k, v in summary.items()},
-              "faces": summary["faces"]["result"]}
+              "faces": summary["faces"]["result"], "diagnostics": diagnostics}
     write_json_atomic(result, os.path.join(out, "summary.json"))
     _log(f"demo done in {total:.0f} s → {os.path.abspath(out)}")
     return result
@@ -293,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps per stage (checks the wiring)")
     p.add_argument("--infinite-id", action=argparse.BooleanOptionalAction, default=None,
                    help="also train and score Infinite-ID (default: on with --quick, off in the full demo)")
+    p.add_argument("--rebuild-base", action="store_true",
+                   help="train the SynthFace base here (make base's recipe, ~40 min) instead of the shipped one")
     args = p.parse_args(argv)
-    run_demo(args.out, quick=args.quick, infinite_id=args.infinite_id)
+    run_demo(args.out, quick=args.quick, infinite_id=args.infinite_id, rebuild_base=args.rebuild_base)
     return 0
 
 

@@ -31,7 +31,7 @@ SEED = 7
 def tree(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synthface"))
     index = cli.main(["--out", out, "--identities", "2", "--seed", str(SEED), "--heldout", "2", "--scenes", "2",
-                      "--workers", "1", "--quiet"])
+                      "--pairs", "3", "--workers", "1", "--quiet"])
     return out, index
 
 
@@ -42,6 +42,31 @@ def _png_bytes(image):
 
 
 # ----------------------------------------------------------------------------------------------- layout
+
+def test_training_pairs(tree):
+    """Pairs: two distinct training identities side by side (64×128), a group caption that names each shirt by
+    side and never who they are, boxes in left / right halves, and ``load_pairs`` in index order."""
+    out, index = tree
+    images, records = sf.load_pairs(out)
+    assert images.shape == (3, 64, 128, 3) and images.dtype == np.uint8
+    for rec in records:
+        faces = rec["faces"]
+        assert rec["split"] == "pairs" and len(faces) == 2
+        assert {f["split"] for f in faces} == {"train"} and faces[0]["identity"] != faces[1]["identity"]
+        assert rec["caption"] == sf.group_caption(rec["background"], [f["clothing"] for f in faces])
+        assert f"the person on the left wears {'an' if faces[0]['clothing'][0] in 'aeiou' else 'a'} " \
+               f"{faces[0]['clothing']} shirt" in rec["caption"]
+        assert not any(f["identity"] in rec["caption"] for f in faces)
+        assert faces[0]["bbox"][2] <= 64 + 4 and faces[1]["bbox"][0] >= 64 - 4
+    again, _ = sf.load_pairs(out)
+    assert np.array_equal(images, again)
+    empty = str(out) + "_nopairs"
+    sf.generate(empty, 2, seed=SEED, heldout=0, scenes=0, progress=False)
+    none, recs = sf.load_pairs(empty)
+    assert none.shape == (0, 64, 128, 3) and recs == []
+    with pytest.raises(ValueError, match="pairs need at least 2"):
+        sf.generate(empty + "2", 1, seed=SEED, heldout=0, scenes=0, pairs=2, progress=False)
+
 
 def test_tree_layout_and_index(tree):
     out, index = tree
@@ -54,6 +79,7 @@ def test_tree_layout_and_index(tree):
             stems = {f"{e}_{p}" for e in sf.EXPRESSIONS for p in sf.POSES}
             assert files == sorted(f"{s}.{ext}" for s in stems for ext in ("json", "png", "txt"))
     assert index["scenes"] == ["scenes/scene00000.png", "scenes/scene00001.png"]
+    assert index["pairs"] == [f"pairs/pair0000{k}.png" for k in range(3)]
     for s in index["scenes"]:
         for ext in (".png", ".txt", ".json"):
             assert os.path.isfile(os.path.join(out, os.path.splitext(s)[0] + ext))

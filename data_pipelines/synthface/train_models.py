@@ -11,6 +11,8 @@ Writes one sub-folder per model (``params.safetensors`` + ``config.json``) and `
 ``eval_recognizer/`` second recogniser, other architecture and seed (FaceSim)    verification AUC on held-out
 ``face_classifier/`` expression (7) + pose (5) from a face crop (Expr / Pose)    accuracy on held-out
 ``scene_classifier/`` background, clothing, placement (prompt alignment)         accuracy on held-out
+``image_encoder/``   tiny CLIP vision tower that sees faces (the ID encoder's      linear-probe accuracy of
+                     second input; :mod:`.image_encoder`)                          expression / pose, held-out
 =================== ========================================================== =============================
 
 Only training identities are trained on; held-out identities and scenes are for measurement.
@@ -29,10 +31,11 @@ import numpy as np
 
 from .dataset import load_index, load_split
 
-MODELS = ("recognizer", "eval_recognizer", "detector", "landmarker", "face_classifier", "scene_classifier")
+MODELS = ("recognizer", "eval_recognizer", "detector", "landmarker", "face_classifier", "scene_classifier",
+          "image_encoder")
 #: training steps at --steps-scale 1 (batch 64; the detector 32 tiles of 64²)
 STEPS = {"recognizer": 600, "eval_recognizer": 500, "detector": 600, "landmarker": 400, "face_classifier": 500,
-         "scene_classifier": 250}
+         "scene_classifier": 250, "image_encoder": 800}
 
 __all__ = ["MODELS", "STEPS", "train_all", "evaluate", "main"]
 
@@ -118,6 +121,10 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
                                  crop_size=32)
     run("scene_classifier", lambda: train_classifier(images, scene_labels, scene_cfg, steps=steps["scene_classifier"],
                                                      seed=seed, progress=progress))
+    if "image_encoder" in names:
+        result_ie = _train_image_encoder(data_dir, images, records, index, ident, steps["image_encoder"], seed,
+                                         progress, os.path.join(out_dir, "image_encoder"))
+        timings["image_encoder"], cpu_timings["image_encoder"] = result_ie.pop("seconds"), result_ie.pop("cpu")
     result: dict[str, Any] = {"train_seconds": timings, "train_cpu_seconds": cpu_timings,
                               "steps": {k: steps[k] for k in names}, "train_images": int(len(images)),
                               "train_identities": int(ident.max() + 1)}
@@ -126,6 +133,31 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     return result
+
+
+def _train_image_encoder(data_dir, images, records, index, ident, steps, seed, progress, folder) -> dict:
+    """Train and save the image encoder; record linear-probe accuracies of expression and pose on held-out
+    identities (probe fit on training identities) in its ``heads.json`` metrics."""
+    from .image_encoder import image_encoder_accuracy, train_image_encoder
+
+    t0, c0 = time.time(), time.process_time()
+    expr = np.array([index["expressions"].index(r["expression"]) for r in records])
+    pose = np.array([index["poses"].index(r["pose_name"]) for r in records])
+    names = {"identity": sorted(set(r["identity"] for r in records)), "expression": list(index["expressions"]),
+             "pose": list(index["poses"])}
+    result = train_image_encoder(images, {"identity": ident, "expression": expr, "pose": pose}, names, steps=steps,
+                                 seed=seed, progress=progress)
+    if index["splits"].get("heldout"):
+        held, held_records = load_split(data_dir, "heldout")
+        for head in ("expression", "pose"):
+            key = "expression" if head == "expression" else "pose_name"
+            y_train = np.array([r[key] for r in records])
+            y_held = np.array([r[key] for r in held_records])
+            result.metrics[f"probe_{head}_heldout"] = image_encoder_accuracy(
+                result.module, result.params, images, y_train, held, y_held)
+    result.metrics.update(train_seconds=round(time.time() - t0, 2), train_cpu_seconds=round(time.process_time() - c0, 2))
+    result.save(folder)
+    return {"seconds": result.metrics["train_seconds"], "cpu": result.metrics["train_cpu_seconds"]}
 
 
 def evaluate(data_dir: str, models_dir: str, max_images: int = 700) -> dict[str, Any]:

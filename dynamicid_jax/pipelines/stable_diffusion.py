@@ -129,10 +129,12 @@ class StableDiffusion:
         return cls(unet, vae, text_encoder, tokenizer, load_scheduler(configs["scheduler"], kind=scheduler),
                    {"unet": unet_params, "vae": vae_params, "text_encoder": text_params})
 
-    def save_pretrained(self, folder: str | os.PathLike) -> str:
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: str = "float32") -> str:
         """Write a diffusers folder (the interchange format: diffusers' own pipeline loads it too).
 
-        The folder appears complete or not at all: everything is written to a temporary sibling, then renamed."""
+        ``dtype``: ``"float32"`` or ``"float16"`` for the stored floating-point weights (our loader widens fp16
+        back to fp32). The folder appears complete or not at all: everything is written to a temporary sibling,
+        then renamed."""
         import json
         import shutil
         import tempfile
@@ -142,6 +144,8 @@ class StableDiffusion:
         from dynamicid_jax.models.vae import VAE_KEYMAP
         from dynamicid_jax.weights.keymap import export_state_dict, write_safetensors
 
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
         folder = os.path.abspath(os.fspath(folder))
         if os.path.exists(folder):
             raise FileExistsError(f"{folder} already exists; choose a new folder")
@@ -158,6 +162,8 @@ class StableDiffusion:
                                  export_state_dict(self.params["text_encoder"], TEXT_KEYMAP), "model"),
             }
             for name, (config, state, stem) in parts.items():
+                if dtype == "float16":
+                    state = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v) for k, v in state.items()}
                 os.makedirs(os.path.join(tmp, name))
                 with open(os.path.join(tmp, name, "config.json"), "w") as f:
                     json.dump(config, f, indent=2)
