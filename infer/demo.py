@@ -15,7 +15,8 @@ the training stages also resume from their own checkpoints when interrupted):
 9. figures and the real-photo face analysis.
 
 Outputs in ``--out``: ``single_id.png``, ``multi_id.png``, ``edit.png``, ``gates.png``, ``metrics.json``,
-``metrics.md``, ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds).
+``metrics.md``, ``timings.json`` (the evaluation's seconds; ``metrics.json`` has none, so it is identical across
+runs), ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds).
 """
 from __future__ import annotations
 
@@ -285,7 +286,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) 
     prompts = FIGURE_PROMPTS[:figure_settings.pop("prompts")]
     figures = save_all(pipe, _held_out_references(data, 2), prompts, MULTI_PROMPTS, out, **figure_settings)
     summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
-    for name in ("metrics.json", "metrics.md"):
+    for name in ("metrics.json", "metrics.md", "timings.json"):
         shutil.copyfile(os.path.join(runner.folder("eval"), name), os.path.join(out, name + ".tmp"))
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     t0 = time.perf_counter()
