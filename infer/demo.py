@@ -295,7 +295,8 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None) 
     result = {"preset": "quick" if quick else "full", "total_s": total,
               "stages": {k: {"seconds": round(v["seconds"], 2), "reused": v.get("reused", False)}
                          for k, v in summary.items()},
-              "faces": summary["faces"]["result"]}
+              "faces": summary["faces"]["result"],
+              "gates": figures.get("gates", {})}  # where the gate sits (face box ÷ elsewhere), no layout boost
     write_json_atomic(result, os.path.join(out, "summary.json"))
     _log(f"demo done in {total:.0f} s → {os.path.abspath(out)}")
     return result

@@ -177,8 +177,10 @@ def test_bootstrap_intervals_are_deterministic_and_contain_the_estimate():
     assert a == BS.interval(values, groups, seed=7)  # fixed seed: identical intervals (metrics.json identical)
     assert a.contains(a.estimate) and a.low < a.estimate < a.high and a.n == 60
     assert a.estimate == pytest.approx(values.mean())
-    # the half-width follows 1.96·sd/√n (what the protocol sizing uses)
-    assert a.half_width == pytest.approx(BS.Z95 * values.std(ddof=1) / np.sqrt(60), rel=0.25)
+    # the half-width follows 1.96·sd/√n (what the protocol sizing uses), sd the within-identity spread
+    assert a.half_width == pytest.approx(BS.Z95 * a.sd / np.sqrt(60), rel=0.25)
+    shifted = values + groups * 0.3  # identities differ: the within-identity spread (and the interval) do not change
+    assert BS.spread(shifted, groups) == pytest.approx(a.sd) and BS.spread(shifted) > 2 * a.sd
     assert BS.required_units(0.5, 0.1) == 97 and BS.required_units(0.2, 0.05) == 62
     cluster = BS.interval(values + groups * 0.3, groups, unit="identity", seed=7)
     strat = BS.interval(values + groups * 0.3, groups, seed=7)
@@ -258,7 +260,9 @@ def test_protocol_adapts_to_the_number_of_held_out_identities():
         assert sorted(b for _, b in pairs) == list(range(n))  # and once on the right
         assert all((r.height, r.width) == (64, 128) for r in multi)
         edits = [r for r in reqs if r.kind == "edit"]
-        assert sum(len(r.prompts) for r in edits) == n * 2 * p.per_identity(4, n, 2)
+        m = min(n, 2)  # ⌈edit_images / edit_batch⌉ identities are enough for 4 images per expression
+        assert sorted({r.group for r in edits}) == list(range(m))
+        assert sum(len(r.prompts) for r in edits) == m * 2 * p.per_identity(4, m, 2) >= 2 * 4
         controls = {(r.group, r.seed) for r in reqs if r.kind == "control"}
         assert {(r.group, r.seed) for r in edits} == controls  # every edit has its unedited control
 
@@ -494,12 +498,13 @@ def test_synthface_cli_end_to_end_on_untrained_pipelines(world, models_dir, meth
     assert sorted(results["methods"]) == sorted(S.METHODS)
     assert not _finite_numbers(results)  # JSON has no NaN / inf (non-finite values would be null)
     p = results["protocol"]
-    assert p["images"] == {"single": 4, "multi": 2, "edit": 6, "control": 2} and p["references"] == ["ho00000",
-                                                                                                      "ho00001"]
+    # 2 held-out identities: 2 × 2 single, pairs (0, 1) and (1, 0) × 2, 2 × 3 expressions × 2 edits, 2 × 2 controls
+    assert p["images"] == {"single": 4, "multi": 4, "edit": 12, "control": 4} and p["references"] == ["ho00000",
+                                                                                                       "ho00001"]
     for method, m in results["methods"].items():
         for key in (("single", "facesim"), ("single", "detection_rate"), ("multi", "facesim_mean"),
                     ("multi", "facesim_min"), ("multi", "placement"), ("edit", "expression_accuracy"),
-                    ("edit", "pose_accuracy"), ("edit", "facesim_drop"), ("attribute_accuracy",)):
+                    ("edit", "facesim_drop"), ("attribute_accuracy",)):
             v = m
             for k in key:
                 v = v[k]
@@ -508,13 +513,21 @@ def test_synthface_cli_end_to_end_on_untrained_pipelines(world, models_dir, meth
         assert m["edit"]["facesim_drop"] == pytest.approx(m["edit"]["facesim_unedited"] - m["edit"]["facesim"])
     b = results["baselines"]
     assert b["same_identity"] > b["different_identity"] and b["images"] == 70 and "scene_placement" in b
-    assert [t["target"] for t in results["targets"]] == ["two-ID placement", "IMR edits", "single-ID identity",
-                                                         "ablation w/o IMR", "ablation w/o SAA"]
+    assert b["different_pairs"] == 1 and b["same_pairs"] == 68  # 2 identities: one pair; 34 renders each
+    assert [t["target"] for t in results["targets"]] == ["single-ID identity", "two identities in one image",
+                                                         "IMR edits", "ablation w/o IMR", "ablation w/o SAA"]
+    assert results["methods"]["no-imr"]["reused_from"] == "dynamicid"  # its single / multi images: DynamicID's
+    assert results["methods"]["no-imr"]["single"] == results["methods"]["dynamicid"]["single"]
     assert all(t["passed"] in (True, False) for t in results["targets"])
     md = (out / "metrics.md").read_text()
-    for title in ("DynamicID", "w/o SAA", "w/o IMR", "Infinite-ID", "real SynthFace images", "## Targets"):
+    for title in ("DynamicID", "w/o SAA", "w/o IMR", "base (no ID)", "Infinite-ID", "real held-out images",
+                  "## Targets", "## Protocol size"):
         assert title in md
-    assert md.count("\n| ") == 1 + len(S.METHODS) + 1 and "| DynamicID |" in printed
+    assert "| DynamicID |" in printed
+    first = cli.run_eval(out=str(tmp_path / "again"), sd=w["sd"], dynamicid=w["dynamicid"], data=world["dir"],
+                         models=models_dir, methods="dynamicid,base", quick=True)
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["methods"]["dynamicid"] == results["methods"]["dynamicid"] and "seconds" in first
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 

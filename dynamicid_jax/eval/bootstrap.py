@@ -15,8 +15,8 @@ method, and the same groups and sizes give the same resampling indices: the diff
 arrays is therefore a **paired** bootstrap of their difference (:func:`difference`), which is how "clearly above"
 is decided (the difference's interval lies above 0).
 
-Sizing: a mean of ``n`` units with per-unit standard deviation ``sd`` has a 95 % half-width of about
-``1.96·sd/√n``, so a half-width ``h`` needs ``n ≥ (1.96·sd/h)²`` units (:func:`required_units`); for a rate,
+Sizing: a mean of ``n`` units with per-unit standard deviation ``sd`` (:func:`spread`: within groups for the
+stratified intervals) has a 95 % half-width of about ``1.96·sd/√n``, so a half-width ``h`` needs ``n ≥ (1.96·sd/h)²`` units (:func:`required_units`); for a rate,
 ``sd ≤ 0.5`` gives the worst case ``n ≥ 97`` for ``h = 0.1``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Interval", "replicates", "interval", "difference", "required_units", "DEFAULT_BOOT", "Z95"]
+__all__ = ["Interval", "replicates", "interval", "spread", "difference", "required_units", "DEFAULT_BOOT", "Z95"]
 
 DEFAULT_BOOT = 2000
 Z95 = 1.959963984540054
@@ -92,14 +92,30 @@ def replicates(values: Sequence[float], groups: Sequence[Any] | None = None, *, 
     return sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
 
 
+def spread(values: Sequence[float], groups: Sequence[Any] | None = None, unit: str = "image") -> float:
+    """The per-unit standard deviation that sets the interval's width: for ``unit="image"`` the pooled
+    **within-group** spread (the between-group part is held fixed by the stratified resampling), so the
+    half-width is ≈ ``1.96·spread/√n``; for ``unit="identity"`` the plain spread."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    if len(v) < 2:
+        return 0.0
+    if unit != "image" or groups is None:
+        return float(v.std(ddof=1))
+    parts = _groups(v, groups)
+    dof = sum(len(p) - 1 for p in parts)
+    if dof <= 0:
+        return 0.0
+    return float(np.sqrt(sum(((p - p.mean()) ** 2).sum() for p in parts) / dof))
+
+
 def interval(values: Sequence[float], groups: Sequence[Any] | None = None, *, unit: str = "image",
              n_boot: int = DEFAULT_BOOT, seed: int = 0, reps: np.ndarray | None = None) -> Interval:
-    """The mean of ``values`` with its 95 % interval (``reps``: replicates already drawn for these values)."""
+    """The mean of ``values`` with its 95 % interval (``reps``: replicates already drawn for these values) and
+    the per-unit :func:`spread`."""
     v = np.asarray(values, np.float64).reshape(-1)
     r = replicates(v, groups, unit=unit, n_boot=n_boot, seed=seed) if reps is None else np.asarray(reps)
     low, high = np.quantile(r, [0.025, 0.975])
-    return Interval(float(v.mean()), float(low), float(high), int(len(v)),
-                    float(v.std(ddof=1)) if len(v) > 1 else 0.0, unit)
+    return Interval(float(v.mean()), float(low), float(high), int(len(v)), spread(v, groups, unit), unit)
 
 
 def difference(estimate_a: float, reps_a: np.ndarray, estimate_b: float, reps_b: np.ndarray, n: int,

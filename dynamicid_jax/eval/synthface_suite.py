@@ -10,10 +10,11 @@ data index (all of them are used; nothing is hard-coded), each identity's refere
   ``n = 2``: both orders), about ``multi_images`` two-person images in all, each in the frame of the data's
   two-person scenes (``size × 2·size`` when the data has none), left/right layout boxes (SAA routes each identity
   to its box) and a caption naming the background and each person's clothing and side;
-* ``edit`` — each identity × every expression in ``edit_expressions`` (front view; and every pose in
-  ``edit_poses``, neutral) × ``⌈edit_images / n⌉`` images (whole batches of ``edit_batch``, one seed per
-  batch): the KDEF-style face prompt ``"the expression is {e}, the face is {p}"`` goes to the IMR (DynamicID,
-  w/o SAA) *and* is appended to the text prompt (all methods);
+* ``edit`` — the first ``m = min(n, ⌈edit_images / edit_batch⌉)`` identities × every expression in
+  ``edit_expressions`` (front view; and every pose in ``edit_poses``, neutral) × ``⌈edit_images / m⌉`` images
+  (whole batches of ``edit_batch``, one seed per batch): the KDEF-style face prompt ``"the expression is {e},
+  the face is {p}"`` goes to the IMR (DynamicID) *and* is appended to the text prompt (all methods); only the
+  ``edit_methods`` run them (no target reads w/o SAA's or the base's edits);
 * ``control`` — per identity the same caption and seeds without any request: the unedited images each edit is
   paired with (same noise) for the FaceSim drop.
 
@@ -60,21 +61,23 @@ class Protocol:
     """Sizes of the SynthFace protocol (see the module docstring). :meth:`quick` is the test-sized one.
 
     The defaults are sized for the intervals the report promises (95 % half-width ≤ 0.05 for FaceSim, ≤ 0.10 for
-    placement and Expr): a rate needs ≥ 97 units in the worst case (``sd = 0.5``), FaceSim at the per-image spread
-    measured on generated images (sd ≈ 0.15–0.2) ≥ 35–62 images; every run reports the sizing it achieved
-    (``metrics.json`` → ``sizing``)."""
+    placement and Expr) by ``n ≥ (1.96·sd/h)²``: a rate needs ≥ 97 units in the worst case (``sd = 0.5``: 98
+    edits per method, 96 two-person images), FaceSim's 96 images suffice up to a within-identity spread of 0.25;
+    every run reports the sizing it achieved (``metrics.json`` → ``sizing``)."""
 
     single_images: int = 96
-    multi_images: int = 48
+    multi_images: int = 96
     edit_images: int = 14
     edit_expressions: tuple[str, ...] = EDIT_EXPRESSIONS
     edit_poses: tuple[str, ...] = ()
-    batch: int = 4
-    edit_batch: int = 2
+    batch: int = 2  # one batch size for every kind: one compiled program per image shape and method (a
+    edit_batch: int = 2  # compile costs 20-40 s on 2 busy cores, as much as ~100 generated images)
     steps: int = 20
     guidance_scale: float = 5.0
     seed: int = 0
     n_boot: int = 2000
+    #: methods that also run the edits (and their controls): no target reads w/o SAA's or the base's edits
+    edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "infinite-id", "infinite-id-no-adain")
 
     def __post_init__(self):
         for name in ("single_images", "batch", "edit_batch", "steps", "n_boot"):
@@ -90,18 +93,20 @@ class Protocol:
                              f"{world.POSES}")
         object.__setattr__(self, "edit_expressions", tuple(self.edit_expressions))
         object.__setattr__(self, "edit_poses", tuple(self.edit_poses))
+        object.__setattr__(self, "edit_methods", tuple(self.edit_methods))
 
     @classmethod
     def quick(cls, **overrides) -> Protocol:
         """A few images per part and 2 denoising steps: checks that everything runs, not quality."""
         base = dict(single_images=4, multi_images=2, edit_images=2, edit_expressions=("neutral", "happy",
                                                                                        "surprised"),
-                    edit_poses=(), batch=2, edit_batch=2, steps=2, n_boot=200)
+                    edit_poses=(), batch=2, edit_batch=2, steps=2, n_boot=200, edit_methods=METHODS)
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["edit_expressions"], d["edit_poses"] = list(self.edit_expressions), list(self.edit_poses)
+        d["edit_methods"] = list(self.edit_methods)
         return d
 
     def per_identity(self, total: int, identities: int, batch: int) -> int:
@@ -189,9 +194,11 @@ def synthface_requests(protocol: Protocol, num_references: int, size: int,
         for c, chunk in enumerate(_chunks(scenes, p.batch)):
             out.append(Request("multi", pair, tuple(multi_caption(s["clothing"], s["background"]) for s in chunk),
                                p.seed + 10_000 + 100 * k + c, mh, mw, attributes=tuple(chunk), boxes=boxes))
-    per_edit = p.per_identity(p.edit_images, n, p.edit_batch)
+    # edits: the first m identities, m = n unless fewer than a batch per identity would reach edit_images
+    m = min(n, int(math.ceil(p.edit_images / p.edit_batch)))
+    per_edit = p.per_identity(p.edit_images, m, p.edit_batch) if m else 0
     asks = [(x, "front", True) for x in p.edit_expressions] + [("neutral", q, False) for q in p.edit_poses]
-    for e in range(n if per_edit and asks else 0):
+    for e in range(m if per_edit and asks else 0):
         s = world.sample_scene(_rng(p.seed, 2, e))
         caption = sf_data.caption_for(s.background, s.clothing, s.placement)
         attrs = (s.to_dict(),) * p.edit_batch
@@ -417,12 +424,13 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
     reusable: dict[int, np.ndarray] = {}
     for method in methods:
         reuse = reusable if method == "no-imr" and reusable else None
-        todo = [r for k, r in enumerate(requests) if reuse is None or k not in reuse]
+        mine = [r for r in requests if method in protocol.edit_methods or r.kind not in ("edit", "control")]
+        todo = [r for k, r in enumerate(mine) if reuse is None or k not in reuse]
         log(f"[eval] {method}: {len(todo)} calls, {sum(len(r.prompts) for r in todo)} images"
             + (" (single, multi and control images: DynamicID's)" if reuse else ""))
-        outputs, gen_s = run_method(method, pipes, requests, references, steps=protocol.steps,
+        outputs, gen_s = run_method(method, pipes, mine, references, steps=protocol.steps,
                                     guidance_scale=protocol.guidance_scale, reuse=reuse, progress=progress)
-        if method == "dynamicid":
+        if method == "dynamicid" and len(outputs) == len(requests):
             reusable = {k: im for k, (r, im) in enumerate(outputs) if r.kind != "edit"}
         t0 = time.perf_counter()
         samples = SC.collect_samples(outputs, scorer, ref_emb)
