@@ -1,15 +1,19 @@
 """Evaluate DynamicID, its ablations and Infinite-ID (SPEC §9): one table for all methods, JSON + Markdown + grids.
 
     python -m infer.eval --suite synthface --data DATA --models MODELS --sd SD --dynamicid DIR \\
-        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,infinite-id,infinite-id-no-adain] [--quick] --out OUT
+        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,base,infinite-id,infinite-id-no-adain] [--quick] \\
+        --out OUT
     python -m infer.eval --suite real --model SD15 --dynamicid DIR --image-encoder CLIP-H [--infinite-id DIR] \\
         --clip CLIP-L --analyzer insightface --refs REFS_DIR --prompts prompts.txt --out OUT
 
 Methods: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same weights,
-requests only in the text prompt), ``infinite-id`` and ``infinite-id-no-adain`` (AdaIN-mean off). Without
-``--method`` every method whose weights are given runs. Writes into ``--out``: ``metrics.json`` (per method
-every metric and count, the baselines, the targets with pass / fail flags), ``metrics.md`` (the table, the
-baselines, the targets) and ``{method}_single.png``, ``{method}_multi.png``, ``{method}_edit.png``.
+requests only in the text prompt), ``base`` (the SD base's own images, no identity: the generated-image chance
+level), ``infinite-id`` and ``infinite-id-no-adain`` (AdaIN-mean off). Without ``--method`` every method whose
+weights are given runs (``base`` with DynamicID). Writes into ``--out``: ``metrics.json`` (per method every metric
+with its 95 % bootstrap interval and count, the baselines, the targets with pass / fail flags, the protocol's
+sizing — no wall-clock times, so two runs give the same file), ``timings.json``, ``metrics.md`` (the table, the
+baselines, the targets, the sizing) and ``{method}_single.png``, ``{method}_multi.png``, ``{method}_edit.png``.
+What each number means: docs/evaluation.md.
 
 **synthface** — the protocol of :mod:`dynamicid_jax.eval.synthface_suite` on the held-out identities of a SynthFace
 tree, scored with its evaluation models (``--models``).
@@ -17,8 +21,10 @@ tree, scored with its evaluation models (``--models``).
 **real** — the same requests on real weights: every reference (one image per identity in ``--refs``, named by
 file stem) × every prompt (``--prompts``, one per line); references paired left / right in one image; the first
 reference × the 7 expressions of the automatic face prompt (front view). Faces are found and embedded by
-``--analyzer`` (insightface / dlib); CLIP-T uses a CLIP ``CLIPModel`` folder (ViT-L/14) through our encoders. No
-expression classifier exists for real faces, so Expr is not reported; Pose is the front-view rate of the edits.
+``--analyzer`` (insightface / dlib) and compared in that backend's own metric (dlib: raw-descriptor Euclidean
+distance, same person below 0.6 — the report gives the same-person rate, not a cosine); CLIP-T uses a CLIP
+``CLIPModel`` folder (ViT-L/14) through our encoders. No expression classifier exists for real faces, so Expr is
+not reported; Pose is the front-view rate of the edits.
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ arrays is therefore a **paired** bootstrap of their difference (:func:`differenc
 is decided (the difference's interval lies above 0).
 
 Sizing: a mean of ``n`` units with per-unit standard deviation ``sd`` (:func:`spread`: within groups for the
-stratified intervals) has a 95 % half-width of about ``1.96·sd/√n``, so a half-width ``h`` needs ``n ≥ (1.96·sd/h)²`` units (:func:`required_units`); for a rate,
-``sd ≤ 0.5`` gives the worst case ``n ≥ 97`` for ``h = 0.1``.
+stratified intervals) has a 95 % half-width of about ``1.96·sd/√n``, so a half-width ``h`` needs
+``n ≥ (1.96·sd/h)²`` units (:func:`required_units`); for a rate, ``sd ≤ 0.5`` gives the worst case ``n ≥ 97``
+for ``h = 0.1``.
 """
 from __future__ import annotations
 

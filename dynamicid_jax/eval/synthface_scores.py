@@ -36,7 +36,7 @@ from dynamicid_jax.eval import metrics as M
 from dynamicid_jax.eval.metrics import pair_baseline
 
 __all__ = ["Samples", "collect_samples", "summarise", "score_outputs", "facesim_matrix", "pair_baseline",
-           "synthface_baselines", "synthface_targets", "protocol_sizing", "HALF_WIDTH_LIMITS", "HEADLINE"]
+           "synthface_baselines", "HALF_WIDTH_LIMITS", "HEADLINE"]
 
 #: The largest acceptable 95 % half-width of each headline metric (the protocol is sized for these).
 HALF_WIDTH_LIMITS = {"facesim": 0.05, "placement": 0.10, "expression_accuracy": 0.10}
@@ -152,7 +152,7 @@ def _labels_at(scorer, jobs) -> dict[str, list]:
 
 # ------------------------------------------------------------------------------------------------- summaries
 class _Stats:
-    """Collects ``{metric: value}``, ``{metric: Interval}`` and the replicates of one method."""
+    """Draws each metric's bootstrap replicates (seeded by the metric's name) and keeps the image-unit ones."""
 
     def __init__(self, seed: int, n_boot: int):
         self.seed, self.n_boot = seed, n_boot
