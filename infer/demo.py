@@ -15,7 +15,8 @@ the training stages also resume from their own checkpoints when interrupted):
 9. figures and the real-photo face analysis.
 
 Outputs in ``--out``: ``single_id.png``, ``multi_id.png``, ``edit.png``, ``gates.png``, ``metrics.json``,
-``metrics.md``, ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds).
+``metrics.md``, ``timings.json`` (the evaluation's seconds; ``metrics.json`` has none, so it is identical across
+runs), ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds).
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def face_section(out: str) -> dict:
     """Real face analysis with real offline weights (dlib) on the group photo shipped with insightface."""
     from PIL import Image, ImageDraw
 
-    from dynamicid_jax.faces import auto_face_prompt, get_analyzer
+    from dynamicid_jax.faces import auto_face_prompt, get_analyzer, identity_metric, identity_vector
     from dynamicid_jax.image_io import save_png
+    from infer.eval import write_text_atomic
     from insightface.data import get_image
 
     image = np.ascontiguousarray(get_image("t1")[:, :, ::-1])  # insightface ships BGR
@@ -59,21 +61,33 @@ def face_section(out: str) -> dict:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(64, 255, 64))
         draw.text((x0 + 4, y0 + 4), str(i), fill=(255, 255, 0))
     save_png(np.asarray(canvas), os.path.join(out, "faces.png"))
-    emb = np.stack([f.embedding for f in faces])
-    similarity = emb @ emb.T
+    # identities in dlib's own metric: Euclidean distance of the raw 128-d descriptors, same person below 0.6 (their
+    # cosines are 0.8-0.9 even between the six different people of this photo, so a cosine would say nothing)
+    metric = identity_metric(analyzer)
+    vectors = np.stack([identity_vector(f, metric) for f in faces])
+    distance = metric.matrix(vectors, vectors)
     rows = ["| face | det score | pitch | yaw | roll | automatic face prompt |", "|---|---|---|---|---|---|"]
     for i, f in enumerate(faces):
         rows.append(f"| {i} | {f.det_score:.2f} | {f.pitch:+.1f} | {f.yaw:+.1f} | {f.roll:+.1f} | "
                     f"{auto_face_prompt(f.pose)} |")
-    sim = ["| | " + " | ".join(map(str, range(len(faces)))) + " |", "|---" * (len(faces) + 1) + "|"]
+    off_diag = ~np.eye(len(faces), dtype=bool)
+    same = metric.same(distance) & off_diag
+    table = ["| | " + " | ".join(map(str, range(len(faces)))) + " |", "|---" * (len(faces) + 1) + "|"]
     for i in range(len(faces)):
-        sim.append(f"| {i} | " + " | ".join(f"{similarity[i, j]:.2f}" for j in range(len(faces))) + " |")
-    with open(os.path.join(out, "faces.md"), "w") as f:
-        f.write(f"# Face analysis (dlib backend, real weights)\n\n{len(faces)} faces found in {seconds:.2f}s.\n\n"
-                + "\n".join(rows) + "\n\n## Identity similarity (cosine of 128-d embeddings)\n\n"
-                + "\n".join(sim) + "\n")
-    off_diag = similarity[~np.eye(len(faces), dtype=bool)]
-    return {"faces": len(faces), "analysis_s": seconds, "max_cross_identity_cosine": float(off_diag.max())}
+        table.append(f"| {i} | " + " | ".join(f"{distance[i, j]:.2f}" + (" (same)" if same[i, j] else "")
+                                              for j in range(len(faces))) + " |")
+    pairs = int(off_diag.sum() // 2)
+    verdict = (f"{int(same.sum() // 2)} of {pairs} pairs of faces are judged the same person (all {len(faces)} "
+               f"people in this photo are different, so the right answer is 0); smallest distance between two "
+               f"different faces: {distance[off_diag].min():.2f}." if len(faces) > 1 else "")
+    write_text_atomic(os.path.join(out, "faces.md"),
+                      f"# Face analysis (dlib backend, real weights)\n\n{len(faces)} faces found in {seconds:.2f}s.\n\n"
+                      + "\n".join(rows) + "\n\n## Identity: dlib's own metric\n\nEuclidean distance of the raw "
+                      "128-d descriptors; dlib's rule: the same person below "
+                      f"{metric.threshold}. {verdict}\n\n" + "\n".join(table) + "\n")
+    return {"faces": len(faces), "analysis_s": seconds, "identity_metric": metric.name,
+            "min_cross_identity_distance": float(distance[off_diag].min()) if len(faces) > 1 else None,
+            "same_person_pairs": int(same.sum() // 2), "pairs": pairs}
 
 
 #: The demo's settings. ``full`` is ``make demo`` (≤ 15 minutes on 2 CPU cores); ``quick`` is the test suite's
@@ -342,7 +356,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
     figures = save_all(pipe, _held_out_references(data, 2), prompts, MULTI_PROMPTS, out, **figure_settings)
     summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
     diagnostics = _diagnostics(pipe, data, summary)
-    for name in ("metrics.json", "metrics.md"):
+    for name in ("metrics.json", "metrics.md", "timings.json"):
         shutil.copyfile(os.path.join(runner.folder("eval"), name), os.path.join(out, name + ".tmp"))
         if name == "metrics.md":
             with open(os.path.join(out, name + ".tmp"), "a", encoding="utf-8") as f:
@@ -355,7 +369,8 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
               "total_s": total,
               "stages": {k: {"seconds": round(v["seconds"], 2), "reused": v.get("reused", False)}
                          for k, v in summary.items()},
-              "faces": summary["faces"]["result"], "diagnostics": diagnostics}
+              "faces": summary["faces"]["result"], "diagnostics": diagnostics,
+              "gates": figures.get("gates", {})}  # where the gate sits (face box ÷ elsewhere), no layout boost
     write_json_atomic(result, os.path.join(out, "summary.json"))
     _log(f"demo done in {total:.0f} s → {os.path.abspath(out)}")
     return result

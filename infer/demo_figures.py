@@ -99,17 +99,51 @@ def edit_figure(pipe, reference: np.ndarray, prompt: str, path: str, *, steps: i
     return {"expressions": list(expressions)}
 
 
-def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, path: str, *, steps: int,
+def _face_gate_ratio(pipe, image: np.ndarray, gate: np.ndarray) -> float | None:
+    """Mean gate inside the detected face boxes ÷ mean gate elsewhere (None: no face found, or no gate outside)."""
+    faces = pipe.analyzer.analyze(np.asarray(image))
+    if not faces:
+        return None
+    inside = np.zeros(gate.shape, bool)
+    for f in faces:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in f.bbox)
+        inside[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    if inside.all() or not inside.any() or float(gate[~inside].mean()) <= 0:
+        return None
+    return float(gate[inside].mean() / gate[~inside].mean())
+
+
+def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, multi_prompt: str, path: str, *, steps: int,
                  guidance_scale: float, seed: int = 0) -> dict:
-    """The SAA gate maps of one two-identity generation (one column per identity, one row per UNet block)."""
-    from dynamicid_jax.pipelines.gates import save_gate_overlay
+    """The SAA gate itself, **without the layout boost** (``boost_steps=0``), on a single-ID image (first
+    reference, no boxes: the gate alone decides where the identity goes) and on a two-ID image (one column per
+    identity; routing keeps each identity's tokens in its half, the gate decides where inside it): one row per
+    UNet block plus the mean of all layers, stacked into one PNG. Also returns, per image, the mean gate inside
+    the detected face boxes ÷ the mean elsewhere (> 1: the gate finds the face)."""
+    from PIL import Image
+
+    from dynamicid_jax.pipelines.gates import gate_overlay_image
 
     size = references[0].shape[0]
-    images, gates = pipe([prompt], list(references), steps=steps, guidance_scale=guidance_scale, seed=seed,
-                         height=size, width=size * len(references), layout="row", return_gates=True)
-    save_gate_overlay(gates, images[0], path, cell=size * 3)
-    masks = gates.identity_maps(0)
-    return {"layers": len(gates.maps), "mean_gate": {k: float(np.mean(v)) for k, v in masks.items()}}
+    panels, ratios = [], {}
+    for name, refs, text, width in (("single-ID", list(references[:1]), prompt, size),
+                                    ("two-ID", list(references[:2]), multi_prompt, 2 * size)):
+        images, gates = pipe([text], refs, steps=steps, guidance_scale=guidance_scale, seed=seed, height=size,
+                             width=width, layout="row", boost_steps=0, return_gates=True)
+        panels.append((name, gate_overlay_image(gates, images[0], cell=size * 3)))
+        ratios[name] = _face_gate_ratio(pipe, images[0], gates.identity_maps(0)["all layers"].max(axis=0))
+    header = 20
+    width = max(p.shape[1] for _, p in panels)
+    canvas = Image.new("RGB", (width, sum(p.shape[0] + header for _, p in panels)), (255, 255, 255))
+    from PIL import ImageDraw
+
+    draw, y = ImageDraw.Draw(canvas), 0
+    for name, panel in panels:
+        draw.text((4, y + 4), f"{name}: SAA gate without the layout boost", fill=(0, 0, 0))
+        canvas.paste(Image.fromarray(panel), (0, y + header))
+        y += panel.shape[0] + header
+    save_png(np.asarray(canvas), path)
+    return {"boost_steps": 0, "face_gate_ratio": ratios}
 
 
 def save_all(pipe, held_out: Sequence[np.ndarray], prompts: Sequence[str], multi_prompts: Sequence[str],
@@ -123,6 +157,6 @@ def save_all(pipe, held_out: Sequence[np.ndarray], prompts: Sequence[str], multi
                                     guidance_scale=guidance_scale),
         "edit": edit_figure(pipe, two[0], prompts[0], os.path.join(out_dir, "edit.png"), steps=steps,
                             guidance_scale=guidance_scale),
-        "gates": gates_figure(pipe, two, multi_prompts[0], os.path.join(out_dir, "gates.png"), steps=steps,
-                              guidance_scale=guidance_scale),
+        "gates": gates_figure(pipe, two, prompts[0], multi_prompts[0], os.path.join(out_dir, "gates.png"),
+                              steps=steps, guidance_scale=guidance_scale),
     }

@@ -1,15 +1,19 @@
 """Evaluate DynamicID, its ablations and Infinite-ID (SPEC §9): one table for all methods, JSON + Markdown + grids.
 
     python -m infer.eval --suite synthface --data DATA --models MODELS --sd SD --dynamicid DIR \\
-        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,infinite-id,infinite-id-no-adain] [--quick] --out OUT
+        [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,base,infinite-id,infinite-id-no-adain] [--quick] \\
+        --out OUT
     python -m infer.eval --suite real --model SD15 --dynamicid DIR --image-encoder CLIP-H [--infinite-id DIR] \\
         --clip CLIP-L --analyzer insightface --refs REFS_DIR --prompts prompts.txt --out OUT
 
 Methods: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same weights,
-requests only in the text prompt), ``infinite-id`` and ``infinite-id-no-adain`` (AdaIN-mean off). Without
-``--method`` every method whose weights are given runs. Writes into ``--out``: ``metrics.json`` (per method
-every metric and count, the baselines, the targets with pass / fail flags), ``metrics.md`` (the table, the
-baselines, the targets) and ``{method}_single.png``, ``{method}_multi.png``, ``{method}_edit.png``.
+requests only in the text prompt), ``base`` (the SD base's own images, no identity: the generated-image chance
+level), ``infinite-id`` and ``infinite-id-no-adain`` (AdaIN-mean off). Without ``--method`` every method whose
+weights are given runs (``base`` with DynamicID). Writes into ``--out``: ``metrics.json`` (per method every metric
+with its 95 % bootstrap interval and count, the baselines, the targets with pass / fail flags, the protocol's
+sizing — no wall-clock times, so two runs give the same file), ``timings.json``, ``metrics.md`` (the table, the
+baselines, the targets, the sizing) and ``{method}_single.png``, ``{method}_multi.png``, ``{method}_edit.png``.
+What each number means: docs/evaluation.md.
 
 **synthface** — the protocol of :mod:`dynamicid_jax.eval.synthface_suite` on the held-out identities of a SynthFace
 tree, scored with its evaluation models (``--models``).
@@ -17,8 +21,10 @@ tree, scored with its evaluation models (``--models``).
 **real** — the same requests on real weights: every reference (one image per identity in ``--refs``, named by
 file stem) × every prompt (``--prompts``, one per line); references paired left / right in one image; the first
 reference × the 7 expressions of the automatic face prompt (front view). Faces are found and embedded by
-``--analyzer`` (insightface / dlib); CLIP-T uses a CLIP ``CLIPModel`` folder (ViT-L/14) through our encoders. No
-expression classifier exists for real faces, so Expr is not reported; Pose is the front-view rate of the edits.
+``--analyzer`` (insightface / dlib) and compared in that backend's own metric (dlib: raw-descriptor Euclidean
+distance, same person below 0.6 — the report gives the same-person rate, not a cosine); CLIP-T uses a CLIP
+``CLIPModel`` folder (ViT-L/14) through our encoders. No expression classifier exists for real faces, so Expr is
+not reported; Pose is the front-view rate of the edits.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import numpy as np
 
 from dynamicid_jax.eval import synthface_suite as S
 
-__all__ = ["run_eval", "run_real", "write_report", "markdown_report", "main"]
+__all__ = ["run_eval", "run_real", "write_report", "markdown_report", "write_text_atomic", "main"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -47,7 +53,7 @@ def _log(msg: str) -> None:
 
 
 def _default_methods(dynamicid: str | None, infinite_id: str | None) -> list[str]:
-    methods = ["dynamicid", "no-saa", "no-imr"] if dynamicid else []
+    methods = ["dynamicid", "no-saa", "no-imr", "base"] if dynamicid else []
     return methods + (list(S.INFINITE_ID_METHODS) if infinite_id else [])
 
 
@@ -140,11 +146,15 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
                                  analyzer=input_analyzer, dynamicid_image_encoder=image_encoder,
                                  infinite_id_image_encoder=infinite_id_image_encoder)
     ref_emb = M.reference_embeddings(scorer, references, names)
-    baselines: dict[str, Any] = {"references": names}
-    if len(names) >= 2:
-        sim = M.cosine_matrix(ref_emb, ref_emb)
-        baselines["different_identity"] = float(sim[~np.eye(len(names), dtype=bool)].mean())
-        baselines["note"] = "mean cosine between different references (one image per identity: no ceiling)"
+    baselines: dict[str, Any] = {"references": names, "metric": scorer.metric.to_dict()}
+    if len(names) >= 2:  # in the analyzer's own metric (dlib: raw-descriptor distance, not a cosine)
+        sim = scorer.metric.matrix(ref_emb, ref_emb)
+        off = ~np.eye(len(names), dtype=bool)
+        baselines["different_identity"] = float(sim[off].mean())
+        baselines["note"] = (f"mean {scorer.metric.name} between different references (one image per identity: "
+                             "no ceiling)")
+        if scorer.metric.threshold is not None:
+            baselines["different_identity_same_person_rate"] = float(scorer.metric.same(sim[off]).mean())
     requests = real_requests(len(names), prompt_list, size=size, seed=seed, batch=batch, multi_prompts=multi_list)
     results, grids = {}, {}
     for method in methods:
@@ -174,15 +184,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-COLUMNS = (("FaceSim", ("single", "facesim")), ("FaceSim (det.)", ("single", "facesim_detected")),
-           ("Det.", ("single", "detection_rate")), ("Multi FaceSim mean", ("multi", "facesim_mean")),
-           ("Multi FaceSim min", ("multi", "facesim_min")), ("Placement", ("multi", "placement")),
-           ("Attr. acc", ("attribute_accuracy",)), ("Expr", ("edit", "expression_accuracy")),
-           ("Pose", ("edit", "pose_accuracy")), ("Edit FaceSim", ("edit", "facesim")),
-           ("Unedited FaceSim", ("edit", "facesim_unedited")), ("Δ FaceSim", ("edit", "facesim_drop")),
-           ("CLIP-T", ("single", "clip_t")), ("Gen. s", ("seconds", "generate")))
-METHOD_TITLES = {"dynamicid": "DynamicID", "no-saa": "w/o SAA", "no-imr": "w/o IMR", "infinite-id": "Infinite-ID",
-                 "infinite-id-no-adain": "Infinite-ID w/o AdaIN"}
+#: (title, path, interval?) — headline columns show "value [low, high]" (95 % bootstrap, see docs/evaluation.md)
+COLUMNS = (("FaceSim", ("single", "facesim"), True), ("Same person", ("single", "same_person_rate"), True),
+           ("Det.", ("single", "detection_rate"), False),
+           ("Multi FaceSim L", ("multi", "facesim_left"), True), ("Multi FaceSim R", ("multi", "facesim_right"), True),
+           ("Placement", ("multi", "placement"), True), ("Attr. acc", ("attribute_accuracy",), True),
+           ("Expr", ("edit", "expression_accuracy"), True), ("Pose", ("edit", "pose_accuracy"), False),
+           ("Δ FaceSim", ("edit", "facesim_drop"), True), ("CLIP-T", ("single", "clip_t"), False),
+           ("Gen. s", ("seconds", "generate"), False))
+METHOD_TITLES = {"dynamicid": "DynamicID", "no-saa": "w/o SAA", "no-imr": "w/o IMR", "base": "base (no ID)",
+                 "infinite-id": "Infinite-ID", "infinite-id-no-adain": "Infinite-ID w/o AdaIN"}
 
 
 def _get(d: Any, keys: Sequence[str]) -> Any:
@@ -191,38 +202,87 @@ def _get(d: Any, keys: Sequence[str]) -> Any:
     return d
 
 
+def _ci_of(m: Any, keys: Sequence[str]) -> dict | None:
+    if len(keys) == 1:
+        return _get(m, (f"{keys[0]}_ci",))
+    return _get(m, (*keys[:-1], "ci", keys[-1]))
+
+
+def _fmt_ci(ci: dict | None, digits: int = 2) -> str:
+    if not ci:
+        return "–"
+    return f"{ci['estimate']:.{digits + 1}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def _cell(m: Any, keys: Sequence[str], with_ci: bool) -> str:
+    ci = _ci_of(m, keys) if with_ci else None
+    return _fmt_ci(ci) if ci else _fmt(_get(m, keys))
+
+
+def _measured(v: Any) -> str:
+    if isinstance(v, dict) and "estimate" in v:
+        return _fmt_ci(v)
+    return _fmt(v)
+
+
 def markdown_report(results: dict[str, Any]) -> str:
-    """One table for all methods, then the baselines and the targets with measured values."""
+    """One table for all methods (headline numbers with their 95 % intervals), the baselines, the targets
+    (PASS / MISS with numbers and intervals) and the protocol's sizing."""
     suite = results["suite"]
-    cols = [c for c in COLUMNS if suite == "real" or c[0] != "CLIP-T"]
+    methods = results["methods"]
+    cols = [c for c in COLUMNS if any(_get(m, c[1]) is not None for m in methods.values())]
     lines = [f"# Evaluation ({suite})", ""]
     p = results["protocol"]
     lines.append("Images per method: " + ", ".join(f"{k} {v}" for k, v in p["images"].items()) +
-                 f"; references: {', '.join(map(str, p['references']))}.")
+                 f"; {len(p['references'])} references: {', '.join(map(str, p['references']))}.")
     lines += ["", "| Method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for method, m in results["methods"].items():
-        lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(_fmt(_get(m, k)) for _, k in cols)
+    for method, m in methods.items():
+        lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(_cell(m, k, ci) for _, k, ci in cols)
                      + " |")
     b = results["baselines"]
     if suite == "synthface":
-        real = {"single": {"facesim": b.get("same_identity"), "detection_rate": b.get("detection_rate")},
+        real = {"single": {"facesim": b.get("same_identity"), "detection_rate": b.get("detection_rate"),
+                           "ci": {"facesim": _get(b, ("ci", "same_identity"))}},
                 "multi": {"placement": b.get("scene_placement")}, "attribute_accuracy": b.get("attribute_accuracy"),
-                "edit": {"expression_accuracy": b.get("expression_accuracy"), "pose_accuracy": b.get("pose_accuracy")}}
-        lines.append("| *real SynthFace images* | " + " | ".join(_fmt(_get(real, k)) for _, k in cols) + " |")
-    lines += ["", "FaceSim: cosine of evaluation-recogniser embeddings (generated face vs reference), a face that "
-              "is not found counts as 0 (FaceSim (det.): found faces only; Det.: detection rate). Multi-ID: faces "
-              "greedily matched to references; placement: the matched face's centre lies in its identity's box "
-              "(chance with two found faces: 0.5). Expr: expression edits; Pose: all edits; Δ FaceSim = unedited "
-              "control − edited.", "", "## Baselines", ""]
-    for k, v in b.items():
-        if k not in ("identities", "references"):
-            lines.append(f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v, sort_keys=True)}")
+                "edit": {"expression_accuracy": b.get("expression_accuracy_real"),
+                         "ci": {"expression_accuracy": _get(b, ("ci", "expression_accuracy_real"))}}}
+        lines.append("| *real held-out images* | " + " | ".join(_cell(real, k, ci) for _, k, ci in cols) + " |")
+        lines += ["", "Intervals: 95 % bootstrap, [low, high]. FaceSim: cosine of evaluation-recogniser embeddings "
+                  "(most similar detected face vs the reference; no face found = 0); *real held-out images*: other "
+                  "photos of the same person (the ceiling). Multi FaceSim L / R: the left / right person's matched "
+                  "FaceSim; placement: the matched face's centre lies in its identity's box. Expr: expression "
+                  "edits; Δ FaceSim = unedited control − edited (paired by seed). base (no ID): the SD base's own "
+                  "images for the same prompts and seeds (the generated-image chance level).", "", "## Baselines",
+                  ""]
+        ci = b.get("ci", {})
+        for key, text in (("same_identity", "same-identity ceiling (real images vs own reference)"),
+                          ("different_identity", f"different-identity baseline (all {b.get('different_pairs')} "
+                                                 "identity pairs)"),
+                          ("expression_accuracy_real", "expression classifier on real front views"),
+                          ("expression_accuracy_round_trip", "… after the base's VAE round trip")):
+            if key in b:
+                lines.append(f"- {text}: {_fmt_ci(ci.get(key)) if ci.get(key) else _fmt(b[key])}")
+        for key in ("images", "detection_rate", "attribute_accuracy", "scene_placement", "scene_faces"):
+            if key in b:
+                lines.append(f"- {key}: {_fmt(b[key])}")
+    else:
+        lines += ["", "## Baselines", ""]
+        for k, v in b.items():
+            if k not in ("references",):
+                lines.append(f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v, sort_keys=True)}")
     if results.get("targets"):
         lines += ["", "## Targets", ""]
         for t in results["targets"]:
             flag = {True: "PASS", False: "MISS", None: "not measured"}[t["passed"]]
-            measured = ", ".join(f"{k} = {_fmt(v)}" for k, v in t["measured"].items())
-            lines.append(f"- **{flag}** — {t['target']}: {t['rule']} (measured: {measured})")
+            measured = "; ".join(f"{k} = {_measured(v)}" for k, v in t["measured"].items())
+            lines.append(f"- **{flag}** — {t['target']}: {t['rule']}. Measured: {measured}")
+    sizing = results.get("sizing")
+    if sizing and sizing.get("metrics"):
+        lines += ["", "## Protocol size", "", f"Rule: {sizing['rule']}. Measured on {sizing['method']}'s images:", "",
+                  "| metric | units | per-unit sd | half-width | limit | units needed | enough |", "|---" * 7 + "|"]
+        for name, r in sizing["metrics"].items():
+            lines.append(f"| {name} | {r['units']} | {_fmt(r['sd'])} | {_fmt(r['half_width'])} | {r['limit']} | "
+                         f"{r['units_needed']} | {'yes' if r['enough'] else 'no'} |")
     lines += ["", f"Total evaluation time: {results['seconds'].get('total', float('nan')):.1f} s."]
     return "\n".join(lines) + "\n"
 
@@ -242,7 +302,8 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (mode 0644)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
@@ -256,8 +317,22 @@ def _write_text(path: str, text: str) -> None:
         raise
 
 
+def split_timings(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(results without any "seconds", the seconds by method)``: wall-clock times differ between runs, so they go
+    to ``timings.json`` and ``metrics.json`` stays identical across runs of the same models."""
+    timings = {"total": results.get("seconds", {}), "methods": {}}
+    clean = {k: v for k, v in results.items() if k != "seconds"}
+    clean["methods"] = {}
+    for method, m in results.get("methods", {}).items():
+        clean["methods"][method] = {k: v for k, v in m.items() if k != "seconds"}
+        if "seconds" in m:
+            timings["methods"][method] = m["seconds"]
+    return clean, timings
+
+
 def write_report(out: str, results: dict[str, Any], grids: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
-    """Write ``metrics.json``, ``metrics.md`` and the grids into ``out`` (each file atomically); returns paths."""
+    """Write ``metrics.json`` (every number, no timings: identical across runs), ``timings.json``, ``metrics.md``
+    and the grids into ``out`` (each file atomically); returns paths."""
     from dynamicid_jax.image_io import save_png
 
     os.makedirs(out, exist_ok=True)
@@ -267,10 +342,12 @@ def write_report(out: str, results: dict[str, Any], grids: dict[str, dict[str, n
             paths[f"{method}_{kind}"] = save_png(image, os.path.join(out, f"{method}_{kind}.png"))
             os.chmod(paths[f"{method}_{kind}"], 0o644)
     results = _clean(results)
-    paths["metrics.json"] = os.path.join(out, "metrics.json")
-    _write_text(paths["metrics.json"], json.dumps(results, indent=1, sort_keys=True) + "\n")
+    metrics, timings = split_timings(results)
+    for name, obj in (("metrics.json", metrics), ("timings.json", timings)):
+        paths[name] = os.path.join(out, name)
+        write_text_atomic(paths[name], json.dumps(obj, indent=1, sort_keys=True) + "\n")
     paths["metrics.md"] = os.path.join(out, "metrics.md")
-    _write_text(paths["metrics.md"], markdown_report(results))
+    write_text_atomic(paths["metrics.md"], markdown_report(results))
     return paths
 
 

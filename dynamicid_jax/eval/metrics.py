@@ -13,8 +13,9 @@ and seed than the recogniser the method consumes; on real photos the chosen anal
 * **Multi-ID**: per image the mean and the min over its references; **placement**: a reference is placed when its
   matched face's box centre lies inside the reference's own layout box (:func:`placed`).
 * **Accuracies**: the fraction of requests whose prediction equals the requested label (a missed face is wrong).
-* **Baselines** (:func:`identity_baselines`): the FaceSim a real photo of the *same* person gets (ceiling) and
-  that of a *different* person (baseline), with the same recogniser and the same reference images.
+* **Baselines** (:func:`pair_baseline`): the FaceSim a real photo of the *same* person gets (ceiling) and that
+  of a *different* person (baseline, the mean over **all** pairs of identities), scored by the same rule as the
+  generated images (most similar detected face, 0 when none) against the same reference embeddings.
 * **CLIP-T** (:class:`ClipScorer`): cosine of CLIP's projected text and image embeddings (not ×100).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["FaceDetections", "Match", "cosine_matrix", "greedy_match", "match_faces", "box_centres", "placed",
-           "accuracy", "mean_or_none", "identity_baselines", "SynthFaceScorer", "AnalyzerScorer",
+           "accuracy", "mean_or_none", "pair_baseline", "identity_baselines", "SynthFaceScorer", "AnalyzerScorer",
            "reference_embeddings", "view_of_pose", "ClipScorer", "clip_t"]
 
 
@@ -55,10 +56,13 @@ class FaceDetections:
 @dataclasses.dataclass
 class Match:
     """Matching of one image's faces to its references: ``face [R]`` (face index, −1 = missed) and
-    ``similarity [R]`` (cosine; 0 where missed)."""
+    ``similarity [R]`` (cosine; 0 where missed). With a Euclidean identity metric (dlib) ``similarity`` holds the
+    raw-descriptor distance instead (NaN where missed); ``same [R]`` is the metric's same-person decision (False
+    where missed; None for a metric without a threshold)."""
 
     face: np.ndarray
     similarity: np.ndarray
+    same: np.ndarray | None = None
 
     @property
     def matched(self) -> np.ndarray:
@@ -97,12 +101,23 @@ def greedy_match(similarity: np.ndarray) -> np.ndarray:
     return out
 
 
-def match_faces(faces: FaceDetections, references: np.ndarray) -> Match:
-    """Greedy matching of ``faces`` to reference embeddings ``[R, D]``."""
-    sim = cosine_matrix(faces.embeddings, references)
-    face = greedy_match(sim)
-    similarity = np.array([sim[f, r] if f >= 0 else 0.0 for r, f in enumerate(face)], np.float64)
-    return Match(face, similarity)
+def match_faces(faces: FaceDetections, references: np.ndarray, metric=None) -> Match:
+    """Greedy matching of ``faces`` to reference vectors ``[R, D]`` in ``metric``
+    (:class:`~dynamicid_jax.faces.IdentityMetric`; default the cosine): the most similar pair first (the
+    smallest distance for a Euclidean metric)."""
+    if metric is None or metric.kind == "cosine":
+        sim = cosine_matrix(faces.embeddings, references)
+        face = greedy_match(sim)
+        similarity = np.array([sim[f, r] if f >= 0 else 0.0 for r, f in enumerate(face)], np.float64)
+        same = None if metric is None or metric.threshold is None else \
+            np.array([f >= 0 and bool(metric.same(sim[f, r])) for r, f in enumerate(face)])
+        return Match(face, similarity, same)
+    refs = np.asarray(references, np.float64)
+    dist = metric.matrix(faces.embeddings, refs) if len(faces) else np.zeros((0, len(refs)))
+    face = greedy_match(-dist)
+    distance = np.array([dist[f, r] if f >= 0 else np.nan for r, f in enumerate(face)], np.float64)
+    same = np.array([f >= 0 and bool(metric.same(dist[f, r])) for r, f in enumerate(face)])
+    return Match(face, distance, same)
 
 
 def box_centres(boxes: np.ndarray) -> np.ndarray:
@@ -144,18 +159,50 @@ def mean_or_none(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def pair_baseline(sim: np.ndarray, image_ids: Sequence[Any], reference_ids: Sequence[Any]) -> dict[str, Any]:
+    """Same-identity ceiling and different-identity baseline from ``sim [images, references]`` (FaceSim of
+    every real image against every reference; reference ``j`` shows identity ``reference_ids[j]``).
+
+    ``same``: each image against its own identity's reference. ``pairs``: for every unordered pair ``{a, b}`` of
+    identities, the mean of (images of ``a`` vs ``b``'s reference) and (images of ``b`` vs ``a``'s); the
+    baseline is the mean over all ``n(n−1)/2`` pairs. ``per_image_different``: each image's mean over the other
+    identities' references (its mean equals the baseline when every identity has as many images)."""
+    sim = np.asarray(sim, np.float64)
+    ids, ref_ids = list(image_ids), list(reference_ids)
+    if sim.shape != (len(ids), len(ref_ids)):
+        raise ValueError(f"pair_baseline: similarity {sim.shape} for {len(ids)} images × {len(ref_ids)} references")
+    if len(set(ref_ids)) != len(ref_ids) or len(ref_ids) < 2:
+        raise ValueError("pair_baseline needs one reference per identity and at least two identities")
+    col = {r: j for j, r in enumerate(ref_ids)}
+    missing = sorted({i for i in ids if i not in col}, key=str)
+    if missing:
+        raise ValueError(f"pair_baseline: images of identities {missing} have no reference")
+    own = np.array([col[i] for i in ids])
+    rows = np.arange(len(ids))
+    same = sim[rows, own]
+    other = (sim.sum(axis=1) - same) / (len(ref_ids) - 1)
+    pairs = {}
+    for a in range(len(ref_ids)):
+        for b in range(a + 1, len(ref_ids)):
+            cells = np.concatenate([sim[own == a, b], sim[own == b, a]])
+            if len(cells):
+                pairs[(ref_ids[a], ref_ids[b])] = float(cells.mean())
+    return {"same": same, "per_image_different": other, "pairs": pairs,
+            "same_identity": float(same.mean()), "different_identity": float(np.mean(list(pairs.values())))}
+
+
 def identity_baselines(reference_embeddings: np.ndarray, reference_ids: Sequence[Any], embeddings: np.ndarray,
                        ids: Sequence[Any]) -> dict[str, Any]:
-    """FaceSim of real photos against the references: ``same_identity`` (mean cosine of a reference with the other
-    photos of its person: the ceiling) and ``different_identity`` (with photos of other people: the baseline).
-    ``embeddings`` must not contain the reference photos themselves."""
-    sim = cosine_matrix(embeddings, reference_embeddings)
-    ids, ref_ids = np.asarray(ids), np.asarray(reference_ids)
-    same = ids[:, None] == ref_ids[None, :]
-    if not same.any() or same.all():
+    """Cosine ceiling and baseline of real photos (``embeddings``, one per photo, of identities ``ids``) against one
+    reference per identity: :func:`pair_baseline` on their cosines. ``embeddings`` must not contain the reference
+    photos themselves. ``same_pairs``: photos scored against their own reference; ``different_pairs``: identity
+    pairs (``n(n−1)/2``)."""
+    ref_ids = list(reference_ids)
+    if len(set(ref_ids)) < 2 or not set(ids) & set(ref_ids):
         raise ValueError("identity_baselines needs photos of the references' own people and of other people")
-    return {"same_identity": float(sim[same].mean()), "different_identity": float(sim[~same].mean()),
-            "same_pairs": int(same.sum()), "different_pairs": int((~same).sum())}
+    pb = pair_baseline(cosine_matrix(embeddings, reference_embeddings), ids, ref_ids)
+    return {"same_identity": pb["same_identity"], "different_identity": pb["different_identity"],
+            "same_pairs": int(len(pb["same"])), "different_pairs": len(pb["pairs"])}
 
 
 # ------------------------------------------------------------------------------------------------- scorers
@@ -235,15 +282,22 @@ def view_of_pose(pose: Sequence[float]) -> str:
 
 class AnalyzerScorer:
     """Real photos: a :class:`~dynamicid_jax.faces.FaceAnalyzer` (insightface / dlib) finds and embeds faces; no
-    attribute classifiers (expression accuracy is not available), the pose is the analyzer's."""
+    attribute classifiers (expression accuracy is not available), the pose is the analyzer's. Identities are
+    compared in the analyzer's own metric (``self.metric``; dlib: raw-descriptor Euclidean distance < 0.6), so
+    the detections carry the vectors that metric compares."""
 
     face_classifier = None
     scene_classifier = None
 
     def __init__(self, analyzer):
+        from dynamicid_jax.faces.identity import identity_metric
+
         self.analyzer = analyzer
+        self.metric = identity_metric(analyzer)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[FaceDetections]:
+        from dynamicid_jax.faces.identity import identity_vector
+
         out = []
         for im in images:
             faces = self.analyzer.analyze(np.asarray(im))
@@ -251,7 +305,7 @@ class AnalyzerScorer:
                 out.append(FaceDetections.empty(self.analyzer.embedding_dim))
                 continue
             out.append(FaceDetections(np.stack([np.asarray(f.bbox, np.float32) for f in faces]),
-                                      _unit(np.stack([f.embedding for f in faces])).astype(np.float32),
+                                      np.stack([identity_vector(f, self.metric) for f in faces]).astype(np.float32),
                                       np.array([f.det_score for f in faces], np.float32),
                                       np.stack([np.asarray(f.pose, np.float32) for f in faces])))
         return out

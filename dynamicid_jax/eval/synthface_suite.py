@@ -1,33 +1,36 @@
-"""The SynthFace evaluation protocol: held-out identities, prompts, seeds and scenes; the methods; the scores.
+"""The SynthFace evaluation protocol: held-out identities, prompts, seeds and scenes; the methods; the run.
 
 **Requests** (:func:`synthface_requests`, deterministic from ``Protocol.seed``; every method gets the same
-prompts, references and seeds, hence the same initial noise):
+prompts, references and seeds, hence the same initial noise). ``n`` is the number of held-out identities in the
+data index (all of them are used; nothing is hard-coded), each identity's reference its ``neutral_front`` image:
 
-* ``single`` — each of the first ``single_identities`` held-out identities (reference: its ``neutral_front``
-  image) with ``single_prompts`` SynthFace captions (background, clothing, placement drawn like the data's),
-  ``batch`` prompts per call;
-* ``multi`` — ``multi_pairs`` pairs of held-out identities side by side in one ``size × 2·size`` image (the
-  layout of SynthFace's group scenes), left/right layout boxes (``layout="row"``: SAA routes each identity to
-  its box), a scene caption naming the background and each person's clothing;
-* ``edit`` — each of the first ``edit_identities`` identities, one caption and one seed, × every expression in
-  ``edit_expressions`` (front view) and every pose in ``edit_poses`` (neutral): the KDEF-style face prompt
-  ``"the expression is {e}, the face is {p}"`` goes to the IMR (DynamicID, w/o SAA) *and* is appended to the text
-  prompt (all methods); ``batch`` images (noise samples) per request;
-* ``control`` — the same caption and seed without any request: the unedited FaceSim that edits are compared with.
+* ``single`` — about ``single_images`` images in all: each identity × ``⌈single_images / n⌉`` SynthFace captions
+  (background, clothing, placement drawn like the data's; rounded up to whole batches of ``batch``);
+* ``multi`` — the ``n`` identity pairs ``(k, k+1 mod n)`` (every identity once on the left, once on the right;
+  ``n = 2``: both orders), about ``multi_images`` two-person images in all, each in the frame of the data's
+  two-person scenes (``size × 2·size`` when the data has none), left/right layout boxes (SAA routes each identity
+  to its box) and a caption naming the background and each person's clothing and side;
+* ``edit`` — the first ``m = min(n, ⌈edit_images / edit_batch⌉)`` identities × every expression in
+  ``edit_expressions`` (front view; and every pose in ``edit_poses``, neutral) × ``⌈edit_images / m⌉`` images
+  (whole batches of ``edit_batch``, one seed per batch): the KDEF-style face prompt ``"the expression is {e},
+  the face is {p}"`` goes to the IMR (DynamicID) *and* is appended to the text prompt (all methods); only the
+  ``edit_methods`` run them (no target reads w/o SAA's or the base's edits);
+* ``control`` — per identity the same caption and seeds without any request: the unedited images each edit is
+  paired with (same noise) for the FaceSim drop.
 
 **Methods**: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same
-weights; requests only in the text), ``infinite-id`` (two references are mixed, it has no layout) and
-``infinite-id-no-adain`` (the same weights with AdaIN-mean off: the scene-attribute prompts show what it
-changes). All 64-px requests have one batch size, so each method compiles one program per image shape.
+weights; requests only in the text — its single, multi and control images are DynamicID's, which are not
+generated twice), ``base`` (the SD base's own text-to-image, no identity: the generated-image chance level),
+``infinite-id`` (two references are mixed, it has no layout) and ``infinite-id-no-adain`` (AdaIN-mean off).
+Requests of one kind share one batch size, so each method compiles one program per image shape.
 
-**Scores** (:func:`score_outputs`, definitions in :mod:`.metrics`): FaceSim of single-ID images; matched
-multi-ID FaceSim (mean, min) and placement; prompt-attribute accuracy (scene classifier on the whole image,
-or per layout strip for multi-ID); Expr accuracy over the expression edits and Pose accuracy over all edits
-(face classifier on the matched face); FaceSim of edits and its drop from the controls; detection rates.
+**Scores**: :mod:`.synthface_scores` (means, intervals, baselines) and :mod:`.synthface_targets` (targets,
+sizing).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -39,37 +42,48 @@ from PIL import Image
 from data_pipelines.synthface import dataset as sf_data
 from data_pipelines.synthface import world
 from dynamicid_jax.eval import metrics as M
+from dynamicid_jax.eval import synthface_scores as SC
+from dynamicid_jax.eval.synthface_scores import score_outputs, synthface_baselines
+from dynamicid_jax.eval.synthface_targets import protocol_sizing, synthface_targets
 
-__all__ = ["METHODS", "INFINITE_ID_METHODS", "Protocol", "Request", "synthface_requests", "load_pipelines",
-           "generate", "run_method", "score_outputs", "synthface_baselines", "synthface_targets", "preview_grids",
-           "run_synthface"]
+__all__ = ["METHODS", "INFINITE_ID_METHODS", "DEFAULT_METHODS", "Protocol", "Request", "synthface_requests",
+           "load_pipelines", "generate", "run_method", "score_outputs", "synthface_baselines", "synthface_targets",
+           "protocol_sizing", "preview_grids", "run_synthface"]
 
-METHODS = ("dynamicid", "no-saa", "no-imr", "infinite-id", "infinite-id-no-adain")
+METHODS = ("dynamicid", "no-saa", "no-imr", "base", "infinite-id", "infinite-id-no-adain")
 INFINITE_ID_METHODS = ("infinite-id", "infinite-id-no-adain")
+DYNAMICID_METHODS = ("dynamicid", "no-saa", "no-imr")
 EDIT_EXPRESSIONS = world.EXPRESSIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """Sizes of the SynthFace protocol (see the module docstring). :meth:`quick` is the test-sized one."""
+    """Sizes of the SynthFace protocol (see the module docstring). :meth:`quick` is the test-sized one.
 
-    single_identities: int = 2
-    single_prompts: int = 4
-    multi_pairs: int = 1
-    multi_prompts: int = 2
-    edit_identities: int = 1
+    The defaults are sized for the intervals the report promises (95 % half-width ≤ 0.05 for FaceSim, ≤ 0.10 for
+    placement and Expr) by ``n ≥ (1.96·sd/h)²``: a rate needs ≥ 97 units in the worst case (``sd = 0.5``: 98
+    edits per method, 96 two-person images), FaceSim's 96 images suffice up to a within-identity spread of 0.25;
+    every run reports the sizing it achieved (``metrics.json`` → ``sizing``)."""
+
+    single_images: int = 96
+    multi_images: int = 96
+    edit_images: int = 14
     edit_expressions: tuple[str, ...] = EDIT_EXPRESSIONS
-    edit_poses: tuple[str, ...] = ("left", "right")
-    batch: int = 2
+    edit_poses: tuple[str, ...] = ()
+    batch: int = 2  # one batch size for every kind: one compiled program per image shape and method (a
+    edit_batch: int = 2  # compile costs 20-40 s on 2 busy cores, as much as ~100 generated images)
     steps: int = 20
     guidance_scale: float = 5.0
     seed: int = 0
+    n_boot: int = 2000
+    #: methods that also run the edits (and their controls): no target reads w/o SAA's or the base's edits
+    edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "infinite-id", "infinite-id-no-adain")
 
     def __post_init__(self):
-        for name in ("single_identities", "single_prompts", "multi_prompts", "batch", "steps"):
+        for name in ("single_images", "batch", "edit_batch", "steps", "n_boot"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("multi_pairs", "edit_identities"):
+        for name in ("multi_images", "edit_images"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"Protocol.{name} must be >= 0, got {getattr(self, name)!r}")
         bad = [e for e in self.edit_expressions if e not in world.EXPRESSIONS]
@@ -79,18 +93,27 @@ class Protocol:
                              f"{world.POSES}")
         object.__setattr__(self, "edit_expressions", tuple(self.edit_expressions))
         object.__setattr__(self, "edit_poses", tuple(self.edit_poses))
+        object.__setattr__(self, "edit_methods", tuple(self.edit_methods))
 
     @classmethod
     def quick(cls, **overrides) -> Protocol:
         """A few images per part and 2 denoising steps: checks that everything runs, not quality."""
-        base = dict(single_identities=2, single_prompts=2, multi_pairs=1, multi_prompts=2, edit_identities=1,
-                    edit_expressions=("neutral", "happy", "surprised"), edit_poses=(), batch=2, steps=2)
+        base = dict(single_images=4, multi_images=2, edit_images=2, edit_expressions=("neutral", "happy",
+                                                                                       "surprised"),
+                    edit_poses=(), batch=2, edit_batch=2, steps=2, n_boot=200, edit_methods=METHODS)
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["edit_expressions"], d["edit_poses"] = list(self.edit_expressions), list(self.edit_poses)
+        d["edit_methods"] = list(self.edit_methods)
         return d
+
+    def per_identity(self, total: int, identities: int, batch: int) -> int:
+        """Images per identity (or pair) for about ``total`` in all: ``⌈total / identities⌉`` in whole batches."""
+        if total <= 0:
+            return 0
+        return int(math.ceil(math.ceil(total / identities) / batch) * batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,53 +150,68 @@ def _rng(seed: int, part: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), 9000 + part, int(index)]))
 
 
-def synthface_requests(protocol: Protocol, num_references: int, size: int) -> list[Request]:
-    """Every request of the protocol for ``num_references`` held-out identities at ``size`` px. Each part and
-    identity draws its captions from its own generator, so changing one size leaves the other parts alone."""
+def multi_caption(clothing: Sequence[str], background: str) -> str:
+    """The two-person caption: each person's clothing and side, the background (never who they are)."""
+    return (f"a photo of two people side by side, the person on the left wears {_a(clothing[0])} shirt, the person "
+            f"on the right wears {_a(clothing[1])} shirt, {background} background")
+
+
+def identity_pairs(n: int) -> list[tuple[int, int]]:
+    """``(k, k+1 mod n)`` for every ``k``: each identity once on the left and once on the right."""
+    return [(k, (k + 1) % n) for k in range(n)] if n >= 2 else []
+
+
+def synthface_requests(protocol: Protocol, num_references: int, size: int,
+                       multi_size: tuple[int, int] | None = None) -> list[Request]:
+    """Every request of the protocol for ``num_references`` held-out identities at ``size`` px (two-person
+    images ``multi_size = (height, width)``, default ``(size, 2·size)``). Each part and identity draws its
+    captions from its own generator, so changing one size leaves the other parts alone."""
     p = protocol
-    if num_references < 1:
+    n = int(num_references)
+    if n < 1:
         raise ValueError("the SynthFace protocol needs at least one held-out identity")
+    mh, mw = multi_size or (size, 2 * size)
     out: list[Request] = []
-    for i in range(min(p.single_identities, num_references)):
+    per_id = p.per_identity(p.single_images, n, p.batch)
+    for i in range(n):
         rng = _rng(p.seed, 0, i)
-        scenes = [world.sample_scene(rng) for _ in range(p.single_prompts)]
+        scenes = [world.sample_scene(rng) for _ in range(per_id)]
         for c, chunk in enumerate(_chunks(scenes, p.batch)):
-            chunk = list(chunk) + [chunk[-1]] * (p.batch - len(chunk))  # one batch size: one program
             out.append(Request("single", (i,), tuple(sf_data.caption_for(s.background, s.clothing, s.placement)
                                                      for s in chunk), p.seed + 100 * i + c, size, size,
                                attributes=tuple(s.to_dict() for s in chunk)))
-    if num_references >= 2:
-        boxes = tuple(tuple(float(v) for v in b) for b in _layout(2))
-        for k in range(p.multi_pairs):
-            pair = (2 * k % num_references, (2 * k + 1) % num_references)
-            if pair[0] == pair[1]:
-                pair = (pair[0], (pair[0] + 1) % num_references)
-            rng = _rng(p.seed, 1, k)
-            scenes = []
-            for _ in range(p.multi_prompts):
-                background = list(world.BACKGROUNDS)[int(rng.integers(len(world.BACKGROUNDS)))]
-                options = [c for c in world.CLOTHING if c != background]
-                clothing = [options[int(rng.integers(len(options)))] for _ in pair]
-                scenes.append({"background": background, "clothing": clothing})
-            for c, chunk in enumerate(_chunks(scenes, p.batch)):
-                chunk = list(chunk) + [chunk[-1]] * (p.batch - len(chunk))
-                prompts = tuple(f"a photo of two people side by side, the person on the left wears "
-                                f"{_a(s['clothing'][0])} shirt, the person on the right wears {_a(s['clothing'][1])} "
-                                f"shirt, {s['background']} background" for s in chunk)
-                out.append(Request("multi", pair, prompts, p.seed + 10_000 + 100 * k + c, size, 2 * size,
-                                   attributes=tuple(chunk), boxes=boxes))
-    for e in range(min(p.edit_identities, num_references)):
+    pairs = identity_pairs(n)
+    per_pair = p.per_identity(p.multi_images, max(len(pairs), 1), p.batch)
+    boxes = tuple(tuple(float(v) for v in b) for b in _layout(2))
+    for k, pair in enumerate(pairs if per_pair else []):
+        rng = _rng(p.seed, 1, k)
+        scenes = []
+        for _ in range(per_pair):
+            background = list(world.BACKGROUNDS)[int(rng.integers(len(world.BACKGROUNDS)))]
+            options = [c for c in world.CLOTHING if c != background]
+            clothing = [options[int(rng.integers(len(options)))] for _ in pair]
+            scenes.append({"background": background, "clothing": clothing})
+        for c, chunk in enumerate(_chunks(scenes, p.batch)):
+            out.append(Request("multi", pair, tuple(multi_caption(s["clothing"], s["background"]) for s in chunk),
+                               p.seed + 10_000 + 100 * k + c, mh, mw, attributes=tuple(chunk), boxes=boxes))
+    # edits: the first m identities, m = n unless fewer than a batch per identity would reach edit_images
+    m = min(n, int(math.ceil(p.edit_images / p.edit_batch)))
+    per_edit = p.per_identity(p.edit_images, m, p.edit_batch) if m else 0
+    asks = [(x, "front", True) for x in p.edit_expressions] + [("neutral", q, False) for q in p.edit_poses]
+    for e in range(m if per_edit and asks else 0):
         s = world.sample_scene(_rng(p.seed, 2, e))
         caption = sf_data.caption_for(s.background, s.clothing, s.placement)
-        seed = p.seed + 20_000 + 100 * e
-        attrs = (s.to_dict(),) * p.batch
-        out.append(Request("control", (e,), (caption,) * p.batch, seed, size, size, attributes=attrs, group=e))
-        asks = [(x, "front", True) for x in p.edit_expressions] + [("neutral", q, False) for q in p.edit_poses]
+        attrs = (s.to_dict(),) * p.edit_batch
+        seeds = [p.seed + 20_000 + 100 * e + c for c in range(per_edit // p.edit_batch)]
+        for seed in seeds:
+            out.append(Request("control", (e,), (caption,) * p.edit_batch, seed, size, size, attributes=attrs,
+                               group=e))
         for expression, pose, expression_edit in asks:
             face_prompt = world.grid_prompt(expression, pose)
-            out.append(Request("edit", (e,), (f"{caption}, {face_prompt}",) * p.batch, seed, size, size,
-                               face_prompt=face_prompt, expression=expression if expression_edit else None,
-                               pose=pose, attributes=attrs, group=e))
+            for seed in seeds:
+                out.append(Request("edit", (e,), (f"{caption}, {face_prompt}",) * p.edit_batch, seed, size, size,
+                                   face_prompt=face_prompt, expression=expression if expression_edit else None,
+                                   pose=pose, attributes=attrs, group=e))
     return out
 
 
@@ -188,15 +226,16 @@ def load_pipelines(methods: Sequence[str], sd_path: str, *, dynamicid_path: str 
                    infinite_id_path: str | None = None, analyzer: Any = "synthetic",
                    analyzer_kwargs: dict | None = None, dynamicid_image_encoder: str | None = None,
                    infinite_id_image_encoder: str | None = None) -> dict[str, Any]:
-    """``{"dynamicid": DynamicIDPipeline, "infinite-id": InfiniteIDPipeline}`` as far as ``methods`` need them
-    (one SD base, loaded once). Missing weights for a requested method → ``ValueError`` naming the option."""
+    """``{"sd": StableDiffusion, "dynamicid": DynamicIDPipeline, "infinite-id": InfiniteIDPipeline}`` as far as
+    ``methods`` need them (one SD base, loaded once; ``"sd"`` is always there: the ``base`` method and the VAE
+    round trip use it). Missing weights for a requested method → ``ValueError`` naming the option."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    need_did = any(m not in INFINITE_ID_METHODS for m in methods)
+    need_did = any(m in DYNAMICID_METHODS for m in methods)
     need_iid = any(m in INFINITE_ID_METHODS for m in methods)
     if need_did and not dynamicid_path:
-        raise ValueError(f"methods {[m for m in methods if m not in INFINITE_ID_METHODS]} need the DynamicID "
+        raise ValueError(f"methods {[m for m in methods if m in DYNAMICID_METHODS]} need the DynamicID "
                          "weights (--dynamicid DIR)")
     if need_iid and not infinite_id_path:
         raise ValueError(f"methods {[m for m in methods if m in INFINITE_ID_METHODS]} need the Infinite-ID weights "
@@ -211,7 +250,7 @@ def load_pipelines(methods: Sequence[str], sd_path: str, *, dynamicid_path: str 
     if isinstance(analyzer, str):
         analyzer = get_analyzer(analyzer, **(analyzer_kwargs or {}))
     sd = StableDiffusion.from_pretrained(sd_path, scheduler="ddim")
-    pipes: dict[str, Any] = {}
+    pipes: dict[str, Any] = {"sd": sd}
     if need_did:
         from dynamicid_jax.models.clip import load_image_encoder
         from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline, load_dynamicid
@@ -250,7 +289,11 @@ def generate(method: str, pipes: dict[str, Any], request: Request, references: S
         if "infinite-id" not in pipes:
             raise ValueError(f"method {method} needs an Infinite-ID pipeline (pipes['infinite-id'])")
         return pipes["infinite-id"](prompts, references=refs, adain=method == "infinite-id", **common)
-    if method not in ("dynamicid", "no-saa", "no-imr"):
+    if method == "base":  # the base's own text-to-image: same prompts and seeds, no identity
+        if "sd" not in pipes:
+            raise ValueError("method base needs the SD base (pipes['sd'])")
+        return pipes["sd"].generate(prompts, **common)
+    if method not in DYNAMICID_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if "dynamicid" not in pipes:
         raise ValueError(f"method {method} needs a DynamicID pipeline (pipes['dynamicid'])")
@@ -260,231 +303,32 @@ def generate(method: str, pipes: dict[str, Any], request: Request, references: S
 
 
 def run_method(method: str, pipes: dict[str, Any], requests: Sequence[Request], references: Sequence[np.ndarray],
-               *, steps: int, guidance_scale: float) -> tuple[list[tuple[Request, np.ndarray]], float]:
+               *, steps: int, guidance_scale: float, reuse: dict[int, np.ndarray] | None = None,
+               progress: bool = False) -> tuple[list[tuple[Request, np.ndarray]], float]:
+    """``[(request, images)]`` in request order and the generation seconds. ``reuse``: request index → images
+    already generated for it (w/o IMR: DynamicID's single, multi and control images, which it would draw
+    identically)."""
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
-    out = [(r, generate(method, pipes, r, references, steps=steps, guidance_scale=guidance_scale))
-           for r in requests]
-    return out, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------------------- scoring
-def _strip_regions(boxes: Sequence[Sequence[float]], h: int, w: int) -> np.ndarray:
-    return np.array([[x0 * w - 0.5, y0 * h - 0.5, x1 * w - 0.5, y1 * h - 0.5] for y0, x0, y1, x1 in boxes])
-
-
-def _attr_acc(pred: dict[str, list], truth: dict[str, list]) -> dict[str, float | None]:
-    return {k: M.accuracy(pred.get(k, [None] * len(v)), v) for k, v in truth.items() if len(v)}
-
-
-def score_outputs(outputs: Sequence[tuple[Request, np.ndarray]], scorer, references: np.ndarray,
-                  clip: M.ClipScorer | None = None) -> dict[str, Any]:
-    """Every metric of one method's outputs (``references``: the evaluation embeddings ``[N, D]``)."""
-    acc: dict[str, dict[str, list]] = {k: {"sim": [], "hit": []} for k in ("single", "multi", "edit", "control")}
-    multi_mean, multi_min, placed = [], [], []
-    attr_truth = {k: {"background": [], "clothing": [], "placement": []} for k in ("single", "multi")}
-    attr_images: dict[str, list] = {"single": [], "multi": []}
-    attr_regions: list = []
-    face_jobs = []  # (request, image, box or None)
-    clip_scores: dict[str, list] = {k: [] for k in acc}
-    for request, images in outputs:
-        dets = scorer.detect(list(images))
-        refs = references[list(request.refs)]
-        for b, (image, det) in enumerate(zip(images, dets)):
-            match = M.match_faces(det, refs)
-            a = acc[request.kind]
-            a["sim"].extend(match.similarity.tolist())
-            a["hit"].extend(match.matched.tolist())
-            attrs = request.attributes[b] if request.attributes else None
-            if request.kind == "multi":
-                multi_mean.append(float(match.similarity.mean()))
-                multi_min.append(float(match.similarity.min()))
-                placed.extend(M.placed(match, det, np.asarray(request.boxes), image.shape[:2]).tolist())
-                if attrs:
-                    regions = _strip_regions(request.boxes, *image.shape[:2])
-                    for r, region in enumerate(regions):
-                        attr_images["multi"].append(image)
-                        attr_regions.append(region)
-                        attr_truth["multi"]["background"].append(attrs["background"])
-                        attr_truth["multi"]["clothing"].append(attrs["clothing"][r])
-            elif request.kind == "single" and attrs:
-                attr_images["single"].append(image)
-                for k in attr_truth["single"]:
-                    attr_truth["single"][k].append(attrs[k])
-            if request.kind == "edit":
-                f = int(match.face[0])
-                face_jobs.append((request, image, det.boxes[f] if f >= 0 else None,
-                                  det.poses[f] if f >= 0 and det.poses is not None else None))
-        if clip is not None:
-            clip_scores[request.kind].extend(clip.score(list(images), list(request.prompts)).tolist())
-
-    def sims(kind):
-        a = acc[kind]
-        sim, hit = np.asarray(a["sim"]), np.asarray(a["hit"], bool)
-        return {"facesim": M.mean_or_none(sim), "facesim_detected": M.mean_or_none(sim[hit]),
-                "detection_rate": M.mean_or_none(hit.astype(float)), "faces": int(len(sim))}
-
-    out: dict[str, Any] = {}
-    if acc["single"]["sim"]:
-        out["single"] = {**sims("single"), "images": len(acc["single"]["sim"])}
-        if attr_images["single"] and scorer.scene_classifier is not None:
-            pred = scorer.scene_labels(attr_images["single"])
-            per = _attr_acc(pred, attr_truth["single"])
-            out["single"]["attributes"] = per
-            out["single"]["attribute_accuracy"] = M.mean_or_none([v for v in per.values() if v is not None])
-    if multi_mean:
-        out["multi"] = {**sims("multi"), "images": len(multi_mean), "facesim_mean": float(np.mean(multi_mean)),
-                        "facesim_min": float(np.mean(multi_min)), "placement": float(np.mean(placed))}
-        del out["multi"]["facesim"]
-        if attr_images["multi"] and scorer.scene_classifier is not None:
-            pred = scorer.scene_labels(attr_images["multi"], np.asarray(attr_regions))
-            truth = {k: v for k, v in attr_truth["multi"].items() if k != "placement"}
-            per = _attr_acc(pred, truth)
-            out["multi"]["attributes"] = per
-            out["multi"]["attribute_accuracy"] = M.mean_or_none([v for v in per.values() if v is not None])
-    if acc["edit"]["sim"]:
-        out["edit"] = {**sims("edit"), "images": len(acc["edit"]["sim"]), **_edit_labels(scorer, face_jobs)}
-        if acc["control"]["sim"]:
-            control = sims("control")
-            out["edit"]["facesim_unedited"] = control["facesim"]
-            out["edit"]["facesim_drop"] = control["facesim"] - out["edit"]["facesim"]
-    for kind, values in clip_scores.items():
-        if values and kind in out:
-            out[kind]["clip_t"] = float(np.mean(values))
-    sets = [out[k].get("attribute_accuracy") for k in ("single", "multi") if k in out]
-    sets = [v for v in sets if v is not None]
-    out["attribute_accuracy"] = M.mean_or_none(sets)
-    return out
-
-
-def _edit_labels(scorer, jobs) -> dict[str, Any]:
-    """Expr accuracy over requests with an expression, Pose accuracy over requests with a pose."""
-    found = [j for j in jobs if j[2] is not None]
-    labels: dict[str, list] = {"expression": [None] * len(jobs), "pose": [None] * len(jobs)}
-    if found and scorer.face_classifier is not None:
-        pred = scorer.face_labels([j[1] for j in found], np.stack([j[2] for j in found]))
-        idx = [i for i, j in enumerate(jobs) if j[2] is not None]
-        for head in ("expression", "pose"):
-            for i, v in zip(idx, pred.get(head, [])):
-                labels[head][i] = v
-    elif found:  # real photos: only the view (front / side) from the analyzer's pose
-        for i, j in enumerate(jobs):
-            if j[3] is not None:
-                labels["pose"][i] = M.view_of_pose(j[3])
-    out: dict[str, Any] = {}
-    for head, key in (("expression", "expression"), ("pose", "pose")):
-        rows = [(labels[head][i], getattr(j[0], key)) for i, j in enumerate(jobs) if getattr(j[0], key)]
-        if head == "expression" and scorer.face_classifier is None:
-            out["expression_accuracy"] = None  # no expression classifier for real photos
-            continue
-        out[f"{head}_accuracy"] = M.accuracy([r[0] for r in rows], [r[1] for r in rows])
-        per: dict[str, list] = {}
-        for p, q in rows:
-            per.setdefault(q, []).append(p == q)
-        out[f"per_{head}"] = {q: float(np.mean(v)) for q, v in per.items()}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- the suite
-def _load_rgb(path: str) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def synthface_baselines(data_dir: str, scorer: M.SynthFaceScorer, names: Sequence[str]) -> dict[str, Any]:
-    """What real SynthFace images score (ceilings and the different-identity baseline) on ``names``' held-out
-    images and on the data's group scenes of held-out people."""
-    images, records = sf_data.load_split(data_dir, "heldout", names)
-    is_ref = np.array([r["image"] == "neutral_front.png" for r in records])
-    dets = scorer.detect(list(images))
-    found = np.array([len(d) > 0 for d in dets])
-    best = [d.embeddings[int(np.argmax(d.scores))] if len(d) else None for d in dets]
-    ids = np.array([r["identity"] for r in records])
-    keep_ref, keep = is_ref & found, ~is_ref & found
-    out: dict[str, Any] = {"identities": list(names), "images": int(len(images)),
-                           "detection_rate": float(found.mean())}
-    if keep_ref.sum() >= 2 and keep.any():
-        out.update(M.identity_baselines(np.stack([best[i] for i in np.flatnonzero(keep_ref)]), ids[keep_ref],
-                                        np.stack([best[i] for i in np.flatnonzero(keep)]), ids[keep]))
-    boxes = [d.boxes[int(np.argmax(d.scores))] if len(d) else None for d in dets]
-    sel = [i for i in range(len(images)) if boxes[i] is not None]
-    if sel and scorer.face_classifier is not None:
-        pred = scorer.face_labels(images[sel], np.stack([boxes[i] for i in sel]))
-        out["expression_accuracy"] = M.accuracy(pred["expression"], [records[i]["expression"] for i in sel])
-        out["pose_accuracy"] = M.accuracy(pred["pose"], [records[i]["pose_name"] for i in sel])
-    if scorer.scene_classifier is not None:
-        pred = scorer.scene_labels(images)
-        per = {k: M.accuracy(pred[k], [r["scene"][k] for r in records]) for k in ("background", "clothing",
-                                                                                 "placement")}
-        out["attributes"] = per
-        out["attribute_accuracy"] = float(np.mean(list(per.values())))
-    scenes = sf_data.load_index(data_dir).get("scenes", [])
-    placed, hits = [], []
-    for s in scenes:
-        path = os.path.join(data_dir, s)
-        rec = sf_data.read_record(path)
-        ref_paths = [os.path.join(data_dir, f["reference"]) for f in rec["faces"]]
-        if not all(os.path.isfile(p) for p in ref_paths):
-            continue
-        refs = M.reference_embeddings(scorer, [_load_rgb(p) for p in ref_paths], ref_paths,
-                                      keypoints=[np.asarray(sf_data.read_record(p)["kps"]) for p in ref_paths])
-        image = _load_rgb(path)
-        (det,) = scorer.detect([image])
-        match = M.match_faces(det, refs)
-        placed.extend(M.placed(match, det, np.array([f["box"] for f in rec["faces"]]), image.shape[:2]).tolist())
-        hits.extend(match.matched.tolist())
-    if placed:
-        out["scene_placement"] = float(np.mean(placed))
-        out["scene_detection_rate"] = float(np.mean(hits))
-        out["scene_faces"] = len(placed)
-    return out
-
-
-def synthface_targets(results: dict[str, Any], baselines: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets with pass / fail flags computed from the numbers (``None``: not measurable)."""
-    def get(method, *keys):
-        v = results.get(method)
-        for k in keys:
-            v = v.get(k) if isinstance(v, dict) else None
-        return v
-
-    def target(name, rule, measured, passed):
-        return {"target": name, "rule": rule, "measured": measured,
-                "passed": None if passed is None else bool(passed)}
-
     out = []
-    p = get("dynamicid", "multi", "placement")
-    out.append(target("two-ID placement", "DynamicID multi-ID placement >= 0.90", {"placement": p},
-                      None if p is None else p >= 0.9))
-    e, d = get("dynamicid", "edit", "expression_accuracy"), get("dynamicid", "edit", "facesim_drop")
-    out.append(target("IMR edits", "DynamicID expression accuracy >= 0.80 and FaceSim drop (unedited - edited) "
-                      "<= 0.10", {"expression_accuracy": e, "facesim_drop": d},
-                      None if e is None or d is None else e >= 0.8 and d <= 0.1))
-    f = get("dynamicid", "single", "facesim")
-    lo, hi = baselines.get("different_identity"), baselines.get("same_identity")
-    bar = None if lo is None or hi is None else lo + 0.5 * (hi - lo)
-    out.append(target("single-ID identity", "DynamicID single-ID FaceSim >= different-identity baseline + half "
-                      "the gap to the same-identity ceiling", {"facesim": f, "bar": bar, "baseline": lo,
-                                                               "ceiling": hi},
-                      None if f is None or bar is None else f >= bar))
-    n = get("no-imr", "edit", "expression_accuracy")
-    out.append(target("ablation w/o IMR", "w/o IMR expression accuracy <= DynamicID's - 0.20 (Expr collapses)",
-                      {"no-imr": n, "dynamicid": e}, None if n is None or e is None else n <= e - 0.2))
-    sa, da = get("no-saa", "attribute_accuracy"), get("dynamicid", "attribute_accuracy")
-    sp = get("no-saa", "multi", "placement")
-    out.append(target("ablation w/o SAA", "w/o SAA prompt-attribute accuracy and multi-ID placement both below "
-                      "DynamicID's", {"no-saa_attributes": sa, "dynamicid_attributes": da, "no-saa_placement": sp,
-                                      "dynamicid_placement": p},
-                      None if None in (sa, da, sp, p) else sa < da and sp < p))
-    return out
+    for k, r in enumerate(tqdm(requests, desc=f"eval {method}", unit="call", disable=not progress, leave=False)):
+        images = None if reuse is None else reuse.get(k)
+        if images is None:
+            images = generate(method, pipes, r, references, steps=steps, guidance_scale=guidance_scale)
+        out.append((r, images))
+    return out, time.perf_counter() - start
 
 
 def _enlarge(images: np.ndarray, k: int = 2) -> np.ndarray:
     return np.repeat(np.repeat(np.asarray(images, np.uint8), k, axis=-3), k, axis=-2)
 
 
-def preview_grids(outputs: Sequence[tuple[Request, np.ndarray]], references: Sequence[np.ndarray]
-                  ) -> dict[str, np.ndarray]:
-    """``{"single"|"multi"|"edit": uint8 grid}``: a row per identity (pair) — reference(s), then its images;
-    the edit row is reference, unedited control, then the first image of each edit."""
+def preview_grids(outputs: Sequence[tuple[Request, np.ndarray]], references: Sequence[np.ndarray], *,
+                  max_columns: int = 9) -> dict[str, np.ndarray]:
+    """``{"single"|"multi"|"edit": uint8 grid}``: a row per identity (pair) — reference(s), then its images (at
+    most ``max_columns`` panels); the edit row is reference, unedited control, then the first image of each
+    edit."""
     from dynamicid_jax.image_io import image_grid
 
     def panel(refs, shape):  # the references side by side, resized to one generated image's size
@@ -494,10 +338,12 @@ def preview_grids(outputs: Sequence[tuple[Request, np.ndarray]], references: Seq
             (int(edges[k + 1] - edges[k]), h), Image.Resampling.BICUBIC)) for k, i in enumerate(refs)], axis=1)
 
     rows: dict[str, dict[Any, list]] = {"single": {}, "multi": {}, "edit": {}}
+    first_seed: dict[int, int] = {}
     for r, images in outputs:
         if r.kind in ("single", "multi"):
-            rows[r.kind].setdefault(r.refs, [panel(r.refs, images[0].shape)]).extend(images)
-        else:
+            row = rows[r.kind].setdefault(r.refs, [panel(r.refs, images[0].shape)])
+            row.extend(list(images)[:max(0, max_columns - len(row))])
+        elif first_seed.setdefault(r.group, r.seed) == r.seed:  # one image per edit: the first seed's
             rows["edit"].setdefault(r.group, [panel(r.refs, images[0].shape)]).append(images[0])
     grids = {}
     for kind, by_row in rows.items():
@@ -512,23 +358,45 @@ def preview_grids(outputs: Sequence[tuple[Request, np.ndarray]], references: Seq
     return grids
 
 
+def _load_rgb(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _multi_frame(data_dir: str, index: dict[str, Any], size: int) -> tuple[int, int]:
+    """``(height, width)`` of the data's two-person scenes (the frame the base saw), else ``(size, 2·size)``."""
+    for rel in index.get("scenes", []):
+        path = os.path.join(data_dir, rel)
+        try:
+            if len(sf_data.read_record(path).get("faces", [])) == 2:
+                with Image.open(path) as im:
+                    return im.height, im.width
+        except FileNotFoundError:
+            continue
+    return size, 2 * size
+
+
 def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_path: str | None = None,
                   infinite_id_path: str | None = None, methods: Sequence[str] = METHODS,
                   protocol: Protocol = Protocol(), pipes: dict[str, Any] | None = None,
-                  log=print) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+                  log=print, progress: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Run the protocol for ``methods`` → ``(results, grids)``. ``results``: ``{"protocol", "baselines",
-    "methods": {method: metrics}, "targets", "seconds"}``; ``grids``: ``{method: {kind: uint8 image}}``."""
+    "methods": {method: metrics}, "targets", "sizing", "seconds"}``; ``grids``: ``{method: {kind: image}}``.
+    Every held-out identity of the data index is a reference; nothing depends on their number."""
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("no methods to evaluate")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "no-imr" in methods and "dynamicid" in methods:  # no-imr reuses DynamicID's images: run DynamicID first
+        methods.remove("no-imr")
+        methods.insert(methods.index("dynamicid") + 1, "no-imr")
     index = sf_data.load_index(data_dir)
     names = list(index["splits"].get("heldout", []))
     if not names:
         raise ValueError(f"{data_dir!r} has no held-out identities to evaluate on")
     size = int(index["image_size"])
+    multi_size = _multi_frame(data_dir, index, size)
     seconds: dict[str, float] = {}
     t_all = start = time.perf_counter()
     scorer = M.SynthFaceScorer.from_models_dir(models_dir)
@@ -539,31 +407,45 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
         pipes = load_pipelines(methods, sd_path, dynamicid_path=dynamicid_path, infinite_id_path=infinite_id_path,
                                analyzer=analyzer)
     seconds["load"] = time.perf_counter() - start
-    requests = synthface_requests(protocol, len(names), size)
-    used = sorted({i for r in requests for i in r.refs})
-    ref_paths = [os.path.join(data_dir, "heldout", names[i], "neutral_front.png") for i in range(max(used) + 1)]
+    requests = synthface_requests(protocol, len(names), size, multi_size)
+    ref_paths = [os.path.join(data_dir, "heldout", n, "neutral_front.png") for n in names]
     references = [_load_rgb(p) for p in ref_paths]
     ref_kps = [np.asarray(sf_data.read_record(p)["kps"], np.float64) for p in ref_paths]
     ref_emb = M.reference_embeddings(scorer, references, ref_paths, keypoints=ref_kps)  # renderer's exact keypoints
     start = time.perf_counter()
-    baselines = synthface_baselines(data_dir, scorer, [names[i] for i in used] if len(used) >= 2 else names)
+    sd = pipes.get("sd")
+    vae = (sd.vae, sd.params["vae"]) if sd is not None else None
+    baselines = synthface_baselines(data_dir, scorer, names, ref_emb, vae=vae, seed=protocol.seed,
+                                    n_boot=protocol.n_boot) if len(names) >= 2 else {"identities": names}
     seconds["baselines"] = time.perf_counter() - start
     results: dict[str, Any] = {}
+    reps: dict[str, dict[str, np.ndarray]] = {}
     grids: dict[str, dict[str, np.ndarray]] = {}
+    reusable: dict[int, np.ndarray] = {}
     for method in methods:
-        log(f"[eval] {method}: {len(requests)} calls, {sum(len(r.prompts) for r in requests)} images")
-        outputs, gen_s = run_method(method, pipes, requests, references, steps=protocol.steps,
-                                    guidance_scale=protocol.guidance_scale)
+        reuse = reusable if method == "no-imr" and reusable else None
+        mine = [r for r in requests if method in protocol.edit_methods or r.kind not in ("edit", "control")]
+        todo = [r for k, r in enumerate(mine) if reuse is None or k not in reuse]
+        log(f"[eval] {method}: {len(todo)} calls, {sum(len(r.prompts) for r in todo)} images"
+            + (" (single, multi and control images: DynamicID's)" if reuse else ""))
+        outputs, gen_s = run_method(method, pipes, mine, references, steps=protocol.steps,
+                                    guidance_scale=protocol.guidance_scale, reuse=reuse, progress=progress)
+        if method == "dynamicid" and len(outputs) == len(requests):
+            reusable = {k: im for k, (r, im) in enumerate(outputs) if r.kind != "edit"}
         t0 = time.perf_counter()
-        results[method] = score_outputs(outputs, scorer, ref_emb)
+        samples = SC.collect_samples(outputs, scorer, ref_emb)
+        results[method], reps[method] = SC.summarise(samples, scorer, seed=protocol.seed, n_boot=protocol.n_boot)
         results[method]["seconds"] = {"generate": gen_s, "score": time.perf_counter() - t0}
+        if reuse:
+            results[method]["reused_from"] = "dynamicid"
         grids[method] = preview_grids(outputs, references)
         log(f"[eval] {method}: generated in {gen_s:.1f} s")
     seconds["total"] = time.perf_counter() - t_all
     counts = {k: sum(len(r.prompts) for r in requests if r.kind == k) for k in ("single", "multi", "edit",
                                                                                 "control")}
     return {"suite": "synthface", "protocol": {**protocol.to_dict(), "image_size": size,
-                                               "references": [names[i] for i in used], "images": counts,
-                                               "calls": len(requests)},
-            "baselines": baselines, "methods": results, "targets": synthface_targets(results, baselines),
-            "seconds": seconds}, grids
+                                               "multi_size": list(multi_size), "references": names,
+                                               "identity_pairs": [list(p) for p in identity_pairs(len(names))],
+                                               "images": counts, "calls": len(requests)},
+            "baselines": baselines, "methods": results, "targets": synthface_targets(results, baselines, reps),
+            "sizing": protocol_sizing(results), "seconds": seconds}, grids

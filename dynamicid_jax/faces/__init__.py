@@ -31,6 +31,15 @@ from .geometry import (
     raster_to_image,
     similarity_transform,
 )
+from .identity import (
+    COSINE,
+    DLIB_EUCLIDEAN,
+    IdentityMetric,
+    identity_metric,
+    identity_similarity,
+    identity_vector,
+    same_person,
+)
 from .image_io import ImageLike, load_rgb
 from .pose import estimate_pose, kps_from_68
 
@@ -41,4 +50,6 @@ __all__ = [
     "ARCFACE_TEMPLATE", "similarity_transform", "arcface_transform", "align_face",
     "raster_from_landmarks", "landmark_raster", "raster_from_image", "raster_to_image",
     "EXPRESSIONS", "auto_face_prompt", "estimate_pose", "kps_from_68",
+    "IdentityMetric", "COSINE", "DLIB_EUCLIDEAN", "identity_metric", "identity_vector", "identity_similarity",
+    "same_person",
 ]

@@ -10,10 +10,10 @@ Weights come from the ``face-recognition-models`` wheel (``shape_predictor_68_fa
 * ``landmarks``: the 68 iBUG points; ``kps``: eye centres, nose tip (30), mouth corners (48, 54) derived from
   them, in insightface's order.
 * ``embedding``: dlib's 128-d descriptor computed on the 5-point-aligned chip (the alignment the network was
-  trained with), L2-normalised. dlib's usual "same person" rule is a Euclidean distance < 0.6 between *raw*
-  descriptors; raw norms are ≈ 1.4–1.6 (kept in ``Face.extras["descriptor_norm"]``), so on the normalised
-  vectors the matching threshold is ≈ 0.4 (measured on a group photo: same face ≤ 0.06, different people
-  ≥ 0.45).
+  trained with), L2-normalised; the raw norm is kept in ``Face.extras["descriptor_norm"]``. Identities are
+  compared with dlib's own rule — Euclidean distance of the *raw* descriptors, same person below 0.6 — declared
+  as ``DlibAnalyzer.identity_metric`` (:mod:`dynamicid_jax.faces.identity`); cosines of dlib descriptors are
+  0.8–0.9 even between different people and must not be read as identity similarity.
 * ``pose``: :func:`dynamicid_jax.faces.pose.estimate_pose` on the 68 landmarks.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .analyzer import Face, missing_extra_error
+from .identity import DLIB_EUCLIDEAN
 from .image_io import ImageLike, load_rgb
 from .pose import estimate_pose, kps_from_68
 
@@ -80,6 +81,9 @@ class DlibAnalyzer:
     name = "dlib"
     embedding_dim = 128
     num_landmarks = 68
+    #: compare identities by the raw descriptors' Euclidean distance, same person below 0.6 (dlib's rule; cosines
+    #: of dlib descriptors are high between strangers); see :mod:`dynamicid_jax.faces.identity`
+    identity_metric = DLIB_EUCLIDEAN
 
     def __init__(self, upsample: int = 1, det_threshold: float = 0.0, num_jitters: int = 0, padding: float = 0.25,
                  detect_max_side: int | None = None, model_dir: str | os.PathLike | None = None):
