@@ -66,7 +66,7 @@ def detector_and_landmarker(world):
     det = train_detector(canvases, pair_boxes, DetectorConfig(widths=(8, 16, 32, 32), head_width=32), steps=120,
                          batch_size=16, progress=False)
     lmk = train_landmarker(images, boxes, _arr(records, "landmarks"), _arr(records, "pose"),
-                           LandmarkerConfig(crop_size=32, hidden=64, **TINY), steps=100, batch_size=48,
+                           LandmarkerConfig(crop_size=32, hidden=64, **TINY), steps=200, batch_size=48,
                            progress=False)
     return det, lmk
 
