@@ -66,7 +66,7 @@ class LoaderConfig:
 
     Attributes:
       seed: the data seed (order and every random choice).
-      resolution: target image size (shortest side resized, centre crop; SPEC §6: 512).
+      resolution: target image size (shortest side resized, centre crop; docs/method.md §6.1: 512).
       latents: ``"auto"`` (precomputed VAE moments when the shards have them at ``resolution``), ``"precomputed"``
         (required) or ``"pixels"``.
       clip: ``"auto"`` / ``"precomputed"`` / ``"pixels"`` for the reference's CLIP input.
@@ -115,7 +115,7 @@ class LoaderConfig:
 @dataclasses.dataclass(frozen=True)
 class Stage1Config(LoaderConfig):
     """Stage 1: ``batch_size`` examples per process; ``distinct_reference``: the reference is another image of
-    the target's identity whenever it has several (SPEC §6 decision)."""
+    the target's identity whenever it has several (docs/method.md §6.1)."""
 
     batch_size: int = 8
     distinct_reference: bool = True
@@ -133,8 +133,8 @@ class Stage2Config(LoaderConfig):
 
     ``grid_prompt_fraction``: the share of elements whose face prompts (source and targets) are the KDEF-style
     grid prompts ``"the expression is {e}, the face is {p}"`` (:func:`grid_face_prompt`) instead of the records'
-    own — SPEC §6's optional grid-prompt source. Needs records with an ``expression``; an element whose records
-    lack one keeps its own prompts."""
+    own — the optional grid-prompt source of docs/method.md §6.2. Needs records with an ``expression``; an element
+    whose records lack one keeps its own prompts."""
 
     num_targets: int = 32
     grid_prompt_fraction: float = 0.0
@@ -175,7 +175,7 @@ def tokenize_cached(text: str, tokenizer: str | None = None) -> np.ndarray:
 
 
 def grid_face_prompt(expression: str | None, pose) -> str | None:
-    """The KDEF-style grid prompt ``"the expression is {e}, the face is {p}"`` (SPEC §6) of a face with an
+    """The KDEF-style grid prompt ``"the expression is {e}, the face is {p}"`` (docs/method.md §6.2) of a face with an
     ``expression`` label (the analyzer vocabulary ``happy, surprise, …`` or SynthFace's ``surprised, …``) and a
     ``pose`` ``(pitch, yaw[, roll])``: the head turn is the nearest of SynthFace's five yaws (±50°, ±25°, 0°), as
     its sidecars' ``grid_prompt`` says it. ``None`` when the expression is unknown."""

@@ -58,7 +58,7 @@ SD1.5, ``C`` = its latent channels, 4 for SD1.5):
 * ``"identity"`` int32 ``[B]``;
 * extras: ``"target_index"`` / ``"ref_index"`` int32 ``[B]`` (record indices).
 
-The reference is another image of the same identity whenever the identity has several (SPEC §6 decision, a
+The reference is another image of the same identity whenever the identity has several (docs/method.md §6.1, a
 config flag), else the target itself.
 
 Stage 2 (:func:`data_pipelines.loaders.stage2_loader`): one identity per element, no batch axis (``T`` targets
@@ -310,7 +310,7 @@ def decode_image_bytes(data: bytes, what: str = "image") -> np.ndarray:
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """Shortest side → ``size`` (bilinear, PIL with antialiasing), then the centre ``size × size`` crop → uint8.
 
-    The target-image transform of stage 1 (SPEC §6: resize 512 + centre crop 512). The longer side is
+    The target-image transform of stage 1 (docs/method.md §6.1: resize 512 + centre crop 512). The longer side is
     ``int(size · long / short)``; the crop starts at ``round((side − size) / 2)``.
     """
     from PIL import Image

@@ -1,4 +1,5 @@
-"""Evaluate DynamicID, its ablations and Infinite-ID (SPEC §9): one table for all methods, JSON + Markdown + grids.
+"""Evaluate DynamicID, its ablations and Infinite-ID (docs/method.md §9): one table for all methods, JSON +
+Markdown + grids.
 
     python -m infer.eval --suite synthface --data DATA --models MODELS --sd SD --dynamicid DIR \\
         [--infinite-id DIR] [--method dynamicid,no-saa,no-imr,base,infinite-id,infinite-id-no-adain] [--quick] \\

@@ -1,5 +1,5 @@
-"""The evaluation harness (SPEC §9): metric functions on inputs with known answers, the scores of *real* SynthFace
-images (own-identity FaceSim, placement on rendered two-person scenes with their known boxes, attribute and
+"""The evaluation harness (docs/method.md §9): metric functions on inputs with known answers, the scores of *real*
+SynthFace images (own-identity FaceSim, placement on rendered two-person scenes with their known boxes, attribute and
 expression accuracy = the classifiers' own), CLIP-T against transformers, and both suites end to end
 (``python -m infer.eval``) on untrained tiny pipelines: every file written, every number finite, clear errors.
 

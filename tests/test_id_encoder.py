@@ -1,4 +1,4 @@
-"""ID encoder (SPEC §3): parity with the independent torch re-expression, full-size shapes, input errors."""
+"""ID encoder (docs/method.md §3): parity with the independent torch re-expression, full-size shapes, input errors."""
 import dataclasses
 
 import jax

@@ -1,4 +1,5 @@
-"""IMR (SPEC §5): KeyPointEncoder (real size, eval + train mode) and the IMR end to end vs the torch oracle."""
+"""IMR (docs/method.md §5): KeyPointEncoder (real size, eval + train mode) and the IMR end to end vs the torch
+oracle."""
 import copy
 
 import jax

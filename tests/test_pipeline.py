@@ -107,11 +107,14 @@ def test_single_file_checkpoint_loads_and_matches_folder(sd, tiny_sd_dir, tmp_pa
     for part in ("unet", "vae", "text_encoder"):
         for a, b in zip(jax.tree_util.tree_leaves(sd.params[part]), jax.tree_util.tree_leaves(single.params[part])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # a noVAE release needs a VAE from the config folder; without one, a clear error
+    # a noVAE release takes the VAE weights of the config folder; without one, a clear error
     no_vae = {k: v for k, v in ldm.items() if not k.startswith("first_stage_model.")}
     path2 = str(tmp_path / "novae.safetensors")
     write_safetensors(no_vae, path2)
-    assert StableDiffusion.from_pretrained(path2, config=tiny_sd_dir).params["vae"] is not None
+    borrowed = StableDiffusion.from_pretrained(path2, config=tiny_sd_dir).params["vae"]
+    assert jax.tree_util.tree_structure(borrowed) == jax.tree_util.tree_structure(sd.params["vae"])
+    for a, b in zip(jax.tree_util.tree_leaves(borrowed), jax.tree_util.tree_leaves(sd.params["vae"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="unsupported UNet config|do not match|weights"):
         StableDiffusion.from_pretrained(path2)  # built-in SD1.5 configs do not fit the tiny file
     with pytest.raises(ValueError, match="must be .safetensors"):

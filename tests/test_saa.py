@@ -177,7 +177,7 @@ SD15_TABLE = [("down_blocks.0", 0, 4, 320), ("down_blocks.1", 4, 8, 640), ("down
 
 
 def test_sd15_index_table_and_sizes():
-    """SPEC §4's SD1.5 table: 32 processors, their blocks, widths, attn1/attn2 alternation, param count."""
+    """docs/method.md §4.6's SD1.5 table: 32 processors, their blocks, widths, attn1/attn2 alternation, param count."""
     cfg = U.unet_config("sd15")
     names = U.attention_layer_names(cfg)
     flat = traverse_util.flatten_dict(nn.meta.unbox(S.abstract_saa_params(cfg)))

@@ -14,6 +14,9 @@ from dynamicid_jax.methods import saa as saa_lib
 from train import common, loop, stage1, stage2, token_cache
 from train.config import load_config
 
+from gradient_checks import (assert_bitwise_unchanged, assert_gradients_on_every_leaf, snapshot,
+                             trainable_gradients)
+
 TINY1 = ["model.image_encoder=random:tiny", "model.id_encoder_variant=tiny",
          "model.id_encoder_overrides={clip_dim: 64}", "model.lora_rank=4", "model.dtype=float32",
          "train.progress_bar=false", "train.log_every=1", "checkpoint.every=0"]
@@ -84,17 +87,35 @@ def test_stage1_trees_and_init(s1, base):
 
 
 @pytest.mark.slow
-def test_stage1_step_shapes(s1):
-    """A traced (not compiled) stage-1 step: the loss is a scalar, grads flow to exactly the trainable tree."""
+def test_stage1_gradients_reach_exactly_the_trainable_params(s1):
+    """The stage-1 loss differentiated w.r.t. the trainable tree: every leaf (ID encoder, every LoRA, every
+    to_k_ip / to_v_ip) gets a finite, non-zero gradient and the gradient tree is exactly the trainable tree; a
+    traced step of the loop gives a scalar loss and the stage's metrics."""
     task = s1.task()
+    params, mutable = jax.jit(task.init)(jax.random.key(0), task.frozen)
+    params = _with_nonzero_lora_ups(params)
+    batch = loop.numeric_batch(stage1_batch())  # latent moments; the mesh test also runs target_pixels
+    loss, (metrics, _), grads = trainable_gradients(task.loss_fn, params, task.frozen, mutable, batch,
+                                                    jax.random.key(3))
+    assert np.isfinite(float(loss)) and float(metrics["drop_id_frac"]) < 1  # some rows keep their identity
+    assert_gradients_on_every_leaf(grads, params)
     tx, sched = loop.make_optimizer({"lr": 1e-4, "clip_grad_norm": 1.0})
     step = loop.make_train_step(task.loss_fn, tx, lr_schedule=sched)
-    abstract_state, _ = loop.state_shardings(task, tx, _one_device_mesh(),
-                                             False)
-    batch = loop.numeric_batch(stage1_batch())  # latent moments; the slow test also runs target_pixels
-    new_state, metrics = jax.eval_shape(step, abstract_state, task.frozen, batch)
-    assert jax.tree_util.tree_structure(new_state.trainable) == jax.tree_util.tree_structure(abstract_state.trainable)
-    assert metrics["loss"].shape == () and {"drop_id_frac", "drop_text_frac", "grad_norm", "lr"} <= set(metrics)
+    abstract_state, _ = loop.state_shardings(task, tx, _one_device_mesh(), False)
+    _, step_metrics = jax.eval_shape(step, abstract_state, task.frozen, batch)
+    assert step_metrics["loss"].shape == () and {"drop_id_frac", "drop_text_frac", "grad_norm", "lr"} <= set(
+        step_metrics)
+
+
+def _with_nonzero_lora_ups(params, seed=0):
+    """SAA's LoRA up-projections start at zero, which makes their down-projections' gradients exactly zero; small
+    random values let every leaf's connection to the loss show."""
+    flat = traverse_util.flatten_dict(params["saa"])
+    rng = np.random.default_rng(seed)
+    flat = {k: (0.01 * rng.standard_normal(v.shape)).astype(np.float32) if k[-2] == "up" else v
+            for k, v in flat.items()}
+    assert any(k[-2] == "up" for k in flat)
+    return {**params, "saa": traverse_util.unflatten_dict(flat)}
 
 
 @pytest.mark.slow
@@ -108,7 +129,9 @@ def test_stage1_trains_on_a_mesh(s1, tmp_path):
     tr = loop.Trainer(task, cfg, str(tmp_path), mesh=_mesh(data=2, fsdp=2))
     data = iter([stage1_batch(4, 1), stage1_batch(4, 2, pixels=True)])  # both target formats
     state0 = jax.device_get(tr.init_state())
+    frozen0 = snapshot(tr.frozen)
     state = tr.fit(data)
+    assert_bitwise_unchanged(frozen0, tr.frozen, "stage-1 frozen params (UNet, VAE, text and image encoders)")
     after = jax.device_get(state.trainable)
     ups = [k for k in traverse_util.flatten_dict(after["saa"]) if k[-2] == "up"]
     assert all(np.abs(traverse_util.flatten_dict(after["saa"])[k]).max() > 0 for k in ups)
@@ -160,16 +183,24 @@ def test_stage2_trees_and_batch_shardings(s2, stage1_export):
 
 
 @pytest.mark.slow
-def test_stage2_step_shapes(s2):
-    """A traced stage-2 step returns both loss terms and new batch statistics."""
+def test_stage2_gradients_and_batch_statistics(s2):
+    """The stage-2 loss differentiated w.r.t. the trainable tree: both loss terms, a finite non-zero gradient on
+    every IMR and KeyPointEncoder leaf and on nothing else, and new BatchNorm statistics (train mode); a traced step
+    of the loop returns the stage's metrics."""
     task = s2.task()
+    params, mutable = jax.jit(task.init)(jax.random.key(0), task.frozen)
+    batch = loop.numeric_batch(stage2_batch())
+    loss, (metrics, new_mutable), grads = trainable_gradients(task.loss_fn, params, task.frozen, mutable, batch,
+                                                              jax.random.key(3))
+    assert np.isfinite(float(loss)) and float(metrics["token_mse"]) > 0 and float(metrics["eps_mse"]) > 0
+    assert_gradients_on_every_leaf(grads, params)
+    old, new = traverse_util.flatten_dict(mutable), traverse_util.flatten_dict(new_mutable)
+    assert set(old) == set(new) and all(not np.allclose(old[k], new[k]) for k in old)  # every mean and variance
     tx, sched = loop.make_optimizer({"lr": 1e-4})
     step = loop.make_train_step(task.loss_fn, tx, lr_schedule=sched)
-    abstract_state, _ = loop.state_shardings(task, tx, _one_device_mesh(),
-                                             False)
-    new_state, metrics = jax.eval_shape(step, abstract_state, task.frozen, loop.numeric_batch(stage2_batch()))
-    assert {"token_mse", "eps_mse", "loss"} <= set(metrics)
-    assert jax.tree_util.tree_structure(new_state.mutable) == jax.tree_util.tree_structure(abstract_state.mutable)
+    abstract_state, _ = loop.state_shardings(task, tx, _one_device_mesh(), False)
+    _, step_metrics = jax.eval_shape(step, abstract_state, task.frozen, batch)
+    assert {"token_mse", "eps_mse", "loss"} <= set(step_metrics)
 
 
 @pytest.mark.slow
@@ -179,7 +210,9 @@ def test_stage2_trains(s2, tmp_path):
     task = s2.task()
     tr = loop.Trainer(task, cfg, str(tmp_path), mesh=_mesh(data=4))
     state0 = jax.device_get(tr.init_state())
+    frozen0 = snapshot(tr.frozen)
     state = tr.fit(iter([stage2_batch(1, 4, 1), stage2_batch(1, 4, 2)]))
+    assert_bitwise_unchanged(frozen0, tr.frozen, "stage-2 frozen params (UNet with the stage-1 SAA, text encoder)")
     after = jax.device_get(state)
     assert not np.allclose(after.trainable["imr"]["proj_out"]["kernel"], state0.trainable["imr"]["proj_out"]["kernel"])
     bs0, bs1 = (traverse_util.flatten_dict(s.mutable) for s in (state0, after))

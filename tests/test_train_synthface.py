@@ -28,7 +28,7 @@ STAGE2 = ["model.imr_variant=tiny", "model.imr_overrides={embedding_dim: 64, txt
           "model.keypoint_variant=tiny", "model.keypoint_overrides={embedding_dim: 64}", "model.dtype=float32",
           "data.num_targets=8", "data.resolution=64", "data.read_threads=2", "train.steps=2", "train.log_every=1",
           "train.progress_bar=false", "checkpoint.every=0", "checkpoint.async=false", "token_cache.batch_size=16"]
-HAPPY = "the expression is happy, the face is front view"  # a grid face prompt (SPEC §6)
+HAPPY = "the expression is happy, the face is front view"  # a grid face prompt (docs/method.md §6.2)
 IID = ["model.image_encoder=random:tiny", "model.encoder_variant=tiny", "model.dtype=float32",
        f"model.encoder_overrides={{id_embed_dim: {EMBED}, dim: 64, clip_dim: 64}}", "data.batch_size=8",
        "data.resolution=64", "data.read_threads=2", "train.steps=2", "train.log_every=1", "train.progress_bar=false",

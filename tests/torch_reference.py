@@ -1,6 +1,6 @@
 """An independent PyTorch expression of DynamicID's ID encoder, KeyPointEncoder and IMR — the tests' oracle.
 
-Written from SPEC §3 / §5; only the module attribute names follow the official checkpoints, so that
+Written from docs/method.md §3 / §5; only the module attribute names follow the official checkpoints, so that
 ``state_dict()`` produces exactly the official keys:
 
 * ``ProjPlusModel`` / ``FacePerceiverResampler`` / ``PerceiverAttention`` / ``FeedForward`` key names: the
@@ -90,7 +90,7 @@ class FacePerceiverResampler(nn.Module):
 
 
 class ProjPlusModel(nn.Module):
-    """ArcFace vector + CLIP tokens → ``num_tokens`` ID tokens (SPEC §3)."""
+    """ArcFace vector + CLIP tokens → ``num_tokens`` ID tokens (docs/method.md §3)."""
 
     def __init__(self, id_embed_dim: int = 512, num_tokens: int = 4, dim: int = 768, clip_dim: int = 1280,
                  depth: int = 4, heads: int = 12, head_dim: int = 64, ff_mult: int = 4):
@@ -124,7 +124,7 @@ class ConvUnit(nn.Module):
 
 
 class KeyPointEncoder(nn.Module):
-    """1×96×96 landmark raster (NCHW) → [B, embedding_dim, 1, 1] (SPEC §5)."""
+    """1×96×96 landmark raster (NCHW) → [B, embedding_dim, 1, 1] (docs/method.md §5)."""
 
     def __init__(self, embedding_dim: int = 768):
         super().__init__()
@@ -150,7 +150,8 @@ class KeyPointEncoder(nn.Module):
 
 
 class IMR(nn.Module):
-    """Identity-Motion Reconfigurator (SPEC §5): tokens [1, N, E] + source / T target motions → [T, N, E]."""
+    """Identity-Motion Reconfigurator (docs/method.md §5): tokens [1, N, E] + source / T target motions →
+    [T, N, E]."""
 
     def __init__(self, dim: int = 1024, heads: int = 16, head_dim: int = 64, num_queries: int = 4,
                  embedding_dim: int = 768, txt_dim: int = 768, ff_mult: int = 4, disentangle_depth: int = 1,

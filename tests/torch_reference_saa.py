@@ -1,4 +1,4 @@
-"""PyTorch oracle for SAA: diffusers attention processors with the official parameter names (SPEC §4).
+"""PyTorch oracle for SAA: diffusers attention processors with the official parameter names (docs/method.md §4).
 
 ``SAProcessorRef`` (self-attention: four LoRAs) and ``SAAProcessorRef`` (cross-attention: LoRAs + the gated,
 routed, boosted ID branch) follow diffusers' processor API ``__call__(attn, hidden_states,

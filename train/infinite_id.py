@@ -1,4 +1,4 @@
-"""Infinite-ID identity-enhanced training (SPEC §6): face mapper + CLIP mapper + ``to_k_id``/``to_v_id``.
+"""Infinite-ID identity-enhanced training (docs/method.md §6.3): face mapper + CLIP mapper + ``to_k_id``/``to_v_id``.
 
     python -m train.infinite_id --config my_infinite_id.yaml --workdir runs/iid [key.sub=value ...]
     folder = train.infinite_id.run("train/configs/synthface_infinite_id.yaml", [...])   # in-process

@@ -1,4 +1,5 @@
-"""Stage 0 (SynthFace, SPEC §8): train the tiny Stable Diffusion base from scratch and export it as a diffusers folder.
+"""Stage 0 (SynthFace, docs/method.md §8): train the tiny Stable Diffusion base from scratch and export it as a
+diffusers folder.
 
     python -m train.stage0 --config train/configs/synthface_stage0.yaml data.root=DATA workdir=W [key.sub=value ...]
     python -m train.stage0 --config train/configs/synthface_stage0.yaml --quick data.root=DATA workdir=W

@@ -1,4 +1,4 @@
-"""Stage 1 (anchoring, SPEC §6): train the ID encoder and SAA (LoRA + ``to_k_ip``/``to_v_ip``) with ε-MSE.
+"""Stage 1 (anchoring, docs/method.md §6.1): train the ID encoder and SAA (LoRA + ``to_k_ip``/``to_v_ip``) with ε-MSE.
 
     python -m train.stage1 --config train/configs/stage1_sd15.yaml [key.sub=value ...]
     path = train.stage1.run("train/configs/synthface_stage1.yaml", ["model.base=...", "workdir=..."])  # in-process
@@ -85,7 +85,7 @@ def abstract_unet(unet_config):
 
 
 def drop_masks(rng: jax.Array, batch: int, p_id: float, p_text: float, p_both: float):
-    """One uniform draw per sample → ``(drop_id, drop_text)`` booleans ``[B]`` (SPEC §6 bands)."""
+    """One uniform draw per sample → ``(drop_id, drop_text)`` booleans ``[B]`` (docs/method.md §6.1 bands)."""
     u = jax.random.uniform(rng, (batch,))
     id_only = u < p_id
     text_only = (u >= p_id) & (u < p_id + p_text)

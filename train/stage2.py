@@ -1,4 +1,4 @@
-"""Stage 2 (reconfiguration, SPEC §6): train the IMR and the KeyPointEncoder; everything else is frozen.
+"""Stage 2 (reconfiguration, docs/method.md §6.2): train the IMR and the KeyPointEncoder; everything else is frozen.
 
     python -m train.token_cache --config train/configs/stage2_sd15.yaml      # once: target tokens
     python -m train.stage2 --config train/configs/stage2_sd15.yaml [key.sub=value ...]
@@ -20,10 +20,10 @@ target latent (own ``t`` and noise per target, shared by both UNet calls), ``c``
 state, and the UNet's SAA ID branch **ungated** (w = 1). The KeyPointEncoder runs in train mode (BatchNorm over
 the ``G·(1+T)`` rasters of the step; its ``batch_stats`` are the loop's mutable state).
 
-Face prompts: the records' own (SynthFace: ``"in a happy expression, in side view"``, SPEC §5's automatic
+Face prompts: the records' own (SynthFace: ``"in a happy expression, in side view"``, docs/method.md §5's automatic
 format); with probability ``data.grid_prompt_fraction`` an element uses the KDEF-style grid prompts
-``"the expression is happy, the face is slightly turned to the left"`` for its source and targets instead (SPEC
-§6; :func:`data_pipelines.loaders.grid_face_prompt`).
+``"the expression is happy, the face is slightly turned to the left"`` for its source and targets instead
+(docs/method.md §6.2; :func:`data_pipelines.loaders.grid_face_prompt`).
 
 Batch (``data.identities_per_step = G`` loader elements stacked): ``src_raster [G,96,96,1]``, ``tgt_rasters
 [G,T,96,96,1]``, ``src_face_prompt_ids [G,77]``, ``tgt_face_prompt_ids [G,T,77]``, ``tgt_latent_moments

@@ -27,7 +27,7 @@ EXPRESSIONS = ("neutral", "happy", "sad", "surprised", "angry", "disgusted", "af
 #: pose names are in image terms: "left" = facing the image's left (yaw < 0)
 POSES = ("left", "slight-left", "front", "slight-right", "right")
 POSE_YAW = {"left": -50.0, "slight-left": -25.0, "front": 0.0, "slight-right": 25.0, "right": 50.0}
-#: SynthFace expression → the label the automatic face prompt uses (SPEC §5; ``faces.EXPRESSIONS``)
+#: SynthFace expression → the label the automatic face prompt uses (docs/method.md §5; ``faces.EXPRESSIONS``)
 PROMPT_EXPRESSION = {"neutral": "neutral", "happy": "happy", "sad": "sad", "surprised": "surprise",
                      "angry": "anger", "disgusted": "disgust", "afraid": "fear"}
 #: pose → the phrase of the KDEF grid prompt ("the expression is {e}, the face is {p}")
@@ -85,7 +85,7 @@ def image_name(expression: str, pose: str) -> str:
 
 
 def grid_prompt(expression: str, pose: str) -> str:
-    """The KDEF-style grid prompt of SPEC §6 for a SynthFace expression and pose name."""
+    """The KDEF-style grid prompt of docs/method.md §6.2 for a SynthFace expression and pose name."""
     return f"the expression is {expression}, the face is {GRID_POSE_PHRASE[pose]}"
 
 

@@ -1,5 +1,5 @@
-"""Evaluation models (SPEC §9): on SynthFace, a second recogniser and attribute classifiers that are separate from
-the models the method consumes (:mod:`.classifiers`)."""
+"""Evaluation models (docs/method.md §9): on SynthFace, a second recogniser and attribute classifiers that are
+separate from the models the method consumes (:mod:`.classifiers`)."""
 from .classifiers import (
                           EVAL_RECOGNIZER_CONFIG,
                           AttributeClassifier,

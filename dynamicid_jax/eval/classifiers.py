@@ -1,6 +1,6 @@
 """Evaluation-only SynthFace models: a second recogniser and multi-head attribute classifiers.
 
-SPEC §9 measures generated images with models *different from the ones the method consumes*:
+docs/method.md §9 measures generated images with models *different from the ones the method consumes*:
 
 * :func:`train_eval_recognizer` — a recogniser with another architecture (3 stages with residual blocks, 96-d) and
   another seed than the input "ArcFace" (``faces.synthetic_recognizer``); FaceSim uses it.

@@ -1,5 +1,5 @@
-"""Evaluation metrics (SPEC §9): FaceSim, multi-ID matching and placement, attribute / expression / pose accuracy,
-identity baselines and CLIP-T.
+"""Evaluation metrics (docs/method.md §9): FaceSim, multi-ID matching and placement, attribute / expression / pose
+accuracy, identity baselines and CLIP-T.
 
 Faces in generated images are *found*, never assumed: a scorer's :meth:`detect` returns, per image, the face boxes
 and identity embeddings of an **evaluation** recogniser (on SynthFace the ``eval_recognizer`` — another architecture

@@ -1,4 +1,4 @@
-"""DynamicID's ID encoder ("face encoder"): ArcFace vector + CLIP-H tokens → 4 ID tokens (SPEC §3).
+"""DynamicID's ID encoder ("face encoder"): ArcFace vector + CLIP-H tokens → 4 ID tokens (docs/method.md §3).
 
 Architecture (the IP-Adapter-FaceID-Plus projection that DynamicID calls ``ProjPlusModel``)::
 
@@ -263,7 +263,7 @@ def unconditional_id_tokens(module: IDEncoder, params, clip_features_of_grey: ja
 
     ``clip_features_of_grey`` = CLIP's penultimate hidden states of :func:`unconditional_clip_pixels`
     (``[B, L, Cclip]``); the result is ``[B, num_tokens, dim]``. Repeat it once per identity; it never passes
-    through the IMR (SPEC §3)."""
+    through the IMR (docs/method.md §3)."""
     if clip_features_of_grey.ndim != 3:
         raise ValueError("unconditional_id_tokens: clip_features_of_grey must be [B, L, Cclip], got "
                          f"{tuple(clip_features_of_grey.shape)}")

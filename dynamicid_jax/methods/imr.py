@@ -1,4 +1,5 @@
-"""DynamicID's Identity-Motion Reconfigurator (SPEC §5): KeyPointEncoder, motion fusion, Disentangle/EntangleNet.
+"""DynamicID's Identity-Motion Reconfigurator (docs/method.md §5): KeyPointEncoder, motion fusion,
+Disentangle/EntangleNet.
 
 Data flow for one identity (one source image, ``T`` targets)::
 
@@ -25,7 +26,7 @@ Every detail below was checked against the official ``model.py`` (class ``IMR``,
   is ``[landmark_feat, text_feat]``.
 * The official attention helper (``model.reshape_tensor``) reshapes to 3-D and then permutes as 4-D, which
   raises at runtime; the released checkpoint must come from standard 4-D multi-head attention, which is what
-  we implement (see reference dossier §9.1).
+  we implement (docs/method.md §5.4).
 * KeyPointEncoder: 7 stages (``blocks.0`` … ``blocks.6``) of Conv→BN(→ +x)→ReLU units; a 96×96 input is
   reduced to 3×3 by five stride-2 convs, then the 3×3 *valid* conv makes it 1×1 and the 1×1 conv sets 768
   channels. There is **no pooling**: the official callers reshape the ``[B, 768, 1, 1]`` map to ``[B, 768]``

@@ -1,4 +1,5 @@
-"""Infinite-ID (ID-semantics decoupling) on the shared UNet: encoder, attention strategy, loss, weights (SPEC §6–7).
+"""Infinite-ID (ID-semantics decoupling) on the shared UNet: encoder, attention strategy, loss, weights
+(docs/method.md §6.3, §7).
 
 **ID encoder** (:class:`InfiniteIDEncoder`): ``c_id = [M_clip(CLIP tokens); M_face(ArcFace vector)]``.
 

@@ -1,4 +1,4 @@
-"""DynamicID's Semantic-Activated Attention (SAA) as an attention strategy for the UNet (SPEC §4).
+"""DynamicID's Semantic-Activated Attention (SAA) as an attention strategy for the UNet (docs/method.md §4).
 
 ``UNet2DConditionModel(config, strategy=SAA())`` turns every attention layer of Stable Diffusion into SAA:
 
@@ -247,7 +247,8 @@ def mixing_factors(num_ids: int, tokens_per_id: int, mix: jax.Array | float) -> 
 
 def layer_grid(query_len: int, image_size: tuple[int, int]) -> tuple[int, int]:
     """The ``(H_l, W_l)`` grid of a layer with ``query_len`` tokens for an image of ``image_size = (H, W)`` px:
-    ``ratio = int(sqrt(W·H // L_q))``, grid ``(H // ratio, W // ratio)`` (SPEC §4; the official code's rule)."""
+    ``ratio = int(sqrt(W·H // L_q))``, grid ``(H // ratio, W // ratio)`` (docs/method.md §4.4; the official code's
+    rule)."""
     height, width = image_size
     ratio = int(math.sqrt(width * height // query_len)) if query_len <= width * height else 0
     if ratio < 1:
@@ -285,7 +286,7 @@ def box_edges(boxes: np.ndarray | Sequence[Sequence[float]], grid: tuple[int, in
 # Inputs: boxes, layouts, the per-step boost
 # =========================================================================================================
 def layout_boxes(num_ids: int, layout: str | Sequence[float] = "row") -> np.ndarray:
-    """Default boxes for ``num_ids`` identities without user boxes (SPEC §4 "beyond the paper").
+    """Default boxes for ``num_ids`` identities without user boxes (docs/method.md §4.4 "beyond the paper").
 
     * ``"row"`` — equal vertical strips left → right, box ``i = [0, i/N, 1, (i+1)/N]`` (the official default);
     * ``"grid"`` — ``ceil(√N)`` columns, filled row by row top → bottom; every row is split into equal cells

@@ -145,20 +145,6 @@ def activation(name: str):
 # --------------------------------------------------------------------------------------------------------
 # The single attention kernel entry point.
 # --------------------------------------------------------------------------------------------------------
-_IMPLEMENTATION: str | None = None  # None → let JAX choose (cuDNN on GPU when shapes allow, XLA elsewhere)
-
-
-def set_attention_implementation(implementation: str | None) -> None:
-    """Force ``"xla"`` or ``"cudnn"`` for every attention call, or ``None`` to let JAX pick.
-
-    Takes effect for functions traced after the call (jit caches keep their earlier choice).
-    """
-    global _IMPLEMENTATION
-    if implementation not in (None, "xla", "cudnn"):
-        raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
-    _IMPLEMENTATION = implementation
-
-
 def _default_implementation(q: jax.Array) -> str:
     # cuDNN flash attention needs fp16/bf16 inputs and a GPU backend; XLA everywhere else.
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
@@ -173,9 +159,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax
     Every attention in the library goes through here (``jax.nn.dot_product_attention``); ``mask`` is boolean,
     broadcastable to ``[B, H, Lq, Lk]`` with True = attend.
     """
-    impl = _IMPLEMENTATION
-    if impl is None:
-        impl = _default_implementation(q)
-        if bias is not None or mask is not None:
-            impl = "xla"  # arbitrary masks/biases are an XLA-path feature; a forced "cudnn" is left to JAX
+    impl = _default_implementation(q)
+    if bias is not None or mask is not None:
+        impl = "xla"  # arbitrary masks / biases are an XLA-path feature
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)

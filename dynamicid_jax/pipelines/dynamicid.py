@@ -1,4 +1,5 @@
-"""DynamicID inference: reference photos → ID tokens (→ IMR edits) → SAA Stable Diffusion (SPEC §2–§5).
+"""DynamicID inference: reference photos → ID tokens (→ IMR edits) → SAA Stable Diffusion
+(docs/method.md §2–§5).
 
     pipe = DynamicIDPipeline.from_pretrained("sd15/", "dynamicid/", analyzer="insightface",
                                              clip_vision_path="CLIP-ViT-H-14/")
@@ -79,7 +80,7 @@ __all__ = ["DynamicIDWeights", "save_dynamicid", "load_dynamicid", "DynamicIDPip
 
 FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
 MANIFEST = "dynamicid.json"
-DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layout control (SPEC §4)
+DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layout control (docs/method.md §4.5)
 # Compiled samplers shared by every pipeline with the same modules (a program depends on the modules, the
 # scheduler and the shapes only; params are arguments), most recently used last.
 _PROGRAMS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
@@ -215,8 +216,8 @@ class SamplerKey:
 
 
 def default_boost(num_ids: int, boxes_given: bool) -> tuple[int, float]:
-    """SPEC §4 defaults ``(boost_steps, strength)``: one identity without boxes → no boost; one identity with a
-    box (layout control) or several identities → s = 2 for 12 steps."""
+    """The default ``(boost_steps, strength)`` (docs/method.md §4.5): one identity without boxes → no boost; one
+    identity with a box (layout control) or several identities → s = 2 for 12 steps."""
     return (0, 0.0) if num_ids == 1 and not boxes_given else DEFAULT_BOOST
 
 

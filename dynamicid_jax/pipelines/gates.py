@@ -1,9 +1,10 @@
 """Where DynamicID injected identity: the SAA gates of a generation, grouped by UNet block, and a PNG overlay.
 
-Every cross-attention of the SAA UNet computes a per-query gate ``w`` (SPEC §4; :mod:`dynamicid_jax.methods.saa`)
-that scales the ID branch. :class:`GateMaps` holds those gates for one generation — per layer, **averaged over
-the denoising steps**, for the conditional (prompt + identities) rows of classifier-free guidance — together with
-the boxes and mode the generation used, so the regions where each identity's tokens were visible can be shown:
+Every cross-attention of the SAA UNet computes a per-query gate ``w`` (docs/method.md §4.3;
+:mod:`dynamicid_jax.methods.saa`) that scales the ID branch. :class:`GateMaps` holds those gates for one
+generation — per layer, **averaged over the denoising steps**, for the conditional (prompt + identities) rows of
+classifier-free guidance — together with the boxes and mode the generation used, so the regions where each
+identity's tokens were visible can be shown:
 
 * routing (one box per identity): identity ``i`` is visible in its box and outside every box;
 * mixing (one box, several identities) or a single identity: every identity is visible everywhere.

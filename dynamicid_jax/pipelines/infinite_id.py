@@ -1,4 +1,4 @@
-"""Infinite-ID inference: a text stream and an ID stream in one batched, jitted UNet call per step (SPEC §7).
+"""Infinite-ID inference: a text stream and an ID stream in one batched, jitted UNet call per step (docs/method.md §7).
 
     pipe = InfiniteIDPipeline.from_pretrained("sd15/", weights="infinite_id/", image_encoder="clip-h/")
     images = pipe("a woman in watercolor painting style", references=["me.jpg"])      # uint8 [1, 512, 512, 3]

@@ -193,9 +193,5 @@ def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict
         raise
 
 
-def tree_to_numpy(tree) -> Any:
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(_unbox(tree))))

@@ -25,8 +25,9 @@ Converted weights are stored as ``<name>.safetensors`` + ``<name>.json`` (:func:
 :func:`load_converted`), so later runs need neither torch nor pickles.
 
 The ``SAA_module`` part of ``SAA.bin`` (LoRA + ``to_k_ip``/``to_v_ip`` per UNet attention processor, in
-diffusers' registration order — SPEC §4) is imported next to the SAA attention strategy; :func:`read_saa_bin`
-already splits the file into its two parts, and the SAA importer belongs in the section marked below.
+diffusers' registration order — docs/method.md §4.6) is imported next to the SAA attention strategy;
+:func:`read_saa_bin` already splits the file into its two parts, and the SAA importer belongs in the section
+marked below.
 """
 from __future__ import annotations
 
@@ -345,7 +346,7 @@ def load_official_id_encoder(saa_bin_path: str, *, dtype=np.float32,
 
 # =========================================================================================================
 # SAA (SAA.bin["SAA_module"]): the importer for the UNet attention processors' LoRA / to_k_ip / to_v_ip lives
-# here, beside the SAA strategy's key map (processor order: SPEC §4). read_saa_bin() provides its input.
+# here, beside the SAA strategy's key map (processor order: docs/method.md §4.6). read_saa_bin() provides its input.
 # =========================================================================================================
 
 

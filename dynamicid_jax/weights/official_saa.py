@@ -1,4 +1,4 @@
-"""Importer for the ``SAA_module`` part of the official DynamicID ``SAA.bin`` (SPEC §4).
+"""Importer for the ``SAA_module`` part of the official DynamicID ``SAA.bin`` (docs/method.md §4.6).
 
 ``SAA_module`` is the state dict of ``torch.nn.ModuleList(unet.attn_processors.values())``: one entry per UNet
 attention layer in diffusers' **registration** order (down blocks → up blocks → mid block, ``attn1`` before
