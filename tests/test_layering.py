@@ -30,9 +30,10 @@ WORLD = (
     "data_pipelines.synthface",
     "dynamicid_jax.faces.synthetic_backend", "dynamicid_jax.faces.synthetic_detector",
     "dynamicid_jax.faces.synthetic_recognizer",
-    "dynamicid_jax.eval.classifiers", "dynamicid_jax.eval.synthface_suite",
+    "dynamicid_jax.eval.classifiers", "dynamicid_jax.eval.synthface_suite", "dynamicid_jax.eval.synthface_scores",
+    "dynamicid_jax.eval.synthface_targets",
     "train.stage0", "train.stage0_phases",
-    "infer.demo", "infer.demo_stages", "infer.demo_figures",
+    "infer.demo", "infer.demo_stages", "infer.demo_figures", "infer.demo_base", "infer.demo_diagnostics",
 )
 
 #: unit → the units it may import (its own unit always included).
@@ -77,6 +78,7 @@ KNOWN_VIOLATIONS = {
     #   the library folder (rule 1's physical half)
     ("dynamicid_jax.eval.synthface_suite", "data_pipelines.synthface.dataset"),
     ("dynamicid_jax.eval.synthface_suite", "data_pipelines.synthface.world"),
+    ("dynamicid_jax.eval.synthface_scores", "data_pipelines.synthface.dataset"),
     # - the generic loaders name poses and expressions with the world's vocabulary (grid face prompts)
     ("data_pipelines.loaders", "data_pipelines.synthface.world"),
     # - the generic evaluation CLI offers the world's suite (--suite synthface)
