@@ -461,4 +461,6 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
 
 
 if __name__ == "__main__":
-    main()
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

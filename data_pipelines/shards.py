@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from dynamicid_jax.io_atomic import file_mode, write_json
+
 from .schema import FaceRecord, decode_record
 
 __all__ = [
@@ -36,18 +38,9 @@ _WRITER_OPTIONS = "group_size:1"
 
 
 def write_json_atomic(obj: Any, path: str, *, default: Callable[[Any], Any] | None = None) -> None:
-    """Write JSON to a temp file in the same folder, then rename it over ``path``; ``default`` as in
-    :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (kept for callers; the one writer is :func:`dynamicid_jax.io_atomic.write_json`);
+    ``default`` as in :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
+    write_json(obj, path, indent=1, default=default)
 
 
 class ShardWriter:
@@ -85,6 +78,12 @@ class ShardWriter:
         if self._done:
             return
         self._writer.close()
+        os.chmod(self._tmp, file_mode())  # mkstemp made it 0600; shards are shared data
+        fd = os.open(self._tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(self._tmp, self.path)
         self._done = True
 

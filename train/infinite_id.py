@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -222,10 +221,10 @@ class InfiniteIDStage:
 
             image_encoder = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module,
                                                self.image_params)
-        with open(record + ".tmp", "w") as f:
-            json.dump({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
-                       "image_encoder": image_encoder, "base": self.base.source}, f, indent=1)
-        os.replace(record + ".tmp", record)
+        from dynamicid_jax.io_atomic import write_json
+
+        write_json({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
+                    "image_encoder": image_encoder, "base": self.base.source}, record)
         return path
 
 
@@ -272,4 +271,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

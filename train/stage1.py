@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -407,10 +406,9 @@ def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     if jax.process_index() == 0:  # one writer (the workdir may be shared by every process)
         os.makedirs(workdir, exist_ok=True)
-        tmp = record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": fingerprint, "settings": settings}, f, indent=1, sort_keys=True)
-        os.replace(tmp, record)
+        from dynamicid_jax.io_atomic import write_json
+
+        write_json({"fingerprint": fingerprint, "settings": settings}, record, sort_keys=True)
     loop.barrier("claim_workdir")
 
 
@@ -518,4 +516,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -48,8 +48,6 @@ import collections
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from typing import Any, Sequence
@@ -141,13 +139,11 @@ def _check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ..
 def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
     """Write the converted folder (layout in the module docstring) atomically: everything goes to a temporary
     sibling folder that is renamed to ``out_dir`` at the end. ``overwrite=True`` replaces an existing folder."""
+    from dynamicid_jax.io_atomic import atomic_folder
+
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-dynamicid-", dir=parent)
-    try:
+    check_overwritable(out_dir, overwrite)
+    with atomic_folder(out_dir, replace=True) as tmp:
         official.save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
         flat = _flat(weights.saa_params)
         _check_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params")
@@ -162,19 +158,39 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
                                     name="keypoint_encoder")
             parts += ["imr", "keypoint_encoder"]
         _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts})
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+def check_overwritable(out_dir: str, overwrite: bool) -> None:
+    """``out_dir`` may be written: it does not exist, or ``overwrite`` is set and it is a folder we wrote (it
+    carries our manifest with our format tag). Anything else — a user's folder, an SD model, a file — is
+    refused: ``--overwrite`` never deletes what we did not write."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace a converted "
+                              f"folder)")
+    marker = os.path.join(out_dir, MANIFEST)
+    ours = False
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                ours = json.load(f).get("format") == FOLDER_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    if not ours:
+        raise FileExistsError(f"--overwrite refused: {out_dir} is not a converted DynamicID folder written by this "
+                              f"tool (no {MANIFEST} with format {FOLDER_FORMAT!r}); it is left untouched: choose a "
+                              f"new --out or remove it yourself")
 
 
 def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
     """Read a converted folder (checks every key and shape against the configs it holds)."""
+    from dynamicid_jax.io_atomic import check_readable
+
     path = os.fspath(path)
     manifest = os.path.join(path, MANIFEST)
+    check_readable(manifest, "the converted DynamicID folder's manifest")
     if not os.path.isfile(manifest):
         hint = (" — official .bin checkpoints must be converted first: python -m infer.convert --saa SAA.bin "
                 "[--imr IMR.bin] --unet-config … --out DIR") if os.path.isdir(path) else ""

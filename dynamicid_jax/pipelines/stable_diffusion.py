@@ -134,21 +134,18 @@ class StableDiffusion:
 
         The folder appears complete or not at all: everything is written to a temporary sibling, then renamed."""
         import json
-        import shutil
-        import tempfile
 
         from dynamicid_jax.models.clip import TEXT_KEYMAP
         from dynamicid_jax.models.unet import UNET_KEYMAP
         from dynamicid_jax.models.vae import VAE_KEYMAP
         from dynamicid_jax.weights.keymap import export_state_dict, write_safetensors
 
+        from dynamicid_jax.io_atomic import atomic_folder
+
         folder = os.path.abspath(os.fspath(folder))
         if os.path.exists(folder):
             raise FileExistsError(f"{folder} already exists; choose a new folder")
-        parent = os.path.dirname(folder)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-sd-", dir=parent)
-        try:
+        with atomic_folder(folder) as tmp:
             parts = {
                 "unet": (self.unet.config.to_dict(), export_state_dict(self.params["unet"], UNET_KEYMAP),
                          "diffusion_pytorch_model"),
@@ -174,10 +171,6 @@ class StableDiffusion:
                            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
                            "safety_checker": [None, None], "feature_extractor": [None, None],
                            "requires_safety_checker": False}, f, indent=2)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @property

@@ -174,23 +174,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write atomically: a temp file in the same folder, then rename."""
-    import os
-    import tempfile
-
+    """Write atomically (:func:`dynamicid_jax.io_atomic.atomic_path`: temp file in the same folder, fsync,
+    rename; the mode follows the umask)."""
     from safetensors.numpy import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    from dynamicid_jax.io_atomic import atomic_path
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def tree_to_numpy(tree) -> Any:
