@@ -322,7 +322,8 @@ def checked_timesteps(timesteps: np.ndarray, num_inference_steps: int, num_train
                                  f"{num_train_timesteps - 1}]; lower steps_offset or num_inference_steps")
         raise StepRangeError(f"num_inference_steps={num_inference_steps}: expected 1.."
                              f"{_steps_limit(timesteps_of, num_train_timesteps)} for this scheduler config "
-                             f"(with more steps its timesteps would leave [0, {num_train_timesteps - 1}])")
+                             f"(more steps would put timesteps outside [0, {num_train_timesteps - 1}]; a smaller "
+                             f"steps_offset allows more)")
     return timesteps
 
 
