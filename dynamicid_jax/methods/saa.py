@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from dynamicid_jax.errors import InputError
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.attention import Attention, Projections
 
@@ -376,6 +377,13 @@ def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, 
     arr, mode = validate_boxes(layout_boxes(num_ids, layout) if boxes is None else boxes, num_ids)
     grids = query_grids((height, width))
     edges = np.stack([box_edges(arr, g) for g in grids])
+    finest = max(range(len(grids)), key=lambda i: grids[i][0] * grids[i][1])
+    for i, (y0, x0, y1, x1) in enumerate(edges[finest]):
+        if y1 <= y0 or x1 <= x0:  # the box covers no query of any layer: its identity would be injected nowhere
+            gh, gw = grids[finest]
+            raise InputError(f"box {i} {[round(float(v), 4) for v in arr[i]]} covers no cell of the finest "
+                             f"{gh}×{gw} attention grid of a {height}×{width} image: each box side must span at "
+                             f"least one cell ({height / gh:g} px high, {width / gw:g} px wide here)")
     return SAAInputs(id_scale=jnp.float32(id_scale), strength=jnp.float32(strength), mix=jnp.float32(mix),
                      boxes=jnp.asarray(arr, jnp.float32), box_edges=jnp.asarray(edges, jnp.int32),
                      num_ids=int(num_ids), mode=mode, activate_query=bool(activate_query),

@@ -66,6 +66,7 @@ from dynamicid_jax.models.clip import clip_preprocess, load_image_encoder
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
+from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
 from dynamicid_jax.pipelines.sampling import to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 from dynamicid_jax.tokenizer import tokenize
@@ -523,8 +524,18 @@ class DynamicIDPipeline:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not np.isfinite(id_scale):
-            raise ValueError(f"id_scale must be a finite number, got {id_scale!r}")
+        check_prompts(prompts)
+        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        id_scale = check_number("id_scale", id_scale)
+        mix = check_number("mix", mix, low=0.0, high=1.0)
+        if boost_strength is not None:
+            boost_strength = check_number("boost_strength", boost_strength, low=0.0)
+        known = len(references) if isinstance(references, (list, tuple)) else (
+            int(np.shape(id_tokens)[0]) if id_tokens is not None and np.ndim(id_tokens) == 3 else None)
+        if known:  # boxes and layout checked before any face detection or compile
+            saa_mod.saa_inputs(known, (height, width), boxes, mix=mix, layout=layout)
+        check_request_size(self.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
+                           guided=guidance_scale > 1.0)
         timings = {}
         start = time.perf_counter()
         if id_tokens is None:
@@ -545,8 +556,7 @@ class DynamicIDPipeline:
         boost_strength = defaults[1] if boost_strength is None else boost_strength
         if not isinstance(boost_steps, (int, np.integer)) or boost_steps < 0:
             raise ValueError(f"boost_steps must be a non-negative integer, got {boost_steps!r}")
-        if not np.isfinite(boost_strength) or boost_strength < 0:
-            raise ValueError(f"boost_strength must be a non-negative number, got {boost_strength!r}")
+        boost_strength = check_number("boost_strength", boost_strength, low=0.0)
         inputs = saa_mod.saa_inputs(num_ids, (height, width), boxes, id_scale=id_scale, mix=mix,
                                     activate_query=activate_query, layout=layout)
         timings["encode_s"] = time.perf_counter() - start

@@ -30,6 +30,7 @@ from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_preprocess
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
+from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
 from dynamicid_jax.pipelines.sampling import denoise, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 from dynamicid_jax.tokenizer import tokenize
@@ -211,6 +212,11 @@ class InfiniteIDPipeline:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_prompts(prompts)
+        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        id_scale = check_number("id_scale", id_scale)
+        check_request_size(self.sd.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
+                           guided=guidance_scale > 1.0, streams=2)
         start, end = _mix_range(mix_steps, steps)
         if (references is None) == (id_tokens is None):
             raise ValueError("give exactly one of references (images) or id_tokens")

@@ -22,6 +22,7 @@ from dynamicid_jax.models.attention import AttentionStrategy
 from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
+from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
 from dynamicid_jax.pipelines.sampling import denoise, to_uint8
 from dynamicid_jax.tokenizer import tokenize
 
@@ -217,6 +218,10 @@ class StableDiffusion:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_prompts(prompts)
+        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        check_request_size(self.unet.config, self.vae_scale_factor, len(prompts), height, width,
+                           guided=guidance_scale > 1.0)
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0)
         f = self.vae_scale_factor
         shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
