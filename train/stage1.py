@@ -393,7 +393,13 @@ def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str
     if os.path.isfile(record):
         with open(record) as f:
             old = json.load(f)
-        if old.get("fingerprint") != fingerprint:
+        trained = any(os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name))
+                      for name in ("checkpoints", "export"))
+        if old.get("fingerprint") != fingerprint and not trained:
+            # an earlier run failed before its first checkpoint (a bad path, a config error found while building
+            # the model): nothing of it is worth keeping, so the corrected rerun takes the workdir over
+            log.info("%s: the earlier run left no checkpoint; starting with the new settings", workdir)
+        elif old.get("fingerprint") != fingerprint:
             a, b = _flat_settings(old.get("settings", {})), _flat_settings(settings)
             changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if on_change == "error":
