@@ -49,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "remat": None,
     },
     "method": {"drop_id": 0.05},
-    "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
+    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
+             "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
              "distinct_reference": True, "latents": "auto", "clip": "auto",
              "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
              "tokenizer": None},

@@ -65,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
         "remat": None,  # UNet remat policy: None, "full", "dots", "dots_no_batch", "nothing", "everything"
     },
     "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0},
-    "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
+    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
+             "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
              "distinct_reference": True, "latents": "auto", "clip": "auto",
              "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
              "tokenizer": None},
@@ -321,7 +322,8 @@ class Stage1:
 RUN_VOLATILE: dict[str, Any] = {
     "workdir": None, "on_change": None, "checkpoint": None, "optimizer": None, "mesh": None, "sample": None,
     "train": ("steps", "log_every", "sample_every", "progress_bar"),
-    "data": ("worker_count", "read_threads"), "token_cache": ("batch_size",),
+    "data": ("worker_count", "read_threads", "max_corrupt_fraction", "corrupt_grace"),
+    "token_cache": ("batch_size",),
 }
 
 

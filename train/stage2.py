@@ -73,7 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "remat": None,
     },
     "method": {"lambda_eps": 1.0, "prompt": FIXED_PROMPT},
-    "data": {"shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
+    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
+             "shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
              "worker_count": 0, "read_threads": 4, "latents": "auto", "clip": "auto",
              "clip_size": 0,  # token cache: CLIP input size; 0 = the image encoder's
              "tokenizer": None, "grid_prompt_fraction": 0.05},
