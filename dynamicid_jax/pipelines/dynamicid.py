@@ -496,10 +496,11 @@ class DynamicIDPipeline:
         mix = check_number("mix", mix, low=0.0, high=1.0)
         if boost_strength is not None:
             boost_strength = check_number("boost_strength", boost_strength, low=0.0)
+        latent_grid = (height // self.sd.vae_scale_factor, width // self.sd.vae_scale_factor)
         known = len(references) if isinstance(references, (list, tuple)) else (
             int(np.shape(id_tokens)[0]) if id_tokens is not None and np.ndim(id_tokens) == 3 else None)
         if known:  # boxes and layout checked before any face detection or compile
-            saa_mod.saa_inputs(known, (height, width), boxes, mix=mix, layout=layout)
+            saa_mod.saa_inputs(known, (height, width), boxes, mix=mix, layout=layout, latent_grid=latent_grid)
         check_request_size(self.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
                            guided=guidance_scale > 1.0)
         timings = {}
@@ -524,7 +525,7 @@ class DynamicIDPipeline:
             raise ValueError(f"boost_steps must be a non-negative integer, got {boost_steps!r}")
         boost_strength = check_number("boost_strength", boost_strength, low=0.0)
         inputs = saa_mod.saa_inputs(num_ids, (height, width), boxes, id_scale=id_scale, mix=mix,
-                                    activate_query=activate_query, layout=layout)
+                                    activate_query=activate_query, layout=layout, latent_grid=latent_grid)
         timings["encode_s"] = time.perf_counter() - start
 
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0, num_ids, inputs.mode,
