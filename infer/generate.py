@@ -1,7 +1,8 @@
 """Text-to-image and identity generation (DynamicID, Infinite-ID) from the command line.
 
     python -m infer.generate --model PATH --prompt "a photo of a cat" --out cat.png
-    python -m infer.generate --model SD15 --dynamicid CONVERTED --image-encoder CLIP-H --reference alice.jpg --reference bob.jpg \\
+    python -m infer.generate --model SD15 --dynamicid CONVERTED --image-encoder CLIP-H \\
+        --reference alice.jpg --reference bob.jpg \\
         --prompt "two people in a bus" --boxes "0.1,0.1,0.5,0.4;0.1,0.6,0.5,0.9" --save-gates gates.png --out out.png
     python -m infer.generate --method infinite-id --model SD15 --infinite-id-weights IID --image-encoder CLIP-H \\
         --reference me.jpg --prompt "a man in oil painting style" --out me.png
@@ -255,7 +256,8 @@ def run_dynamicid(args: argparse.Namespace) -> int:
                                              clip_vision_path=args.image_encoder,
                                              dtype=getattr(jnp, args.dtype), scheduler=args.scheduler,
                                              config=args.config, strict=args.strict_faces)
-    print(f"loaded in {time.perf_counter() - start:.1f}s; {len(args.reference)} identit{'y' if len(args.reference) == 1 else 'ies'}"
+    n = len(args.reference)
+    print(f"loaded in {time.perf_counter() - start:.1f}s; {n} identit{'y' if n == 1 else 'ies'}"
           f", {steps} steps at {args.height}×{args.width} …", file=sys.stderr, flush=True)
     result = pipe(args.prompt, args.reference, face_prompts=per_ref(args.face_prompt),
                   target_landmarks=per_ref(args.target_landmark), boxes=args.boxes, layout=args.layout,

@@ -4,7 +4,8 @@
 plain text-to-image method keeps working). ``run(args)`` expects the generate options as well (``model``,
 ``config``, ``prompt``, ``negative_prompt``, ``height``, ``width``, ``steps``, ``guidance_scale``, ``seed``,
 ``scheduler``, ``dtype``, ``out``) and the options every identity method shares (``reference``,
-``image_encoder``, ``analyzer``, ``analyzer_root``, ``id_scale``). ``steps`` / ``guidance_scale`` left at ``None`` take the Infinite-ID defaults
+``image_encoder``, ``analyzer``, ``analyzer_root``, ``id_scale``). ``steps`` / ``guidance_scale`` left at ``None``
+take the Infinite-ID defaults
 (30 steps, guidance 5.0).
 
     python -m infer.generate --method infinite-id --model sd15/ --infinite-id-weights iid/ \\

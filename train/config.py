@@ -214,7 +214,8 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
 RANGES: dict[str, tuple[str, Any]] = {
     "train.steps": (">=", 0), "train.accum_steps": (">=", 1), "train.log_every": (">=", 1),
     "train.sample_every": (">=", 0), "data.batch_size": (">=", 1), "data.resolution": (">=", 8),
-    "data.read_threads": (">=", 1), "data.corrupt_grace": (">=", 0), "data.worker_count": (">=", 0), "checkpoint.every": (">=", 0),
+    "data.read_threads": (">=", 1), "data.corrupt_grace": (">=", 0), "data.worker_count": (">=", 0),
+    "checkpoint.every": (">=", 0),
     "checkpoint.keep": (">=", 1), "optimizer.lr": (">", 0), "optimizer.warmup_steps": (">=", 0),
     "optimizer.clip_grad_norm": (">=", 0), "optimizer.weight_decay": (">=", 0),
     "data.max_corrupt_fraction": ("in", (0.0, 1.0)), "method.drop_id": ("in", (0.0, 1.0)),
