@@ -298,6 +298,8 @@ def run_eval(*, out: str, suite: str = "synthface", sd: str, methods: str | Sequ
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynamicid_jax.cli_args import nonnegative_float
+
     p.add_argument("--suite", choices=("synthface", "real"), default="synthface")
     p.add_argument("--sd", "--model", dest="sd", required=True, help="the Stable Diffusion base (diffusers folder "
                    "or single file)")
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--models", help="its face models (python -m data_pipelines.synthface.train_models)")
     g.add_argument("--quick", action="store_true", help="the test-sized protocol (few images, 2 steps)")
     g.add_argument("--steps", type=int, help="denoising steps (synthface default 20, real 30)")
-    g.add_argument("--guidance-scale", type=float, help="CFG scale (default 5.0)")
+    g.add_argument("--guidance-scale", type=nonnegative_float, help="CFG scale (default 5.0)")
     g.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("real")
     r.add_argument("--clip", help="CLIP ViT-L/14 folder (transformers CLIPModel) for CLIP-T")
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dynamicid_jax.io_atomic import check_writable
+
+    check_writable(args.out, "--out", folder=True)  # before any model is loaded
     try:
         if args.suite == "synthface":
             overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
