@@ -438,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. one that registers another backend); repeatable")
     parser.add_argument("--latents", help="SD model (folder / vae folder / .safetensors): precompute VAE moments")
-    parser.add_argument("--clip-vision", help="CLIP vision model folder: precompute penultimate features")
+    parser.add_argument("--image-encoder", dest="clip_vision", metavar="PATH",
+                        help="CLIP vision model folder: precompute penultimate features")
     parser.add_argument("--resolution", type=int, default=512, help="crop size of the precomputed latents")
     parser.add_argument("--images-per-shard", type=int, default=256)
     parser.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
@@ -446,9 +447,18 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--strict", action="store_true", help="skip images showing several faces")
     parser.add_argument("--batch-size", type=int, default=8, help="VAE / CLIP batch size")
     parser.add_argument("--no-progress", action="store_true")
+    from dynamicid_jax.cli_args import add_deprecated_alias
+
+    add_deprecated_alias(parser, "--clip-vision", "--image-encoder")
     args = parser.parse_args(argv)
     for module in args.imports:
         importlib.import_module(module)
+    from dynamicid_jax.io_atomic import check_readable, check_writable
+
+    check_readable(args.images, "--images")
+    if not os.path.isdir(args.images):
+        raise FileNotFoundError(f"--images {args.images!r} is not a folder (expected {{identity}}/{{image}} files)")
+    check_writable(args.out, "--out", folder=True)
     manifest = build_shards(args.images, args.out, args.analyzer, analyzer_kwargs=_parse_kv(args.analyzer_arg),
                             latents=args.latents, clip_vision=args.clip_vision, resolution=args.resolution,
                             images_per_shard=args.images_per_shard, feature_dtype=args.feature_dtype,
@@ -461,4 +471,6 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
 
 
 if __name__ == "__main__":
-    main()
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -38,6 +38,8 @@ import threading
 import grain
 import numpy as np
 
+from dynamicid_jax.errors import DynamicIDError
+
 from .schema import (
     CorruptRecordError,
     FaceRecord,
@@ -56,8 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class CorruptDataError(RuntimeError):
-    """More corrupt examples than ``max_corrupt_fraction`` allows."""
+class CorruptDataError(DynamicIDError, RuntimeError):
+    """More corrupt examples than ``max_corrupt_fraction`` allows (the message names the last bad shard/record)."""
 
 
 @dataclasses.dataclass(frozen=True)

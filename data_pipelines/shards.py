@@ -22,12 +22,18 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from .schema import FaceRecord, decode_record
+from dynamicid_jax.io_atomic import file_mode, write_json
+
+from .schema import CorruptRecordError, FaceRecord, RecordError, decode_record
 
 __all__ = [
     "MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ShardWriter", "write_json_atomic", "Manifest",
-    "IdentityEntry", "load_manifest", "RecordSource", "ShardSource", "FaceDataset", "open_shards",
+    "IdentityEntry", "CorruptShardError", "load_manifest", "RecordSource", "ShardSource", "FaceDataset", "open_shards",
 ]
+
+class CorruptShardError(RecordError):
+    """A shard file that cannot be opened at all (the message names it)."""
+
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dynamicid-face-shards"
@@ -36,18 +42,9 @@ _WRITER_OPTIONS = "group_size:1"
 
 
 def write_json_atomic(obj: Any, path: str, *, default: Callable[[Any], Any] | None = None) -> None:
-    """Write JSON to a temp file in the same folder, then rename it over ``path``; ``default`` as in
-    :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (kept for callers; the one writer is :func:`dynamicid_jax.io_atomic.write_json`);
+    ``default`` as in :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
+    write_json(obj, path, indent=1, default=default)
 
 
 class ShardWriter:
@@ -85,6 +82,12 @@ class ShardWriter:
         if self._done:
             return
         self._writer.close()
+        os.chmod(self._tmp, file_mode())  # mkstemp made it 0600; shards are shared data
+        fd = os.open(self._tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(self._tmp, self.path)
         self._done = True
 
@@ -170,7 +173,10 @@ class Manifest:
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read ``folder/manifest.json``; missing / malformed → an error naming the file."""
+    from dynamicid_jax.io_atomic import check_readable
+
     path = os.path.join(os.fspath(folder), MANIFEST_NAME)
+    check_readable(path, "the shard manifest")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} not found: {os.fspath(folder)!r} is not a face-shard folder written by "
                                 "build_shards (or the build did not finish)")
@@ -200,10 +206,28 @@ class ShardSource:
 
         self.folder = os.path.abspath(os.fspath(folder))
         self.manifest = manifest if manifest is not None else load_manifest(self.folder)
-        paths = [os.path.join(self.folder, s["file"]) for s in self.manifest.shards if int(s["num_records"]) > 0]
+        from dynamicid_jax.io_atomic import check_readable
+
+        shards = [s for s in self.manifest.shards if int(s["num_records"]) > 0]
+        paths = [os.path.join(self.folder, s["file"]) for s in shards]
+        for p in paths:
+            check_readable(p, "shard file")
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"shard files listed in the manifest are missing: {', '.join(missing)}")
+        # open every shard on its own first: the reader's errors name no file, ours name the shard
+        for p, s in zip(paths, shards):
+            try:
+                n = len(grain.sources.ArrayRecordDataSource([p]))
+            except RuntimeError as err:
+                raise CorruptShardError(f"shard file {p!r} cannot be opened: it is corrupt, truncated or empty "
+                                        f"({err}); rebuild the shards (python -m data_pipelines.build_shards) "
+                                        f"or restore the file") from None
+            if n != int(s["num_records"]):
+                raise CorruptShardError(f"shard file {p!r} holds {n} records but the manifest says "
+                                        f"{s['num_records']}; rebuild the shards")
+        self._paths = paths
+        self._starts = np.cumsum([0] + [int(s["num_records"]) for s in shards])
         self._source = grain.sources.ArrayRecordDataSource(paths) if paths else None
         n = 0 if self._source is None else len(self._source)
         if n != self.manifest.num_records:
@@ -216,7 +240,17 @@ class ShardSource:
     def __getitem__(self, index: int) -> bytes:
         if self._source is None:
             raise IndexError(f"record {index} of an empty dataset")
-        return self._source[int(index)]
+        try:
+            return self._source[int(index)]
+        except RuntimeError as err:  # the ArrayRecord reader: checksum mismatch, truncated chunk, …
+            shard = int(np.searchsorted(self._starts, int(index), side="right")) - 1
+            raise CorruptRecordError(f"record {int(index) - int(self._starts[shard])} of shard file "
+                                     f"{self._paths[shard]!r} (global record {int(index)}) is unreadable: "
+                                     f"{err}") from None
+
+    def shard_of(self, index: int) -> str:
+        """The shard file holding global record ``index``."""
+        return self._paths[int(np.searchsorted(self._starts, int(index), side="right")) - 1]
 
     def __repr__(self) -> str:
         return f"ShardSource({self.folder!r}, num_records={self.manifest.num_records})"

@@ -130,7 +130,9 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> pathlib
     merges = read_bpe_merges(asset)
     vocab = build_clip_vocab(merges)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-clip_tokenizer-", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
+    from dynamicid_jax.io_atomic import dir_mode
+
+    os.chmod(tmp, dir_mode())  # mkdtemp creates 0700; the cache may be shared: give it mkdir's mode
     try:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

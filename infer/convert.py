@@ -46,8 +46,11 @@ def convert(saa: str, out: str, unet_config, *, imr: str | None = None, key_poin
     from dynamicid_jax.weights.keymap import count_params
     from dynamicid_jax.weights.official_saa import import_saa, infer_saa_rank
 
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    from dynamicid_jax.io_atomic import check_writable
+    from dynamicid_jax.pipelines.dynamicid import check_overwritable
+
+    check_overwritable(os.path.abspath(out), overwrite)  # --overwrite replaces only a folder we wrote
+    check_writable(out, "--out", folder=True)
     if key_point_encoder is not None and imr is None:
         raise ValueError("--key-point-encoder belongs to the IMR: give --imr as well")
     if imr is not None and key_point_encoder is None:
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-config", required=True, metavar="sd15|PATH",
                    help="the UNet the SAA weights belong to: 'sd15', a diffusers folder, unet/ or config.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a converted DynamicID folder (one this tool wrote); anything else is "
+                        "refused, never deleted")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "restricted"],
                    help="checkpoint reader: torch.load(weights_only=True) or our restricted unpickler (no torch)")
     return p
@@ -100,4 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -304,18 +303,10 @@ def _clean(obj: Any) -> Any:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (mode 0644)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` to ``path`` through a temporary file and a rename (modes follow the umask)."""
+    from dynamicid_jax.io_atomic import write_text
+
+    write_text(text, path)
 
 
 def split_timings(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -385,6 +376,8 @@ def run_eval(*, out: str, suite: str = "synthface", sd: str, methods: str | Sequ
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynamicid_jax.cli_args import nonnegative_float
+
     p.add_argument("--suite", choices=("synthface", "real"), default="synthface")
     p.add_argument("--sd", "--model", dest="sd", required=True, help="the Stable Diffusion base (diffusers folder "
                    "or single file)")
@@ -398,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--models", help="its face models (python -m data_pipelines.synthface.train_models)")
     g.add_argument("--quick", action="store_true", help="the test-sized protocol (few images, 2 steps)")
     g.add_argument("--steps", type=int, help="denoising steps (synthface default 20, real 30)")
-    g.add_argument("--guidance-scale", type=float, help="CFG scale (default 5.0)")
+    g.add_argument("--guidance-scale", type=nonnegative_float, help="CFG scale (default 5.0)")
     g.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("real")
     r.add_argument("--clip", help="CLIP ViT-L/14 folder (transformers CLIPModel) for CLIP-T")
@@ -419,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dynamicid_jax.io_atomic import check_writable
+
+    check_writable(args.out, "--out", folder=True)  # before any model is loaded
     try:
         if args.suite == "synthface":
             overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
@@ -444,4 +440,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

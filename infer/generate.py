@@ -1,7 +1,8 @@
 """Text-to-image and identity generation (DynamicID, Infinite-ID) from the command line.
 
     python -m infer.generate --model PATH --prompt "a photo of a cat" --out cat.png
-    python -m infer.generate --model SD15 --dynamicid CONVERTED --clip-vision CLIP-H --ref alice.jpg --ref bob.jpg \\
+    python -m infer.generate --model SD15 --dynamicid CONVERTED --image-encoder CLIP-H \\
+        --reference alice.jpg --reference bob.jpg \\
         --prompt "two people in a bus" --boxes "0.1,0.1,0.5,0.4;0.1,0.6,0.5,0.9" --save-gates gates.png --out out.png
     python -m infer.generate --method infinite-id --model SD15 --infinite-id-weights IID --image-encoder CLIP-H \\
         --reference me.jpg --prompt "a man in oil painting style" --out me.png
@@ -22,9 +23,12 @@ TEXT_TO_IMAGE_STEPS = DYNAMICID_STEPS = 50
 NO_EDIT = ("", "-")  # a --face-prompt / --target-landmark value meaning "nothing for this reference"
 TEXT_TO_IMAGE_GUIDANCE = 7.5
 DYNAMICID_GUIDANCE = 5.0  # the official DynamicID pipeline's default
-_DYNAMICID_ONLY = ("dynamicid", "ref", "face_prompt", "target_landmark", "boxes", "layout", "clip_vision",
-                   "save_gates", "boost_steps", "boost_strength", "analyzer", "analyzer_root", "mix", "no_gate",
-                   "strict_faces")
+_DYNAMICID_ONLY = ("dynamicid", "face_prompt", "target_landmark", "boxes", "layout", "save_gates", "boost_steps",
+                   "boost_strength", "mix", "no_gate", "strict_faces")
+#: options every identity method shares (one name per concept), and the old spellings still accepted
+_IDENTITY_SHARED = ("reference", "image_encoder", "analyzer", "analyzer_root", "id_scale")
+DEPRECATED_ALIASES = {"--ref": "--reference", "--clip-vision": "--image-encoder", "--face-backend": "--analyzer",
+                      "--face-root": "--analyzer-root"}
 
 
 def identity_methods() -> dict:
@@ -63,6 +67,7 @@ def parse_layout(text: str) -> str | list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynamicid_jax.cli_args import add_deprecated_alias, finite_float, nonnegative_float, positive_int
     from dynamicid_jax.faces import available_backends
 
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0],
@@ -71,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="for single-file checkpoints: a diffusers folder holding the configs")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=None, help="default: 50 (text-to-image, DynamicID), 30 (Infinite-ID)")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--height", type=positive_int, default=512)
+    p.add_argument("--width", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="default: 50 (text-to-image, DynamicID), 30 (Infinite-ID)")
+    p.add_argument("--guidance-scale", type=nonnegative_float, default=None,
                    help=f"default {TEXT_TO_IMAGE_GUIDANCE} (text-to-image), {DYNAMICID_GUIDANCE} (DynamicID, "
                         "Infinite-ID)")
     p.add_argument("--seed", type=int, default=0)
@@ -82,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (params stay fp32; scheduler math is fp32)")
     p.add_argument("--out", required=True, help="PNG path; a batch is saved as one grid")
+
+    s = p.add_argument_group("identity (every identity method; old spellings --ref, --clip-vision, --face-backend, "
+                             "--face-root still work, deprecated)")
+    s.add_argument("--reference", action="append", metavar="IMAGE",
+                   help="reference photo, one per identity (repeat); DynamicID places identities left → right in "
+                        "this order unless --boxes says otherwise; Infinite-ID mixes several")
+    s.add_argument("--image-encoder", metavar="PATH",
+                   help="CLIPVisionModelWithProjection folder (CLIP-ViT-H-14 for SD1.5)")
+    s.add_argument("--analyzer", default="insightface", choices=available_backends(),
+                   help="face analysis backend (the official weights were trained with insightface, 512-d)")
+    s.add_argument("--analyzer-root", metavar="DIR",
+                   help="insightface: root holding models/buffalo_l/; dlib: folder of the .dat models")
+    s.add_argument("--id-scale", type=finite_float, default=1.0,
+                   help="weight of the identity branch (DynamicID; 0 = text only) or λ of the ID cross-attention "
+                        "(Infinite-ID)")
+    for old, new in DEPRECATED_ALIASES.items():
+        add_deprecated_alias(p, old, new)
 
     methods = identity_methods()
     p.add_argument("--method", choices=["dynamicid", *methods], default=None,
@@ -94,30 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("DynamicID (identity personalisation; --id-scale weighs the identity branch)")
     g.add_argument("--dynamicid", metavar="PATH", help="converted DynamicID folder (python -m infer.convert)")
-    g.add_argument("--ref", action="append", metavar="IMAGE", help="reference photo, one per identity (repeat); "
-                   "identities are placed left → right in this order unless --boxes says otherwise")
     g.add_argument("--face-prompt", action="append", metavar="TEXT",
-                   help="IMR edit for the matching --ref, e.g. 'a very surprised expression, front view' "
+                   help="IMR edit for the matching --reference, e.g. 'a very surprised expression, front view' "
                         "(repeat once per --ref; '-' = no edit)")
     g.add_argument("--target-landmark", action="append", metavar="PNG",
-                   help="96×96 target landmark image for the matching --ref ('-' = reuse the reference's)")
+                   help="96×96 target landmark image for the matching --reference ('-' = reuse the "
+                        "reference's)")
     g.add_argument("--boxes", type=parse_boxes, help="'y0,x0,y1,x1;...' normalised: one box per identity "
                    "(regional routing) or one box for several identities (identity mixing)")
     g.add_argument("--layout", type=parse_layout, default="row",
                    help="without --boxes: 'row' (equal vertical strips), 'grid', or relative widths 'w1,w2,...'")
-    g.add_argument("--analyzer", default="insightface", choices=available_backends(),
-                   help="face analysis backend (the official weights were trained with insightface, 512-d)")
-    g.add_argument("--analyzer-root", metavar="DIR",
-                   help="insightface: root holding models/buffalo_l/; dlib: folder of the .dat models")
-    g.add_argument("--clip-vision", metavar="PATH", help="CLIPVisionModelWithProjection folder (CLIP-ViT-H-14)")
-    try:
-        g.add_argument("--id-scale", type=float, default=1.0, help="weight of the identity branch (0 = text only)")
-    except argparse.ArgumentError:  # already added by another method, with the same meaning and default
-        pass
     g.add_argument("--boost-steps", type=int, default=None, help="layout boost steps (default: 0 for one "
                    "identity without boxes, else 12)")
-    g.add_argument("--boost-strength", type=float, default=None, help="layout boost s (default 2)")
-    g.add_argument("--mix", type=float, default=0.5, help="identity mixing weight of the first identity")
+    g.add_argument("--boost-strength", type=nonnegative_float, default=None, help="layout boost s (default 2)")
+    g.add_argument("--mix", type=finite_float, default=0.5, help="identity mixing weight of the first identity")
     g.add_argument("--no-gate", action="store_true", help="activate_query=False: no gate, routing or boost")
     g.add_argument("--strict-faces", action="store_true",
                    help="a reference with several faces is an error (default: use the largest, warn)")
@@ -137,23 +150,44 @@ def _resolve_method(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         wrong = given(set(_DYNAMICID_ONLY))
         if wrong:
             parser.error(f"{', '.join(wrong)} belong to DynamicID (--dynamicid PATH)")
-        if method == "text-to-image" and args.id_scale != parser.get_default("id_scale"):
-            parser.error("--id-scale needs an identity method")
+        if method == "text-to-image":
+            wrong = given(set(_IDENTITY_SHARED))
+            if wrong:
+                parser.error(f"{', '.join(wrong)} need{'s' if len(wrong) == 1 else ''} an identity method "
+                             f"(--dynamicid PATH or --method NAME)")
     for name, dests in parser.method_dests.items():
-        wrong = given(dests - {"id_scale"}) if name != method else []
+        wrong = given(dests - set(_IDENTITY_SHARED)) if name != method else []
         if wrong:
             parser.error(f"{', '.join(wrong)} belong to --method {name}")
     if method == "dynamicid":
         if not args.dynamicid:
             parser.error("--method dynamicid needs --dynamicid PATH (a folder from python -m infer.convert)")
-        if not args.ref:
-            parser.error("--dynamicid needs at least one --ref image")
+        if not args.reference:
+            parser.error("--dynamicid needs at least one --reference image")
         for flag in ("face_prompt", "target_landmark"):
             values = getattr(args, flag)
-            if values is not None and len(values) != len(args.ref):
-                parser.error(f"--{flag.replace('_', '-')} given {len(values)} time(s) for {len(args.ref)} --ref "
-                             f"image(s); give one per --ref ('-' for none)")
+            if values is not None and len(values) != len(args.reference):
+                parser.error(f"--{flag.replace('_', '-')} given {len(values)} time(s) for {len(args.reference)} "
+                             f"--reference image(s); give one per --reference ('-' for none)")
     return method
+
+
+def check_paths_first(args: argparse.Namespace, outputs: dict[str, str | None],
+                      inputs: dict[str, list[str] | None]) -> None:
+    """Before loading or sampling: every output location writable, every input image file present and readable."""
+    from dynamicid_jax.io_atomic import check_readable, check_writable
+
+    for flag, path in outputs.items():
+        if path:
+            check_writable(path, flag)
+    for flag, paths in inputs.items():
+        for path in paths or []:
+            if path in NO_EDIT:
+                continue
+            check_readable(path, flag)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path!r}: no such image file"
+                                        + (" (it is a folder)" if os.path.isdir(path) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +208,7 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     from dynamicid_jax.image_io import image_grid, save_png
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
+    check_paths_first(args, {"--out": args.out}, {})
     guidance = TEXT_TO_IMAGE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     steps = TEXT_TO_IMAGE_STEPS if args.steps is None else args.steps
     start = time.perf_counter()
@@ -192,7 +227,7 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyzer_kwargs(args: argparse.Namespace) -> dict:
+def analyzer_kwargs(args: argparse.Namespace) -> dict:
     if not args.analyzer_root:
         return {}
     return {"model_dir": args.analyzer_root} if args.analyzer == "dlib" else {"root": args.analyzer_root}
@@ -209,18 +244,22 @@ def run_dynamicid(args: argparse.Namespace) -> int:
     def per_ref(values):
         return None if values is None else [None if v in NO_EDIT else v for v in values]
 
+    check_paths_first(args, {"--out": args.out, "--save-gates": args.save_gates},
+                      {"--reference": args.reference, "--target-landmark": args.target_landmark})
     guidance = DYNAMICID_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     steps = DYNAMICID_STEPS if args.steps is None else args.steps
     start = time.perf_counter()
     print(f"loading {args.model} + DynamicID {args.dynamicid} (analyzer: {args.analyzer}) …", file=sys.stderr,
           flush=True)
     pipe = DynamicIDPipeline.from_pretrained(args.model, args.dynamicid, analyzer=args.analyzer,
-                                             analyzer_kwargs=_analyzer_kwargs(args), clip_vision_path=args.clip_vision,
+                                             analyzer_kwargs=analyzer_kwargs(args),
+                                             clip_vision_path=args.image_encoder,
                                              dtype=getattr(jnp, args.dtype), scheduler=args.scheduler,
                                              config=args.config, strict=args.strict_faces)
-    print(f"loaded in {time.perf_counter() - start:.1f}s; {len(args.ref)} identit{'y' if len(args.ref) == 1 else 'ies'}"
+    n = len(args.reference)
+    print(f"loaded in {time.perf_counter() - start:.1f}s; {n} identit{'y' if n == 1 else 'ies'}"
           f", {steps} steps at {args.height}×{args.width} …", file=sys.stderr, flush=True)
-    result = pipe(args.prompt, args.ref, face_prompts=per_ref(args.face_prompt),
+    result = pipe(args.prompt, args.reference, face_prompts=per_ref(args.face_prompt),
                   target_landmarks=per_ref(args.target_landmark), boxes=args.boxes, layout=args.layout,
                   negative_prompt=args.negative_prompt, steps=steps, guidance_scale=guidance, seed=args.seed,
                   height=args.height, width=args.width, id_scale=args.id_scale, boost_steps=args.boost_steps,
@@ -239,4 +278,6 @@ def run_dynamicid(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

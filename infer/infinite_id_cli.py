@@ -3,7 +3,9 @@
 ``add_arguments(parser)`` adds the Infinite-ID options to the generate parser (none of them required, so the
 plain text-to-image method keeps working). ``run(args)`` expects the generate options as well (``model``,
 ``config``, ``prompt``, ``negative_prompt``, ``height``, ``width``, ``steps``, ``guidance_scale``, ``seed``,
-``scheduler``, ``dtype``, ``out``). ``steps`` / ``guidance_scale`` left at ``None`` take the Infinite-ID defaults
+``scheduler``, ``dtype``, ``out``) and the options every identity method shares (``reference``,
+``image_encoder``, ``analyzer``, ``analyzer_root``, ``id_scale``). ``steps`` / ``guidance_scale`` left at ``None``
+take the Infinite-ID defaults
 (30 steps, guidance 5.0).
 
     python -m infer.generate --method infinite-id --model sd15/ --infinite-id-weights iid/ \\
@@ -20,14 +22,9 @@ DEFAULT_GUIDANCE = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    g = parser.add_argument_group("Infinite-ID (--method infinite-id)")
-    g.add_argument("--reference", action="append", default=None, metavar="IMAGE",
-                   help="reference photo of the identity; repeat to mix several identities")
+    g = parser.add_argument_group("Infinite-ID (--method infinite-id; also --reference, --image-encoder, "
+                                  "--analyzer, --analyzer-root, --id-scale)")
     g.add_argument("--infinite-id-weights", metavar="DIR", help="folder with infinite_id.safetensors/.json")
-    g.add_argument("--image-encoder", metavar="DIR", help="CLIP vision model folder (CLIP-H/14 for SD1.5)")
-    g.add_argument("--face-backend", default="insightface", help="face-analysis backend (default: insightface)")
-    g.add_argument("--face-root", default=None, help="insightface: folder holding the model packs")
-    g.add_argument("--id-scale", type=float, default=1.0, help="λ of the ID cross-attention (default 1.0)")
     g.add_argument("--no-adain", dest="adain", action="store_false", help="turn AdaIN-mean off")
     g.add_argument("--mix-steps", default="0:", metavar="START:END",
                    help="denoising steps with mixed attention, START ≤ i < END (END empty = to the last; '0:0' off)")
@@ -64,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--method infinite-id needs {', '.join(missing)}")
     import time
 
+    from infer.generate import analyzer_kwargs, check_paths_first
+
+    check_paths_first(args, {"--out": args.out, "--save-text-stream": args.save_text_stream},
+                      {"--reference": args.reference})
+
     import jax.numpy as jnp
     import numpy as np
 
@@ -73,11 +75,11 @@ def run(args: argparse.Namespace) -> int:
     steps = DEFAULT_STEPS if getattr(args, "steps", None) is None else args.steps
     guidance = DEFAULT_GUIDANCE if getattr(args, "guidance_scale", None) is None else args.guidance_scale
     mix_steps = parse_mix_steps(args.mix_steps)
-    kwargs = {"root": args.face_root} if args.face_root else {}
+    kwargs = analyzer_kwargs(args)
     start = time.perf_counter()
     print(f"loading {args.model} + Infinite-ID …", file=sys.stderr, flush=True)
     pipe = InfiniteIDPipeline.from_pretrained(
-        args.model, args.infinite_id_weights, args.image_encoder, face_analyzer=args.face_backend,
+        args.model, args.infinite_id_weights, args.image_encoder, face_analyzer=args.analyzer,
         analyzer_kwargs=kwargs, config=getattr(args, "config", None), scheduler=getattr(args, "scheduler", "ddim"),
         dtype=getattr(jnp, getattr(args, "dtype", "float32")), mix_layers=parse_mix_layers(args.mix_layers))
     print(f"loaded in {time.perf_counter() - start:.1f}s; sampling ({len(args.prompt)}×{args.height}×{args.width}, "

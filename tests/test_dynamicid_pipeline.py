@@ -393,10 +393,10 @@ def test_cli_dynamicid_end_to_end(tiny_sd_dir, dynamicid_dir, clip_dir, refs, tw
 
     paths = []
     for i, ref in enumerate(refs):
-        paths += ["--ref", str(tmp_path / f"ref{i}.png")]
+        paths += ["--reference", str(tmp_path / f"ref{i}.png")]
         Image.fromarray(ref).save(paths[-1])
     out, gates_png = tmp_path / "out.png", tmp_path / "gates.png"
-    assert generate.main(["--model", tiny_sd_dir, "--dynamicid", dynamicid_dir, "--clip-vision", clip_dir,
+    assert generate.main(["--model", tiny_sd_dir, "--dynamicid", dynamicid_dir, "--image-encoder", clip_dir,
                           "--analyzer", "dlib", *paths, "--boxes", ";".join(",".join(map(str, b)) for b in TWO_BOXES),
                           "--prompt", PROMPT, "--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS),
                           "--seed", "5", "--save-gates", str(gates_png), "--out", str(out)]) == 0
@@ -412,11 +412,11 @@ def test_cli_dynamicid_end_to_end(tiny_sd_dir, dynamicid_dir, clip_dir, refs, tw
         generate.main(["--model", tiny_sd_dir, "--dynamicid", dynamicid_dir, *paths, "--boxes", "0,0,1",
                        "--prompt", "a", "--out", str(tmp_path / "x.png")])
     # options of one method are rejected when another one runs (parsed only: nothing is loaded)
-    for argv, message in ((["--ref", paths[1]], "--ref belong to DynamicID"),
+    for argv, message in ((["--ref", paths[1]], "--reference needs an identity method"),
                           (["--method", "dynamicid", *paths], "--method dynamicid needs --dynamicid"),
                           (["--id-scale", "0.5"], "--id-scale needs an identity method"),
                           (["--method", "infinite-id", "--dynamicid", dynamicid_dir], "belong to DynamicID"),
-                          (["--reference", paths[1]], "--reference belong to --method infinite-id")):
+                          (["--infinite-id-weights", "w"], "--infinite-id-weights belong to --method infinite-id")):
         with pytest.raises(SystemExit):
             generate.main(["--model", tiny_sd_dir, "--prompt", "a", "--out", str(tmp_path / "x.png"), *argv])
         assert message in capsys.readouterr().err

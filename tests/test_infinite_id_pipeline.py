@@ -1,6 +1,5 @@
 """Infinite-ID on the tiny SD: the pipeline (shared noise, the text stream is plain text-to-image, mixing off + λ=0
 is the base model, identity stacking, errors), the CLI module and the training stage (train/infinite_id.py)."""
-import argparse
 
 import jax
 import numpy as np
@@ -139,16 +138,10 @@ def test_bad_input(pipe):
 
 
 def _cli_parser():
-    from infer import infinite_id_cli as cli
+    """The generate parser: Infinite-ID's own options plus the identity options every method shares."""
+    from infer.generate import build_parser
 
-    parser = argparse.ArgumentParser()
-    for name, kw in (("--model", {}), ("--config", {}), ("--prompt", {"action": "append"}),
-                     ("--negative-prompt", {}), ("--height", {"type": int}), ("--width", {"type": int}),
-                     ("--steps", {"type": int}), ("--guidance-scale", {"type": float}),
-                     ("--seed", {"type": int, "default": 0}), ("--scheduler", {"default": "ddim"}),
-                     ("--dtype", {"default": "float32"}), ("--out", {})):
-        parser.add_argument(name, **kw)
-    return cli.add_arguments(parser)
+    return build_parser()
 
 
 def test_cli_arguments(tmp_path):
@@ -183,7 +176,7 @@ def test_cli_end_to_end(iid_dirs, tmp_path):
         "--model", sd_dir, "--prompt", "a photo of a person", "--negative-prompt", "blurry", "--height", "64",
         "--width", "64", "--steps", "3", "--seed", "3", "--out", str(tmp_path / "id.png"),
         "--reference", str(ref_path), "--infinite-id-weights", weights_dir, "--image-encoder", clip_dir,
-        "--face-backend", "infinite-id-test", "--save-text-stream", str(tmp_path / "text.png")])
+        "--analyzer", "infinite-id-test", "--save-text-stream", str(tmp_path / "text.png")])
     assert cli.run(args) == 0
     from PIL import Image
 

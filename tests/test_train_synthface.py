@@ -521,3 +521,86 @@ def test_clis_end_to_end_on_synthface(world, base, tmp_path):
     ipipe.analyzer = ReferenceFace(ipipe.analyzer, r1)
     image = ipipe("a photo of a person", references=[r1], height=64, width=64, steps=3, seed=0)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------------ corrupt shards
+def _scalar_values(tb_dir: str, tag: str) -> list[float]:
+    """Every value of scalar ``tag`` in the event files under ``tb_dir`` (Summary.Value tag + simple_value)."""
+    import struct
+
+    from train.tensorboard import read_records
+
+    key = b"\x0a" + bytes([len(tag)]) + tag.encode() + b"\x15"
+    out = []
+    for name in sorted(os.listdir(tb_dir)):
+        for rec in read_records(os.path.join(tb_dir, name)):
+            at = rec.find(key)
+            if at >= 0:
+                out.append(struct.unpack("<f", rec[at + len(key):at + len(key) + 4])[0])
+    return out
+
+
+def _corrupt_records(shards: str, dst: str, offsets: list[int]) -> str:
+    """A copy of ``shards`` with junk written over the given byte offsets of its first shard file (each offset
+    inside one record's chunk: that record becomes unreadable, the others stay readable)."""
+    import shutil
+
+    shutil.copytree(shards, dst)
+    name = sorted(n for n in os.listdir(dst) if n.endswith(".array_record"))[0]
+    path = os.path.join(dst, name)
+    data = bytearray(open(path, "rb").read())
+    junk = np.random.default_rng(0).integers(0, 256, 48, dtype=np.uint8).tobytes()
+    for off in offsets:
+        data[off:off + len(junk)] = junk
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path
+
+
+@pytest.mark.slow  # two stage-1 runs (compile included): about a minute on an idle 2-core CPU
+def test_training_survives_corrupt_records_and_stops_above_the_budget(world, base, mesh1, tmp_path, caplog):
+    """A stage-1 run over a shard with unreadable records finishes, logging the skipped count and writing
+    data/skipped_records to TensorBoard; with a zero budget the same data stops the run with a message naming
+    the shard file, the checkpoints of the steps done are kept, and nothing is exported."""
+    import logging
+
+    from data_pipelines.loaders import CorruptDataError
+    from data_pipelines.shards import open_shards
+    from train import common, stage1
+
+    clean = open_shards(world["shards"])
+    bad = str(tmp_path / "shards_bad")
+    first = sorted(n for n in os.listdir(world["shards"]) if n.endswith(".array_record"))[0]
+    step = max(64, os.path.getsize(os.path.join(world["shards"], first)) // 40)
+    path = _corrupt_records(world["shards"], bad, [64 + k * step for k in (1, 2, 3)])  # three spots of junk
+    data = open_shards(bad)
+    broken = []
+    for i in range(len(data)):
+        try:
+            data.source[i]
+        except Exception as err:  # noqa: BLE001 - the test wants to see which records the junk hit
+            broken.append(i)
+            assert os.path.basename(path) in str(err) and type(err).__name__ == "CorruptRecordError"
+    assert 1 <= len(broken) < len(clean) // 4, broken
+    models = {"mesh": mesh1, "base": common.load_base(base, jnp.float32),
+              "image_encoder": common.load_image_encoder("random:tiny", jnp.float32)}
+    workdir = str(tmp_path / "w")
+    caplog.set_level(logging.INFO)
+    args = STAGE1 + [f"model.base={base}", f"data.shards={bad}", f"workdir={workdir}", "train.steps=12",
+                     "data.max_corrupt_fraction=0.5", "data.corrupt_grace=8", "data.distinct_reference=false"]
+    out = stage1.run("train/configs/synthface_stage1.yaml", args, **models)
+    assert os.path.isfile(out)
+    skipped = _scalar_values(os.path.join(workdir, "tb"), "data/skipped_records")
+    assert skipped and skipped[-1] >= 1, skipped
+    assert any("corrupt records skipped" in r.getMessage() for r in caplog.records)
+
+    strict = str(tmp_path / "w_strict")
+    args = [a.replace(workdir, strict) if a.startswith("workdir=") else a for a in args]
+    args = [a for a in args if not a.startswith("data.max_corrupt_fraction")] + ["data.max_corrupt_fraction=0"]
+    with pytest.raises(CorruptDataError, match=os.path.basename(path)):
+        stage1.run("train/configs/synthface_stage1.yaml", args, **models)
+    assert not os.path.exists(os.path.join(strict, "export", "stage1.safetensors"))
+    events = _scalar_values(os.path.join(strict, "tb"), "train/loss") if os.path.isdir(os.path.join(strict, "tb")) \
+        else []
+    if events:  # steps were done before the bad record came: their checkpoint is kept
+        assert os.listdir(os.path.join(strict, "checkpoints"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -73,10 +74,56 @@ def _merge(base: dict, update: Mapping, where: str, free: frozenset = frozenset(
     return out
 
 
-def _coerce(value: Any, current: Any, path: str) -> Any:
-    """``value`` checked against the type of the default ``current`` (None = any)."""
-    if current is None or value is None:
+REMAT_POLICIES = ("full", "dots", "dots_no_batch", "nothing", "everything")
+
+
+def _nullable_number(low: float, high: float, what: str):
+    def check(value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value < high:
+            raise ConfigError(f"config key {path!r} expects null or {what}, got {value!r}")
+        return float(value)
+    return check
+
+
+def _nullable_choice(choices: tuple[str, ...]):
+    def check(value: Any, path: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"config key {path!r} expects null or one of {list(choices)}, got {value!r}")
         return value
+    return check
+
+
+def _nullable_string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"config key {path!r} expects null or a string (a path), got {value!r}")
+    return value
+
+
+def _nullable_positive_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config key {path!r} expects null or a positive integer, got {value!r}")
+    return value
+
+
+#: the declared type of every key whose default is null (by its last name; every stage uses these names with
+#: one meaning), so that an override on such a key is checked when the config is loaded, not minutes later
+NULLABLE_TYPES: dict[str, Any] = {
+    "ema_decay": _nullable_number(0.0, 1.0, "a number in [0, 1) (the EMA decay, e.g. 0.999)"),
+    "remat": _nullable_choice(REMAT_POLICIES),
+    "tokenizer": _nullable_string,
+    "lora_rank": _nullable_positive_int,
+}
+
+
+def _coerce(value: Any, current: Any, path: str) -> Any:
+    """``value`` checked against the type of the default ``current`` (a null default: the key's declared type in
+    :data:`NULLABLE_TYPES`; keys without one accept anything)."""
+    if value is None:
+        return value
+    if current is None:
+        check = NULLABLE_TYPES.get(path.rsplit(".", 1)[-1])
+        return check(value, path) if check is not None else value
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"config key {path!r} expects true/false, got {value!r}")
@@ -90,6 +137,8 @@ def _coerce(value: Any, current: Any, path: str) -> Any:
     if isinstance(current, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {path!r} expects a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {path!r} expects a finite number, got {value!r}")
         return float(value)
     if isinstance(current, str):
         if not isinstance(value, str):
@@ -156,7 +205,45 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
         merged = _merge(merged, data, "", free)
     for text in overrides:
         merged = _merge(merged, parse_override(text, merged), "", free)
+    validate(merged)
     return _wrap(merged)
+
+
+#: ranges of common keys (by dotted path; checked wherever a stage has the key) — the merged config is validated
+#: as a whole when it is loaded, before any workdir is touched or any model is built
+RANGES: dict[str, tuple[str, Any]] = {
+    "train.steps": (">=", 0), "train.accum_steps": (">=", 1), "train.log_every": (">=", 1),
+    "train.sample_every": (">=", 0), "data.batch_size": (">=", 1), "data.resolution": (">=", 8),
+    "data.read_threads": (">=", 1), "data.corrupt_grace": (">=", 0), "data.worker_count": (">=", 0),
+    "checkpoint.every": (">=", 0),
+    "checkpoint.keep": (">=", 1), "optimizer.lr": (">", 0), "optimizer.warmup_steps": (">=", 0),
+    "optimizer.clip_grad_norm": (">=", 0), "optimizer.weight_decay": (">=", 0),
+    "data.max_corrupt_fraction": ("in", (0.0, 1.0)), "method.drop_id": ("in", (0.0, 1.0)),
+    "method.drop_text": ("in", (0.0, 1.0)), "method.drop_both": ("in", (0.0, 1.0)),
+    "data.grid_prompt_fraction": ("in", (0.0, 1.0)),
+    "on_change": ("one of", ("error", "restart")),
+    "model.dtype": ("one of", ("float32", "bfloat16", "float16")),
+}
+
+
+def validate(cfg: Mapping) -> None:
+    """Check :data:`RANGES` on a merged config (keys a stage does not have are skipped)."""
+    for path, (op, bound) in RANGES.items():
+        node: Any = cfg
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            continue
+        ok = {">=": lambda v: v >= bound, ">": lambda v: v > bound,
+              "in": lambda v: bound[0] <= v <= bound[1], "one of": lambda v: v in bound}[op]
+        try:
+            good = ok(node)
+        except TypeError:
+            good = False
+        if not good:
+            want = {"in": f"in [{bound[0]}, {bound[1]}]" if op == "in" else "",
+                    "one of": f"one of {list(bound)}" if op == "one of" else ""}.get(op) or f"{op} {bound}"
+            raise ConfigError(f"config key {path!r} must be {want}, got {node!r}")
 
 
 def config_from_dict(data: Mapping, *, defaults: Mapping) -> Config:
@@ -164,4 +251,5 @@ def config_from_dict(data: Mapping, *, defaults: Mapping) -> Config:
     return _wrap(_merge(copy.deepcopy(dict(defaults)), data, "", frozenset(_free_sections(defaults, ""))))
 
 
-__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "parse_override"]
+__all__ = ["Config", "ConfigError", "NULLABLE_TYPES", "RANGES", "config_from_dict", "load_config", "parse_override",
+           "validate"]

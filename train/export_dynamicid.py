@@ -17,8 +17,6 @@ import json
 import logging
 import os
 import shutil
-import sys
-import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +90,18 @@ def export_dynamicid(stage1: str, stage2: str | None, out: str, *, image_encoder
     if not spec:
         raise ValueError(f"{stage1} names no image encoder (it was trained on precomputed CLIP features): give "
                          f"image_encoder= a CLIP vision folder, or 'none'")
+    from dynamicid_jax.io_atomic import atomic_folder
+    from dynamicid_jax.pipelines.dynamicid import check_overwritable
+
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-dynamicid-", dir=parent)
-    try:
+    check_overwritable(out, overwrite=True)  # replace only a DynamicID folder we wrote, never a user's folder
+    with atomic_folder(out, replace=True) as tmp:
         folder = save_dynamicid(os.path.join(tmp, "dynamicid"), weights)
         if spec != "none":
             _image_encoder_into(spec, os.path.join(folder, "image_encoder"))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in os.listdir(folder):
+            os.replace(os.path.join(folder, name), os.path.join(tmp, name))
+        os.rmdir(folder)
     log.info("wrote the DynamicID folder %s (IMR: %s)", out, "yes" if stage2 else "no")
     return out
 
@@ -125,4 +122,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -50,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "remat": None,
     },
     "method": {"drop_id": 0.05},
-    "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
+    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
+             "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
              "distinct_reference": True, "latents": "auto", "clip": "auto",
              "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
              "tokenizer": None},
@@ -222,10 +222,10 @@ class InfiniteIDStage:
 
             image_encoder = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module,
                                                self.image_params)
-        with open(record + ".tmp", "w") as f:
-            json.dump({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
-                       "image_encoder": image_encoder, "base": self.base.source}, f, indent=1)
-        os.replace(record + ".tmp", record)
+        from dynamicid_jax.io_atomic import write_json
+
+        write_json({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
+                    "image_encoder": image_encoder, "base": self.base.source}, record)
         return path
 
 
@@ -272,4 +272,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -40,6 +40,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from dynamicid_jax import sharding as sh
+from dynamicid_jax.errors import DynamicIDError
 
 log = logging.getLogger(__name__)
 
@@ -451,9 +452,17 @@ class Trainer:
         log_every, sample_every = int(self.tcfg["log_every"]), int(self.tcfg.get("sample_every") or 0)
         ck_every = int(self.ckcfg["every"])
         last_time, last_step = time.perf_counter(), start
+        skipped_logged = 0
         try:
             for step in range(start, total):
-                batch = next(data_iter)
+                try:
+                    batch = next(data_iter)
+                except DynamicIDError as err:  # e.g. more corrupt records than data.max_corrupt_fraction allows
+                    if step > start and (not ck_every or step % ck_every):
+                        self.save(manager, state, grain_iter, force=True)  # keep the work done so far
+                    manager.wait_until_finished()
+                    log.error("stopping at step %d: %s (the latest checkpoint is kept)", step, err)
+                    raise
                 state, metrics = self.train_step(state, batch)
                 done = step + 1
                 if on_step is not None:
@@ -463,9 +472,18 @@ class Trainer:
                     now = time.perf_counter()
                     values["step_time_s"] = (now - last_time) / max(done - last_step, 1)
                     last_time, last_step = now, done
+                    data_stats = getattr(data_iter, "stats", None)  # the loaders' corrupt-record counters
                     if writer is not None:
                         writer.scalars(done, {f"train/{k}": v for k, v in values.items()})
+                        if data_stats is not None:
+                            writer.scalars(done, {"data/skipped_records": float(data_stats["skipped"]),
+                                                  "data/seen_examples": float(data_stats["seen"])})
                         writer.flush()
+                    if data_stats is not None and data_stats["skipped"] > skipped_logged:
+                        skipped_logged = data_stats["skipped"]
+                        recent = data_stats.get("recent_errors") or ["?"]
+                        log.warning("step %d: %d corrupt records skipped so far (of %d read); last: %s", done,
+                                    skipped_logged, data_stats["seen"], recent[-1])
                     if bar is not None:
                         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values.get('lr', 0):.2e}")
                     if not all(math.isfinite(v) for v in values.values()):
@@ -479,6 +497,9 @@ class Trainer:
             if total > start and (not ck_every or total % ck_every):
                 self.save(manager, state, grain_iter, force=True)
             manager.wait_until_finished()
+            data_stats = getattr(data_iter, "stats", None)
+            if data_stats is not None and self.is_primary:
+                log.info("data: %d corrupt records skipped of %d read", data_stats["skipped"], data_stats["seen"])
         finally:
             manager.close()
             if bar is not None:

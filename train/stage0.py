@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -306,9 +305,10 @@ def _start_phase(folder: str, fp: str) -> None:
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    from dynamicid_jax.io_atomic import atomic_path
+
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
 
 
 def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
@@ -495,4 +495,6 @@ __all__ = ["DEFAULTS", "DEFAULT_CONFIG", "QUICK_OVERRIDES", "DiffusionPhase", "S
            "text_variants", "timestep_weights", "validate"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

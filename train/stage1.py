@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -66,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
         "remat": None,  # UNet remat policy: None, "full", "dots", "dots_no_batch", "nothing", "everything"
     },
     "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0},
-    "data": {"shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
+    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
+             "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
              "distinct_reference": True, "latents": "auto", "clip": "auto",
              "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
              "tokenizer": None},
@@ -322,7 +322,8 @@ class Stage1:
 RUN_VOLATILE: dict[str, Any] = {
     "workdir": None, "on_change": None, "checkpoint": None, "optimizer": None, "mesh": None, "sample": None,
     "train": ("steps", "log_every", "sample_every", "progress_bar"),
-    "data": ("worker_count", "read_threads"), "token_cache": ("batch_size",),
+    "data": ("worker_count", "read_threads", "max_corrupt_fraction", "corrupt_grace"),
+    "token_cache": ("batch_size",),
 }
 
 
@@ -394,7 +395,13 @@ def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str
     if os.path.isfile(record):
         with open(record) as f:
             old = json.load(f)
-        if old.get("fingerprint") != fingerprint:
+        trained = any(os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name))
+                      for name in ("checkpoints", "export"))
+        if old.get("fingerprint") != fingerprint and not trained:
+            # an earlier run failed before its first checkpoint (a bad path, a config error found while building
+            # the model): nothing of it is worth keeping, so the corrected rerun takes the workdir over
+            log.info("%s: the earlier run left no checkpoint; starting with the new settings", workdir)
+        elif old.get("fingerprint") != fingerprint:
             a, b = _flat_settings(old.get("settings", {})), _flat_settings(settings)
             changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if on_change == "error":
@@ -407,10 +414,9 @@ def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     if jax.process_index() == 0:  # one writer (the workdir may be shared by every process)
         os.makedirs(workdir, exist_ok=True)
-        tmp = record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": fingerprint, "settings": settings}, f, indent=1, sort_keys=True)
-        os.replace(tmp, record)
+        from dynamicid_jax.io_atomic import write_json
+
+        write_json({"fingerprint": fingerprint, "settings": settings}, record, sort_keys=True)
     loop.barrier("claim_workdir")
 
 
@@ -518,4 +524,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

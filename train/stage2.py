@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -74,7 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "remat": None,
     },
     "method": {"lambda_eps": 1.0, "prompt": FIXED_PROMPT},
-    "data": {"shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
+    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
+             "shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
              "worker_count": 0, "read_threads": 4, "latents": "auto", "clip": "auto",
              "clip_size": 0,  # token cache: CLIP input size; 0 = the image encoder's
              "tokenizer": None, "grid_prompt_fraction": 0.05},
@@ -317,4 +317,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -229,10 +228,10 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
     log.info("wrote %s", path)
     loop.barrier("token_cache_written")
     if jax.process_index() == 0:
-        with open(record + ".tmp", "w") as f:
-            json.dump({"fingerprint": fp, "stage1": os.path.abspath(m["stage1"]),
-                       "shards": os.path.abspath(d["shards"])}, f, indent=1)
-        os.replace(record + ".tmp", record)
+        from dynamicid_jax.io_atomic import write_json
+
+        write_json({"fingerprint": fp, "stage1": os.path.abspath(m["stage1"]),
+                    "shards": os.path.abspath(d["shards"])}, record)
     return folder
 
 
@@ -241,4 +240,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynamicid_jax.errors import run_cli
+
+    raise SystemExit(run_cli(main))

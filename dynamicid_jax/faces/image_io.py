@@ -4,9 +4,17 @@ Accepted inputs: a path (``str`` / ``os.PathLike``), a ``PIL.Image.Image``, or a
 ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` of dtype ``uint8``, ``uint16`` (16-bit, scaled down), ``bool``, or
 float in ``[0, 1]``. Grayscale is replicated to three channels, alpha is dropped, palette / CMYK / 16-bit images
 are converted. An unreadable or corrupt file raises ``ValueError`` naming the file.
+
+Size limits (checked from the file header, before decoding): an image above :data:`MAX_IMAGE_PIXELS` is refused
+(a 14000² PNG alone needs 590 MB decoded; PIL's own guard would raise its raw decompression-bomb error); an image
+whose longer side exceeds :data:`MAX_ANALYSIS_SIDE` is downscaled (by an integer box filter) before face
+analysis — a face in a reference photo is large, the detectors work at 640 px and the crops at 112–224 px, and
+dlib's upsampling pyramid on a 12000² image runs out of memory.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 from typing import Union
 
@@ -15,7 +23,33 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
-__all__ = ["ImageLike", "load_rgb"]
+__all__ = ["ImageLike", "MAX_ANALYSIS_SIDE", "MAX_IMAGE_PIXELS", "load_rgb"]
+
+#: images above this many pixels are refused (100 MP: 300 MB as RGB uint8, beyond any camera's reference photo)
+MAX_IMAGE_PIXELS = 100_000_000
+#: longer sides above this are downscaled before face analysis
+MAX_ANALYSIS_SIDE = 4096
+
+log = logging.getLogger(__name__)
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    from dynamicid_jax.errors import ResourceLimitError
+
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ResourceLimitError(f"{what} is {width}×{height} = {width * height / 1e6:.0f} megapixels: at most "
+                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are accepted; downscale it first")
+
+
+def _shrink(img: Image.Image, what: str) -> Image.Image:
+    side = max(img.width, img.height)
+    if side <= MAX_ANALYSIS_SIDE:
+        return img
+    factor = math.ceil(side / MAX_ANALYSIS_SIDE)
+    small = img.reduce(factor)
+    log.warning("%s is %d×%d: downscaled %d× to %d×%d for face analysis (longer side at most %d)", what, img.width,
+                img.height, factor, small.width, small.height, MAX_ANALYSIS_SIDE)
+    return small
 
 
 def _open_file(path: str | os.PathLike) -> Image.Image:
@@ -24,11 +58,21 @@ def _open_file(path: str | os.PathLike) -> Image.Image:
         raise FileNotFoundError(f"image file {name!r} does not exist")
     if os.path.isdir(name):
         raise ValueError(f"image path {name!r} is a directory, expected an image file")
+    from dynamicid_jax.errors import ResourceLimitError
+    from dynamicid_jax.io_atomic import check_readable
+
+    check_readable(name, "image file")
     try:
         with Image.open(name) as img:
+            _check_pixels(img.width, img.height, f"image file {name!r}")  # from the header, before decoding
             img.load()  # decode now: truncated / corrupt data fails here, not later
             img = ImageOps.exif_transpose(img)
-            return img.copy()
+            return _shrink(img, f"image file {name!r}").copy()
+    except ResourceLimitError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ResourceLimitError(f"image file {name!r} is too large: {err} At most {MAX_IMAGE_PIXELS / 1e6:.0f} "
+                                 f"megapixels are accepted; downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read image file {name!r}: not a valid or complete image ({err})") from err
 
@@ -88,9 +132,15 @@ def load_rgb(image: ImageLike, what: str = "image") -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return _from_pil(_open_file(image), f"{what} {os.fspath(image)!r}")
     if isinstance(image, Image.Image):
-        return _from_pil(image, what)
+        _check_pixels(image.width, image.height, what)
+        return _from_pil(_shrink(image, what), what)
+    if hasattr(image, "__array__") and not isinstance(image, np.ndarray):  # jax arrays, torch CPU tensors, ...
+        image = np.asarray(image)
     if isinstance(image, np.ndarray):
-        return _from_array(image, what)
-    if hasattr(image, "__array__"):  # jax arrays, torch CPU tensors, ...
-        return _from_array(np.asarray(image), what)
+        if image.ndim >= 2:
+            _check_pixels(int(image.shape[1]), int(image.shape[0]), what)
+        out = _from_array(image, what)
+        if max(out.shape[:2]) > MAX_ANALYSIS_SIDE:
+            out = np.asarray(_shrink(Image.fromarray(out), what))
+        return out
     raise TypeError(f"{what}: expected a file path, a PIL image or a numpy array, got {type(image).__name__}")

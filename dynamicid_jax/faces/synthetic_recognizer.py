@@ -291,10 +291,9 @@ def save_model(folder: str | os.PathLike, kind: str, config: dict, params, extra
     write_safetensors(_flatten(jax.device_get(params)), os.path.join(folder, "params.safetensors"),
                       metadata={"kind": kind})
     meta = {"kind": kind, "config": config, **(extra or {})}
-    tmp = os.path.join(folder, ".config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, "config.json"))
+    from dynamicid_jax.io_atomic import write_json
+
+    write_json(meta, os.path.join(folder, "config.json"), indent=1, sort_keys=True)
     return folder
 
 

@@ -570,10 +570,9 @@ def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encod
     km.write_safetensors(flat, path, metadata={"format": _FORMAT})
     meta = {"format": _FORMAT, "encoder": encoder_config.to_dict(),
             "cross_attention_dim": int(unet_config.cross_attention_dim)}
-    tmp = os.path.join(folder, f".{WEIGHTS_NAME}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, f"{WEIGHTS_NAME}.json"))
+    from dynamicid_jax.io_atomic import write_json
+
+    write_json(meta, os.path.join(folder, f"{WEIGHTS_NAME}.json"), indent=2, sort_keys=True)
     return path
 
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from dynamicid_jax.errors import InputError
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.attention import Attention, Projections
 
@@ -354,7 +355,7 @@ def validate_boxes(boxes: Any, num_ids: int) -> tuple[np.ndarray, str]:
 
 def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, id_scale: float = 1.0,
                strength: float = 0.0, mix: float = 0.5, activate_query: bool = True,
-               layout: str | Sequence[float] = "row") -> SAAInputs:
+               layout: str | Sequence[float] = "row", latent_grid: tuple[int, int] | None = None) -> SAAInputs:
     """Build :class:`SAAInputs` on the host (validates the boxes, maps them onto every attention grid).
 
     ``image_size`` is the generated image's ``(height, width)`` in pixels (multiples of 8), as the official code
@@ -363,7 +364,8 @@ def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, 
     (mixing with weight ``mix`` for identity 0); ``None`` → the whole image for one identity, else
     :func:`layout_boxes` ``(num_ids, layout)``. ``strength`` is the boost s (use :func:`saa_inputs_for_step` in
     a sampler). ``activate_query=False`` → gate 1, no boost, routing or mixing (the "w/o SAA" baseline and the
-    stage-2 training mode)."""
+    stage-2 training mode). ``latent_grid`` (the UNet input's ``(h, w)``): refuse boxes that cover none of its
+    cells (the finest grid any attention layer sees)."""
     if not isinstance(num_ids, (int, np.integer)) or num_ids < 1:
         raise ValueError(f"num_ids must be a positive integer, got {num_ids!r}")
     try:
@@ -377,6 +379,13 @@ def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, 
     arr, mode = validate_boxes(layout_boxes(num_ids, layout) if boxes is None else boxes, num_ids)
     grids = query_grids((height, width))
     edges = np.stack([box_edges(arr, g) for g in grids])
+    if latent_grid is not None:
+        gh, gw = latent_grid
+        for i, (y0, x0, y1, x1) in enumerate(box_edges(arr, latent_grid)):
+            if y1 <= y0 or x1 <= x0:  # no query of any layer lies in it: its identity would be injected nowhere
+                raise InputError(f"box {i} {[round(float(v), 4) for v in arr[i]]} covers no cell of the {gh}×{gw} "
+                                 f"latent grid of a {height}×{width} image: each box side must span at least one "
+                                 f"latent cell ({height / gh:g} px high, {width / gw:g} px wide here)")
     return SAAInputs(id_scale=jnp.float32(id_scale), strength=jnp.float32(strength), mix=jnp.float32(mix),
                      boxes=jnp.asarray(arr, jnp.float32), box_edges=jnp.asarray(edges, jnp.int32),
                      num_ids=int(num_ids), mode=mode, activate_query=bool(activate_query),

@@ -495,21 +495,16 @@ def save_image_encoder(folder: str | os.PathLike, module: CLIPVisionModelWithPro
     load_state_dict(state, VISION_KEYMAP, abstract, source="save_image_encoder params")  # every key and shape
     config = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
               **dataclasses.asdict(c)}
+    from dynamicid_jax.io_atomic import atomic_folder
+
     folder = os.path.abspath(os.fspath(folder))
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-image-encoder-", dir=parent)
-    try:
+    if os.path.exists(folder) and not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise FileExistsError(f"{folder} exists and is not a CLIP vision folder; not replacing it")
+    with atomic_folder(folder, replace=True) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         write_safetensors({k: np.asarray(v, np.float32) for k, v in state.items()},
                           os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -49,8 +49,6 @@ import collections
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from typing import Any, Sequence
@@ -69,7 +67,8 @@ from dynamicid_jax.models.clip import clip_preprocess, load_image_encoder
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
-from dynamicid_jax.pipelines.sampling import to_uint8
+from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 from dynamicid_jax.tokenizer import tokenize
 from dynamicid_jax.weights import keymap as km
@@ -142,13 +141,11 @@ def _check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ..
 def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
     """Write the converted folder (layout in the module docstring) atomically: everything goes to a temporary
     sibling folder that is renamed to ``out_dir`` at the end. ``overwrite=True`` replaces an existing folder."""
+    from dynamicid_jax.io_atomic import atomic_folder
+
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-dynamicid-", dir=parent)
-    try:
+    check_overwritable(out_dir, overwrite)
+    with atomic_folder(out_dir, replace=True) as tmp:
         official.save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
         flat = _flat(weights.saa_params)
         _check_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params")
@@ -163,19 +160,39 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
                                     name="keypoint_encoder")
             parts += ["imr", "keypoint_encoder"]
         _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts})
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+def check_overwritable(out_dir: str, overwrite: bool) -> None:
+    """``out_dir`` may be written: it does not exist, or ``overwrite`` is set and it is a folder we wrote (it
+    carries our manifest with our format tag). Anything else — a user's folder, an SD model, a file — is
+    refused: ``--overwrite`` never deletes what we did not write."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace a converted "
+                              f"folder)")
+    marker = os.path.join(out_dir, MANIFEST)
+    ours = False
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                ours = json.load(f).get("format") == FOLDER_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    if not ours:
+        raise FileExistsError(f"--overwrite refused: {out_dir} is not a converted DynamicID folder written by this "
+                              f"tool (no {MANIFEST} with format {FOLDER_FORMAT!r}); it is left untouched: choose a "
+                              f"new --out or remove it yourself")
 
 
 def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
     """Read a converted folder (checks every key and shape against the configs it holds)."""
+    from dynamicid_jax.io_atomic import check_readable
+
     path = os.fspath(path)
     manifest = os.path.join(path, MANIFEST)
+    check_readable(manifest, "the converted DynamicID folder's manifest")
     if not os.path.isfile(manifest):
         hint = (" — official .bin checkpoints must be converted first: python -m infer.convert --saa SAA.bin "
                 "[--imr IMR.bin] --unet-config … --out DIR") if os.path.isdir(path) else ""
@@ -219,44 +236,6 @@ def default_boost(num_ids: int, boxes_given: bool) -> tuple[int, float]:
     """The default ``(boost_steps, strength)`` (docs/method.md §4.5): one identity without boxes → no boost; one
     identity with a box (layout control) or several identities → s = 2 for 12 steps."""
     return (0, 0.0) if num_ids == 1 and not boxes_given else DEFAULT_BOOST
-
-
-def _denoise_collecting_gates(unet, unet_params, scheduler, num_steps, latents, context, guidance_scale,
-                              attention_inputs, uncond_context):
-    """:func:`~dynamicid_jax.pipelines.sampling.denoise` (same operations, same order) that also sums every
-    sown SAA gate of the conditional rows over the steps. Returns ``(latents, {layer path: [B, Lq] mean})``."""
-    state = scheduler.set_timesteps(num_steps, sample_shape=latents.shape)
-    latents = latents.astype(jnp.float32) * state.init_noise_sigma
-    cfg = uncond_context is not None
-    ctx = jnp.concatenate([uncond_context, context], axis=0) if cfg else context
-    rows = latents.shape[0]
-
-    def run_unet(model_in, t, inputs):
-        out, variables = unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs,
-                                    mutable=["intermediates"])
-        gates = {"/".join(p[:-1]): v[0][-rows:].astype(jnp.float32)
-                 for p, v in traverse_util.flatten_dict(variables["intermediates"]).items() if p[-1] == "gate"}
-        return out, gates
-
-    probe = jnp.concatenate([latents, latents], axis=0) if cfg else latents
-    gate_shapes = jax.eval_shape(run_unet, probe, state.timesteps[0], attention_inputs(0))[1]
-    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in gate_shapes.items()}
-
-    def body(i, carry):
-        x, sched_state, acc = carry
-        model_in = scheduler.scale_model_input(sched_state, x, i)
-        if cfg:
-            model_in = jnp.concatenate([model_in, model_in], axis=0)
-        out, gates = run_unet(model_in, sched_state.timesteps[i], attention_inputs(i))
-        out = out.astype(jnp.float32)
-        if cfg:
-            out_u, out_c = jnp.split(out, 2, axis=0)
-            out = out_u + guidance_scale * (out_c - out_u)
-        x, sched_state = scheduler.step(sched_state, out, i, x)
-        return x, sched_state, {k: acc[k] + gates[k] for k in acc}
-
-    latents, _, sums = jax.lax.fori_loop(0, num_steps, body, (latents, state, sums))
-    return latents, {k: v / num_steps for k, v in sums.items()}
 
 
 def _negatives(negative: str | Sequence[str] | None, batch: int) -> list[str]:
@@ -460,10 +439,12 @@ class DynamicIDPipeline:
 
     # ------------------------------------------------------------------------------------------------ sampling
     def _sample_fn(self, key: SamplerKey):
+        """``(chunk, finish)``: ``chunk(..., carry, start, stop) -> (carry, gate sums)`` runs the denoising steps
+        ``start ≤ i < stop`` (:func:`~dynamicid_jax.pipelines.sampling.run_in_chunks`); ``finish`` decodes."""
         sd, unet = self.sd, self.unet
 
-        def run(params, cond_ids, uncond_ids, id_tokens, uncond_tokens, noise, guidance_scale, inputs,
-                boost_steps, boost_strength):
+        def chunk(params, cond_ids, uncond_ids, id_tokens, uncond_tokens, guidance_scale, inputs,
+                  boost_steps, boost_strength, carry, start, stop):
             def encode(ids):
                 return sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
@@ -474,11 +455,13 @@ class DynamicIDPipeline:
             context = with_ids(encode(cond_ids), id_tokens)
             uncond = with_ids(encode(uncond_ids), uncond_tokens) if key.guided else None
             step_inputs = lambda i: saa_mod.saa_inputs_for_step(inputs, i, boost_steps, boost_strength)  # noqa: E731
-            latents, gates = _denoise_collecting_gates(unet, params["unet"], sd.scheduler, key.steps, noise, context,
-                                                       guidance_scale, step_inputs, uncond)
-            return to_uint8(decode_latents(sd.vae, params["vae"], latents)), gates
+            return denoise_steps(unet, params["unet"], carry, start, stop, context, guidance_scale, sd.scheduler,
+                                 attention_inputs=step_inputs, uncond_context=uncond, collect_gates=True)
 
-        return jax.jit(run)
+        def finish(params, latents):
+            return to_uint8(decode_latents(sd.vae, params["vae"], latents))
+
+        return jax.jit(chunk), jax.jit(finish)
 
     def __call__(self, prompt: str | Sequence[str], references: Sequence[Any] | Any | None = None, *,
                  face_prompts: Sequence[str | None] | None = None, target_landmarks: Sequence[Any] | None = None,
@@ -508,8 +491,19 @@ class DynamicIDPipeline:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not np.isfinite(id_scale):
-            raise ValueError(f"id_scale must be a finite number, got {id_scale!r}")
+        check_prompts(prompts)
+        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        id_scale = check_number("id_scale", id_scale)
+        mix = check_number("mix", mix, low=0.0, high=1.0)
+        if boost_strength is not None:
+            boost_strength = check_number("boost_strength", boost_strength, low=0.0)
+        latent_grid = (height // self.sd.vae_scale_factor, width // self.sd.vae_scale_factor)
+        known = len(references) if isinstance(references, (list, tuple)) else (
+            int(np.shape(id_tokens)[0]) if id_tokens is not None and np.ndim(id_tokens) == 3 else None)
+        if known:  # boxes and layout checked before any face detection or compile
+            saa_mod.saa_inputs(known, (height, width), boxes, mix=mix, layout=layout, latent_grid=latent_grid)
+        check_request_size(self.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
+                           guided=guidance_scale > 1.0)
         timings = {}
         start = time.perf_counter()
         if id_tokens is None:
@@ -530,10 +524,9 @@ class DynamicIDPipeline:
         boost_strength = defaults[1] if boost_strength is None else boost_strength
         if not isinstance(boost_steps, (int, np.integer)) or boost_steps < 0:
             raise ValueError(f"boost_steps must be a non-negative integer, got {boost_steps!r}")
-        if not np.isfinite(boost_strength) or boost_strength < 0:
-            raise ValueError(f"boost_strength must be a non-negative number, got {boost_strength!r}")
+        boost_strength = check_number("boost_strength", boost_strength, low=0.0)
         inputs = saa_mod.saa_inputs(num_ids, (height, width), boxes, id_scale=id_scale, mix=mix,
-                                    activate_query=activate_query, layout=layout)
+                                    activate_query=activate_query, layout=layout, latent_grid=latent_grid)
         timings["encode_s"] = time.perf_counter() - start
 
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0, num_ids, inputs.mode,
@@ -548,21 +541,34 @@ class DynamicIDPipeline:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
         params = {"unet": self.unet_params, "vae": self.sd.params["vae"],
                   "text_encoder": self.sd.params["text_encoder"]}
+        carry = initial_carry(self.sd.scheduler, steps, noise)  # checks the step count before compiling
         args = (params, jnp.asarray(tokenize(self.sd.tokenizer, prompts)),
                 jnp.asarray(tokenize(self.sd.tokenizer, negatives)), tokens, self.unconditional_tokens(num_ids),
-                noise, jnp.float32(guidance_scale), inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
+                jnp.float32(guidance_scale), inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
         if key not in self._compiled:
             shared = (self.unet, self.sd.vae, self.sd.text_encoder, self.sd.scheduler, key)
             if shared not in _PROGRAMS:
                 start = time.perf_counter()
-                _PROGRAMS[shared] = self._sample_fn(key).lower(*args).compile()
+                chunk_fn, finish_fn = self._sample_fn(key)
+                _PROGRAMS[shared] = (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                                     finish_fn.lower(params, carry[0]).compile())
                 timings["compile_s"] = time.perf_counter() - start
                 while len(_PROGRAMS) > _MAX_PROGRAMS:
                     _PROGRAMS.popitem(last=False)
             _PROGRAMS.move_to_end(shared)
             self._compiled[key] = _PROGRAMS[shared]
+        chunk, finish = self._compiled[key]
         start = time.perf_counter()
-        images, gates = jax.block_until_ready(self._compiled[key](*args))
+        sums: dict = {}
+
+        def add_gates(out):  # the chunks' gate sums, added up on device
+            new_carry, chunk_sums = out
+            sums.update({k: sums[k] + v if k in sums else v for k, v in chunk_sums.items()})
+            return new_carry
+
+        carry = run_in_chunks(lambda c, lo, hi: chunk(*args, c, lo, hi), carry, steps, on_chunk=add_gates)
+        images = jax.block_until_ready(finish(params, carry[0]))
+        gates = {k: v / steps for k, v in sums.items()}
         timings["run_s"] = time.perf_counter() - start
         self.last_timings = timings
         images = np.asarray(images)

@@ -30,7 +30,8 @@ from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_preprocess
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
-from dynamicid_jax.pipelines.sampling import denoise, to_uint8
+from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 from dynamicid_jax.tokenizer import tokenize
 
@@ -161,8 +162,8 @@ class InfiniteIDPipeline:
                                     dtype=self.sd.unet.dtype)
         sd = self.sd
 
-        def run(params, cond_ids, uncond_ids, noise, id_tokens, null_tokens, guidance, id_scale, mix_start,
-                mix_end):
+        def chunk(params, cond_ids, uncond_ids, id_tokens, null_tokens, guidance, id_scale, mix_start, mix_end, carry,
+                  start, stop):
             def encode(ids):
                 return sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
@@ -174,16 +175,18 @@ class InfiniteIDPipeline:
             context = streams(encode(cond_ids), id_tokens)
             uncond = streams(encode(uncond_ids), null_tokens) if key.guided else None
             inputs = iid.two_stream_inputs(key.num_tokens, guided=key.guided, id_scale=id_scale, adain=key.adain)
-            latents = denoise(unet, params["unet"], sd.scheduler, key.steps, jnp.concatenate([noise, noise], 0),
-                              context, guidance, uncond_context=uncond,
-                              attention_inputs=lambda i: iid.inputs_for_step(inputs, i, mix_start, mix_end))
+            return denoise_steps(unet, params["unet"], carry, start, stop, context, guidance, sd.scheduler,
+                                 uncond_context=uncond,
+                                 attention_inputs=lambda i: iid.inputs_for_step(inputs, i, mix_start, mix_end))
+
+        def finish(params, latents):
             text_latents, id_latents = jnp.split(latents, 2, axis=0)
             if not key.text_stream:
                 return to_uint8(decode_latents(sd.vae, params["vae"], id_latents))
             images = to_uint8(decode_latents(sd.vae, params["vae"], jnp.concatenate([id_latents, text_latents], 0)))
             return jnp.split(images, 2, axis=0)
 
-        return jax.jit(run)
+        return jax.jit(chunk), jax.jit(finish)
 
     def __call__(self, prompt: str | Sequence[str], references: Sequence[Any] | None = None,
                  negative_prompt: str | Sequence[str] | None = None, steps: int = 30, guidance_scale: float = 5.0,
@@ -211,6 +214,11 @@ class InfiniteIDPipeline:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_prompts(prompts)
+        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        id_scale = check_number("id_scale", id_scale)
+        check_request_size(self.sd.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
+                           guided=guidance_scale > 1.0, streams=2)
         start, end = _mix_range(mix_steps, steps)
         if (references is None) == (id_tokens is None):
             raise ValueError("give exactly one of references (images) or id_tokens")
@@ -233,16 +241,21 @@ class InfiniteIDPipeline:
             noise = jnp.asarray(latents, jnp.float32)
             if noise.shape != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+        carry = initial_carry(self.sd.scheduler, steps, jnp.concatenate([noise, noise], 0))  # [text; ID] streams
         args = (self._params, jnp.asarray(tokenize(self.sd.tokenizer, prompts)),
-                jnp.asarray(tokenize(self.sd.tokenizer, negatives)), noise, tokens, null,
+                jnp.asarray(tokenize(self.sd.tokenizer, negatives)), tokens, null,
                 jnp.float32(guidance_scale), jnp.float32(id_scale), jnp.int32(start), jnp.int32(end))
         timings = {}
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = self._sample_fn(key).lower(*args).compile()
+            chunk_fn, finish_fn = self._sample_fn(key)
+            self._compiled[key] = (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                                   finish_fn.lower(self._params, carry[0]).compile())
             timings["compile_s"] = time.perf_counter() - t0
+        chunk, finish = self._compiled[key]
         t0 = time.perf_counter()
-        out = jax.block_until_ready(self._compiled[key](*args))
+        carry = run_in_chunks(lambda c, lo, hi: chunk(*args, c, lo, hi), carry, steps)
+        out = jax.block_until_ready(finish(self._params, carry[0]))
         timings["run_s"] = time.perf_counter() - t0
         self.last_timings = timings
         if return_text_stream:

@@ -50,3 +50,88 @@ def denoise(unet, unet_params, scheduler, num_steps: int, latents: jax.Array, co
 def to_uint8(images: jax.Array) -> jax.Array:
     """``[-1, 1]`` float images → ``uint8`` (rounded, clipped)."""
     return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ in chunks
+# A long generation runs as several calls of one compiled program, each doing the steps ``start ≤ i < stop`` of
+# the same loop (the bounds are traced values, so every chunk reuses the program). Between chunks Python gets
+# control back, so Ctrl-C stops a generation within about one chunk (~1 s) instead of after the whole loop, and
+# nothing is decoded or written. Each step runs the same kernels on the same values as in a single loop.
+
+#: seconds one chunk aims for: the interrupt latency, and how much dispatch overhead the chunks add (a few ms each)
+CHUNK_SECONDS = 1.0
+
+
+def initial_carry(scheduler, num_steps: int, noise: jax.Array) -> tuple[jax.Array, Any]:
+    """``(latents, scheduler state)`` before the first step: the noise scaled by the scheduler's initial sigma."""
+    state = scheduler.set_timesteps(num_steps, sample_shape=noise.shape)
+    return noise.astype(jnp.float32) * state.init_noise_sigma, state
+
+
+def denoise_steps(unet, unet_params, carry: tuple[jax.Array, Any], start: jax.Array, stop: jax.Array,
+                  context: jax.Array, guidance_scale: jax.Array | float, scheduler, *,
+                  attention_inputs: AttentionInputs = None, uncond_context: jax.Array | None = None,
+                  collect_gates: bool = False):
+    """Steps ``start ≤ i < stop`` of :func:`denoise` from ``carry = (latents, scheduler state)`` (traced bounds).
+
+    Returns the new carry; with ``collect_gates`` also the sum over these steps of every sown ``gate`` of the
+    conditional rows (``{layer path: [B, Lq]}``, DynamicID's gate maps)."""
+    from flax import traverse_util
+
+    cfg = uncond_context is not None
+    ctx = jnp.concatenate([uncond_context, context], axis=0) if cfg else context
+    rows = carry[0].shape[0]
+
+    def run_unet(model_in, t, inputs):
+        if not collect_gates:
+            return unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs), {}
+        out, variables = unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs,
+                                    mutable=["intermediates"])
+        gates = {"/".join(p[:-1]): v[0][-rows:].astype(jnp.float32)
+                 for p, v in traverse_util.flatten_dict(variables.get("intermediates", {})).items()
+                 if p[-1] == "gate"}
+        return out, gates
+
+    def inputs_at(i):
+        return attention_inputs(i) if callable(attention_inputs) else attention_inputs
+
+    x0, state0 = carry
+    probe = jnp.concatenate([x0, x0], axis=0) if cfg else x0
+    gate_shapes = jax.eval_shape(run_unet, probe, state0.timesteps[0], inputs_at(0))[1]
+    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in gate_shapes.items()}
+
+    def body(i, loop_carry):
+        x, sched_state, acc = loop_carry
+        model_in = scheduler.scale_model_input(sched_state, x, i)
+        if cfg:
+            model_in = jnp.concatenate([model_in, model_in], axis=0)
+        out, gates = run_unet(model_in, sched_state.timesteps[i], inputs_at(i))
+        out = out.astype(jnp.float32)
+        if cfg:
+            out_u, out_c = jnp.split(out, 2, axis=0)
+            out = out_u + guidance_scale * (out_c - out_u)
+        x, sched_state = scheduler.step(sched_state, out, i, x)
+        return x, sched_state, {k: acc[k] + gates[k] for k in acc}
+
+    x, state, sums = jax.lax.fori_loop(start, stop, body, (x0, state0, sums))
+    return ((x, state), sums) if collect_gates else (x, state)
+
+
+def run_in_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any, num_steps: int, *,
+                  chunk_seconds: float = CHUNK_SECONDS, on_chunk: Callable[[Any], None] | None = None) -> Any:
+    """Call ``step(carry, start, stop) -> carry`` over ``0 … num_steps`` in chunks sized from the measured time per
+    step (first chunk: one step), waiting for each; ``on_chunk`` sees every result (e.g. to add up gate sums).
+    Ctrl-C between chunks raises ``KeyboardInterrupt`` at once."""
+    import time
+
+    start, size = 0, 1
+    while start < num_steps:
+        stop = min(num_steps, start + size)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(step(carry, jnp.int32(start), jnp.int32(stop)))
+        per_step = (time.perf_counter() - t0) / (stop - start)
+        if on_chunk is not None:
+            out = on_chunk(out)
+        carry, start = out, stop
+        size = max(1, min(num_steps - start, int(chunk_seconds / max(per_step, 1e-6))))
+    return carry

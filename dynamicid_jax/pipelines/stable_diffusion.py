@@ -22,7 +22,8 @@ from dynamicid_jax.models.attention import AttentionStrategy
 from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
-from dynamicid_jax.pipelines.sampling import denoise, to_uint8
+from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
 from dynamicid_jax.tokenizer import tokenize
 
 
@@ -136,23 +137,20 @@ class StableDiffusion:
         back to fp32). The folder appears complete or not at all: everything is written to a temporary sibling,
         then renamed."""
         import json
-        import shutil
-        import tempfile
 
         from dynamicid_jax.models.clip import TEXT_KEYMAP
         from dynamicid_jax.models.unet import UNET_KEYMAP
         from dynamicid_jax.models.vae import VAE_KEYMAP
         from dynamicid_jax.weights.keymap import export_state_dict, write_safetensors
 
+        from dynamicid_jax.io_atomic import atomic_folder
+
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
         folder = os.path.abspath(os.fspath(folder))
         if os.path.exists(folder):
             raise FileExistsError(f"{folder} already exists; choose a new folder")
-        parent = os.path.dirname(folder)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-sd-", dir=parent)
-        try:
+        with atomic_folder(folder) as tmp:
             parts = {
                 "unet": (self.unet.config.to_dict(), export_state_dict(self.params["unet"], UNET_KEYMAP),
                          "diffusion_pytorch_model"),
@@ -180,10 +178,6 @@ class StableDiffusion:
                            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
                            "safety_checker": [None, None], "feature_extractor": [None, None],
                            "requires_safety_checker": False}, f, indent=2)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @property
@@ -202,15 +196,20 @@ class StableDiffusion:
         return jax.jit(self.text_encoder.apply)({"params": self.params["text_encoder"]}, ids).last_hidden_state
 
     def _sample_fn(self, key: SamplerKey):
-        def run(params, cond_ids, uncond_ids, noise, guidance_scale):
+        """``(chunk, finish)``: ``chunk(params, cond_ids, uncond_ids, guidance, carry, start, stop)`` runs the
+        denoising steps ``start ≤ i < stop`` (text encoding included: it is cheap, and keeps the chunks
+        stateless); ``finish(params, latents)`` decodes. See :func:`~dynamicid_jax.pipelines.sampling.run_in_chunks`."""
+        def chunk(params, cond_ids, uncond_ids, guidance_scale, carry, start, stop):
             encode = lambda ids: self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
             context = encode(cond_ids)
             uncond = encode(uncond_ids) if key.guided else None
-            latents = denoise(self.unet, params["unet"], self.scheduler, key.steps, noise, context,
-                              guidance_scale, uncond_context=uncond)
+            return denoise_steps(self.unet, params["unet"], carry, start, stop, context, guidance_scale,
+                                 self.scheduler, uncond_context=uncond)
+
+        def finish(params, latents):
             return to_uint8(decode_latents(self.vae, params["vae"], latents))
 
-        return jax.jit(run)
+        return jax.jit(chunk), jax.jit(finish)
 
     def generate(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int = 512, width: int = 512, steps: int = 50, guidance_scale: float = 7.5,
@@ -230,6 +229,10 @@ class StableDiffusion:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_prompts(prompts)
+        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        check_request_size(self.unet.config, self.vae_scale_factor, len(prompts), height, width,
+                           guided=guidance_scale > 1.0)
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0)
         f = self.vae_scale_factor
         shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
@@ -239,15 +242,20 @@ class StableDiffusion:
             noise = jnp.asarray(latents, jnp.float32)
             if noise.shape != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+        carry = initial_carry(self.scheduler, steps, noise)  # checks the step count before compiling
         args = (self.params, jnp.asarray(tokenize(self.tokenizer, prompts)),
-                jnp.asarray(tokenize(self.tokenizer, negatives)), noise, jnp.float32(guidance_scale))
+                jnp.asarray(tokenize(self.tokenizer, negatives)), jnp.float32(guidance_scale))
         timings = {}
         if key not in self._compiled:
             start = time.perf_counter()
-            self._compiled[key] = self._sample_fn(key).lower(*args).compile()
+            chunk, finish = self._sample_fn(key)
+            self._compiled[key] = (chunk.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                                   finish.lower(self.params, carry[0]).compile())
             timings["compile_s"] = time.perf_counter() - start
+        chunk, finish = self._compiled[key]
         start = time.perf_counter()
-        images = np.asarray(jax.block_until_ready(self._compiled[key](*args)))
+        carry = run_in_chunks(lambda c, lo, hi: chunk(*args, c, lo, hi), carry, steps)
+        images = np.asarray(jax.block_until_ready(finish(self.params, carry[0])))
         timings["run_s"] = time.perf_counter() - start
         self.last_timings = timings
         return images

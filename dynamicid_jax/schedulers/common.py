@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar, Mapping
+import threading
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -141,15 +142,16 @@ def config_from_mapping(config_cls: type[BaseConfig], cfg: Mapping[str, Any], cl
             continue
         if key.startswith("_"):  # _class_name, _diffusers_version, _use_default_values, _name_or_path
             continue
-        if same_class and key in fields:
+        if key in fields:  # the target supports it: honour it, whatever class the config names (as diffusers)
             kwargs[key] = value
-        elif not same_class and key in fields and key in SHARED_FIELDS:
-            kwargs[key] = value
-        elif same_class and key in config_cls.INERT:
+        elif key in config_cls.INERT:
             if not any(value is v or (type(value) is type(v) and value == v) for v in config_cls.INERT[key]):
                 allowed = " or ".join(repr(v) for v in config_cls.INERT[key])
                 unsupported.append(f"{key}={value!r} (only {allowed} is supported)")
-        elif key in KNOWN_DIFFUSERS_KEYS or key in fields or any(key in c.INERT for c in _all_config_classes()):
+        elif not same_class and key in SAMPLING_KEYS and not _is_neutral(key, value):
+            unsupported.append(f"{key}={value!r} (changes the noise levels, and {class_name} has no such option; "
+                               f"pick a scheduler that has it, or remove the key)")
+        elif key in KNOWN_DIFFUSERS_KEYS or any(key in c.INERT for c in _all_config_classes()):
             continue
         else:
             unknown.append(key)
@@ -164,6 +166,21 @@ def config_from_mapping(config_cls: type[BaseConfig], cfg: Mapping[str, Any], cl
     if kwargs.get("trained_betas") is not None:
         kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
     return config_cls(**kwargs)
+
+
+#: keys of other schedulers that change which noise levels are visited: taken over when the target scheduler has
+#: them, refused by name when it does not (unless at their neutral value); other foreign keys (PNDM's
+#: ``skip_prk_steps``, a DPM-Solver's ``solver_order`` read by DDIM) do not apply to the target and are ignored.
+SAMPLING_KEYS: Mapping[str, tuple[Any, ...]] = {
+    "use_karras_sigmas": (False, None), "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None),
+    "use_lu_lambdas": (False, None), "use_flow_sigmas": (False, None), "thresholding": (False, None),
+    "final_sigmas_type": ("zero", None), "sigma_min": (None,), "sigma_max": (None,),
+    "use_dynamic_shifting": (False, None),
+}
+
+
+def _is_neutral(key: str, value: Any) -> bool:
+    return any(value is v or (type(value) is type(v) and value == v) for v in SAMPLING_KEYS[key])
 
 
 def _all_config_classes() -> list[type[BaseConfig]]:
@@ -257,24 +274,56 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
-def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
+class StepRangeError(ValueError):
+    """``num_inference_steps`` outside what this scheduler config can sample."""
+
+
+_SCAN = threading.local()
+
+
+def _steps_limit(timesteps_of: Callable[[int], Any] | None, num_train_timesteps: int) -> int:
+    """The largest step count ``timesteps_of`` accepts (``steps_offset`` and the spacing can make it smaller
+    than ``num_train_timesteps``), so that every refusal prints the same, true range."""
+    if timesteps_of is None or getattr(_SCAN, "active", False):
+        return num_train_timesteps
+    _SCAN.active = True
+    try:
+        for n in range(num_train_timesteps, 0, -1):
+            try:
+                timesteps_of(n)
+                return n
+            except StepRangeError:
+                continue
+        return 0
+    finally:
+        _SCAN.active = False
+
+
+def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int,
+                              timesteps_of: Callable[[int], Any] | None = None) -> int:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
         raise TypeError(f"num_inference_steps must be a Python int (it fixes array shapes), "
                         f"got {type(num_inference_steps).__name__}")
     if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps={num_inference_steps}: expected 1 ..{num_train_timesteps} "
-                         f"(num_train_timesteps)")
+        limit = _steps_limit(timesteps_of, num_train_timesteps)
+        raise StepRangeError(f"num_inference_steps={num_inference_steps}: expected 1..{limit} for this scheduler "
+                             f"config")
     return int(num_inference_steps)
 
 
 def checked_timesteps(timesteps: np.ndarray, num_inference_steps: int, num_train_timesteps: int,
-                      what: str) -> np.ndarray:
+                      what: str, timesteps_of: Callable[[int], Any] | None = None) -> np.ndarray:
     if len(timesteps) != num_inference_steps:
-        raise ValueError(f"{what}: {num_inference_steps} steps give {len(timesteps)} timesteps; "
-                         f"choose another num_inference_steps or timestep_spacing")
+        raise StepRangeError(f"{what}: {num_inference_steps} steps give {len(timesteps)} timesteps; "
+                             f"choose another num_inference_steps or timestep_spacing")
     if timesteps.min() < 0 or timesteps.max() > num_train_timesteps - 1:
-        raise ValueError(f"{what}: timesteps {timesteps.min()}..{timesteps.max()} leave [0, "
-                         f"{num_train_timesteps - 1}]; lower steps_offset or num_inference_steps")
+        if timesteps_of is None or getattr(_SCAN, "active", False):
+            raise StepRangeError(f"{what}: timesteps {timesteps.min()}..{timesteps.max()} leave [0, "
+                                 f"{num_train_timesteps - 1}]; lower steps_offset or num_inference_steps")
+        raise StepRangeError(f"num_inference_steps={num_inference_steps}: expected 1.."
+                             f"{_steps_limit(timesteps_of, num_train_timesteps)} for this scheduler config "
+                             f"(more steps would put timesteps outside [0, {num_train_timesteps - 1}]; a smaller "
+                             f"steps_offset allows more)")
     return timesteps
 
 

@@ -69,7 +69,7 @@ class DDIMScheduler(DDPMForwardProcess):
     def timesteps_for(self, num_inference_steps: int) -> np.ndarray:
         """The int64 timesteps diffusers' ``set_timesteps`` gives (host NumPy)."""
         c = self.config
-        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
+        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps, self.timesteps_for)
         big_t = c.num_train_timesteps
         if c.timestep_spacing == "linspace":
             ts = np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
@@ -77,7 +77,7 @@ class DDIMScheduler(DDPMForwardProcess):
             ts = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.int64) + c.steps_offset
         else:  # trailing
             ts = np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1
-        return checked_timesteps(ts, n, big_t, "DDIMScheduler.set_timesteps")
+        return checked_timesteps(ts, n, big_t, "DDIMScheduler.set_timesteps", self.timesteps_for)
 
     def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None) -> DDIMState:
         """The state for a run of ``num_inference_steps`` (``sample_shape`` is accepted for a uniform API)."""

@@ -96,7 +96,7 @@ class DPMSolverMultistepScheduler(DDPMForwardProcess):
     def sigmas_and_timesteps(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 sigmas [n + 1], int64 timesteps [n]) as diffusers' ``set_timesteps`` makes them."""
         c = self.config
-        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
+        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps, self.sigmas_and_timesteps)
         big_t = c.num_train_timesteps
         ac = alphas_cumprod(c, self.ZERO_SNR_FLOOR)
         lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))  # float32, decreasing in t
@@ -119,7 +119,8 @@ class DPMSolverMultistepScheduler(DDPMForwardProcess):
             sigmas = np.interp(ts, np.arange(len(sig)), sig)
         final = float(sig[0]) if c.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
-        return sigmas, checked_timesteps(ts, n, big_t, "DPMSolverMultistepScheduler.set_timesteps")
+        return sigmas, checked_timesteps(ts, n, big_t, "DPMSolverMultistepScheduler.set_timesteps",
+                                         self.sigmas_and_timesteps)
 
     def step_orders(self, num_inference_steps: int) -> np.ndarray:
         """The solver order diffusers uses at each step of a run (1 or 2)."""

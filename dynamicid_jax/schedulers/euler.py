@@ -79,7 +79,7 @@ class EulerDiscreteScheduler(DDPMForwardProcess):
     def sigmas_and_timesteps(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 sigmas [n + 1], float32 timesteps [n]) as diffusers' ``set_timesteps`` makes them."""
         c = self.config
-        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
+        n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps, self.sigmas_and_timesteps)
         big_t = c.num_train_timesteps
         if c.timestep_spacing == "linspace":
             ts = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
@@ -96,7 +96,8 @@ class EulerDiscreteScheduler(DDPMForwardProcess):
             ts = sigma_to_t(sigmas, np.log(sig))
         final = float(sig[0]) if c.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
-        ts = checked_timesteps(np.asarray(ts).astype(np.float32), n, big_t, "EulerDiscreteScheduler.set_timesteps")
+        ts = checked_timesteps(np.asarray(ts).astype(np.float32), n, big_t, "EulerDiscreteScheduler.set_timesteps",
+                               self.sigmas_and_timesteps)
         return sigmas, ts
 
     def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None) -> EulerState:

@@ -86,10 +86,12 @@ def torch_to_flax_array(leaf: str, value: np.ndarray, target_shape: tuple[int, .
             value = value.T
         elif value.ndim == 4 and len(target_shape) == 4:
             value = value.transpose(2, 3, 1, 0)  # OIHW → HWIO
-        elif value.ndim == 2 and len(target_shape) == 4:  # Linear weight into a 1×1 conv
-            value = value.T.reshape(target_shape)
-        elif value.ndim == 4 and len(target_shape) == 2:  # 1×1 conv weight into a Dense
-            value = value.reshape(value.shape[0], value.shape[1]).T
+        # a reshape only where the sizes agree; otherwise the tensor keeps its shape and the caller's keyed
+        # wrong-shape report names it (instead of numpy's bare "cannot reshape" error)
+        elif value.ndim == 2 and len(target_shape) == 4 and value.size == int(np.prod(target_shape)):
+            value = value.T.reshape(target_shape)  # Linear weight into a 1×1 conv
+        elif value.ndim == 4 and len(target_shape) == 2 and value.shape[2:] == (1, 1):
+            value = value.reshape(value.shape[0], value.shape[1]).T  # 1×1 conv weight into a Dense
     return value
 
 
@@ -174,23 +176,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write atomically: a temp file in the same folder, then rename."""
-    import os
-    import tempfile
-
+    """Write atomically (:func:`dynamicid_jax.io_atomic.atomic_path`: temp file in the same folder, fsync,
+    rename; the mode follows the umask)."""
     from safetensors.numpy import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    from dynamicid_jax.io_atomic import atomic_path
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def count_params(tree) -> int:

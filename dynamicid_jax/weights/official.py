@@ -36,7 +36,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
@@ -498,13 +497,6 @@ def _check_tree(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from dynamicid_jax.io_atomic import write_json
+
+    write_json(obj, path, indent=2, sort_keys=True)

@@ -1,0 +1,574 @@
+"""Bad inputs through the command lines and the library: each is a clear, one-line error, nothing is written at
+any output path, and no existing file changes.
+
+Every command-line case runs ``run_cli(main, argv)`` in this process (the same code path as ``python -m …``, minus
+the interpreter start) and checks the exit status, that the error is one line naming the input and what was
+expected, that no traceback is printed, that no output path appeared and that the data folder (a user's notes,
+a model folder, images, shards) is byte-for-byte unchanged. Library cases check the exception type is one the
+command lines report as a one-line error, and the message. The cases stop before any model is compiled, except
+the Ctrl-C case, which samples the tiny model in chunks and interrupts it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import zlib
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynamicid_jax.errors import KNOWN_ERRORS, format_error, run_cli
+
+
+# ---------------------------------------------------------------------------------------------- the world
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width × height`` (no pixel data: opening reads the size, decoding fails)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def _tree_digest(root: str) -> dict[str, str]:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+        for d in dirs:
+            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_sd_dir):
+    """The data folder every case must leave untouched, and the paths the cases point at."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    data = root / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("a user's notes: must survive every command\n")
+    user_model = data / "my-sd-copy"
+    shutil.copytree(tiny_sd_dir, user_model)
+    (user_model / "NOTES.md").write_text("my fine-tuning notes\n")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(data / "face.png")
+    (data / "huge.png").write_bytes(_png_header(12000, 12000))
+    (data / "bomb.png").write_bytes(_png_header(14000, 14000))
+    good = (data / "face.png").read_bytes()
+    (data / "truncated.png").write_bytes(good[: len(good) // 2])
+    (data / "not_an_image.jpg").write_text("hello")
+    (data / "a_file").write_text("x")
+    (data / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
+    (data / "not_sd").mkdir()
+    (data / "list.yaml").write_text("- a\n- b\n")
+    (data / "scheduler_karras.json").write_text(json.dumps({
+        "_class_name": "DPMSolverSinglestepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "use_karras_sigmas": True}))
+    shards = data / "shards"
+    _write_shards(str(shards))
+    out = root / "out"
+    out.mkdir()
+    return {"root": str(root), "data": str(data), "out": str(out), "model": tiny_sd_dir, "shards": str(shards)}
+
+
+def _write_shards(folder: str) -> None:
+    """The face shards of test_data_shards' little image tree (4 shards, 8 records), built with its analyzer."""
+    import pathlib
+    import tempfile
+
+    from data_pipelines import build_shards as B
+    from test_data_shards import SidecarAnalyzer, _write_tree
+
+    with tempfile.TemporaryDirectory() as tree:
+        _write_tree(pathlib.Path(tree))
+        B.build_shards(tree, folder, SidecarAnalyzer(), images_per_shard=3, progress=False,
+                       default_caption="a photo of a person")
+
+
+def _broken_shards(env, name: str, how: str) -> str:
+    """A copy of the good shards (outside the protected data folder) with its second shard file damaged."""
+    dst = os.path.join(env["root"], "broken", name)
+    if not os.path.exists(dst):
+        shutil.copytree(env["shards"], dst)
+        path = os.path.join(dst, "faces-00001-of-00004.array_record")
+        data = open(path, "rb").read()
+        if how == "empty":
+            data = b""
+        elif how == "truncated":
+            data = data[: len(data) // 2]
+        elif how == "junk":  # a few KiB of junk over the first record's chunk
+            data = data[:64] + np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes() + \
+                data[3064:]
+        elif how == "manifest":
+            with open(os.path.join(dst, "manifest.json"), "w") as f:
+                f.write("{ not json")
+        elif how == "missing":
+            os.remove(path)
+        if how not in ("manifest", "missing"):
+            with open(path, "wb") as f:
+                f.write(data)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- the table
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    command: str  # module whose main runs: "infer.generate", …
+    argv: Callable[[dict], list[str]]
+    code: int
+    expect: tuple[str, ...]  # substrings of the error line: the input and what was expected
+    outputs: Callable[[dict], list[str]] = lambda e: []  # paths that must not exist afterwards
+
+
+def _gen(*extra: str, out: str = "x.png"):
+    return lambda e: ["--model", e["model"], "--prompt", "a cat", "--height", "64", "--width", "64",
+                      "--out", os.path.join(e["out"], out), *[a.format(**e) for a in extra]]
+
+
+def _out(name: str = "x.png"):
+    return lambda e: [os.path.join(e["out"], name)]
+
+
+D = "{data}"
+GEN = "infer.generate"
+DYN = ("--dynamicid", D, "--reference", D + "/face.png")
+CLI_CASES = [
+    # numbers (argparse: exit 2)
+    Case("guidance-nan", GEN, _gen("--guidance-scale", "nan"), 2, ("--guidance-scale", "finite", "'nan'"), _out()),
+    Case("guidance-inf", GEN, _gen("--guidance-scale", "inf"), 2, ("--guidance-scale", "finite", "'inf'"), _out()),
+    Case("guidance-negative", GEN, _gen("--guidance-scale", "-1"), 2, ("--guidance-scale", ">= 0"), _out()),
+    Case("guidance-text", GEN, _gen("--guidance-scale", "high"), 2, ("--guidance-scale", "a number", "'high'"), _out()),
+    Case("id-scale-nan", GEN, _gen(*DYN, "--id-scale", "nan"), 2,
+         ("--id-scale", "finite"), _out()),
+    Case("mix-inf", GEN, _gen(*DYN, "--mix", "inf"), 2,
+         ("--mix", "finite"), _out()),
+    Case("boost-negative", GEN, _gen(*DYN,
+                                                  "--boost-strength", "-2"), 2, ("--boost-strength", ">= 0"), _out()),
+    Case("steps-zero", GEN, _gen("--steps", "0"), 2, ("--steps", "positive integer", "'0'"), _out()),
+    Case("steps-text", GEN, _gen("--steps", "many"), 2, ("--steps", "positive integer"), _out()),
+    Case("height-negative", GEN, _gen("--height", "-64"), 2, ("--height", "positive integer"), _out()),
+    Case("boxes-three-values", GEN, _gen(*DYN, "--boxes", "0,0,1"), 2,
+         ("--boxes", "y0,x0,y1,x1", "'0,0,1'"), _out()),
+    Case("layout-words", GEN, _gen(*DYN, "--layout", "a,b"), 2,
+         ("--layout", "'row', 'grid'", "'a,b'"), _out()),
+    Case("scheduler-unknown", GEN, _gen("--scheduler", "pndm"), 2, ("--scheduler", "'pndm'"), _out()),
+    # options of the wrong method (exit 2)
+    Case("reference-without-method", GEN, _gen("--reference", D + "/face.png"), 2,
+         ("--reference", "needs an identity method"), _out()),
+    Case("deprecated-ref-without-method", GEN, _gen("--ref", D + "/face.png"), 2,
+         ("--reference", "needs an identity method"), _out()),
+    Case("boxes-with-infinite-id", GEN, _gen("--method", "infinite-id", "--boxes", "0,0,1,1"), 2,
+         ("--boxes", "belong to DynamicID"), _out()),
+    Case("face-prompts-count", GEN, _gen(*DYN,
+                                                      "--face-prompt", "a", "--face-prompt", "b"), 2,
+         ("--face-prompt", "2 time(s) for 1 --reference"), _out()),
+    Case("dynamicid-without-reference", GEN, _gen("--dynamicid", D), 2,
+         ("--dynamicid", "--reference"), _out()),
+    # paths, checked before loading anything (exit 1)
+    Case("out-is-folder", GEN, lambda e: _gen(out="")(e)[:-1] + [e["out"]], 1,
+         ("--out", "is a folder", "file path")),
+    Case("out-under-file", GEN, _gen(out="../data/a_file/x.png"), 1, ("--out", "which is a file")),
+    Case("reference-missing", GEN, _gen("--dynamicid", D, "--reference", D + "/nobody.png"), 1,
+         ("--reference", "nobody.png", "no such image file"), _out()),
+    Case("reference-is-folder", GEN, _gen("--dynamicid", D, "--reference", D), 1,
+         ("--reference", "is a folder"), _out()),
+    Case("save-gates-under-file", GEN, _gen(*DYN,
+                                                         "--save-gates", D + "/a_file/g.png"), 1,
+         ("--save-gates", "which is a file"), _out()),
+    Case("text-stream-under-file", GEN, _gen("--method", "infinite-id", "--reference", D + "/face.png",
+                                                          "--infinite-id-weights", D, "--image-encoder", D,
+                                                          "--save-text-stream", D + "/a_file/t.png"), 1,
+         ("--save-text-stream", "which is a file"), _out()),
+    Case("infinite-id-missing-weights", GEN, _gen("--method", "infinite-id", "--reference", D + "/face.png"), 1,
+         ("--method infinite-id needs", "--infinite-id-weights", "--image-encoder"), _out()),
+    # models
+    Case("model-missing", GEN, lambda e: ["--model", e["data"] + "/no_model", "--prompt", "a",
+                                                       "--out", e["out"] + "/x.png"], 1, ("no_model",), _out()),
+    Case("model-hub-id", GEN, lambda e: ["--model", "runwayml/stable-diffusion-v1-5", "--prompt", "a",
+                                                      "--out", e["out"] + "/x.png"], 1,
+         ("runwayml/stable-diffusion-v1-5",), _out()),
+    Case("model-ckpt", GEN, lambda e: ["--model", e["data"] + "/model.ckpt", "--prompt", "a",
+                                                    "--out", e["out"] + "/x.png"], 1,
+         ("model.ckpt", ".safetensors"), _out()),
+    Case("model-not-sd", GEN, lambda e: ["--model", e["data"] + "/not_sd", "--prompt", "a",
+                                                      "--out", e["out"] + "/x.png"], 1,
+         ("not_sd", "missing unet/"), _out()),
+    # after loading the tiny model, before compiling
+    Case("steps-1000", GEN, _gen("--steps", "1000"), 1, ("num_inference_steps=1000", "expected 1..999"), _out()),
+    Case("size-4096", GEN, _gen("--height", "4096", "--width", "4096"), 1,
+         ("4096×4096", "needs about", "more than"), _out()),
+    Case("height-not-multiple", GEN, _gen("--height", "50"), 1, ("height", "multiple of", "50"), _out()),
+    Case("dynamicid-not-converted", GEN, _gen("--dynamicid", D + "/not_sd", "--reference", D + "/face.png",
+                                                           "--image-encoder", D), 1,
+         ("not_sd", "not a converted DynamicID folder", "infer.convert"), _out()),
+    # convert: --overwrite never deletes what we did not write
+    Case("convert-overwrite-user-folder", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/model.ckpt", "--unet-config", "sd15", "--out", e["data"] + "/my-sd-copy",
+        "--overwrite"], 1,
+        ("--overwrite refused", "my-sd-copy", "not a converted DynamicID folder")),
+    Case("convert-overwrite-file", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/model.ckpt", "--unet-config", "sd15", "--out", e["data"] + "/notes.txt",
+        "--overwrite"], 1,
+        ("--overwrite refused", "notes.txt")),
+    Case("convert-exists", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/model.ckpt", "--unet-config", "sd15", "--out", e["data"] + "/not_sd"], 1,
+        ("not_sd", "already exists", "--overwrite")),
+    Case("convert-saa-missing", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/SAA.bin", "--unet-config", "sd15", "--out", e["out"] + "/conv"], 1, ("SAA.bin",),
+        lambda e: [e["out"] + "/conv"]),
+    Case("convert-kpe-without-imr", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/model.ckpt", "--key-point-encoder", e["data"] + "/model.ckpt", "--unet-config", "sd15",
+        "--out", e["out"] + "/conv"], 1, ("--key-point-encoder", "--imr"), lambda e: [e["out"] + "/conv"]),
+    Case("convert-unet-config-txt", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/model.ckpt", "--unet-config", e["data"] + "/notes.txt", "--out", e["out"] + "/conv"], 1,
+        ("--unet-config", "notes.txt", "config.json"), lambda e: [e["out"] + "/conv"]),
+    Case("convert-out-under-file", "infer.convert", lambda e: [
+        "--saa", e["data"] + "/model.ckpt", "--unet-config", "sd15", "--out", e["data"] + "/a_file/conv"], 1,
+        ("--out", "which is a file")),
+    # configs: refused on load, before any workdir is touched
+    Case("config-ema-text", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "train.ema_decay=fast"], 1,
+         ("train.ema_decay", "[0, 1)", "'fast'"), lambda e: [e["out"] + "/w"]),
+    Case("config-ema-one", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "train.ema_decay=1.0"], 1,
+         ("train.ema_decay", "[0, 1)"), lambda e: [e["out"] + "/w"]),
+    Case("config-remat", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "model.remat=fast"], 1,
+         ("model.remat", "dots"), lambda e: [e["out"] + "/w"]),
+    Case("config-lr-zero", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "optimizer.lr=0"], 1,
+         ("optimizer.lr", "> 0"), lambda e: [e["out"] + "/w"]),
+    Case("config-lr-nan", "train.stage2", lambda e: ["workdir=" + e["out"] + "/w", "optimizer.lr=.nan"], 1,
+         ("optimizer.lr", "finite"), lambda e: [e["out"] + "/w"]),
+    Case("config-batch-zero", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "data.batch_size=0"], 1,
+         ("data.batch_size", ">= 1"), lambda e: [e["out"] + "/w"]),
+    Case("config-typo", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "train.stepz=3"], 1,
+         ("train.stepz", "did you mean", "steps"), lambda e: [e["out"] + "/w"]),
+    Case("config-on-change", "train.infinite_id", lambda e: ["workdir=" + e["out"] + "/w", "on_change=maybe"], 1,
+         ("on_change", "'error', 'restart'"), lambda e: [e["out"] + "/w"]),
+    Case("config-corrupt-fraction", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w",
+                                                               "data.max_corrupt_fraction=2"], 1,
+         ("data.max_corrupt_fraction", "[0.0, 1.0]"), lambda e: [e["out"] + "/w"]),
+    Case("config-file-missing", "train.stage1", lambda e: ["--config", e["data"] + "/nope.yaml"], 1,
+         ("nope.yaml", "does not exist")),
+    Case("config-file-list", "train.stage1", lambda e: ["--config", e["data"] + "/list.yaml"], 1,
+         ("list.yaml", "mapping")),
+    Case("shards-missing", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w", "model.base=" + e["model"],
+                                                      "data.shards=" + e["data"] + "/no_shards"], 1,
+         ("no_shards", "manifest.json"), lambda e: [e["out"] + "/w"]),
+    # data pipelines
+    Case("build-shards-images-missing", "data_pipelines.build_shards", lambda e: [
+        "--images", e["data"] + "/no_images", "--out", e["out"] + "/s", "--analyzer", "dlib"], 1,
+        ("--images", "no_images"), lambda e: [e["out"] + "/s"]),
+    Case("build-shards-out-is-file", "data_pipelines.build_shards", lambda e: [
+        "--images", e["data"], "--out", e["data"] + "/notes.txt", "--analyzer", "dlib"], 1,
+        ("--out", "notes.txt", "existing file")),
+]
+
+
+def _error_line(err: str, code: int) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note: ")]
+    assert lines, "nothing printed"
+    if code == 2:  # argparse: usage lines, then "prog: error: …"
+        assert ": error: " in lines[-1], lines
+    else:
+        assert lines[-1].startswith("error: ") and sum(ln.startswith("error: ") for ln in lines) == 1, lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_command_line_bad_input(case: Case, env, capsys):
+    """One bad input through a command line: exit status, one error line naming the input and what was expected,
+    no traceback, nothing at the output paths, the data folder unchanged."""
+    import importlib
+
+    before = _tree_digest(env["data"])
+    out_before = _tree_digest(env["out"])
+    main = importlib.import_module(case.command).main
+    code = run_cli(main, case.argv(env))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert code == case.code, err
+    line = _error_line(err, case.code)
+    for text in case.expect:
+        assert text in line, (text, line)
+    for path in case.outputs(env):
+        assert not os.path.exists(path), path
+    assert _tree_digest(env["data"]) == before
+    assert _tree_digest(env["out"]) == out_before  # no temp files left either
+
+
+# ---------------------------------------------------------------------------------------------- library
+@dataclasses.dataclass(frozen=True)
+class LibCase:
+    id: str
+    call: Callable[[dict], Any]
+    error: type
+    expect: tuple[str, ...]
+
+
+def _sd(env):
+    if "sd" not in env:
+        from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+
+        env["sd"] = StableDiffusion.from_pretrained(env["model"])
+    return env["sd"]
+
+
+def _gen_lib(**kw):
+    def call(env):
+        args = dict(prompts=["a cat"], height=64, width=64, steps=2, guidance_scale=7.5)
+        args.update(kw)
+        return _sd(env).generate(args.pop("prompts"), **args)
+    return call
+
+
+def _load(name):
+    def call(env):
+        from dynamicid_jax.faces import load_rgb
+
+        return load_rgb(os.path.join(env["data"], name) if isinstance(name, str) else name)
+    return call
+
+
+def _saa(boxes, num_ids=1, size=(64, 64), **kw):
+    def call(env):
+        from dynamicid_jax.methods.saa import saa_inputs
+
+        return saa_inputs(num_ids, size, boxes, latent_grid=(size[0] // 8, size[1] // 8), **kw)
+    return call
+
+
+def _stage1_loader(how: str, fraction: float):
+    def call(env):
+        from data_pipelines import loaders as L
+
+        cfg = L.Stage1Config(batch_size=1, resolution=32, clip_size=32, num_epochs=1, distinct_reference=False,
+                             max_corrupt_fraction=fraction, corrupt_grace=1, process_index=0, process_count=1)
+        return list(L.stage1_loader(_broken_shards(env, how, how), cfg))
+    return call
+
+
+def _open(how: str):
+    def call(env):
+        from data_pipelines.shards import open_shards
+
+        return open_shards(_broken_shards(env, how, how))
+    return call
+
+
+def _scheduler(**cfg):
+    def call(env):
+        from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
+
+        kind = cfg.pop("kind", None)
+        return load_scheduler({**SD15_SCHEDULER_CONFIG, **cfg}, kind=kind)
+    return call
+
+
+def _weights_reshape(env):
+    """A Linear weight of the wrong size where a 1×1 conv is expected (needs the reshape the loader does)."""
+    from dynamicid_jax.models.vae import VAE_KEYMAP
+    from dynamicid_jax.weights.keymap import load_state_dict
+
+    abstract = {"decoder": {"conv_out": {"kernel": jax_shape((1, 1, 8, 3)), "bias": jax_shape((3,))}}}
+    state = {"decoder.conv_out.weight": np.zeros((3, 5), np.float32), "decoder.conv_out.bias": np.zeros(3, np.float32)}
+    return load_state_dict(state, VAE_KEYMAP, abstract, source="bad.safetensors")
+
+
+def jax_shape(shape):
+    import jax
+
+    return jax.ShapeDtypeStruct(shape, np.float32)
+
+
+def _config(overrides):
+    def call(env):
+        from train import stage1
+
+        return stage1.load(None, overrides)
+    return call
+
+
+LIB_CASES = [
+    LibCase("lib-guidance-nan", _gen_lib(guidance_scale=float("nan")), ValueError, ("guidance_scale", "finite", "nan")),
+    LibCase("lib-guidance-inf", _gen_lib(guidance_scale=float("inf")), ValueError, ("guidance_scale", "finite", "inf")),
+    LibCase("lib-no-prompts", _gen_lib(prompts=[]), ValueError, ("prompts", "non-empty")),
+    LibCase("lib-65-prompts", _gen_lib(prompts=["a"] * 65), ValueError, ("65 prompts", "at most 64")),
+    LibCase("lib-3000-prompts", _gen_lib(prompts=["a"] * 3000), ValueError, ("3000 prompts", "at most 64")),
+    LibCase("lib-size-4096", _gen_lib(height=4096, width=4096), ValueError, ("4096×4096", "needs about", "more than")),
+    LibCase("lib-latents-shape", _gen_lib(latents=np.zeros((1, 4, 4, 4))), ValueError, ("latents", "shape")),
+    LibCase("lib-negatives-count", _gen_lib(negative_prompt=["a", "b"]), ValueError, ("negative_prompt", "2 entries")),
+    LibCase("lib-steps-1000", _gen_lib(steps=1000), ValueError, ("num_inference_steps=1000", "1..999")),
+    LibCase("lib-steps-6000", _gen_lib(steps=6000), ValueError, ("num_inference_steps=6000", "1..999")),
+    LibCase("box-below-one-cell", _saa([[0.0, 0.0, 0.05, 0.05]]), ValueError,
+            ("box 0", "covers no cell", "8×8 latent grid")),
+    LibCase("boxes-overlap", _saa([[0, 0, .6, .6], [.4, .4, 1, 1]], num_ids=2), ValueError, ("overlap",)),
+    LibCase("box-outside", _saa([[0, 0, 1.2, 1]]), ValueError, ("[0, 1]", "1.2")),
+    LibCase("box-inverted", _saa([[.5, 0, .2, 1]]), ValueError, ("empty or inverted",)),
+    LibCase("box-nan", _saa([[0, 0, float("nan"), 1]]), ValueError, ("[0, 1]",)),
+    LibCase("mix-out-of-range", _saa([[0, 0, 1, 1]], num_ids=2, mix=1.5), ValueError, ("mix", "[0, 1]")),
+    LibCase("image-12000", _load("huge.png"), ValueError, ("huge.png", "12000×12000", "at most 100 megapixels")),
+    LibCase("image-bomb-14000", _load("bomb.png"), ValueError, ("bomb.png", "at most 100 megapixels")),
+    LibCase("image-truncated", _load("truncated.png"), ValueError, ("truncated.png", "not a valid or complete")),
+    LibCase("image-text", _load("not_an_image.jpg"), ValueError, ("not_an_image.jpg",)),
+    LibCase("image-folder", _load("not_sd"), ValueError, ("not_sd", "directory")),
+    LibCase("image-missing", _load("ghost.png"), FileNotFoundError, ("ghost.png", "does not exist")),
+    LibCase("image-nan-array", _load(np.full((8, 8, 3), np.nan, np.float32)), ValueError, ("NaN",)),
+    LibCase("image-five-channels", _load(np.zeros((8, 8, 5), np.uint8)), ValueError, ("[H, W, 3]", "(8, 8, 5)")),
+    LibCase("image-array-huge", _load(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 20000, 3))), ValueError,
+            ("20000×20000", "at most 100 megapixels")),
+    LibCase("shard-empty", _open("empty"), ValueError, ("faces-00001-of-00004.array_record", "cannot be opened")),
+    LibCase("shard-truncated", _open("truncated"), ValueError, ("faces-00001-of-00004.array_record", "corrupt")),
+    LibCase("shard-missing", _open("missing"), FileNotFoundError, ("faces-00001-of-00004.array_record", "missing")),
+    LibCase("manifest-invalid", _open("manifest"), ValueError, ("manifest.json", "invalid JSON")),
+    LibCase("shard-junk-over-budget", _stage1_loader("junk", 0.0), RuntimeError,
+            ("faces-00001-of-00004.array_record", "max_corrupt_fraction=0.0")),
+    LibCase("scheduler-karras-into-ddim", _scheduler(_class_name="DPMSolverSinglestepScheduler",
+                                                     use_karras_sigmas=True, kind="ddim"), ValueError,
+            ("use_karras_sigmas=True", "DDIMScheduler")),
+    LibCase("scheduler-thresholding", _scheduler(_class_name="DPMSolverMultistepScheduler", thresholding=True,
+                                                 kind="euler"), ValueError, ("thresholding=True",)),
+    LibCase("scheduler-unknown-key", _scheduler(not_a_field=1), ValueError, ("unknown keys: not_a_field",)),
+    LibCase("weights-reshape", _weights_reshape, ValueError, ("bad.safetensors", "decoder.conv_out.weight", "(3, 5)")),
+    LibCase("config-ema-list", _config(["train.ema_decay=[1, 2]"]), ValueError, ("train.ema_decay",)),
+    LibCase("config-tokenizer-number", _config(["data.tokenizer=5"]), ValueError, ("data.tokenizer", "string")),
+]
+
+
+@pytest.mark.parametrize("case", LIB_CASES, ids=[c.id for c in LIB_CASES])
+def test_library_bad_input(case: LibCase, env):
+    """One bad input through the library: an error the command lines report in one line, naming the input."""
+    before = _tree_digest(env["data"])
+    with pytest.raises(case.error) as info:
+        case.call(env)
+    assert isinstance(info.value, KNOWN_ERRORS), type(info.value)
+    line = format_error(info.value)
+    assert "\n" not in line
+    for text in case.expect:
+        assert text in line, (text, line)
+    assert _tree_digest(env["data"]) == before
+
+
+def test_known_skip_counts_junk_records(env):
+    """A shard with junk over one record: the loader skips and counts it (below the budget), naming the shard."""
+    from data_pipelines import loaders as L
+
+    cfg = L.Stage1Config(batch_size=1, resolution=32, clip_size=32, num_epochs=1, distinct_reference=False,
+                         max_corrupt_fraction=0.5, corrupt_grace=4, process_index=0, process_count=1)
+    it = iter(L.stage1_loader(_broken_shards(env, "junk", "junk"), cfg))
+    batches = list(it)
+    assert it.stats["skipped"] == 1 and len(batches) == 7
+    assert "faces-00001-of-00004.array_record" in it.stats["recent_errors"][0]
+
+
+# ---------------------------------------------------------------------------------------------- files we write
+def test_outputs_follow_the_umask(env, tmp_path):
+    """Shards, manifests, JSON, safetensors, PNGs and converted-style folders get the modes open()/mkdir would
+    give under the umask (not tempfile's 0600 / 0700), and are replaced atomically."""
+    from dynamicid_jax import io_atomic
+    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.weights.keymap import write_safetensors
+
+    old = os.umask(0o027)
+    try:
+        _write_shards(str(tmp_path / "shards"))
+        save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
+        write_safetensors({"w": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))
+        io_atomic.write_json({"a": 1}, tmp_path / "x.json")
+        with io_atomic.atomic_folder(tmp_path / "folder") as tmp:
+            os.makedirs(os.path.join(tmp, "sub"))
+            io_atomic.write_text("hi", os.path.join(tmp, "sub", "f.txt"))
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "shards").iterdir(), tmp_path / "a.png", tmp_path / "w.safetensors", tmp_path / "x.json",
+             tmp_path / "folder" / "sub" / "f.txt"]
+    for f in files:
+        assert os.stat(f).st_mode & 0o777 == 0o640, (f, oct(os.stat(f).st_mode))
+    for d in (tmp_path / "folder", tmp_path / "folder" / "sub"):
+        assert os.stat(d).st_mode & 0o777 == 0o750, (d, oct(os.stat(d).st_mode))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    with pytest.raises(RuntimeError):  # a failed write leaves the old file and no temp file
+        with io_atomic.atomic_path(tmp_path / "x.json") as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("boom")
+    assert json.load(open(tmp_path / "x.json")) == {"a": 1}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_convert_overwrite_replaces_only_its_own_folder(tmp_path):
+    """--overwrite replaces a folder carrying our manifest, and refuses one without it (untouched)."""
+    from dynamicid_jax.pipelines.dynamicid import FOLDER_FORMAT, MANIFEST, check_overwritable
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    (ours / MANIFEST).write_text(json.dumps({"format": FOLDER_FORMAT, "parts": []}))
+    theirs.mkdir()
+    (theirs / MANIFEST).write_text(json.dumps({"format": "something else"}))
+    check_overwritable(str(ours), True)
+    with pytest.raises(FileExistsError, match="--overwrite refused"):
+        check_overwritable(str(theirs), True)
+    with pytest.raises(FileExistsError, match="already exists"):
+        check_overwritable(str(ours), False)
+
+
+def test_deprecated_spellings_still_work(env, capsys):
+    """The old option names of infer.generate parse into the new ones and print a deprecation note."""
+    from infer.generate import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--prompt", "p", "--out", "o.png", "--ref", "a.png",
+                                      "--reference", "b.png", "--clip-vision", "clip", "--face-backend", "dlib",
+                                      "--face-root", "r"])
+    assert args.reference == ["a.png", "b.png"] and args.image_encoder == "clip"
+    assert args.analyzer == "dlib" and args.analyzer_root == "r"
+    err = capsys.readouterr().err
+    for old, new in (("--ref", "--reference"), ("--clip-vision", "--image-encoder"), ("--face-backend", "--analyzer"),
+                     ("--face-root", "--analyzer-root")):
+        assert f"note: {old} is deprecated; use {new}" in err
+
+
+def test_debug_shows_the_traceback(env, capsys, monkeypatch):
+    """--debug (or DYNAMICID_DEBUG=1) prints the traceback of a known error, then the same one-line error."""
+    from infer import generate
+
+    argv = ["--model", env["data"] + "/no_model", "--prompt", "a", "--out", env["out"] + "/x.png"]
+    assert run_cli(generate.main, argv + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+    monkeypatch.setenv("DYNAMICID_DEBUG", "1")
+    assert run_cli(generate.main, argv) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- signals
+def test_ctrl_c_during_sampling_stops_between_chunks(env, capsys, monkeypatch):
+    """SIGINT while the tiny model samples: the run stops at the next chunk boundary, exits 130 with one line,
+    and nothing is written at --out."""
+    from dynamicid_jax.pipelines import stable_diffusion
+    from infer import generate
+
+    real = stable_diffusion.run_in_chunks
+    calls = []
+
+    def interrupting(step, carry, num_steps, **kw):
+        def step_then_signal(c, lo, hi):
+            out = step(c, lo, hi)
+            calls.append(int(hi))
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first chunk ran
+            return out
+        return real(step_then_signal, carry, num_steps, **kw)
+
+    monkeypatch.setattr(stable_diffusion, "run_in_chunks", interrupting)
+    out = os.path.join(env["out"], "interrupted.png")
+    code = run_cli(generate.main, ["--model", env["model"], "--prompt", "a cat", "--height", "64", "--width", "64",
+                                   "--steps", "8", "--out", out])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert calls == [1]  # stopped after the first chunk (one step), not after all 8
+    assert not os.path.exists(out) and not [n for n in os.listdir(env["out"]) if n.startswith(".tmp")]
