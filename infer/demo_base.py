@@ -19,10 +19,8 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Mapping
 
@@ -176,11 +174,14 @@ def export_base(sd_folder: str, out: str, *, data_root: str, stage0_metrics: Map
     mask[keep] = 1.0
     _set(text, path, table * mask)
     sd.params = {**sd.params, "text_encoder": text}
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-base-", dir=parent)
-    try:
+    from dynamicid_jax.io_atomic import atomic_folder, write_json
+
+    with atomic_folder(out, replace=os.path.exists(out)) as staging:
         folder = sd.save_pretrained(os.path.join(staging, "base"), dtype="float16")
+        for name in os.listdir(folder):
+            os.replace(os.path.join(folder, name), os.path.join(staging, name))
+        os.rmdir(folder)
+        folder = staging
         index = synthface.load_index(data_root)
         train_images, _ = synthface.load_split(data_root, "train")
         pair_images, _ = synthface.load_pairs(data_root)
@@ -210,28 +211,8 @@ def export_base(sd_folder: str, out: str, *, data_root: str, stage0_metrics: Map
             **dict(extra or {}),
             "files": _file_hashes(folder),
         }
-        with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
-            json.dump(provenance, f, indent=1, sort_keys=True)
-            f.write("\n")
-        _chmod_tree(folder)
-        old = None
-        if os.path.exists(out):
-            old = os.path.join(staging, "old")
-            os.replace(out, old)
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(provenance, os.path.join(folder, PROVENANCE), indent=1, sort_keys=True)
     return out
-
-
-def _chmod_tree(folder: str) -> None:
-    """Modes that follow the umask (mkdtemp makes 0700 folders)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _find_token_embedding(tree: Mapping) -> tuple[str, ...]:

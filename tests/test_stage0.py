@@ -150,3 +150,34 @@ def test_text_variants_and_host_init():
     kernel = params["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
     assert abs(float(kernel.std()) - 1 / 8) < 0.01 and float(np.abs(kernel).max()) <= 2 / 8 / 0.8796 + 1e-6
     assert np.all(params["final_layer_norm"]["scale"] == 1)
+
+
+def test_export_base_writes_a_verified_fp16_folder(quick_run, synth_root, tmp_path):
+    """``make base``'s export step on the quick stage 0: an fp16 folder with the unused text-embedding rows zeroed,
+    a provenance whose hashes verify, our loader reading it back within fp16 rounding; an existing folder that we
+    did not write is refused, one that we wrote is replaced."""
+    from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+    from infer import demo_base
+
+    _, workdir, folder = quick_run
+    with open(os.path.join(workdir, "export", "stage0_metrics.json")) as f:
+        metrics = json.load(f)
+    out = str(tmp_path / "base")
+    demo_base.export_base(folder, out, data_root=synth_root, stage0_metrics=metrics, command="test")
+    provenance = demo_base.verify_base(out)
+    assert provenance["command"] == "test" and provenance["diffusion"]["steps"] == metrics["diffusion"]["steps"]
+    fp32, fp16 = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(out)
+    a = np.asarray(fp32.params["unet"]["conv_in"]["kernel"])
+    np.testing.assert_allclose(np.asarray(fp16.params["unet"]["conv_in"]["kernel"]), a, rtol=1e-3, atol=1e-4)
+    table = np.asarray(fp16.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"])
+    kept = np.flatnonzero(np.abs(table).sum(1) > 0)
+    assert len(kept) == provenance["text_vocabulary"]["kept_rows"] == len(
+        demo_base.used_token_ids(fp16.tokenizer, demo_base.world_texts(synth_root)))
+    demo_base.export_base(folder, out, data_root=synth_root, stage0_metrics=metrics, command="again")
+    assert demo_base.verify_base(out)["command"] == "again"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a SynthFace base"):
+        demo_base.export_base(folder, str(foreign), data_root=synth_root, stage0_metrics=metrics, command="x")
+    assert (foreign / "notes.txt").read_text() == "mine"

@@ -12,7 +12,6 @@ so stage 1 and the pipeline load it like any CLIP folder (``model.image_encoder=
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -41,13 +40,12 @@ class ImageEncoderResult:
     def save(self, folder: str) -> str:
         from dynamicid_jax.models.clip import save_image_encoder
 
+        from dynamicid_jax.io_atomic import write_json
+
         save_image_encoder(folder, self.module, self.params)
         payload = {"labels": self.labels, "metrics": self.metrics,
                    "heads": {k: np.asarray(v).tolist() for k, v in self.heads.items()}}
-        tmp = os.path.join(folder, ".heads.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-        os.replace(tmp, os.path.join(folder, "heads.json"))
+        write_json(payload, os.path.join(folder, "heads.json"))
         return folder
 
 
