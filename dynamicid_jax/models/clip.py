@@ -193,7 +193,8 @@ def text_config(variant: str = "sd15") -> CLIPTextConfig:
         "openclip-h": CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                                      num_attention_heads=16, hidden_act="gelu", projection_dim=512),
         "openclip-bigg": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+                                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                        eos_token_id=2),  # as SDXL's text_encoder_2/config.json (argmax pooling)
         "tiny": CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, eos_token_id=999, projection_dim=64),
         # The SynthFace base (train/stage0.py): SD1.5's vocabulary / tokenizer, 77 positions, 64 wide.

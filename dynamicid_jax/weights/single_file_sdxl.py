@@ -151,7 +151,7 @@ _OPENCLIP_TOP = {
 }
 _OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
                    "attn.out_proj": "self_attn.out_proj"}
-_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
+_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj(?=_)|.+(?=\.))[._](weight|bias)$")
 _HF_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm.")
 
