@@ -547,6 +547,13 @@ def dummy_added_cond(config: UNetConfig, batch: int = 1) -> dict | None:
             "time_ids": jnp.zeros((batch, NUM_TIME_IDS), jnp.float32)}
 
 
+def micro_conditioning(batch: int, latent_hw: tuple[int, int], vae_scale_factor: int = 8) -> jax.Array:
+    """SDXL's ``time_ids [batch, 6]`` for an uncropped image generated at its own size: ``(H, W, 0, 0, H, W)``
+    with ``H, W`` = latent size × the VAE's scale factor (what training and sampling at one size use)."""
+    h, w = int(latent_hw[0]) * vae_scale_factor, int(latent_hw[1]) * vae_scale_factor
+    return jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (batch, NUM_TIME_IDS))
+
+
 UNET_KEYMAP = km.KeyMap(
     list_names=("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
                 "upsamplers", "to_out", "net"),

@@ -61,6 +61,28 @@ def is_sdxl(path: str | os.PathLike) -> bool:
     return False
 
 
+def tokenizer_2_ids(ids: jax.Array, eos_id: int = 49407, pad_id: int = 0) -> jax.Array:
+    """``tokenizer_2``'s ids from ``tokenizer``'s: SDXL's two tokenizers share the BPE and differ only in padding
+    (EOS vs ``"!"``, id 0), so every position after the first EOS becomes ``pad_id``. Lets training data carry
+    one tokenization (``input_ids``) for both encoders."""
+    ids = jnp.asarray(ids)
+    first_eos = jnp.argmax(ids == eos_id, axis=-1)
+    after = jnp.arange(ids.shape[-1])[None, :] > first_eos[:, None]
+    return jnp.where(after, jnp.asarray(pad_id, ids.dtype), ids)
+
+
+def encode_sdxl_text(text_encoder, text_encoder_2, params: dict, ids: jax.Array,
+                     ids_2: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """SDXL's prompt encoding (traceable): ``(context [B, L, D1 + D2], pooled [B, P])`` — the penultimate hidden
+    states of both encoders concatenated, and the second encoder's projected pooled output. ``params`` holds
+    ``"text_encoder"`` and ``"text_encoder_2"``; ``ids_2`` defaults to :func:`tokenizer_2_ids` of ``ids``."""
+    ids_2 = tokenizer_2_ids(ids) if ids_2 is None else ids_2
+    out = text_encoder.apply({"params": params["text_encoder"]}, ids, output_hidden_states=True)
+    out_2 = text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2, output_hidden_states=True)
+    context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
+    return context, out_2.text_embeds
+
+
 @dataclasses.dataclass(frozen=True)
 class SDXLSamplerKey:
     batch: int
@@ -201,10 +223,7 @@ class StableDiffusionXL:
     # ------------------------------------------------------------------------------------------------ encoding
     def _encode(self, params, ids, ids_2):
         """Traced: ``(context [B, 77, D1 + D2], pooled [B, P])`` from the two tokenizations."""
-        out = self.text_encoder.apply({"params": params["text_encoder"]}, ids, output_hidden_states=True)
-        out_2 = self.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2, output_hidden_states=True)
-        context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
-        return context, out_2.text_embeds
+        return encode_sdxl_text(self.text_encoder, self.text_encoder_2, params, ids, ids_2)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """``(context [B, 77, 2048], pooled [B, 1280])`` for a list of prompts (SDXL's ``encode_prompt``)."""
