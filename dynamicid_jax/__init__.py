@@ -29,3 +29,9 @@ __all__ = [
     "clip_preprocess", "load_image_encoder", "load_scheduler", "load_text_encoder", "load_tokenizer", "load_unet",
     "load_vae", "sharding", "tokenize", "unet_config",
 ]
+
+# SDXL, the second backbone (docs/sdxl.md)
+from dynamicid_jax.models.clip import CLIPTextModelWithProjection  # noqa: E402
+from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL  # noqa: E402
+
+__all__ += ["CLIPTextModelWithProjection", "StableDiffusionXL"]

@@ -67,7 +67,8 @@ def test_text_encoders_match_encode_prompt(tiny_sdxl, ours, torch):
     assert type(ours.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     context, pooled = ours.encode_prompts([PROMPT, "a cat"])
     with torch.no_grad():
-        ref_ctx, _, ref_pooled, _ = pipe.encode_prompt([PROMPT, "a cat"], device="cpu", do_classifier_free_guidance=False)
+        ref_ctx, _, ref_pooled, _ = pipe.encode_prompt([PROMPT, "a cat"], device="cpu",
+                                                       do_classifier_free_guidance=False)
     assert context.shape == (2, 77, 64) and pooled.shape == (2, 32)
     assert_close(context, ref_ctx.numpy(), what="SDXL prompt embeds")
     assert_close(pooled, ref_pooled.numpy(), what="SDXL pooled prompt embeds")

@@ -179,8 +179,9 @@ def openclip_to_transformers(state: Mapping[str, Any]) -> dict[str, Any]:
         else:
             unknown.append(key)
     if unknown:
+        listed = sf._shorten(sorted(TEXT_2_PREFIX + k for k in unknown))
         raise WeightLoadError(f"text encoder 2: {len(unknown)} OpenCLIP key(s) with no place in a "
-                              f"CLIPTextModelWithProjection:\n{sf._shorten(sorted(TEXT_2_PREFIX + k for k in unknown))}")
+                              f"CLIPTextModelWithProjection:\n{listed}")
     return out
 
 
