@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from dynamicid_jax import sharding
 from dynamicid_jax.models.attention import Attention, AttentionStrategy, LayerInfo, StandardAttention
-from dynamicid_jax.models.clip import (CLIPTextModel, CLIPVisionModelWithProjection, clip_preprocess,
-                                       load_image_encoder, load_text_encoder)
+from dynamicid_jax.models.clip import (CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
+                                       clip_preprocess, load_image_encoder, load_text_encoder)
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet, unet_config
 from dynamicid_jax.models.vae import AutoencoderKL, load_vae
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL  # the second backbone (docs/sdxl.md)
 from dynamicid_jax.schedulers import load_scheduler
 from dynamicid_jax.tokenizer import load_tokenizer, tokenize
 from dynamicid_jax.weights.keymap import WeightLoadError
@@ -42,8 +43,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "Attention", "AttentionStrategy", "AutoencoderKL", "CLIPTextModel", "CLIPVisionModelWithProjection",
-    "DynamicIDPipeline", "InfiniteIDPipeline", "LayerInfo", "StableDiffusion", "StandardAttention", "UNet2DConditionModel", "UNetConfig", "WeightLoadError",
+    "Attention", "AttentionStrategy", "AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection",
+    "CLIPVisionModelWithProjection", "DynamicIDPipeline", "InfiniteIDPipeline", "LayerInfo", "StableDiffusion",
+    "StableDiffusionXL", "StandardAttention", "UNet2DConditionModel", "UNetConfig", "WeightLoadError",
     "clip_preprocess", "load_image_encoder", "load_scheduler", "load_text_encoder", "load_tokenizer", "load_unet",
     "load_vae", "sharding", "tokenize", "unet_config",
 ]

@@ -33,6 +33,7 @@ BPE_ASSET = "bpe_simple_vocab_16e6.txt.gz"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 77
+SDXL_PAD_TOKEN = "!"  # SDXL's tokenizer_2 (OpenCLIP's tokenizer) pads with "!" (id 0) instead of EOS
 # The original CLIP tokenizer keeps merge lines 1 .. 48894 (line 0 is a header): 49152 - 256 - 2 merges, so that
 # 256 bytes + 256 end-of-word bytes + merges + 2 special tokens = 49408 ids.
 NUM_MERGES = 49152 - 256 - 2
@@ -114,8 +115,10 @@ def _is_complete(folder: pathlib.Path) -> bool:
     return all((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """Build (once) and return the folder of the offline default SD1.5 tokenizer.
+def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None, *,
+                          pad_token: str = EOS_TOKEN) -> pathlib.Path:
+    """Build (once) and return the folder of the offline default SD1.5 tokenizer (``pad_token=SDXL_PAD_TOKEN``:
+    SDXL's ``tokenizer_2``, the same vocabulary and merges with ``"!"`` as padding).
 
     The folder name carries a hash of the packaged BPE file, and it is written atomically (a temporary folder
     renamed into place), so concurrent processes and interrupted writes never leave a half-written tokenizer.
@@ -123,7 +126,11 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> pathlib
     asset = _asset_path()
     digest = hashlib.sha256(asset.read_bytes()).hexdigest()[:16]
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / f"clip_tokenizer-{digest}"
+    if pad_token not in (EOS_TOKEN, SDXL_PAD_TOKEN):
+        raise ValueError(f"pad_token must be {EOS_TOKEN!r} (SD1.5, SDXL tokenizer) or {SDXL_PAD_TOKEN!r} (SDXL "
+                         f"tokenizer_2), got {pad_token!r}")
+    suffix = "" if pad_token == EOS_TOKEN else "-pad-exclam"
+    folder = root / f"clip_tokenizer{suffix}-{digest}"
     if _is_complete(folder):
         return folder
     root.mkdir(parents=True, exist_ok=True)
@@ -136,8 +143,10 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> pathlib
     try:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
-        (tmp / "special_tokens_map.json").write_text(json.dumps(_SPECIAL_TOKENS_MAP, indent=2), encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({**_TOKENIZER_CONFIG, "pad_token": pad_token},
+                                                              indent=2), encoding="utf-8")
+        (tmp / "special_tokens_map.json").write_text(json.dumps({**_SPECIAL_TOKENS_MAP, "pad_token": pad_token},
+                                                                indent=2), encoding="utf-8")
         if folder.exists() and not _is_complete(folder):
             shutil.rmtree(folder, ignore_errors=True)  # a broken leftover (files deleted by hand)
         try:
@@ -173,12 +182,14 @@ def _resolve_tokenizer_folder(path: str | os.PathLike) -> pathlib.Path:
     return folder
 
 
-def load_tokenizer(path: str | os.PathLike | None = None, *,
-                   cache_dir: str | os.PathLike | None = None) -> "CLIPTokenizer":
-    """A ``transformers.CLIPTokenizer`` from a local folder, or the offline SD1.5 default when ``path`` is None."""
+def load_tokenizer(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
+                   pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
+    """A ``transformers.CLIPTokenizer`` from a local folder, or the offline SD1.5 default when ``path`` is None
+    (``pad_token=SDXL_PAD_TOKEN``: SDXL's ``tokenizer_2``; ignored when ``path`` is given)."""
     from transformers import CLIPTokenizer
 
-    folder = default_tokenizer_dir(cache_dir) if path is None else _resolve_tokenizer_folder(path)
+    folder = (default_tokenizer_dir(cache_dir, pad_token=pad_token) if path is None
+              else _resolve_tokenizer_folder(path))
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

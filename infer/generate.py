@@ -72,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers SD folder or single-file .safetensors checkpoint")
+    p.add_argument("--model", required=True, help="diffusers SD1.x or SDXL folder, or single-file .safetensors "
+                   "checkpoint (the backbone is read from the folder or file)")
     p.add_argument("--config", help="for single-file checkpoints: a diffusers folder holding the configs")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=positive_int, default=512)
-    p.add_argument("--width", type=positive_int, default=512)
+    p.add_argument("--height", type=positive_int, default=None, help="default: 512 (SD1.x), 1024 (SDXL)")
+    p.add_argument("--width", type=positive_int, default=None, help="default: 512 (SD1.x), 1024 (SDXL)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="default: 50 (text-to-image, DynamicID), 30 (Infinite-ID)")
     p.add_argument("--guidance-scale", type=nonnegative_float, default=None,
@@ -194,11 +195,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     method = _resolve_method(parser, args)
+    sdxl = _is_sdxl_model(args.model)
+    if sdxl and method != "text-to-image":
+        parser.error(f"--model {args.model} is an SDXL model: the identity-method pipelines of this CLI run on SD1.x; "
+                     f"on SDXL use the library's strategies (docs/sdxl.md)")
+    for side in ("height", "width"):
+        if getattr(args, side) is None:
+            setattr(args, side, 1024 if sdxl else 512)
     if method == "dynamicid":
         return run_dynamicid(args)
     if method == "text-to-image":
         return run_text_to_image(args)
     return identity_methods()[method].run(args)
+
+
+def _is_sdxl_model(path: str) -> bool:
+    from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
+
+    return is_sdxl(path)
 
 
 def run_text_to_image(args: argparse.Namespace) -> int:
@@ -213,8 +227,12 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     steps = TEXT_TO_IMAGE_STEPS if args.steps is None else args.steps
     start = time.perf_counter()
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
-    sd = StableDiffusion.from_pretrained(args.model, config=args.config, scheduler=args.scheduler,
-                                         dtype=getattr(jnp, args.dtype))
+    if _is_sdxl_model(args.model):
+        from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL as pipeline_class
+    else:
+        pipeline_class = StableDiffusion
+    sd = pipeline_class.from_pretrained(args.model, config=args.config, scheduler=args.scheduler,
+                                        dtype=getattr(jnp, args.dtype))
     print(f"loaded in {time.perf_counter() - start:.1f}s; compiling the sampler "
           f"({len(args.prompt)}×{args.height}×{args.width}, {steps} steps) …", file=sys.stderr, flush=True)
     images = sd.generate(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

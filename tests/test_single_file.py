@@ -277,7 +277,7 @@ def test_inverse_errors_and_unsupported_configs(tiny):
     with pytest.raises(WeightLoadError, match="text_projection"):
         sf.to_ldm_checkpoint(None, None, {"text_projection.weight": np.zeros((2, 2))}, unet_cfg, vae_cfg)
     with pytest.raises(ValueError, match="addition_embed_type"):
-        sf.unet_modules({**unet_cfg, "addition_embed_type": "text_time"})
+        sf.unet_modules({**unet_cfg, "addition_embed_type": "text_image"})  # "text_time" (SDXL) is supported
     with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
         sf.unet_modules({**unet_cfg, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D",
                                                           "DownBlock2D"]})

@@ -39,17 +39,50 @@ class BaseModel:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
-    params: dict  # {"unet", "vae", "text_encoder"}
+    params: dict  # {"unet", "vae", "text_encoder"} (+ "text_encoder_2" for SDXL)
     scaling_factor: float
     source: str
+    text_encoder_2: Any = None  # SDXL only: the CLIPTextModelWithProjection
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_conditioning(self, params: Mapping, ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """``(context [B, 77, D], pooled [B, P] or None)`` of token ids (tokenizer 1's; SDXL derives tokenizer 2's
+        from them). ``params`` holds the text encoders' params under their component names."""
+        if not self.is_sdxl:
+            return self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state, None
+        from dynamicid_jax.pipelines.stable_diffusion_xl import encode_sdxl_text
+
+        return encode_sdxl_text(self.text_encoder, self.text_encoder_2, params, ids)
+
+    def added_cond(self, pooled: jax.Array | None, latent_hw: tuple[int, int]) -> tuple:
+        """The UNet's extra positional argument: ``()`` for SD1.x, ``(added_cond,)`` for SDXL (pooled text and
+        the micro-conditioning of an uncropped image at the latent's size)."""
+        if not self.is_sdxl:
+            return ()
+        from dynamicid_jax.models.unet import micro_conditioning
+        from dynamicid_jax.models.vae import vae_scale_factor
+
+        return ({"text_embeds": pooled, "time_ids": micro_conditioning(pooled.shape[0], latent_hw,
+                                                                       vae_scale_factor(self.vae.config))},)
 
 
 def load_base(path: str, dtype) -> BaseModel:
-    """SD1.5 from a diffusers folder or a single ``.safetensors`` file (params fp32, modules at ``dtype``)."""
+    """SD1.5 or SDXL (picked from the folder / file) from a diffusers folder or a single ``.safetensors`` file
+    (params fp32, modules at ``dtype``; DDIM scheduler)."""
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL, is_sdxl
 
     if not path:
-        raise ValueError("model.base must name a Stable Diffusion 1.5 diffusers folder or .safetensors file")
+        raise ValueError("model.base must name a Stable Diffusion 1.5 or SDXL diffusers folder or .safetensors file")
+    if is_sdxl(path):
+        xl = StableDiffusionXL.from_pretrained(path, dtype=dtype, scheduler="ddim")
+        return BaseModel(unet_config=xl.unet.config, vae=xl.vae, text_encoder=xl.text_encoder,
+                         tokenizer=xl.tokenizer, scheduler=xl.scheduler, params=dict(xl.params),
+                         scaling_factor=float(xl.vae.config.scaling_factor), source=os.path.abspath(path),
+                         text_encoder_2=xl.text_encoder_2)
     sd = StableDiffusion.from_pretrained(path, dtype=dtype)
     return BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                      scheduler=sd.scheduler, params=dict(sd.params), scaling_factor=float(sd.vae.config.scaling_factor),

@@ -120,6 +120,8 @@ class Stage1:
         self.image_params, self.image_source = image_params, image_source
         self.clip_size = resolve_clip_size(cfg["data"], self.image_module)
         self.frozen = {"unet": b.params["unet"], "vae": b.params["vae"], "text_encoder": b.params["text_encoder"]}
+        if b.is_sdxl:
+            self.frozen["text_encoder_2"] = b.params["text_encoder_2"]
         if self.image_module is not None:
             self.frozen["image_encoder"] = image_params
         from dynamicid_jax.tokenizer import tokenize
@@ -175,7 +177,8 @@ class Stage1:
         return saa_lib.merge_params(frozen["unet"], trainable["saa"])
 
     def text_embeddings(self, frozen, ids):
-        return self.base.text_encoder.apply({"params": frozen["text_encoder"]}, ids).last_hidden_state
+        """``(context, pooled)``; ``pooled`` is SDXL's pooled text embedding (``None`` on SD1.x)."""
+        return self.base.text_conditioning(frozen, ids)
 
     # ---- the task -------------------------------------------------------------------------------------------
     def loss_fn(self, trainable, frozen, mutable, batch, rng):
@@ -185,7 +188,7 @@ class Stage1:
         drop_id, drop_text = drop_masks(k_drop, b, float(meth["drop_id"]), float(meth["drop_text"]),
                                         float(meth["drop_both"]))
         ids = jnp.where(drop_text[:, None], jnp.asarray(self.empty_ids), batch["input_ids"].astype(jnp.int32))
-        text = self.text_embeddings(frozen, ids)
+        text, pooled = self.text_embeddings(frozen, ids)
         feats = self.clip_features(frozen, batch, drop_id)
         id_embeds = jnp.where(drop_id[:, None], 0.0, batch["ref_id_embedding"].astype(jnp.float32))
         tokens = self.id_tokens(trainable, id_embeds, feats)
@@ -196,7 +199,8 @@ class Stage1:
         noisy = sched.add_noise(latents, noise, t)
         context = jnp.concatenate([text.astype(self.dtype), tokens.astype(self.dtype)], axis=1)
         pred = self.unet.apply({"params": self.unet_params(trainable, frozen)}, noisy, t, context,
-                               self.saa_inputs(latents.shape[1:3])).astype(jnp.float32)
+                               self.saa_inputs(latents.shape[1:3]),
+                               *self.base.added_cond(pooled, latents.shape[1:3])).astype(jnp.float32)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         loss = jnp.mean(jnp.square(pred - target))
         return loss, ({"drop_id_frac": jnp.mean(drop_id), "drop_text_frac": jnp.mean(drop_text)}, mutable)
@@ -243,6 +247,8 @@ class Stage1:
         out = {"unet": abstract_unet(self.base.unet_config),
                "vae": vae_lib.abstract_params(self.base.vae),
                "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+        if self.base.is_sdxl:
+            out["text_encoder_2"] = common.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
         if self.image_module is not None:
             size = self.image_module.config.image_size
             out["image_encoder"] = common.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
@@ -274,16 +280,20 @@ class Stage1:
             tokens = self.id_tokens(trainable, ref_embed, feats)
             un_feats = self.clip_features(frozen, ref_clip, ~one)
             un_tokens = self.id_tokens(trainable, jnp.zeros_like(ref_embed), un_feats)
-            text = self.text_embeddings(frozen, ids)
-            empty = self.text_embeddings(frozen, jnp.asarray(self.empty_ids))
+            text, pooled = self.text_embeddings(frozen, ids)
+            empty, empty_pooled = self.text_embeddings(frozen, jnp.asarray(self.empty_ids))
             cond = jnp.concatenate([text, jnp.repeat(tokens, n, 0).astype(text.dtype)], axis=1)
             uncond = jnp.concatenate([jnp.repeat(empty, n, 0), jnp.repeat(un_tokens, n, 0).astype(text.dtype)],
                                      axis=1)
             shape = (n, size // f, size // f, self.base.unet_config.in_channels)
             latents = jax.random.normal(jax.random.key(0), shape, jnp.float32)
             inputs = self.saa_inputs((size // f, size // f))
+            added = {}
+            if self.base.is_sdxl:  # SDXL: pooled text + micro-conditioning, the unconditional rows those of ""
+                added = {"added_cond": self.base.added_cond(pooled, shape[1:3])[0],
+                         "uncond_added_cond": self.base.added_cond(jnp.repeat(empty_pooled, n, 0), shape[1:3])[0]}
             out = denoise(self.unet, self.unet_params(trainable, frozen), sched, int(s["steps"]), latents, cond,
-                          float(s["guidance_scale"]), attention_inputs=inputs, uncond_context=uncond)
+                          float(s["guidance_scale"]), attention_inputs=inputs, uncond_context=uncond, **added)
             return to_uint8(decode_latents(self.base.vae, frozen["vae"], out))
 
         return sample

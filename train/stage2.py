@@ -113,20 +113,27 @@ class Stage2:
         if self.kpe.config.embedding_dim != self.imr.config.embedding_dim:
             raise ValueError(f"the KeyPointEncoder's width ({self.kpe.config.embedding_dim}) must equal the IMR's "
                              f"embedding_dim ({self.imr.config.embedding_dim}): set model.keypoint_overrides")
-        if self.imr.config.txt_dim != b.text_encoder.config.hidden_size:
+        # the pooled text the IMR reads: CLIP's pooled output on SD1.x, SDXL's projected pooled embedding on SDXL
+        pooled_dim = (b.text_encoder_2.config.projection_dim if b.is_sdxl else b.text_encoder.config.hidden_size)
+        if self.imr.config.txt_dim != pooled_dim:
             raise ValueError(f"the IMR takes {self.imr.config.txt_dim}-d pooled text but the text encoder gives "
-                             f"{b.text_encoder.config.hidden_size}-d (set model.imr_overrides.txt_dim)")
+                             f"{pooled_dim}-d (set model.imr_overrides.txt_dim)")
         self.frozen = {"unet": saa_lib.merge_params(b.params["unet"], stage1_params["saa"]),
                        "vae": b.params["vae"], "text_encoder": b.params["text_encoder"]}
+        if b.is_sdxl:
+            self.frozen["text_encoder_2"] = b.params["text_encoder_2"]
         from dynamicid_jax.tokenizer import tokenize
 
         ids = jnp.asarray(tokenize(b.tokenizer, [cfg["method"]["prompt"]]), jnp.int32)
-        self.prompt_context = np.asarray(jax.jit(lambda p, i: b.text_encoder.apply({"params": p}, i)
-                                                 .last_hidden_state)(b.params["text_encoder"], ids), np.float32)
+        context, pooled = jax.jit(b.text_conditioning)(self.frozen, ids)
+        self.prompt_context = np.asarray(context, np.float32)
+        self.prompt_pooled = None if pooled is None else np.asarray(pooled, np.float32)  # SDXL only
         self.frozen_source = {"base": b.source, "stage1": os.path.abspath(m["stage1"]) if m["stage1"] else "",
                               "stage": "stage2"}
 
     def pooled_text(self, frozen, ids):
+        if self.base.is_sdxl:
+            return self.base.text_conditioning(frozen, ids)[1]
         return self.base.text_encoder.apply({"params": frozen["text_encoder"]}, ids).pooler_output
 
     def latents(self, frozen, batch, rng):
@@ -171,10 +178,12 @@ class Stage2:
         c = jnp.broadcast_to(jnp.asarray(self.prompt_context, self.dtype), (n,) + self.prompt_context.shape[1:])
         f = self.vae_factor  # the image size in pixels: latent × the VAE's scale factor
         inputs = saa_lib.saa_inputs(1, (f * latents.shape[1], f * latents.shape[2]), activate_query=False)
+        extra = () if self.prompt_pooled is None else self.base.added_cond(
+            jnp.broadcast_to(jnp.asarray(self.prompt_pooled), (n, self.prompt_pooled.shape[1])), latents.shape[1:3])
         run = lambda tokens: self.unet.apply(  # noqa: E731
             {"params": frozen["unet"]}, z_t, t,
             jnp.concatenate([c, tokens.reshape((n,) + tokens.shape[2:]).astype(self.dtype)], axis=1),
-            inputs).astype(jnp.float32)
+            inputs, *extra).astype(jnp.float32)
         eps_pred = run(pred)
         eps_tgt = jax.lax.stop_gradient(run(tgt))
         eps_loss = jnp.mean(jnp.square(eps_pred - eps_tgt))
@@ -200,8 +209,11 @@ class Stage2:
 
         unet_abs = saa_lib.merge_params(abstract_unet(self.base.unet_config),
                                         saa_lib.abstract_saa_params(self.base.unet_config, self.strategy))
-        return {"unet": unet_abs, "vae": vae_lib.abstract_params(self.base.vae),
-                "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+        out = {"unet": unet_abs, "vae": vae_lib.abstract_params(self.base.vae),
+               "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+        if self.base.is_sdxl:
+            out["text_encoder_2"] = common.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
+        return out
 
     def task(self) -> loop.Task:
         return loop.Task(init=self.init, abstract_trainable=self.abstract_trainable(),

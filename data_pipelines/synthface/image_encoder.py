@@ -5,8 +5,8 @@ training) and CLIP's penultimate hidden states (everything else the image shows,
 SD1.5's CLIP-H learnt that from LAION; in SynthFace no such model exists, and a random tower's features follow the
 colours of the image, not the face (docs/demo.md: expression explained about 1 % of the stage-1 tokens' variance
 within an identity). This module trains the same ``CLIPVisionModelWithProjection`` architecture, small, on the
-world's training identities to tell identity, expression and pose apart from whole images — linear heads on the
-mean of its penultimate hidden states, the features the ID encoder reads — and saves it in transformers' format,
+world's training identities to tell identity, expression and pose apart from whole images — linear heads on its
+penultimate hidden states (class token and mean), the features the ID encoder reads — and saves it in transformers' format,
 so stage 1 and the pipeline load it like any CLIP folder (``model.image_encoder=MODELS/image_encoder``).
 """
 from __future__ import annotations
@@ -56,11 +56,14 @@ def _pixels(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _features(module, params, pixels):
-    return jnp.mean(module.apply({"params": params}, pixels).hidden_states[-2], axis=1)
+    """The class token and the mean of the penultimate hidden states: the mean alone averages position away, and
+    the pose is where the features sit."""
+    hidden = module.apply({"params": params}, pixels).hidden_states[-2]
+    return jnp.concatenate([hidden[:, 0], jnp.mean(hidden[:, 1:], axis=1)], axis=-1)
 
 
 def train_image_encoder(images: np.ndarray, labels: dict[str, np.ndarray], names: dict[str, list[str]], *,
-                        steps: int = 600, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0,
+                        steps: int = 600, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0,
                         progress: bool = True) -> ImageEncoderResult:
     """Train on ``images`` (``uint8 [N, H, W, 3]``) with integer ``labels[head]`` ``[N]`` (heads such as identity,
     expression, pose; ``names[head]`` their label names). Augmentation: shifts of up to 3 px and mild brightness."""
@@ -80,7 +83,7 @@ def train_image_encoder(images: np.ndarray, labels: dict[str, np.ndarray], names
     base = _pixels(images, size)
     key = jax.random.key(seed)
     tower = nn.meta.unbox(module.init(key, jnp.zeros((1, size, size, 3))))["params"]
-    head_params = {h: {"w": jax.random.normal(jax.random.fold_in(key, i + 1), (config.hidden_size, k)) * 0.02,
+    head_params = {h: {"w": jax.random.normal(jax.random.fold_in(key, i + 1), (2 * config.hidden_size, k)) * 0.02,
                        "b": jnp.zeros((k,))} for i, (h, k) in enumerate(zip(heads, counts))}
     params = {"tower": tower, "heads": head_params}
 

@@ -76,11 +76,17 @@ _VARIANTS = {
     # small enough for CPU tests; dims chosen to sit on a tiny UNet (cross-attention 32) and a tiny CLIP (48)
     "tiny": IDEncoderConfig(id_embed_dim=16, num_tokens=4, dim=32, clip_dim=48, depth=2, head_dim=16, heads=2,
                             ff_mult=4),
+    # SDXL: ID tokens as wide as SDXL's 2048-wide context (its two text encoders' states concatenated); heads
+    # follow the official dim // 64 rule
+    "sdxl": IDEncoderConfig(dim=2048, heads=32),
+    # on the tiny SDXL UNet (cross-attention 64) and the tiny CLIP vision tower (hidden 64)
+    "tiny-sdxl": IDEncoderConfig(id_embed_dim=16, num_tokens=4, dim=64, clip_dim=64, depth=2, head_dim=16, heads=4,
+                                 ff_mult=4),
 }
 
 
 def id_encoder_config(variant: str = "sd15", **overrides: Any) -> IDEncoderConfig:
-    """A named configuration (``"sd15"`` or ``"tiny"``) with optional field overrides,
+    """A named configuration (``"sd15"``, ``"sdxl"``, ``"tiny"``, ``"tiny-sdxl"``) with optional field overrides,
     e.g. ``id_encoder_config("sd15", id_embed_dim=128)`` for dlib embeddings."""
     if variant not in _VARIANTS:
         raise ValueError(f"unknown ID encoder variant {variant!r}; expected one of {sorted(_VARIANTS)}")

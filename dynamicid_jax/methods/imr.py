@@ -126,12 +126,20 @@ _IMR_VARIANTS = {
     "sd15": IMRConfig(),
     "tiny": IMRConfig(dim=64, head_dim=16, heads=4, num_queries=4, embedding_dim=32, txt_dim=32, ff_mult=4,
                       disentangle_depth=1, entangle_depth=1),
+    # SDXL: ID tokens / landmark features as wide as the 2048-wide context; the text feature is SDXL's pooled
+    # prompt embedding (the second text encoder's 1280-wide projection)
+    "sdxl": IMRConfig(embedding_dim=2048, txt_dim=1280),
+    "tiny-sdxl": IMRConfig(dim=64, head_dim=16, heads=4, num_queries=4, embedding_dim=64, txt_dim=32, ff_mult=4,
+                           disentangle_depth=1, entangle_depth=1),
 }
-_KPE_VARIANTS = {"sd15": KeyPointEncoderConfig(), "tiny": KeyPointEncoderConfig(embedding_dim=32)}
+_KPE_VARIANTS = {"sd15": KeyPointEncoderConfig(), "tiny": KeyPointEncoderConfig(embedding_dim=32),
+                 "sdxl": KeyPointEncoderConfig(embedding_dim=2048),
+                 "tiny-sdxl": KeyPointEncoderConfig(embedding_dim=64)}
 
 
 def imr_config(variant: str = "sd15", **overrides: Any) -> IMRConfig:
-    """``"sd15"`` (the released setup: depth 1 + 1) or ``"tiny"``, with optional field overrides."""
+    """``"sd15"`` (the released setup: depth 1 + 1), ``"sdxl"``, ``"tiny"`` or ``"tiny-sdxl"``, with optional field
+    overrides."""
     if variant not in _IMR_VARIANTS:
         raise ValueError(f"unknown IMR variant {variant!r}; expected one of {sorted(_IMR_VARIANTS)}")
     return dataclasses.replace(_IMR_VARIANTS[variant], **overrides).validate()

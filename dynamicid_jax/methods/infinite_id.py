@@ -123,11 +123,17 @@ _VARIANTS = {
     # sits on the tiny UNet (cross-attention 32) and the tiny CLIP vision tower (hidden 64)
     "tiny": InfiniteIDEncoderConfig(id_embed_dim=16, dim=32, clip_dim=64, num_face_tokens=2, num_clip_tokens=4,
                                     depth=1, heads=2, head_dim=16),
+    # Infinite-ID's own backbone: tokens as wide as SDXL's 2048-wide context
+    "sdxl": InfiniteIDEncoderConfig(dim=2048),
+    # sits on the tiny SDXL UNet (cross-attention 64) and the tiny CLIP vision tower (hidden 64)
+    "tiny-sdxl": InfiniteIDEncoderConfig(id_embed_dim=16, dim=64, clip_dim=64, num_face_tokens=2, num_clip_tokens=4,
+                                         depth=1, heads=2, head_dim=16),
 }
 
 
 def infinite_id_encoder_config(variant: str = "sd15", **overrides: Any) -> InfiniteIDEncoderConfig:
-    """``"sd15"`` or ``"tiny"`` with optional overrides, e.g. ``("sd15", id_embed_dim=128)`` for dlib."""
+    """``"sd15"``, ``"sdxl"``, ``"tiny"`` or ``"tiny-sdxl"`` with optional overrides, e.g. ``("sd15",
+    id_embed_dim=128)`` for dlib."""
     if variant not in _VARIANTS:
         raise ValueError(f"unknown Infinite-ID encoder variant {variant!r}; expected one of {sorted(_VARIANTS)}")
     return dataclasses.replace(_VARIANTS[variant], **overrides).validate()
@@ -432,12 +438,13 @@ def merge_id_params(base: Mapping, id_params: Mapping) -> dict:
 
 
 def _id_module_and_args(unet_config):
-    from dynamicid_jax.models.unet import UNet2DConditionModel
+    from dynamicid_jax.models.unet import UNet2DConditionModel, dummy_added_cond
 
     module = UNet2DConditionModel(unet_config, strategy=InfiniteIDAttention())
     f = 2 ** (len(unet_config.block_out_channels) - 1)
-    return module, (jnp.zeros((1, f, f, unet_config.in_channels), jnp.float32), jnp.zeros((1,), jnp.int32),
-                    jnp.zeros((1, 1, unet_config.cross_attention_dim), jnp.float32), id_only_inputs(1))
+    args = (jnp.zeros((1, f, f, unet_config.in_channels), jnp.float32), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, unet_config.cross_attention_dim), jnp.float32), id_only_inputs(1))
+    return module, args + (dummy_added_cond(unet_config),) if unet_config.text_time else args
 
 
 def abstract_id_params(unet_config) -> dict:
@@ -482,7 +489,7 @@ def split_trainable(unet_params: Mapping, encoder_params: Mapping) -> tuple[dict
 # =========================================================================================================
 def infinite_id_loss(trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                      unet, encoder: InfiniteIDEncoder, scheduler, id_dropout: float = 0.05,
-                     scaling_factor: float = 0.18215) -> tuple[jax.Array, dict]:
+                     scaling_factor: float = 0.18215, vae_scale_factor: int = 8) -> tuple[jax.Array, dict]:
     """ε-MSE (v-MSE for v-prediction schedulers) conditioned only on ID tokens; text is never computed.
 
     ``unet`` has :class:`InfiniteIDAttention`; ``trainable``/``frozen`` as :func:`split_trainable` returns, and
@@ -491,6 +498,10 @@ def infinite_id_loss(trainable: Mapping, frozen: Mapping, batch: Mapping[str, ja
     (already × scaling factor) or ``latent_mean`` + ``latent_logvar`` (the VAE posterior; sampled here and ×
     ``scaling_factor``). Draws per sample: ``t`` uniform over the training timesteps, the noise, and the
     dropout of ``c_id`` to the null tokens (prob. ``id_dropout``, so CFG is possible). Returns ``(loss, aux)``.
+
+    On SDXL (a ``text_time`` UNet) the added conditioning is that of an empty text (zero pooled embedding, as
+    SDXL's zeroed unconditional prompt) and micro-conditioning ids ``(H, W, 0, 0, H, W)`` of the image size
+    (latent size × ``vae_scale_factor``): text is never computed in this loss.
     """
     missing = [k for k in ("id_embeds", "clip_features") if k not in batch]
     if "latents" not in batch and not ("latent_mean" in batch and "latent_logvar" in batch):
@@ -520,8 +531,14 @@ def infinite_id_loss(trainable: Mapping, frozen: Mapping, batch: Mapping[str, ja
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" \
         else noise
     params = merge_id_params(frozen["unet"], trainable["id_projections"])
+    extra = ()
+    if unet.config.text_time:
+        from dynamicid_jax.models.unet import micro_conditioning
+
+        extra = ({"text_embeds": jnp.zeros((b, unet.config.pooled_text_dim), jnp.float32),
+                  "time_ids": micro_conditioning(b, latents.shape[1:3], vae_scale_factor)},)
     pred = unet.apply({"params": params}, noisy.astype(unet.dtype), t, tokens,
-                      id_only_inputs(encoder.config.num_tokens))
+                      id_only_inputs(encoder.config.num_tokens), *extra)
     loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
     return loss, {"loss": loss, "id_dropped": jnp.mean(drop.astype(jnp.float32)),
                   "timestep_mean": jnp.mean(t.astype(jnp.float32))}

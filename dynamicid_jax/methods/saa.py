@@ -436,7 +436,10 @@ def _init_args(module, strategy: SAA):
     f = 2 ** (len(cfg.block_out_channels) - 1)
     sample = jnp.zeros((1, f, f, cfg.in_channels), jnp.float32)
     context = jnp.zeros((1, 1 + strategy.num_id_tokens, cfg.cross_attention_dim), jnp.float32)
-    return sample, jnp.zeros((1,), jnp.int32), context, saa_inputs(1, (8 * f, 8 * f))
+    from dynamicid_jax.models.unet import dummy_added_cond
+
+    args = (sample, jnp.zeros((1,), jnp.int32), context, saa_inputs(1, (8 * f, 8 * f)))
+    return args + (dummy_added_cond(cfg),) if cfg.text_time else args
 
 
 def _saa_module(unet_config, strategy: SAA | None, dtype):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax
 import flax.linen as nn
@@ -111,6 +111,10 @@ class CLIPTextConfig:
         """The transformers ``config.json`` form of a ``CLIPTextModel``."""
         return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}
 
+    def to_dict_with_projection(self) -> dict[str, Any]:
+        """The ``config.json`` form of a ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``)."""
+        return {**self.to_dict(), "architectures": ["CLIPTextModelWithProjection"]}
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -177,7 +181,8 @@ def _sub_config(d: Mapping[str, Any], which: str, source: str) -> dict:
 
 
 def text_config(variant: str = "sd15") -> CLIPTextConfig:
-    """``"sd15"``: CLIP ViT-L/14 text (SD1.x); ``"openclip-h"``: OpenCLIP ViT-H/14 text (SD2.x); ``"tiny"``;
+    """``"sd15"``: CLIP ViT-L/14 text (SD1.x, also SDXL's first encoder); ``"openclip-h"``: OpenCLIP ViT-H/14 text
+    (SD2.x); ``"openclip-bigg"``: OpenCLIP ViT-bigG/14 text (SDXL's second encoder, with projection); ``"tiny"``;
     ``"synthface"``: the SynthFace base's (SD1.5 vocabulary and EOS, 77 positions, hidden size 64).
 
     ``"sd15"`` uses ``eos_token_id=49407``; SD1.5's own config.json says 2 (argmax pooling), which picks the same
@@ -187,6 +192,9 @@ def text_config(variant: str = "sd15") -> CLIPTextConfig:
         "sd15": CLIPTextConfig(),
         "openclip-h": CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                                      num_attention_heads=16, hidden_act="gelu", projection_dim=512),
+        "openclip-bigg": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                        eos_token_id=2),  # as SDXL's text_encoder_2/config.json (argmax pooling)
         "tiny": CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, eos_token_id=999, projection_dim=64),
         # The SynthFace base (train/stage0.py): SD1.5's vocabulary / tokenizer, 77 positions, 64 wide.
@@ -281,6 +289,7 @@ class CLIPTextOutput:
     last_hidden_state: jax.Array  # [B, L, D], after final_layer_norm
     pooler_output: jax.Array  # [B, D], last_hidden_state at the EOS token
     hidden_states: tuple[jax.Array, ...] | None = None  # embeddings + each layer (before final_layer_norm)
+    text_embeds: jax.Array | None = None  # [B, projection_dim]: text_projection(pooled), WithProjection only
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -301,6 +310,7 @@ class CLIPTextModel(nn.Module):
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    projects: ClassVar[bool] = False  # True in CLIPTextModelWithProjection
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> CLIPTextOutput:
@@ -320,7 +330,19 @@ class CLIPTextModel(nn.Module):
         else:
             eos_index = jnp.argmax(input_ids == c.eos_token_id, axis=-1)  # first EOS (padding may also be EOS)
         pooled = jnp.take_along_axis(last, eos_index[:, None, None], axis=1)[:, 0]
-        return CLIPTextOutput(last, pooled, states if output_hidden_states else None)
+        text_embeds = None
+        if self.projects:
+            text_embeds = dense(c.projection_dim, name="text_projection", use_bias=False, dtype=self.dtype,
+                                axes=("embed", "mlp"))(pooled)
+        return CLIPTextOutput(last, pooled, states if output_hidden_states else None, text_embeds)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' ``CLIPTextModelWithProjection`` (SDXL's second text encoder, OpenCLIP ViT-bigG/14's text
+    tower): :class:`CLIPTextModel` plus a bias-free ``text_projection`` of the pooled output, returned as
+    ``text_embeds`` (SDXL's pooled prompt embedding)."""
+
+    projects: ClassVar[bool] = True
 
 
 @flax.struct.dataclass
@@ -396,6 +418,9 @@ class CLIPVisionModelWithProjection(nn.Module):
 # Key maps and loaders
 # --------------------------------------------------------------------------------------------------------
 TEXT_KEYMAP = KeyMap(list_names=("layers",), renames=((r"^", "text_model."),), ignore=(r"position_ids$",))
+# CLIPTextModelWithProjection: the tower under ``text_model.``, the projection at the top level.
+TEXT_PROJECTION_KEYMAP = KeyMap(list_names=("layers",), renames=((r"^(?!text_projection\.)", "text_model."),),
+                                ignore=(r"position_ids$",))
 VISION_KEYMAP = KeyMap(list_names=("layers",), bare_params=("class_embedding",), ignore=(r"position_ids$",))
 
 # Keys of the other tower / heads that a full CLIPModel (or a *WithProjection) checkpoint also holds.
@@ -404,7 +429,8 @@ _NOT_VISION = re.compile(r"^(text_model\.|text_projection\.|logit_scale$)")
 _TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
-def canonical_text_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def canonical_text_state(state: Mapping[str, np.ndarray], *,
+                         keep_projection: bool = False) -> dict[str, np.ndarray]:
     """Text-tower keys in the ``text_model.*`` layout of :data:`TEXT_KEYMAP`.
 
     transformers ≥ 5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix; SD checkpoints written by
@@ -413,7 +439,7 @@ def canonical_text_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     prefixed = any(k.startswith("text_model.") for k in state)
     out = {}
     for key, value in state.items():
-        if _NOT_TEXT.match(key):
+        if _NOT_TEXT.match(key) and not (keep_projection and key.startswith("text_projection.")):
             continue
         if not prefixed and key.startswith(_TEXT_ROOTS):
             key = "text_model." + key
@@ -437,29 +463,48 @@ def _to_device(tree, param_dtype: Dtype):
 
 def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], config: CLIPTextConfig | Mapping[str, Any], *,
                                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                                 source: str = "state dict") -> tuple[CLIPTextModel, dict]:
+                                 source: str = "state dict",
+                                 with_projection: bool | None = None) -> tuple[CLIPTextModel, dict]:
     """Build the text encoder for ``config`` and load a transformers-named state dict (with or without the
-    ``text_model.`` prefix) into it."""
+    ``text_model.`` prefix) into it. ``with_projection`` (default: whether ``config`` names
+    ``CLIPTextModelWithProjection`` in its ``architectures``) builds :class:`CLIPTextModelWithProjection` and loads
+    ``text_projection.weight`` too."""
+    if with_projection is None:
+        with_projection = is_projection_config(config)
     if not isinstance(config, CLIPTextConfig):
         config = CLIPTextConfig.from_dict(config, source=f"{source} config")
-    model = CLIPTextModel(config, dtype=dtype)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config, dtype=dtype)
     abstract = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1, config.max_position_embeddings), jnp.int32))["params"]
-    params = load_state_dict(canonical_text_state(state), TEXT_KEYMAP, abstract, source=source)
+    params = load_state_dict(canonical_text_state(state, keep_projection=with_projection), text_keymap(model),
+                             abstract, source=source)
     return model, _to_device(params, param_dtype)
+
+
+def is_projection_config(config: Any) -> bool:
+    """True when a transformers config dict names ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``)."""
+    return isinstance(config, Mapping) and "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+
+
+def text_keymap(model: CLIPTextModel) -> KeyMap:
+    """The key map of a text encoder module (with or without ``text_projection``)."""
+    return TEXT_PROJECTION_KEYMAP if model.projects else TEXT_KEYMAP
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, param_dtype: Dtype = jnp.float32,
                       variant: str | None = None) -> tuple[CLIPTextModel, dict]:
-    """``(model, params)`` from a transformers ``CLIPTextModel`` folder (e.g. a diffusers ``text_encoder/``).
+    """``(model, params)`` from a transformers ``CLIPTextModel`` folder (e.g. a diffusers ``text_encoder/``), or a
+    ``CLIPTextModelWithProjection`` folder (SDXL's ``text_encoder_2/``; its config's ``architectures`` says so).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the returned params. A full
     ``CLIPModel`` folder works too (its text tower is used).
     """
     folder = folders.find_component(path, "text_encoder", what="text encoder")
-    config = CLIPTextConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
+    raw = folders.read_config(folder)
+    config = CLIPTextConfig.from_dict(raw, source=os.path.join(folder, "config.json"))
     state, source = folders.read_weights(folder, "model", variant=variant)
-    return text_encoder_from_state_dict(state, config, dtype=dtype, param_dtype=param_dtype, source=source)
+    return text_encoder_from_state_dict(state, config, dtype=dtype, param_dtype=param_dtype, source=source,
+                                        with_projection=is_projection_config(raw))
 
 
 def load_image_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, param_dtype: Dtype = jnp.float32,

@@ -23,6 +23,7 @@ from dynamicid_jax.models.attention import Attention, AttentionStrategy, LayerIn
 from dynamicid_jax.weights import folders
 from dynamicid_jax.weights import keymap as km
 
+NUM_TIME_IDS = 6  # SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
 ACT_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
 SEQ_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -75,6 +76,24 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     resnet_out_scale_factor: float = 1.0
+    # SDXL's added conditioning (``addition_embed_type="text_time"``): the pooled text embedding and the six
+    # micro-conditioning ids (original size, crop top-left, target size), each id embedded sinusoidally with
+    # ``addition_time_embed_dim`` channels, go through ``add_embedding`` and are added to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+
+    @property
+    def text_time(self) -> bool:
+        """True for SDXL-style UNets that take ``added_cond = {"text_embeds", "time_ids"}``."""
+        return self.addition_embed_type == "text_time"
+
+    @property
+    def pooled_text_dim(self) -> int:
+        """Width of ``added_cond["text_embeds"]`` (1280 for SDXL): the add-embedding input minus 6 time ids."""
+        if not self.text_time:
+            raise ValueError("this UNet has no added text/time conditioning (addition_embed_type is not 'text_time')")
+        return self.projection_class_embeddings_input_dim - NUM_TIME_IDS * self.addition_time_embed_dim
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:
@@ -106,6 +125,19 @@ class UNetConfig:
         for c, h in zip(self.block_out_channels, self.heads_per_block):
             if c % h:
                 raise ValueError(f"UNet config: {c} channels are not divisible by {h} heads")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNet config: addition_embed_type {self.addition_embed_type!r} is not supported "
+                             f"(None or 'text_time' (SDXL))")
+        if self.text_time:
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"UNet config: addition_embed_type='text_time' needs a positive integer "
+                                     f"{name}, got {value!r}")
+            if self.pooled_text_dim <= 0:
+                raise ValueError(f"UNet config: projection_class_embeddings_input_dim "
+                                 f"{self.projection_class_embeddings_input_dim} leaves no room for the pooled text "
+                                 f"embedding after {NUM_TIME_IDS} × {self.addition_time_embed_dim} time-id channels")
         if self.act_fn != "silu":
             raise ValueError(f"UNet config: act_fn {self.act_fn!r} is not supported (SD uses 'silu')")
         return self
@@ -142,17 +174,17 @@ _INERT_DEFAULTS: dict[str, Any] = {
     "num_class_embeds": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "encoder_hid_dim": None,
+    "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None, "dropout": 0.0,
     "addition_embed_type_num_heads": 64,
 }
 
 
 def unet_config(variant: str = "sd15") -> UNetConfig:
-    """Variant factory: ``"sd15"`` (859,520,964 params), ``"tiny"`` (tests) or ``"synthface"`` (the SynthFace
-    demo's base, trained from scratch by ``train/stage0.py``)."""
+    """Variant factory: ``"sd15"`` (859,520,964 params), ``"sdxl"`` (SDXL base 1.0), ``"tiny"`` / ``"tiny-sdxl"``
+    (tests) or ``"synthface"`` (the SynthFace demo's base, trained from scratch by ``train/stage0.py``)."""
     if variant == "sd15":
         return UNetConfig().validate()
     if variant == "tiny":
@@ -168,7 +200,24 @@ def unet_config(variant: str = "sd15") -> UNetConfig:
                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                           norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4).validate()
-    raise ValueError(f"unknown UNet variant {variant!r}; expected 'sd15', 'tiny' or 'synthface'")
+    if variant == "sdxl":
+        # stable-diffusion-xl-base-1.0's unet/config.json: 2,567,463,684 params.
+        return UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280),
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                          cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816).validate()
+    if variant == "tiny-sdxl":
+        # SDXL's structure at test size: the same block types, transformer depths (1, 2, 3) and added embeddings.
+        return UNetConfig(sample_size=16, block_out_channels=(32, 64, 64), norm_num_groups=8,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 2, 3),
+                          cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8).validate()
+    raise ValueError(f"unknown UNet variant {variant!r}; expected 'sd15', 'sdxl', 'tiny', 'tiny-sdxl' or "
+                     f"'synthface'")
 
 
 def attention_layer_names(config: UNetConfig) -> list[str]:
@@ -416,7 +465,10 @@ class UNet2DConditionModel(nn.Module):
     remat_policy: str | None = None  # training only: a key of REMAT_POLICIES (per ResNet / transformer block)
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, attention_inputs: Any = None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, attention_inputs: Any = None,
+                 added_cond: Any = None):
+        """``added_cond`` (SDXL, ``addition_embed_type="text_time"`` only): ``{"text_embeds": [B, P] pooled
+        text, "time_ids": [B, 6] micro-conditioning}``, as diffusers' ``added_cond_kwargs``."""
         cfg = self.config
         n = len(cfg.block_out_channels)
         factor = 2 ** (n - 1)
@@ -435,6 +487,10 @@ class UNet2DConditionModel(nn.Module):
         ch0 = cfg.block_out_channels[0]
         temb = timestep_embedding(t, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
         temb = TimestepEmbedding(4 * ch0, dtype=self.dtype, name="time_embedding")(temb)
+        if cfg.text_time:
+            temb = temb + self._text_time_embedding(added_cond, sample.shape[0], 4 * ch0)
+        elif added_cond is not None:
+            raise ValueError("added_cond is only for UNets with addition_embed_type='text_time' (SDXL)")
         context = encoder_hidden_states.astype(self.dtype)
         h = layers.conv(ch0, 3, padding=1, name="conv_in", dtype=self.dtype)(sample.astype(self.dtype))
 
@@ -467,6 +523,37 @@ class UNet2DConditionModel(nn.Module):
         return layers.conv(cfg.out_channels, 3, padding=1, name="conv_out", dtype=self.dtype)(jax.nn.silu(h))
 
 
+    def _text_time_embedding(self, added_cond, batch: int, dim: int):
+        """SDXL's ``add_embedding(concat(text_embeds, sinusoid(time_ids)))``."""
+        cfg = self.config
+        if not isinstance(added_cond, dict) or not {"text_embeds", "time_ids"} <= set(added_cond):
+            raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs added_cond={'text_embeds': "
+                             f"[B, {cfg.pooled_text_dim}], 'time_ids': [B, {NUM_TIME_IDS}]}}")
+        text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+        if text.shape != (batch, cfg.pooled_text_dim) or ids.shape != (batch, NUM_TIME_IDS):
+            raise ValueError(f"added_cond: text_embeds must be [{batch}, {cfg.pooled_text_dim}] and time_ids "
+                             f"[{batch}, {NUM_TIME_IDS}], got {text.shape} and {ids.shape}")
+        time_embeds = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                         cfg.freq_shift).reshape(batch, -1)
+        add = jnp.concatenate([text.astype(jnp.float32), time_embeds], axis=-1).astype(self.dtype)
+        return TimestepEmbedding(dim, dtype=self.dtype, name="add_embedding")(add)
+
+
+def dummy_added_cond(config: UNetConfig, batch: int = 1) -> dict | None:
+    """Zero ``added_cond`` of the right shapes for ``init`` / ``eval_shape`` (``None`` for SD1.x/2.x UNets)."""
+    if not config.text_time:
+        return None
+    return {"text_embeds": jnp.zeros((batch, config.pooled_text_dim), jnp.float32),
+            "time_ids": jnp.zeros((batch, NUM_TIME_IDS), jnp.float32)}
+
+
+def micro_conditioning(batch: int, latent_hw: tuple[int, int], vae_scale_factor: int = 8) -> jax.Array:
+    """SDXL's ``time_ids [batch, 6]`` for an uncropped image generated at its own size: ``(H, W, 0, 0, H, W)``
+    with ``H, W`` = latent size × the VAE's scale factor (what training and sampling at one size use)."""
+    h, w = int(latent_hw[0]) * vae_scale_factor, int(latent_hw[1]) * vae_scale_factor
+    return jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (batch, NUM_TIME_IDS))
+
+
 UNET_KEYMAP = km.KeyMap(
     list_names=("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
                 "upsamplers", "to_out", "net"),
@@ -475,8 +562,9 @@ UNET_KEYMAP = km.KeyMap(
 
 def _init_args(config: UNetConfig, batch: int = 1):
     f = 2 ** (len(config.block_out_channels) - 1)
-    return (jnp.zeros((batch, f, f, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
+    args = (jnp.zeros((batch, f, f, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
             jnp.zeros((batch, 1, config.cross_attention_dim), jnp.float32))
+    return args + (None, dummy_added_cond(config, batch)) if config.text_time else args
 
 
 def abstract_params(module: UNet2DConditionModel):

@@ -165,6 +165,8 @@ def unet_modules(unet_config: Any) -> list[_Module]:
     """Every UNet module with its diffusers and LDM names, from a diffusers ``unet/config.json`` dict."""
     cfg = _as_dict(unet_config, "UNet")
     for key in _UNET_UNSUPPORTED:
+        if key == "addition_embed_type" and cfg.get(key) == "text_time":
+            continue  # SDXL: add_embedding ↔ label_emb.0 (below)
         if cfg.get(key) is not None:
             raise ValueError(f"UNet config: {key}={cfg[key]!r} is not supported by the single-file key map "
                              f"(SD1.x / SD2.x UNets only)")
@@ -185,6 +187,8 @@ def unet_modules(unet_config: Any) -> list[_Module]:
     mods = [_Module("conv_in", "input_blocks.0.0"),
             _Module("time_embedding.linear_1", "time_embed.0"), _Module("time_embedding.linear_2", "time_embed.2"),
             _Module("conv_norm_out", "out.0"), _Module("conv_out", "out.2")]
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL's pooled-text + micro-conditioning embedding
+        mods += [_Module("add_embedding.linear_1", "label_emb.0.0"), _Module("add_embedding.linear_2", "label_emb.0.2")]
     idx = 1
     for i, kind in enumerate(down):
         for j in range(lpb):
@@ -481,11 +485,14 @@ def _read_header(path: str) -> tuple[int, dict[str, Any]]:
     return 8 + n, header
 
 
-def read_single_file(path: str, *, strict: bool = True) -> SingleFileCheckpoint:
+def read_single_file(path: str, *, strict: bool = True, component_of=None,
+                     family: str = "SD1.x") -> SingleFileCheckpoint:
     """Read an original-LDM ``.safetensors`` checkpoint, loading only the model weights (memory-mapped, so EMA
     copies cost nothing). ``strict`` raises :class:`WeightLoadError` listing keys that are neither weights of
     the three components nor known non-weights (:func:`is_ignored_key`); otherwise they are only listed in
-    ``.unexpected``."""
+    ``.unexpected``. ``component_of`` (key → component name or ``None``) and ``family`` (for messages) let other
+    layouts (SDXL's, :mod:`.single_file_sdxl`) reuse the reader."""
+    component_of = _component if component_of is None else component_of
     if not os.path.exists(path):
         raise FileNotFoundError(f"single-file checkpoint {path!r} does not exist")
     if os.path.isdir(path):
@@ -502,7 +509,7 @@ def read_single_file(path: str, *, strict: bool = True) -> SingleFileCheckpoint:
         if is_ignored_key(key):
             ignored.append(key)
             continue
-        if _component(key) is None:
+        if component_of(key) is None:
             unexpected.append(key)
             continue
         info = header[key]
@@ -515,11 +522,11 @@ def read_single_file(path: str, *, strict: bool = True) -> SingleFileCheckpoint:
         state[key] = array
     del raw
     if strict and unexpected:
-        raise WeightLoadError(f"{path}: {len(unexpected)} key(s) are not SD1.x single-file weights (SD2 / SDXL "
+        raise WeightLoadError(f"{path}: {len(unexpected)} key(s) are not {family} single-file weights (other "
                               f"text encoders, LoRA, …):\n{_shorten(unexpected)}")
     if not state:
-        raise WeightLoadError(f"{path} holds no {UNET_PREFIX}* / {VAE_PREFIX}* / {TEXT_PREFIX}* weights: it is "
-                              f"not an original-LDM single-file checkpoint")
+        raise WeightLoadError(f"{path} holds no {family} weights ({UNET_PREFIX}*, {VAE_PREFIX}*, …): it is "
+                              f"not an original-LDM single-file checkpoint of that family")
     return SingleFileCheckpoint(path, state, ignored, unexpected, metadata)
 
 
