@@ -34,7 +34,7 @@ MODELS = ("recognizer", "eval_recognizer", "detector", "landmarker", "face_class
           "image_encoder")
 #: training steps at --steps-scale 1 (batch 64; the detector 32 tiles of 64²)
 STEPS = {"recognizer": 600, "eval_recognizer": 500, "detector": 600, "landmarker": 400, "face_classifier": 500,
-         "scene_classifier": 250, "image_encoder": 800}
+         "scene_classifier": 250, "image_encoder": 1200}
 
 __all__ = ["MODELS", "STEPS", "train_all", "evaluate", "main"]
 
