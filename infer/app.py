@@ -15,8 +15,15 @@ queue, compiled samplers reused.
 from __future__ import annotations
 
 import argparse
+import atexit
+import collections
 import logging
+import os
+import shutil
 import sys
+import tempfile
+import threading
+import uuid
 from typing import Any
 
 import numpy as np
@@ -56,11 +63,41 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _result_gallery(result: Result) -> list[tuple[np.ndarray, str]]:
+class ResultFiles:
+    """The PNG files of the results the app hands to Gradio, newest ``keep`` kept (removed at exit).
+
+    Gradio stores an image it gets as an array under the hash of its bytes, writing that file in place, so two
+    requests with identical outputs (same seed and inputs) race on one file and a download can read it half
+    written. A file path it copies atomically instead — hence one file per output here."""
+
+    def __init__(self, keep: int = 512):
+        self.folder = tempfile.mkdtemp(prefix="dynamicid-app-")
+        atexit.register(shutil.rmtree, self.folder, True)
+        self._files: collections.deque[str] = collections.deque()
+        self._keep, self._lock = keep, threading.Lock()
+
+    def save(self, image: np.ndarray) -> str:
+        from PIL import Image
+
+        path = os.path.join(self.folder, f"{uuid.uuid4().hex}.png")
+        Image.fromarray(np.asarray(image)).save(path, format="PNG")
+        with self._lock:
+            self._files.append(path)
+            while len(self._files) > self._keep:
+                old = self._files.popleft()
+                if os.path.exists(old):
+                    os.remove(old)
+        return path
+
+    def gallery(self, items: list[tuple[np.ndarray, str]]) -> list[tuple[str, str]]:
+        return [(self.save(image), caption) for image, caption in items]
+
+
+def _result_items(result: Result) -> list[tuple[np.ndarray, str]]:
     return [(result.image, f"result ({result.image.shape[1]}×{result.image.shape[0]})"), *result.gate_overlays]
 
 
-def _face_gallery(result: Result) -> list[tuple[np.ndarray, str]]:
+def _face_items(result: Result) -> list[tuple[np.ndarray, str]]:
     colours = _colours()
     return [annotate_face(f, colours[f.slot - 1]) for f in result.faces]
 
@@ -70,6 +107,7 @@ def build_app(engine: Engine, *, title: str = "dynamicid-jax"):
     import gradio as gr
 
     colours = _colours()
+    files = ResultFiles()
     errors: dict[str, Any] = {}
 
     def error_slot(field: str):
@@ -141,10 +179,10 @@ def build_app(engine: Engine, *, title: str = "dynamicid-jax"):
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown(elem_id="status")
                 error_slot("general")
-                gallery = gr.Gallery(label="Result and each person's SAA gate", columns=3, elem_id="results",
-                                     format="png")
+                gallery = gr.Gallery(label="Result and each person's SAA gate", columns=3, height=300,
+                                     elem_id="results", format="png")
                 faces = gr.Gallery(label="Detected reference faces (box, keypoints, pose)", columns=4,
-                                   elem_id="faces", format="png")
+                                   height=280, elem_id="faces", format="png")
         api_button = gr.Button(visible=False)
         api_image = gr.Image(visible=False, format="png")
         api_gates = gr.Gallery(visible=False, format="png")
@@ -172,7 +210,8 @@ def build_app(engine: Engine, *, title: str = "dynamicid-jax"):
                                                          f"{' '.join(str(err).split())}", visible=True)
                 out[status] = "Not generated."
                 return out
-            out[gallery], out[faces], out[status] = _result_gallery(result), _face_gallery(result), result.status
+            out[gallery], out[faces] = files.gallery(_result_items(result)), files.gallery(_face_items(result))
+            out[status] = result.status
             by_slot = {f.slot: f.source_prompt for f in result.faces}
             for i, box in enumerate(sources, start=1):
                 out[box] = by_slot.get(i, "")
@@ -189,7 +228,7 @@ def build_app(engine: Engine, *, title: str = "dynamicid-jax"):
                     "faces": [{"reference": f.slot, "bbox": [float(v) for v in f.face.bbox],
                                "pose": [float(v) for v in f.face.pose], "source_prompt": f.source_prompt}
                               for f in result.faces]}
-            return result.image, result.gate_overlays, info
+            return files.save(result.image), files.gallery(result.gate_overlays), info
 
         run.click(ui_generate, inputs=inputs, outputs=ui_outputs, api_visibility="private", concurrency_limit=None)
         api_button.click(api_generate, inputs=inputs, outputs=[api_image, api_gates, api_info], api_name="generate",
@@ -201,7 +240,8 @@ def build_app(engine: Engine, *, title: str = "dynamicid-jax"):
             found = boxes_from_drawing((value or {}).get("composite"), colours)
             return format_boxes(found) if found else gr.update()
 
-        canvas.change(drawn_boxes, inputs=canvas, outputs=boxes, api_visibility="private", queue=False)
+        gr.on([canvas.change, canvas.input, canvas.apply], drawn_boxes, inputs=canvas, outputs=boxes,
+              api_visibility="private", queue=False, trigger_mode="always_last")
     app.errors = errors  # for tests: field → its error slot
     return app
 
