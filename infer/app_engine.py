@@ -98,12 +98,13 @@ class Result:
 
 class CachingAnalyzer:
     """A face analyzer that remembers the last ``size`` images' results (the pipeline analyses each reference
-    again, and a page is usually re-run with the same references)."""
+    again, and a page is usually re-run with the same references). Analyses run one at a time: the backends
+    (dlib, onnxruntime sessions) are not documented as safe to call from several request threads at once."""
 
     def __init__(self, inner: Any, size: int = 32):
         self.inner, self.embedding_dim, self.num_landmarks = inner, inner.embedding_dim, inner.num_landmarks
         self._cache: collections.OrderedDict[str, list] = collections.OrderedDict()
-        self._size, self._lock = size, threading.Lock()
+        self._size, self._lock, self._busy = size, threading.Lock(), threading.Lock()
 
     def analyze(self, image: Any) -> list:
         rgb = F.load_rgb(image)
@@ -112,7 +113,8 @@ class CachingAnalyzer:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return list(self._cache[key])
-        faces = self.inner.analyze(rgb)
+        with self._busy:
+            faces = self.inner.analyze(rgb)
         with self._lock:
             self._cache[key] = list(faces)
             while len(self._cache) > self._size:

@@ -43,6 +43,7 @@ def server(world):
     from infer.app import launch
 
     engine = W.load_engine(world["paths"], max_queue=LOAD_REQUESTS)
+    engine.models.examples = [world["refs"]["person_1"], world["refs"]["person_2"]]  # the page's example row
     app, url = launch(engine, port=None, block=False)
     yield engine, url
     app.close()
@@ -130,6 +131,16 @@ def browser_page(tmp_path_factory):
         context.close()
 
 
+def save_small_screenshot(page, path):
+    """The whole page as a 128-colour PNG (a few hundred KB at most, for the README)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
 def draw_two_boxes(page):
     """Layout "boxes": a stroke on the left half of the canvas in person 1's colour, one on the right in person 2's;
     the boxes field then holds their bounding boxes (the canvas's white image is centred in its drawing area)."""
@@ -183,7 +194,7 @@ def test_browser_generate_and_no_face_message(server, world, browser_page, tmp_p
                                timeout=300_000)
         shot("generated")
         if os.environ.get("DYNAMICID_APP_SCREENSHOT"):
-            page.screenshot(path=os.environ["DYNAMICID_APP_SCREENSHOT"], full_page=True)
+            save_small_screenshot(page, os.environ["DYNAMICID_APP_SCREENSHOT"])
         results = page.locator("#results img")
         assert results.count() == 3, f"result + 2 gate overlays expected, got {results.count()} images"
         sizes = results.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
