@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from infer.app_engine import (FIELDS, LAYOUTS, MAX_REFERENCES, SCHEDULERS, BusyError, Engine, FieldError, Request,
+from infer.app_engine import (LAYOUTS, MAX_REFERENCES, SCHEDULERS, BusyError, Engine, FieldError, Request,
                               Result, annotate_face, boxes_from_drawing, format_boxes)
 
 LOG = logging.getLogger("infer.app")
@@ -142,8 +142,8 @@ def build_app(engine: Engine, *, title: str = "dynamicid-jax"):
                 error_slot("references")
                 if engine.models.examples:
                     ex = engine.models.examples
-                    rows = [ex[:2] + [None] * (MAX_REFERENCES - 2)] if len(ex) >= 2 else []
-                    rows.append((ex + [None] * MAX_REFERENCES)[:MAX_REFERENCES])
+                    rows = [ex[:2] + [None] * (MAX_REFERENCES - 2)] if len(ex) > 2 else []  # two people
+                    rows.append((ex + [None] * MAX_REFERENCES)[:MAX_REFERENCES])  # as many as there are
                     gr.Examples(examples=rows, inputs=refs, label="Example references (held-out identities)")
                 layout = gr.Radio(list(LAYOUTS), value="row", label="Layout (row / grid: automatic; boxes: drawn)",
                                   elem_id="layout")

@@ -8,9 +8,9 @@ the first generation is also saved there (how docs/app.png was made)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -78,6 +78,31 @@ def test_boxes_text_and_drawing():
     assert format_boxes(boxes) == "0.10,0.10,0.50,0.30; 0.60,0.60,0.90,0.90"
 
 
+def test_embedded_world_paths_and_missing_message(tmp_path, capsys):
+    """No flags: the folder `make demo` writes is served, held-out SynthFace faces as examples; when it is missing,
+    `python -m infer.app` stops with one line naming the command that makes it (and builds nothing)."""
+    from infer import app
+    from infer.app_models import EMBEDDED, MissingModelsError, embedded_spec
+
+    with pytest.raises(MissingModelsError, match="run `make demo` first"):
+        embedded_spec(str(tmp_path / "demo_out"))
+    assert app.main(["--demo-dir", str(tmp_path / "demo_out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `make demo` first" in err and "Traceback" not in err
+    assert not (tmp_path / "demo_out").exists()
+    for rel in (EMBEDDED.sd, EMBEDDED.dynamicid, EMBEDDED.face_models):
+        (tmp_path / "demo_out" / rel).mkdir(parents=True)
+    for name in ("h1", "h0", "h2"):
+        face = tmp_path / "demo_out" / EMBEDDED.synthface / "heldout" / name / "neutral_front.png"
+        face.parent.mkdir(parents=True)
+        face.write_bytes(b"")
+    spec = embedded_spec(str(tmp_path / "demo_out"))
+    assert spec.analyzer == "synthetic" and spec.analyzer_kwargs == {
+        "models_dir": str(tmp_path / "demo_out" / EMBEDDED.face_models)}
+    assert [os.path.basename(os.path.dirname(p)) for p in spec.examples] == ["h0", "h1", "h2"]
+    assert spec.infinite_id is None  # the demo ran without --infinite-id
+
+
 def test_engine_errors_name_their_field(server, world):
     """Each bad input is refused with the field that caused it; nothing is sampled."""
     engine, _ = server
@@ -85,7 +110,8 @@ def test_engine_errors_name_their_field(server, world):
     cases = [
         (dict(references=[rgb(world["refs"]["no_face"])]), "reference_1", "no face"),
         (dict(references=[p1, rgb(world["refs"]["group"])]), "reference_2", "6 faces"),
-        (dict(references=[p1, p2], layout="boxes", boxes="0,0,1,.6; 0,.4,1,1"), "boxes", "box 1 .* and box 2 .*overlap"),
+        (dict(references=[p1, p2], layout="boxes", boxes="0,0,1,.6; 0,.4,1,1"), "boxes",
+         "box 1 .* and box 2 .*overlap"),
         (dict(references=[p1, p2], layout="boxes", boxes="0,0,1,.5"), "boxes", None),  # one box = mixing: fine
         (dict(references=[p1] * 5), "references", "5 references"),
         (dict(references=[]), "references", "at least one"),
@@ -106,7 +132,6 @@ def test_engine_errors_name_their_field(server, world):
             engine._check(request)
         assert err.value.field == field, (kwargs, err.value)
         if message:
-            import re
             assert re.search(message, err.value.message), err.value.message
     assert engine._seen_shapes == seen and engine.pending == 0
 
