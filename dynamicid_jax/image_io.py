@@ -23,14 +23,15 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     return grid
 
 
-def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
-    """Write ``uint8 [H, W, 3]`` to ``path`` as PNG without ever leaving a half-written file."""
+def save_png(image: np.ndarray, path: str | os.PathLike, *, durable: bool = True) -> str:
+    """Write ``uint8 [H, W, 3]`` to ``path`` as PNG without ever leaving a half-written file (``durable``: see
+    :func:`dynamicid_jax.io_atomic.atomic_path`)."""
     from PIL import Image
 
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     path = os.fspath(path)
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path, suffix=".png", durable=durable) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
     return path

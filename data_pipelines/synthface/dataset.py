@@ -45,9 +45,6 @@ __all__ = ["SCHEMA", "caption_for", "group_caption", "render_identity", "write_i
            "write_scene", "generate", "load_index", "list_images", "load_split", "load_pairs", "read_record"]
 
 SCHEMA = "synthface/2"  # 2: close-up portraits, training pairs
-_umask = os.umask(0)
-os.umask(_umask)
-_FILE_MODE = 0o666 & ~_umask  # what open() would give (mkstemp makes 0600 files)
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 _POSITION_WORDS = {2: ("left", "right"), 3: ("left", "middle", "right")}
 
@@ -62,9 +59,10 @@ def caption_for(background: str, clothing: str, placement: str) -> str:
 
 
 def _write_text(path: str, text: str) -> None:
+    """Atomic, without an fsync per file (a regenerable data set of thousands of small files)."""
     from dynamicid_jax.io_atomic import write_text
 
-    write_text(text, path)
+    write_text(text, path, durable=False)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -74,8 +72,7 @@ def _write_json(path: str, obj: Any) -> None:
 def _save_png(path: str, image: np.ndarray) -> None:
     from dynamicid_jax.image_io import save_png
 
-    save_png(image, path)
-    os.chmod(path, _FILE_MODE)
+    save_png(image, path, durable=False)
 
 
 def render_identity(seed: int, split: str, index: int, size: int = 64) -> list[tuple[str, np.ndarray, dict]]:
