@@ -1,7 +1,7 @@
 """The web app: identity personalisation in a browser (Gradio), and the same call over HTTP (``gradio_client``).
 
     python -m infer.app                       # the embedded SynthFace world that `make demo` trains
-    python -m infer.app --sd SD15 --dynamicid CONVERTED --clip-vision CLIP-H --analyzer insightface \
+    python -m infer.app --model SD15 --dynamicid CONVERTED --image-encoder CLIP-H --analyzer insightface \
         [--infinite-id DIR] [--port 7860]
 
 The page: one to four reference photos (upload, webcam, clipboard or the examples), prompt and negative prompt,
@@ -257,31 +257,37 @@ def launch(engine: Engine, *, host: str = "127.0.0.1", port: int | None = 7860, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dynamicid_jax.cli_args import add_deprecated_alias
     from infer.app_models import DEFAULT_DEMO_DIR, MissingModelsError, ModelSpec, embedded_spec, load_models
 
     p = argparse.ArgumentParser(prog="python -m infer.app", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sd", metavar="PATH", help="Stable Diffusion 1.5: diffusers folder or single .safetensors file")
+    p.add_argument("--model", dest="sd", metavar="PATH",
+                   help="Stable Diffusion 1.5: diffusers folder or single .safetensors file")
     p.add_argument("--dynamicid", metavar="PATH", help="converted DynamicID folder (python -m infer.convert)")
-    p.add_argument("--clip-vision", metavar="PATH", help="CLIP vision folder (CLIP-ViT-H-14; default "
-                                                        "DYNAMICID/image_encoder)")
+    p.add_argument("--image-encoder", dest="clip_vision", metavar="PATH",
+                   help="CLIP vision folder (CLIP-ViT-H-14; default DYNAMICID/image_encoder)")
     p.add_argument("--analyzer", default="insightface", help="face analyzer: insightface, dlib or synthetic")
     p.add_argument("--analyzer-root", metavar="DIR", help="insightface: the model-pack root; dlib: its model folder;"
                                                           " synthetic: the SynthFace face-models folder")
     p.add_argument("--infinite-id", metavar="DIR", help="Infinite-ID weights (train.infinite_id export)")
-    p.add_argument("--infinite-id-clip-vision", metavar="PATH", help="its CLIP vision tower (default "
-                                                                    "INFINITE_ID/image_encoder)")
-    p.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help="without --sd: the folder `make demo` wrote")
+    p.add_argument("--infinite-id-image-encoder", dest="infinite_id_clip_vision", metavar="PATH",
+                   help="its CLIP vision tower (default INFINITE_ID/image_encoder)")
+    p.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help="without --model: the folder `make demo` wrote")
     p.add_argument("--example", action="append", default=None, metavar="IMAGE", help="an example reference photo "
                                                                                      "(repeat)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-queue", type=int, default=8, help="requests running or waiting; more get a busy message")
+    # the same names as infer.generate (one name per concept); the first spellings stay as deprecated aliases
+    for old, new in (("--sd", "--model"), ("--clip-vision", "--image-encoder"),
+                     ("--infinite-id-clip-vision", "--infinite-id-image-encoder")):
+        add_deprecated_alias(p, old, new)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.max_queue < 1:
         p.error("--max-queue must be at least 1")
     if (args.sd is None) != (args.dynamicid is None):
-        p.error("--sd and --dynamicid come together (or give neither to serve the embedded SynthFace world)")
+        p.error("--model and --dynamicid come together (or give neither to serve the embedded SynthFace world)")
     try:
         if args.sd is None:
             spec = embedded_spec(args.demo_dir)
