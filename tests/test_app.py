@@ -44,9 +44,26 @@ def server(world):
 
     engine = W.load_engine(world["paths"], max_queue=LOAD_REQUESTS)
     engine.models.examples = [world["refs"]["person_1"], world["refs"]["person_2"]]  # the page's example row
-    app, url = launch(engine, port=None, block=False)
+    # Gradio's start-up check fetches the page once with a 3 s timeout and gives up on the first timeout, which a
+    # test run sharing two cores with other work can exceed; the same check with a patient timeout:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gradio.networking.url_ok", patient_url_ok)
+        app, url = launch(engine, port=None, block=False)
     yield engine, url
     app.close()
+
+
+def patient_url_ok(url: str) -> bool:
+    import httpx
+
+    for _ in range(5):
+        try:
+            if httpx.head(url, timeout=60).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def rgb(path):
