@@ -179,3 +179,19 @@ def test_errors_leave_no_output(bins, converted, tiny_sd_dir, tmp_path, torch):
                          str(out), "--overwrite"]) == 0
     assert load_dynamicid(out).has_imr
     assert sorted(os.listdir(tmp_path)) == ["IMR.bin", "out"]
+
+
+def test_an_empty_folder_may_be_written_a_foreign_one_not(tmp_path):
+    """An existing empty folder holds nothing to destroy, so converting into it is allowed (a stage runner or a user
+    may create the output folder first); a folder with anything of someone else's is refused, overwrite or not."""
+    from dynamicid_jax.pipelines.dynamicid import check_overwritable
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_overwritable(str(empty), overwrite=False)
+    check_overwritable(str(empty), overwrite=True)
+    (empty / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError):
+            check_overwritable(str(empty), overwrite=overwrite)
+    assert (empty / "notes.txt").read_text() == "mine"

@@ -164,10 +164,12 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
 
 
 def check_overwritable(out_dir: str, overwrite: bool) -> None:
-    """``out_dir`` may be written: it does not exist, or ``overwrite`` is set and it is a folder we wrote (it
-    carries our manifest with our format tag). Anything else — a user's folder, an SD model, a file — is
-    refused: ``--overwrite`` never deletes what we did not write."""
+    """``out_dir`` may be written: it does not exist, it is an empty folder (nothing in it to destroy), or
+    ``overwrite`` is set and it is a folder we wrote (it carries our manifest with our format tag). Anything else —
+    a user's folder, an SD model, a file — is refused: ``--overwrite`` never deletes what we did not write."""
     if not os.path.lexists(out_dir):
+        return
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir):
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace a converted "
