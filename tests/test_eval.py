@@ -498,9 +498,10 @@ def test_synthface_cli_end_to_end_on_untrained_pipelines(world, models_dir, meth
     assert sorted(results["methods"]) == sorted(S.METHODS)
     assert not _finite_numbers(results)  # JSON has no NaN / inf (non-finite values would be null)
     p = results["protocol"]
-    # 2 held-out identities: 2 × 2 single, pairs (0, 1) and (1, 0) × 2, 2 × 3 expressions × 2 edits, 2 × 2 controls
-    assert p["images"] == {"single": 4, "multi": 4, "edit": 12, "control": 4} and p["references"] == ["ho00000",
-                                                                                                       "ho00001"]
+    # 2 held-out identities: 2 × 2 single, pairs (0, 1) and (1, 0) × 2; edit_images = 2 is one batch, so one
+    # identity × 3 expressions × 2 edits and its 2 controls
+    assert p["images"] == {"single": 4, "multi": 4, "edit": 6, "control": 2} and p["references"] == ["ho00000",
+                                                                                                     "ho00001"]
     for method, m in results["methods"].items():
         for key in (("single", "facesim"), ("single", "detection_rate"), ("multi", "facesim_mean"),
                     ("multi", "facesim_min"), ("multi", "placement"), ("edit", "expression_accuracy"),
