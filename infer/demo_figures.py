@@ -120,7 +120,7 @@ def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, multi_prom
     identity; routing keeps each identity's tokens in its half, the gate decides where inside it): one row per
     UNet block plus the mean of all layers, stacked into one PNG. Also returns, per image, the mean gate inside
     the detected face boxes ÷ the mean elsewhere (> 1: the gate finds the face)."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     from dynamicid_jax.pipelines.gates import gate_overlay_image
 
@@ -135,8 +135,6 @@ def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, multi_prom
     header = 20
     width = max(p.shape[1] for _, p in panels)
     canvas = Image.new("RGB", (width, sum(p.shape[0] + header for _, p in panels)), (255, 255, 255))
-    from PIL import ImageDraw
-
     draw, y = ImageDraw.Draw(canvas), 0
     for name, panel in panels:
         draw.text((4, y + 4), f"{name}: SAA gate without the layout boost", fill=(0, 0, 0))

@@ -492,24 +492,31 @@ def test_synthface_cli_end_to_end_on_untrained_pipelines(world, models_dir, meth
     printed = capsys.readouterr().out
     for method in S.METHODS:
         for kind in ("single", "multi", "edit"):
+            if method not in S.Protocol.quick().multi_methods and kind == "multi":
+                assert not (out / f"{method}_{kind}.png").exists()  # the quick protocol spares the base its pairs
+                continue
             image = np.asarray(Image.open(out / f"{method}_{kind}.png"))
             assert image.ndim == 3 and image.shape[0] >= 128, f"{method}_{kind}.png"
     results = json.loads((out / "metrics.json").read_text())
     assert sorted(results["methods"]) == sorted(S.METHODS)
     assert not _finite_numbers(results)  # JSON has no NaN / inf (non-finite values would be null)
     p = results["protocol"]
-    # 2 held-out identities: 2 × 2 single, pairs (0, 1) and (1, 0) × 2, 2 × 3 expressions × 2 edits, 2 × 2 controls
-    assert p["images"] == {"single": 4, "multi": 4, "edit": 12, "control": 4} and p["references"] == ["ho00000",
-                                                                                                       "ho00001"]
+    # 2 held-out identities: 2 × 2 single, pairs (0, 1) and (1, 0) × 2; edit_images = 2 is one batch, so one
+    # identity × 3 expressions × 2 edits and its 2 controls
+    assert p["images"] == {"single": 4, "multi": 4, "edit": 6, "control": 2} and p["references"] == ["ho00000",
+                                                                                                     "ho00001"]
     for method, m in results["methods"].items():
         for key in (("single", "facesim"), ("single", "detection_rate"), ("multi", "facesim_mean"),
                     ("multi", "facesim_min"), ("multi", "placement"), ("edit", "expression_accuracy"),
                     ("edit", "facesim_drop"), ("attribute_accuracy",)):
+            if key[0] == "multi" and method not in S.Protocol.quick().multi_methods:
+                assert "multi" not in m, method
+                continue
             v = m
             for k in key:
                 v = v[k]
             assert isinstance(v, float) and -1.0 <= v <= 1.0, (method, key, v)
-        assert m["multi"]["facesim_min"] <= m["multi"]["facesim_mean"] + 1e-9
+        assert "multi" not in m or m["multi"]["facesim_min"] <= m["multi"]["facesim_mean"] + 1e-9
         assert m["edit"]["facesim_drop"] == pytest.approx(m["edit"]["facesim_unedited"] - m["edit"]["facesim"])
     b = results["baselines"]
     assert b["same_identity"] > b["different_identity"] and b["images"] == 70 and "scene_placement" in b

@@ -78,6 +78,8 @@ class Protocol:
     n_boot: int = 2000
     #: methods that also run the edits (and their controls): no target reads w/o SAA's or the base's edits
     edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "infinite-id", "infinite-id-no-adain")
+    #: methods that run the two-person requests (the quick protocol spares the base its two-person compile)
+    multi_methods: tuple[str, ...] = METHODS
 
     def __post_init__(self):
         for name in ("single_images", "batch", "edit_batch", "steps", "n_boot"):
@@ -94,19 +96,21 @@ class Protocol:
         object.__setattr__(self, "edit_expressions", tuple(self.edit_expressions))
         object.__setattr__(self, "edit_poses", tuple(self.edit_poses))
         object.__setattr__(self, "edit_methods", tuple(self.edit_methods))
+        object.__setattr__(self, "multi_methods", tuple(self.multi_methods))
 
     @classmethod
     def quick(cls, **overrides) -> Protocol:
         """A few images per part and 2 denoising steps: checks that everything runs, not quality."""
         base = dict(single_images=4, multi_images=2, edit_images=2, edit_expressions=("neutral", "happy",
                                                                                        "surprised"),
-                    edit_poses=(), batch=2, edit_batch=2, steps=2, n_boot=200, edit_methods=METHODS)
+                    edit_poses=(), batch=2, edit_batch=2, steps=2, n_boot=200, edit_methods=METHODS,
+                    multi_methods=tuple(m for m in METHODS if m != "base"))
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["edit_expressions"], d["edit_poses"] = list(self.edit_expressions), list(self.edit_poses)
-        d["edit_methods"] = list(self.edit_methods)
+        d["edit_methods"], d["multi_methods"] = list(self.edit_methods), list(self.multi_methods)
         return d
 
     def per_identity(self, total: int, identities: int, batch: int) -> int:
@@ -424,7 +428,8 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
     reusable: dict[int, np.ndarray] = {}
     for method in methods:
         reuse = reusable if method == "no-imr" and reusable else None
-        mine = [r for r in requests if method in protocol.edit_methods or r.kind not in ("edit", "control")]
+        mine = [r for r in requests if (method in protocol.edit_methods or r.kind not in ("edit", "control"))
+                and (method in protocol.multi_methods or r.kind != "multi")]
         todo = [r for k, r in enumerate(mine) if reuse is None or k not in reuse]
         log(f"[eval] {method}: {len(todo)} calls, {sum(len(r.prompts) for r in todo)} images"
             + (" (single, multi and control images: DynamicID's)" if reuse else ""))
