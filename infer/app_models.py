@@ -72,16 +72,16 @@ def embedded_spec(demo_dir: str = DEFAULT_DEMO_DIR) -> ModelSpec:
 
 
 def _demo_base(demo_dir: str) -> str:
-    """The Stable Diffusion base the demo trained on (recorded by its base stage), else the shipped base."""
+    """The Stable Diffusion base the demo trained on (recorded by its base stage), else the shipped base
+    (``assets/synthface_base``, the demo world's ``infer.demo_base.ASSET_DIR``: named here, not imported, since the
+    app may not import the world)."""
     import json
-
-    from infer.demo_base import ASSET_DIR
 
     try:
         with open(os.path.join(demo_dir, EMBEDDED.stages), encoding="utf-8") as f:
             return json.load(f)["stage0"]["result"]["sd"]
     except (OSError, ValueError, KeyError, TypeError):
-        return ASSET_DIR
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "synthface_base")
 
 
 def synthface_examples(data_dir: str, count: int) -> list[str]:

@@ -7,6 +7,7 @@ to the test's tmp folder (named in the failure message); with ``DYNAMICID_APP_SC
 the first generation is also saved there (how docs/app.png was made)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -117,8 +118,10 @@ def test_embedded_world_paths_and_missing_message(tmp_path, capsys):
     from infer.demo_base import ASSET_DIR
 
     assert spec.sd == ASSET_DIR  # no record of a base the demo trained itself: the shipped one
-    (tmp_path / "demo_out" / EMBEDDED.stages).write_text('{"stage0": {"result": {"sd": "/elsewhere/sd"}}}')
-    assert embedded_spec(str(tmp_path / "demo_out")).sd == "/elsewhere/sd"
+    trained = tmp_path / "demo_out" / "work" / "stage0" / "asset"
+    trained.mkdir(parents=True)
+    (tmp_path / "demo_out" / EMBEDDED.stages).write_text(json.dumps({"stage0": {"result": {"sd": str(trained)}}}))
+    assert embedded_spec(str(tmp_path / "demo_out")).sd == str(trained)  # a base the demo trained (--rebuild-base)
     assert spec.analyzer == "synthetic" and spec.analyzer_kwargs == {
         "models_dir": str(tmp_path / "demo_out" / EMBEDDED.face_models)}
     assert [os.path.basename(os.path.dirname(p)) for p in spec.examples] == ["h0", "h1", "h2"]

@@ -130,7 +130,7 @@ def test_config_variants_and_errors():
     assert ide.id_encoder_config("sd15", id_embed_dim=128).id_embed_dim == 128
     assert ide.IDEncoderConfig.from_dict(CFG.to_dict()) == CFG
     with pytest.raises(ValueError, match="unknown ID encoder variant"):
-        ide.id_encoder_config("sdxl")
+        ide.id_encoder_config("sd3")
     with pytest.raises(ValueError, match="depth"):
         ide.id_encoder_config("tiny", depth=0)
     with pytest.raises(ValueError, match="unknown entries"):

@@ -271,7 +271,8 @@ def test_shipped_configs_load():
     assert len(files) >= 3
     for f in files:
         name = os.path.basename(f)
-        stage = next((s for s in ("infinite_id", "stage0", "stage2") if s in name), "stage1")
+        stage = next((s for s in ("infinite_id", "stage0", "stage2") if s in name),
+                     "stage0" if name == "synthface_base.yaml" else "stage1")  # the shipped base: a stage-0 run
         defaults = importlib.import_module(f"train.{stage}").DEFAULTS
         cfg = load_config(f, ["workdir=/tmp/x"], defaults=defaults)
         assert cfg.workdir == "/tmp/x" and (stage == "stage0" or cfg.optimizer.lr > 0)

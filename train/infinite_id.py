@@ -204,9 +204,10 @@ class InfiniteIDStage:
                          frozen_source=self.frozen_source)
 
     def export(self, state: loop.TrainState, workdir: str, *, fingerprint: str = "") -> str | None:
-        """Write the pipeline-ready folder ``{workdir}/export`` (EMA params if kept; process 0): the weights, a
-        ``random:`` image encoder as ``image_encoder/``, and ``train.json`` (step, fingerprint, image encoder)
-        last. Returns the weights' path."""
+        """Write the pipeline-ready folder ``{workdir}/export`` (EMA params if kept; process 0): the weights, the
+        image encoder it was trained with as ``image_encoder/`` (a ``random:`` one, or a copy of the folder, so the
+        export is self-contained), and ``train.json`` (step, fingerprint, image encoder) last. Returns the weights'
+        path."""
         params = loop.replicated_to_host(state.ema if state.ema is not None else state.trainable)
         if jax.process_index() != 0:
             return None
@@ -217,11 +218,12 @@ class InfiniteIDStage:
         path = iid.save_infinite_id(folder, self.enc_cfg, params["encoder"], params["id_projections"],
                                     self.base.unet_config)
         image_encoder = self.image_source
-        if self.image_module is not None and self.image_source.startswith("random:"):
+        if self.image_module is not None:
             from dynamicid_jax.models.clip import save_image_encoder
 
-            image_encoder = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module,
-                                               self.image_params)
+            saved = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module, self.image_params)
+            if self.image_source.startswith("random:"):
+                image_encoder = saved
         from dynamicid_jax.io_atomic import write_json
 
         write_json({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
