@@ -29,10 +29,14 @@ from dynamicid_jax.errors import KNOWN_ERRORS, format_error, run_cli
 
 # ---------------------------------------------------------------------------------------------- the world
 def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width × height`` (no pixel data: opening reads the size, decoding fails)."""
+    """A small PNG file whose header claims ``width × height`` (a few bytes of pixel data: opening reads the size,
+    decoding would need the full image)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + \
+        chunk(b"IEND", b"")
 
 
 def _tree_digest(root: str) -> dict[str, str]:
@@ -564,11 +568,12 @@ def test_ctrl_c_during_sampling_stops_between_chunks(env, capsys, monkeypatch):
         return real(step_then_signal, carry, num_steps, **kw)
 
     monkeypatch.setattr(stable_diffusion, "run_in_chunks", interrupting)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     out = os.path.join(env["out"], "interrupted.png")
     code = run_cli(generate.main, ["--model", env["model"], "--prompt", "a cat", "--height", "64", "--width", "64",
                                    "--steps", "8", "--out", out])
     err = capsys.readouterr().err
+    assert calls == [1], (calls, err)  # stopped after the first chunk (one step), not after all 8
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
-    assert calls == [1]  # stopped after the first chunk (one step), not after all 8
     assert not os.path.exists(out) and not [n for n in os.listdir(env["out"]) if n.startswith(".tmp")]
