@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamicid", metavar="PATH", help="converted DynamicID folder (python -m infer.convert)")
     g.add_argument("--face-prompt", action="append", metavar="TEXT",
                    help="IMR edit for the matching --reference, e.g. 'a very surprised expression, front view' "
-                        "(repeat once per --ref; '-' = no edit)")
+                        "(repeat once per --reference; '-' = no edit)")
     g.add_argument("--target-landmark", action="append", metavar="PNG",
                    help="96×96 target landmark image for the matching --reference ('-' = reuse the "
                         "reference's)")

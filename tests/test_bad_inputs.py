@@ -29,13 +29,14 @@ from dynamicid_jax.errors import KNOWN_ERRORS, format_error, run_cli
 
 # ---------------------------------------------------------------------------------------------- the world
 def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width × height`` with an empty image-data chunk: opening reads the size, decoding
-    fails (Pillow 12 does not open a file that ends after the header)."""
+    """A small PNG file whose header claims ``width × height`` (a few bytes of pixel data: opening reads the size,
+    decoding would need the full image)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + \
+        chunk(b"IEND", b"")
 
 
 def _tree_digest(root: str) -> dict[str, str]:
@@ -70,7 +71,7 @@ def env(tmp_path_factory, tiny_sd_dir):
     (data / "a_file").write_text("x")
     (data / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
     (data / "not_sd").mkdir()
-    (data / "not_sd" / "README.txt").write_text("a folder of someone else's\n")
+    (data / "not_sd" / "README.txt").write_text("a folder of someone else's\n")  # an empty one may be written
     (data / "list.yaml").write_text("- a\n- b\n")
     (data / "scheduler_karras.json").write_text(json.dumps({
         "_class_name": "DPMSolverSinglestepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -568,16 +569,17 @@ def test_ctrl_c_during_sampling_stops_between_chunks(env, capsys, monkeypatch):
         return real(step_then_signal, carry, num_steps, **kw)
 
     monkeypatch.setattr(stable_diffusion, "run_in_chunks", interrupting)
-    out = os.path.join(env["out"], "interrupted.png")
-    # pytest-xdist workers ignore SIGINT; a user's shell delivers it as KeyboardInterrupt
+    # Python's own Ctrl-C handler, as in a command typed into a terminal: a test run started in the background
+    # inherits SIGINT "ignored" from the shell, and Python keeps that
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = run_cli(generate.main, ["--model", env["model"], "--prompt", "a cat", "--height", "64", "--width",
-                                       "64", "--steps", "8", "--out", out])
+                                       "64", "--steps", "8", "--out", os.path.join(env["out"], "interrupted.png")])
     finally:
         signal.signal(signal.SIGINT, previous)
+    out = os.path.join(env["out"], "interrupted.png")
     err = capsys.readouterr().err
+    assert calls == [1], (calls, err)  # stopped after the first chunk (one step), not after all 8
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
-    assert calls == [1]  # stopped after the first chunk (one step), not after all 8
     assert not os.path.exists(out) and not [n for n in os.listdir(env["out"]) if n.startswith(".tmp")]

@@ -472,7 +472,7 @@ class Trainer:
                     now = time.perf_counter()
                     values["step_time_s"] = (now - last_time) / max(done - last_step, 1)
                     last_time, last_step = now, done
-                    data_stats = getattr(data_iter, "stats", None)  # the loaders' corrupt-record counters
+                    data_stats = _loader_stats(data_iter)
                     if writer is not None:
                         writer.scalars(done, {f"train/{k}": v for k, v in values.items()})
                         if data_stats is not None:
@@ -497,7 +497,7 @@ class Trainer:
             if total > start and (not ck_every or total % ck_every):
                 self.save(manager, state, grain_iter, force=True)
             manager.wait_until_finished()
-            data_stats = getattr(data_iter, "stats", None)
+            data_stats = _loader_stats(data_iter)
             if data_stats is not None and self.is_primary:
                 log.info("data: %d corrupt records skipped of %d read", data_stats["skipped"], data_stats["seen"])
         finally:
@@ -529,6 +529,13 @@ class Trainer:
 
 
 _BARRIER_TIMEOUT_S = 3600
+
+
+def _loader_stats(data_iter: Any) -> Mapping | None:
+    """The corrupt-record counters of a ``data_pipelines.loaders`` iterator (``{"seen", "skipped",
+    "recent_errors"}``); ``None`` for other iterators."""
+    stats = getattr(data_iter, "stats", None)
+    return stats if isinstance(stats, Mapping) and "skipped" in stats and "seen" in stats else None
 
 
 def barrier(name: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from typing import Union
 
 import numpy as np
@@ -63,7 +64,8 @@ def _open_file(path: str | os.PathLike) -> Image.Image:
 
     check_readable(name, "image file")
     try:
-        with Image.open(name) as img:
+        with warnings.catch_warnings(), Image.open(name) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
             _check_pixels(img.width, img.height, f"image file {name!r}")  # from the header, before decoding
             img.load()  # decode now: truncated / corrupt data fails here, not later
             img = ImageOps.exif_transpose(img)
@@ -71,8 +73,8 @@ def _open_file(path: str | os.PathLike) -> Image.Image:
     except ResourceLimitError:
         raise
     except Image.DecompressionBombError as err:
-        raise ResourceLimitError(f"image file {name!r} is too large: {err} At most {MAX_IMAGE_PIXELS / 1e6:.0f} "
-                                 f"megapixels are accepted; downscale it first") from None
+        raise ResourceLimitError(f"image file {name!r} is too large ({str(err).rstrip('.')}): at most "
+                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are accepted; downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read image file {name!r}: not a valid or complete image ({err})") from err
 
