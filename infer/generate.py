@@ -199,14 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     if sdxl and method != "text-to-image":
         parser.error(f"--model {args.model} is an SDXL model: the identity-method pipelines of this CLI run on SD1.x; "
                      f"on SDXL use the library's strategies (docs/sdxl.md)")
-    for side in ("height", "width"):
-        if getattr(args, side) is None:
-            setattr(args, side, 1024 if sdxl else 512)
+    _default_size(args, sdxl)
     if method == "dynamicid":
         return run_dynamicid(args)
     if method == "text-to-image":
         return run_text_to_image(args)
     return identity_methods()[method].run(args)
+
+
+def _default_size(args: argparse.Namespace, sdxl: bool) -> None:
+    """``--height`` / ``--width`` left out: 1024 for SDXL, 512 for SD1.x (also for callers that skip main)."""
+    for side in ("height", "width"):
+        if getattr(args, side, None) is None:
+            setattr(args, side, 1024 if sdxl else 512)
 
 
 def _is_sdxl_model(path: str) -> bool:
@@ -227,7 +232,9 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     steps = TEXT_TO_IMAGE_STEPS if args.steps is None else args.steps
     start = time.perf_counter()
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
-    if _is_sdxl_model(args.model):
+    sdxl = _is_sdxl_model(args.model)
+    _default_size(args, sdxl)
+    if sdxl:
         from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL as pipeline_class
     else:
         pipeline_class = StableDiffusion
@@ -266,6 +273,7 @@ def run_dynamicid(args: argparse.Namespace) -> int:
                       {"--reference": args.reference, "--target-landmark": args.target_landmark})
     guidance = DYNAMICID_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     steps = DYNAMICID_STEPS if args.steps is None else args.steps
+    _default_size(args, sdxl=False)
     start = time.perf_counter()
     print(f"loading {args.model} + DynamicID {args.dynamicid} (analyzer: {args.analyzer}) …", file=sys.stderr,
           flush=True)

@@ -48,14 +48,16 @@ class BaseModel:
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
 
-    def text_conditioning(self, params: Mapping, ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """``(context [B, 77, D], pooled [B, P] or None)`` of token ids (tokenizer 1's; SDXL derives tokenizer 2's
-        from them). ``params`` holds the text encoders' params under their component names."""
+    def text_conditioning(self, params: Mapping, ids: jax.Array,
+                          ids_2: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """``(context [B, 77, D], pooled [B, P] or None)`` of token ids. SDXL: ``ids_2`` are tokenizer 2's; without
+        them they are derived from tokenizer 1's (exact unless a prompt contains "!": see ``tokenizer_2_ids``).
+        ``params`` holds the text encoders' params under their component names."""
         if not self.is_sdxl:
             return self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state, None
         from dynamicid_jax.pipelines.stable_diffusion_xl import encode_sdxl_text
 
-        return encode_sdxl_text(self.text_encoder, self.text_encoder_2, params, ids)
+        return encode_sdxl_text(self.text_encoder, self.text_encoder_2, params, ids, ids_2)
 
     def added_cond(self, pooled: jax.Array | None, latent_hw: tuple[int, int]) -> tuple:
         """The UNet's extra positional argument: ``()`` for SD1.x, ``(added_cond,)`` for SDXL (pooled text and

@@ -133,7 +133,8 @@ class InfiniteIDStage:
         k_lat, k_loss = jax.random.split(rng)
         loss, aux = iid.infinite_id_loss(trainable, frozen, self.loss_batch(frozen, batch, k_lat), k_loss,
                                          unet=self.unet, encoder=self.encoder, scheduler=self.base.scheduler,
-                                         id_dropout=float(self.cfg["method"]["drop_id"]))
+                                         id_dropout=float(self.cfg["method"]["drop_id"]),
+                                         vae_scale_factor=self.vae_factor)
         return loss, ({"id_dropped": aux["id_dropped"]}, mutable)
 
     def init(self, rng, frozen):
@@ -189,10 +190,14 @@ class InfiniteIDStage:
             null = iid.null_id_tokens(self.encoder, enc, frozen["null_clip_features"])
             shape = (n, size // f, size // f, self.base.unet_config.in_channels)
             latents = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+            added = {}
+            if self.base.is_sdxl:  # no text: the zero pooled embedding, the sample size's micro-conditioning
+                cond = self.base.added_cond(jnp.zeros((n, self.base.unet_config.pooled_text_dim)), shape[1:3])[0]
+                added = {"added_cond": cond, "uncond_added_cond": cond}
             out = denoise(self.unet, iid.merge_id_params(frozen["unet"], trainable["id_projections"]),
                           self.base.scheduler, int(s["steps"]), latents, jnp.repeat(tokens, n, 0),
                           float(s["guidance_scale"]), attention_inputs=iid.id_only_inputs(self.enc_cfg.num_tokens),
-                          uncond_context=jnp.repeat(null, n, 0))
+                          uncond_context=jnp.repeat(null, n, 0), **added)
             return to_uint8(decode_latents(self.base.vae, frozen["vae"], out))
 
         return sample

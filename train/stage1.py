@@ -176,9 +176,10 @@ class Stage1:
     def unet_params(self, trainable, frozen):
         return saa_lib.merge_params(frozen["unet"], trainable["saa"])
 
-    def text_embeddings(self, frozen, ids):
-        """``(context, pooled)``; ``pooled`` is SDXL's pooled text embedding (``None`` on SD1.x)."""
-        return self.base.text_conditioning(frozen, ids)
+    def text_embeddings(self, frozen, ids, ids_2=None):
+        """``(context, pooled)``; ``pooled`` is SDXL's pooled text embedding (``None`` on SD1.x). ``ids_2``: SDXL
+        tokenizer 2's ids when the data has them (``input_ids_2``), else derived from ``ids``."""
+        return self.base.text_conditioning(frozen, ids, ids_2)
 
     # ---- the task -------------------------------------------------------------------------------------------
     def loss_fn(self, trainable, frozen, mutable, batch, rng):
@@ -188,7 +189,13 @@ class Stage1:
         drop_id, drop_text = drop_masks(k_drop, b, float(meth["drop_id"]), float(meth["drop_text"]),
                                         float(meth["drop_both"]))
         ids = jnp.where(drop_text[:, None], jnp.asarray(self.empty_ids), batch["input_ids"].astype(jnp.int32))
-        text, pooled = self.text_embeddings(frozen, ids)
+        ids_2 = None
+        if "input_ids_2" in batch:  # SDXL data with tokenizer 2's own ids; "" tokenizes alike in both but padding
+            from dynamicid_jax.pipelines.stable_diffusion_xl import tokenizer_2_ids
+
+            ids_2 = jnp.where(drop_text[:, None], tokenizer_2_ids(jnp.asarray(self.empty_ids)),
+                              batch["input_ids_2"].astype(jnp.int32))
+        text, pooled = self.text_embeddings(frozen, ids, ids_2)
         feats = self.clip_features(frozen, batch, drop_id)
         id_embeds = jnp.where(drop_id[:, None], 0.0, batch["ref_id_embedding"].astype(jnp.float32))
         tokens = self.id_tokens(trainable, id_embeds, feats)

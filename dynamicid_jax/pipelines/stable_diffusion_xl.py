@@ -63,11 +63,16 @@ def is_sdxl(path: str | os.PathLike) -> bool:
 
 def tokenizer_2_ids(ids: jax.Array, eos_id: int = 49407, pad_id: int = 0) -> jax.Array:
     """``tokenizer_2``'s ids from ``tokenizer``'s: SDXL's two tokenizers share the BPE and differ only in padding
-    (EOS vs ``"!"``, id 0), so every position after the first EOS becomes ``pad_id``. Lets training data carry
-    one tokenization (``input_ids``) for both encoders."""
+    (EOS vs ``"!"``, id 0). The padding is the trailing run of EOS after the closing EOS, so every position after
+    the first EOS of that run becomes ``pad_id`` (a literal ``<|endoftext|>`` inside a prompt stays). Lets training
+    data carry one tokenization (``input_ids``) for both encoders. Exact for prompts without ``"!"``: tokenizer 2
+    treats ``"!"``, its pad token, as a special token wherever it appears, so such prompts tokenize differently
+    (give the data ``input_ids_2`` for them)."""
     ids = jnp.asarray(ids)
-    first_eos = jnp.argmax(ids == eos_id, axis=-1)
-    after = jnp.arange(ids.shape[-1])[None, :] > first_eos[:, None]
+    length = ids.shape[-1]
+    not_eos = ids != eos_id
+    last_text = length - 1 - jnp.argmax(not_eos[:, ::-1], axis=-1)  # last non-EOS position (BOS at least)
+    after = jnp.arange(length)[None, :] > (last_text + 1)[:, None]
     return jnp.where(after, jnp.asarray(pad_id, ids.dtype), ids)
 
 
