@@ -219,29 +219,9 @@ class StableDiffusion:
         Guidance is on when ``guidance_scale > 1`` (one batched UNet call of ``2B`` rows per step).
         ``latents`` (optional, ``[B, height/f, width/f, C]``, f = :attr:`vae_scale_factor`) replaces the seed's
         initial noise."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty string or list of strings")
-        negatives = _broadcast_negative(negative_prompt, len(prompts))
-        factor = self.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        check_prompts(prompts)
-        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
-        check_request_size(self.unet.config, self.vae_scale_factor, len(prompts), height, width,
-                           guided=guidance_scale > 1.0)
+        prompts, negatives, guidance_scale, noise = checked_request(self, prompts, negative_prompt, height, width,
+                                                                    steps, guidance_scale, seed, latents)
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0)
-        f = self.vae_scale_factor
-        shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
-        if latents is None:
-            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
         carry = initial_carry(self.scheduler, steps, noise)  # checks the step count before compiling
         args = (self.params, jnp.asarray(tokenize(self.tokenizer, prompts)),
                 jnp.asarray(tokenize(self.tokenizer, negatives)), jnp.float32(guidance_scale))
@@ -264,6 +244,36 @@ class StableDiffusion:
     def num_compiled(self) -> int:
         """How many sampler programs have been compiled (one per distinct shape / step count / guidance mode)."""
         return len(self._compiled)
+
+
+def checked_request(pipe, prompts: str | Sequence[str], negative_prompt, height: int, width: int, steps: int,
+                    guidance_scale: float, seed: int, latents: np.ndarray | None):
+    """The checks every text-to-image pipeline makes before compiling (prompts, sizes, steps, a finite guidance,
+    the request's memory) and its start noise → ``(prompts, negatives, guidance_scale, noise)``. ``pipe``: a
+    pipeline with ``size_multiple()``, ``vae_scale_factor`` and ``unet``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty string or list of strings")
+    negatives = _broadcast_negative(negative_prompt, len(prompts))
+    factor = pipe.size_multiple()
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % factor:
+            raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_prompts(prompts)
+    guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+    check_request_size(pipe.unet.config, pipe.vae_scale_factor, len(prompts), height, width,
+                       guided=guidance_scale > 1.0)
+    f = pipe.vae_scale_factor
+    shape = (len(prompts), height // f, width // f, pipe.unet.config.in_channels)
+    if latents is None:
+        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    else:
+        noise = jnp.asarray(latents, jnp.float32)
+        if noise.shape != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+    return prompts, negatives, guidance_scale, noise
 
 
 def _broadcast_negative(negative: str | Sequence[str] | None, batch: int) -> list[str]:

@@ -268,20 +268,12 @@ class StableDiffusionXL:
         ``(0, 0)``; the unconditional branch gets the same ids (as diffusers by default). Guidance is on when
         ``guidance_scale > 1``; without ``negative_prompt`` the unconditional embeddings are zeros when the
         model's ``force_zeros_for_empty_prompt`` is set (SDXL base), else those of ``""``."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty string or list of strings")
-        from dynamicid_jax.pipelines.stable_diffusion import _broadcast_negative
+        from dynamicid_jax.pipelines.stable_diffusion import checked_request
 
-        negatives = _broadcast_negative(negative_prompt, len(prompts))
-        factor = self.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
+        prompts, negatives, guidance_scale, noise = checked_request(self, prompts, negative_prompt, height, width,
+                                                                    steps, guidance_scale, seed, latents)
         time_ids = np.asarray([*_pair(original_size, (height, width), "original_size"),
                                *_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left"),
                                *_pair(target_size, (height, width), "target_size")], np.float32)
@@ -289,14 +281,6 @@ class StableDiffusionXL:
         guided = guidance_scale > 1.0
         key = SDXLSamplerKey(len(prompts), height, width, steps, guided,
                              guided and negative_prompt is None and self.force_zeros_for_empty_prompt)
-        f = self.vae_scale_factor
-        shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
-        if latents is None:
-            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
         args = (self.params, jnp.asarray(tokenize(self.tokenizer, prompts)),
                 jnp.asarray(tokenize(self.tokenizer_2, prompts)), jnp.asarray(tokenize(self.tokenizer, negatives)),
                 jnp.asarray(tokenize(self.tokenizer_2, negatives)), jnp.asarray(time_ids), noise,
