@@ -67,9 +67,9 @@ from dynamicid_jax.models.clip import clip_preprocess, load_image_encoder
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
-from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
+from dynamicid_jax.pipelines.requests import check_number
 from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
-from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request
 from dynamicid_jax.tokenizer import tokenize
 from dynamicid_jax.weights import keymap as km
 from dynamicid_jax.weights import official
@@ -238,15 +238,6 @@ def default_boost(num_ids: int, boxes_given: bool) -> tuple[int, float]:
     """The default ``(boost_steps, strength)`` (docs/method.md §4.5): one identity without boxes → no boost; one
     identity with a box (layout control) or several identities → s = 2 for 12 steps."""
     return (0, 0.0) if num_ids == 1 and not boxes_given else DEFAULT_BOOST
-
-
-def _negatives(negative: str | Sequence[str] | None, batch: int) -> list[str]:
-    if negative is None or isinstance(negative, str):
-        return [negative or ""] * batch
-    negative = list(negative)
-    if len(negative) != batch or not all(isinstance(n, str) for n in negative):
-        raise ValueError(f"negative_prompt must be a string or {batch} strings (one per prompt), got {negative!r}")
-    return negative
 
 
 def _as_list(value, what: str) -> list:
@@ -483,18 +474,8 @@ class DynamicIDPipeline:
         widths). ``boost_steps``/``boost_strength``: the layout boost (default :func:`default_boost`).
         ``activate_query=False``: no gate, routing or boost (the "w/o SAA" baseline). ``id_scale=0``: the model's
         text-to-image for the same seed. ``latents`` replaces the seed's initial noise."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a non-empty string or list of strings")
-        negatives = _negatives(negative_prompt, len(prompts))
-        factor = self.sd.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        check_prompts(prompts)
-        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        prompts, negatives, guidance_scale = check_text_request(self.sd, prompt, negative_prompt, height, width,
+                                                                steps, guidance_scale, what="prompt")
         id_scale = check_number("id_scale", id_scale)
         mix = check_number("mix", mix, low=0.0, high=1.0)
         if boost_strength is not None:
@@ -504,8 +485,6 @@ class DynamicIDPipeline:
             int(np.shape(id_tokens)[0]) if id_tokens is not None and np.ndim(id_tokens) == 3 else None)
         if known:  # boxes and layout checked before any face detection or compile
             saa_mod.saa_inputs(known, (height, width), boxes, mix=mix, layout=layout, latent_grid=latent_grid)
-        check_request_size(self.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
-                           guided=guidance_scale > 1.0)
         timings = {}
         start = time.perf_counter()
         if id_tokens is None:

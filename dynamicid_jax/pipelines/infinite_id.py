@@ -30,9 +30,9 @@ from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_preprocess
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
-from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
+from dynamicid_jax.pipelines.requests import check_number
 from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
-from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request
 from dynamicid_jax.tokenizer import tokenize
 
 ALIGN_SIZE = 224
@@ -204,21 +204,9 @@ class InfiniteIDPipeline:
         ``mix_layers``: ``"default"`` (the pipeline's), ``None`` (all), layer indices or name prefixes such as
         ``("up_blocks",)``. ``return_text_stream=True`` → ``(id_images, text_stream_images)``; the text stream
         is plain text-to-image with the same seed."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a non-empty string or list of strings")
-        negatives = _negatives(negative_prompt, len(prompts))
-        factor = self.sd.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        check_prompts(prompts)
-        guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
+        prompts, negatives, guidance_scale = check_text_request(self.sd, prompt, negative_prompt, height, width,
+                                                                steps, guidance_scale, what="prompt", streams=2)
         id_scale = check_number("id_scale", id_scale)
-        check_request_size(self.sd.unet.config, self.sd.vae_scale_factor, len(prompts), height, width,
-                           guided=guidance_scale > 1.0, streams=2)
         start, end = _mix_range(mix_steps, steps)
         if (references is None) == (id_tokens is None):
             raise ValueError("give exactly one of references (images) or id_tokens")
@@ -291,14 +279,3 @@ def _mix_range(mix_steps, steps: int) -> tuple[int, int]:
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= steps):
         raise ValueError(f"mix_steps must satisfy 0 ≤ start ≤ end ≤ steps={steps}, got {mix_steps!r}")
     return start, end
-
-
-def _negatives(negative: str | Sequence[str] | None, batch: int) -> list[str]:
-    if negative is None:
-        return [""] * batch
-    if isinstance(negative, str):
-        return [negative] * batch
-    negative = list(negative)
-    if len(negative) != batch:
-        raise ValueError(f"negative_prompt has {len(negative)} entries for {batch} prompts")
-    return negative

@@ -219,8 +219,9 @@ class StableDiffusion:
         Guidance is on when ``guidance_scale > 1`` (one batched UNet call of ``2B`` rows per step).
         ``latents`` (optional, ``[B, height/f, width/f, C]``, f = :attr:`vae_scale_factor`) replaces the seed's
         initial noise."""
-        prompts, negatives, guidance_scale, noise = checked_request(self, prompts, negative_prompt, height, width,
-                                                                    steps, guidance_scale, seed, latents)
+        prompts, negatives, guidance_scale = check_text_request(self, prompts, negative_prompt, height, width, steps,
+                                                                guidance_scale)
+        noise = start_noise(self, len(prompts), height, width, seed, latents)
         key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0)
         carry = initial_carry(self.scheduler, steps, noise)  # checks the step count before compiling
         args = (self.params, jnp.asarray(tokenize(self.tokenizer, prompts)),
@@ -246,14 +247,16 @@ class StableDiffusion:
         return len(self._compiled)
 
 
-def checked_request(pipe, prompts: str | Sequence[str], negative_prompt, height: int, width: int, steps: int,
-                    guidance_scale: float, seed: int, latents: np.ndarray | None):
-    """The checks every text-to-image pipeline makes before compiling (prompts, sizes, steps, a finite guidance,
-    the request's memory) and its start noise → ``(prompts, negatives, guidance_scale, noise)``. ``pipe``: a
-    pipeline with ``size_multiple()``, ``vae_scale_factor`` and ``unet``."""
+def check_text_request(pipe, prompts: str | Sequence[str], negative_prompt, height: int, width: int, steps: int,
+                       guidance_scale: float, *, what: str = "prompts", streams: int = 1
+                       ) -> tuple[list[str], list[str], float]:
+    """The checks every pipeline makes before compiling — prompts, negative prompts, sizes, steps, a finite
+    guidance, the request's memory — → ``(prompts, negatives, guidance_scale)``. ``pipe``: anything with
+    ``size_multiple()``, ``vae_scale_factor`` and ``unet``; ``streams``: UNet rows per image and guidance branch
+    (Infinite-ID's two streams)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty string or list of strings")
+        raise ValueError(f"{what} must be a non-empty string or list of strings")
     negatives = _broadcast_negative(negative_prompt, len(prompts))
     factor = pipe.size_multiple()
     for name, value in (("height", height), ("width", width)):
@@ -264,24 +267,29 @@ def checked_request(pipe, prompts: str | Sequence[str], negative_prompt, height:
     check_prompts(prompts)
     guidance_scale = check_number("guidance_scale", guidance_scale, low=0.0)
     check_request_size(pipe.unet.config, pipe.vae_scale_factor, len(prompts), height, width,
-                       guided=guidance_scale > 1.0)
+                       guided=guidance_scale > 1.0, streams=streams)
+    return prompts, negatives, guidance_scale
+
+
+def start_noise(pipe, batch: int, height: int, width: int, seed: int, latents: np.ndarray | None) -> jax.Array:
+    """The initial latents ``[batch, height/f, width/f, C]``: the seed's noise, or ``latents`` (shape checked)."""
     f = pipe.vae_scale_factor
-    shape = (len(prompts), height // f, width // f, pipe.unet.config.in_channels)
+    shape = (batch, height // f, width // f, pipe.unet.config.in_channels)
     if latents is None:
-        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-    else:
-        noise = jnp.asarray(latents, jnp.float32)
-        if noise.shape != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
-    return prompts, negatives, guidance_scale, noise
+        return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    noise = jnp.asarray(latents, jnp.float32)
+    if noise.shape != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+    return noise
 
 
 def _broadcast_negative(negative: str | Sequence[str] | None, batch: int) -> list[str]:
-    if negative is None:
-        return [""] * batch
-    if isinstance(negative, str):
-        return [negative] * batch
+    if negative is None or isinstance(negative, str):
+        return [negative or ""] * batch
     negative = list(negative)
     if len(negative) != batch:
-        raise ValueError(f"negative_prompt has {len(negative)} entries for {batch} prompts")
+        raise ValueError(f"negative_prompt has {len(negative)} entries for {batch} prompts (give one string, or one "
+                         f"per prompt)")
+    if not all(isinstance(n, str) for n in negative):
+        raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative!r}")
     return negative

@@ -268,12 +268,13 @@ class StableDiffusionXL:
         ``(0, 0)``; the unconditional branch gets the same ids (as diffusers by default). Guidance is on when
         ``guidance_scale > 1``; without ``negative_prompt`` the unconditional embeddings are zeros when the
         model's ``force_zeros_for_empty_prompt`` is set (SDXL base), else those of ``""``."""
-        from dynamicid_jax.pipelines.stable_diffusion import checked_request
+        from dynamicid_jax.pipelines.stable_diffusion import check_text_request, start_noise
 
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
-        prompts, negatives, guidance_scale, noise = checked_request(self, prompts, negative_prompt, height, width,
-                                                                    steps, guidance_scale, seed, latents)
+        prompts, negatives, guidance_scale = check_text_request(self, prompts, negative_prompt, height, width, steps,
+                                                                guidance_scale)
+        noise = start_noise(self, len(prompts), height, width, seed, latents)
         time_ids = np.asarray([*_pair(original_size, (height, width), "original_size"),
                                *_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left"),
                                *_pair(target_size, (height, width), "target_size")], np.float32)
