@@ -1,6 +1,6 @@
 """The embedded demo: DynamicID trained end to end on a CPU in SynthFace, then evaluated — no download.
 
-    python -m infer.demo --out demo_out [--quick] [--infinite-id]
+    python -m infer.demo --out demo_out [--quick] [--infinite-id] [--rebuild-base]
 
 Stages (each recorded in ``{out}/work/stages.json`` and reused by the next run when its settings are unchanged;
 the training stages also resume from their own checkpoints when interrupted):
@@ -8,7 +8,8 @@ the training stages also resume from their own checkpoints when interrupted):
 1. SynthFace: training identities × 35 images, held-out identities, multi-person scenes;
 2. the world's face models (input recogniser, evaluation recogniser, detector, landmarks, classifiers);
 3. face-record shards of the training split (synthetic analyzer);
-4. stage 0: the tiny Stable Diffusion base (VAE, then text encoder + UNet) trained from scratch on captions;
+4. the SynthFace base: the shipped one (assets/synthface_base, checked against its provenance), or with
+   ``--rebuild-base`` trained here by ``make base``'s code (``infer.demo_base``); ``--quick``: a seconds-long one;
 5. stage 1: ID encoder + SAA; 6. token cache + stage 2: IMR + KeyPointEncoder; then the DynamicID folder;
 7. Infinite-ID (ID-semantics decoupled training) on the same base;
 8. evaluation of DynamicID, its ablations and Infinite-ID on held-out identities;
@@ -16,7 +17,8 @@ the training stages also resume from their own checkpoints when interrupted):
 
 Outputs in ``--out``: ``single_id.png``, ``multi_id.png``, ``edit.png``, ``gates.png``, ``metrics.json``,
 ``metrics.md``, ``timings.json`` (the evaluation's seconds; ``metrics.json`` has none, so it is identical across
-runs), ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds).
+runs), ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds, diagnostics of
+the ID tokens and the IMR's edits). See docs/demo.md.
 """
 from __future__ import annotations
 
