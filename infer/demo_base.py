@@ -91,7 +91,8 @@ def world_texts(data_root: str) -> list[str]:
     stage-2 prompts, and the empty prompt."""
     from data_pipelines import synthface
     from data_pipelines.synthface.dataset import group_caption
-    from data_pipelines.synthface.world import BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSES, grid_prompt
+    from data_pipelines.synthface.world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSE_YAW, POSES,
+                                                PROMPT_EXPRESSION, grid_prompt)
     from dynamicid_jax.faces.geometry import auto_face_prompt
 
     texts = {""}
@@ -104,8 +105,6 @@ def world_texts(data_root: str) -> list[str]:
     for e in EXPRESSIONS:
         for p in POSES:
             texts.add(grid_prompt(e, p))
-    from data_pipelines.synthface.world import POSE_YAW, PROMPT_EXPRESSION
-
     for e in EXPRESSIONS:
         for yaw in sorted(set(POSE_YAW.values())):
             texts.add(auto_face_prompt((0.0, yaw, 0.0), PROMPT_EXPRESSION[e]))
