@@ -39,7 +39,7 @@ def write_random_sd15(folder: str) -> str:
     pipe = StableDiffusionPipeline(
         unet=UNet2DConditionModel(**strip(cfg["unet"])), vae=AutoencoderKL(**strip(cfg["vae"])),
         text_encoder=CLIPTextModel(CLIPTextConfig(**strip(cfg["text_encoder"]))), tokenizer=load_tokenizer(),
-        scheduler=DDIMScheduler(**strip(cfg["scheduler"]) | {"clip_sample": False}), safety_checker=None,
+        scheduler=DDIMScheduler.from_config(strip(cfg["scheduler"]) | {"clip_sample": False}), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(os.path.join(folder, "tokenizer"))
@@ -73,7 +73,7 @@ def write_random_sdxl(folder: str, tiny: bool = False) -> str:
         text_encoder=CLIPTextModel(CLIPTextConfig(**strip(cfg["text_encoder"]))),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**strip(cfg["text_encoder_2"]))),
         tokenizer=load_tokenizer(), tokenizer_2=load_tokenizer(pad_token=SDXL_PAD_TOKEN),
-        scheduler=EulerDiscreteScheduler(**strip(cfg["scheduler"])))
+        scheduler=EulerDiscreteScheduler.from_config(strip(cfg["scheduler"])))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
