@@ -44,6 +44,7 @@ from .schema import (
     CorruptRecordError,
     FaceRecord,
     RecordError,
+    box_in_center_crop,
     decode_record,
     resize_center_crop,
     to_signed_unit,
@@ -306,6 +307,7 @@ class _Stage1Example:
                    "ref_clip_features" if r.use_clip else "ref_clip_pixels": r.clip_input(ref),
                    "ref_id_embedding": np.asarray(ref.embedding, np.float32),
                    "input_ids": r.tokens(target.caption),
+                   "target_face_box": box_in_center_crop(target.bbox, target.image_size, r.config.resolution),
                    "identity": np.int32(target.identity),
                    "target_index": np.int32(target_index), "ref_index": np.int32(ref_index)}
         except (RecordError, OSError) as err:

@@ -85,7 +85,8 @@ import numpy as np
 
 __all__ = [
     "SCHEMA_NAME", "SCHEMA_VERSION", "RecordError", "RecordVersionError", "CorruptRecordError", "FaceRecord",
-    "encode_record", "decode_record", "decode_image_bytes", "resize_center_crop", "to_signed_unit",
+    "encode_record", "decode_record", "decode_image_bytes", "resize_center_crop", "box_in_center_crop",
+    "to_signed_unit",
     "TOKEN_LENGTH", "STAGE1_REQUIRED", "STAGE2_REQUIRED", "validate_stage1_batch", "validate_stage2_example",
 ]
 
@@ -326,6 +327,22 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+def box_in_center_crop(bbox: np.ndarray, image_size: tuple[int, int], size: int) -> np.ndarray:
+    """A face box ``[x0, y0, x1, y1]`` (pixels of an image of ``image_size = (width, height)``) → where it lies in
+    :func:`resize_center_crop`'s ``size × size`` output, normalised and clipped to ``[0, 1]``, as
+    ``[y0, x0, y1, x1]`` (the order of the SAA boxes)."""
+    w, h = (int(v) for v in image_size)
+    if w <= h:
+        new_w, new_h = size, max(size, int(size * h / w))
+    else:
+        new_w, new_h = max(size, int(size * w / h)), size
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    ys = (np.array([y0, y1]) * new_h / h - top) / size
+    xs = (np.array([x0, x1]) * new_w / w - left) / size
+    return np.clip(np.array([ys[0], xs[0], ys[1], xs[1]], np.float32), 0.0, 1.0)
 
 
 def to_signed_unit(image: np.ndarray) -> np.ndarray:

@@ -261,7 +261,9 @@ def test_stage1_batches(dataset):
     for batch in batches:
         assert S.validate_stage1_batch(batch, resolution=RES) == 4
         assert sorted(batch) == ["identity", "input_ids", "ref_clip_pixels", "ref_id_embedding", "ref_index",
-                                 "target_index", "target_pixels"]
+                                 "target_face_box", "target_index", "target_pixels"]
+        assert batch["target_face_box"].shape == (4, 4)
+        assert np.all(batch["target_face_box"][:, 2:] > batch["target_face_box"][:, :2])  # y1 > y0, x1 > x0
         assert batch["target_pixels"].min() >= -1 and batch["target_pixels"].max() <= 1
         for j in range(4):
             t, r = int(batch["target_index"][j]), int(batch["ref_index"][j])

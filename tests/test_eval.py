@@ -245,6 +245,18 @@ def test_targets_relative_expr_bar_and_paired_differences():
     assert sizing["metrics"]["multi.placement"]["enough"] is True
 
 
+def test_methods_split_into_balanced_lanes_with_no_imr_after_dynamicid():
+    cost = {"dynamicid": 10.0, "no-imr": 1.0, "no-saa": 6.0, "base": 5.0, "infinite-id": 8.0}
+    lanes = S._lanes(list(cost), cost, workers=2)
+    assert sorted(m for lane in lanes for m in lane) == sorted(cost)  # every method once
+    home = next(lane for lane in lanes if "dynamicid" in lane)
+    assert home.index("no-imr") == home.index("dynamicid") + 1  # w/o IMR reuses DynamicID's images
+    loads = sorted(sum(cost[m] for m in lane) for lane in lanes)
+    assert loads == [14.0, 16.0]  # {dynamicid, no-imr, base} = 16 vs {infinite-id, no-saa} = 14
+    assert S._lanes(list(cost), cost, workers=1) == [["dynamicid", "no-imr", "infinite-id", "no-saa", "base"]]
+    assert S._lanes(["base"], {"base": 1.0}, workers=4) == [["base"]]
+
+
 def test_protocol_adapts_to_the_number_of_held_out_identities():
     p = S.Protocol(single_images=20, multi_images=10, edit_images=4, edit_expressions=("neutral", "happy"),
                    batch=2, edit_batch=2)

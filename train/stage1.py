@@ -64,7 +64,8 @@ DEFAULTS: dict[str, Any] = {
         "dtype": "bfloat16",  # compute dtype; params stay fp32
         "remat": None,  # UNet remat policy: None, "full", "dots", "dots_no_batch", "nothing", "everything"
     },
-    "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0},
+    "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0,
+               "face_loss_weight": 0.0},
     "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
              "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
              "distinct_reference": True, "latents": "auto", "clip": "auto",
@@ -82,6 +83,27 @@ def abstract_unet(unet_config):
     from dynamicid_jax.models import unet as unet_lib
 
     return unet_lib.abstract_params(UNet2DConditionModel(unet_config))
+
+
+def face_weighted_mse(pred: jax.Array, target: jax.Array, face_box: jax.Array | None, weight: float) -> jax.Array:
+    """The stage-1 ε-MSE; with ``weight > 0`` the latent cells inside the target's face box count ``1 + weight``
+    times (a weighted mean, so the loss keeps its scale). ``weight = 0`` is the plain mean (docs/training.md:
+    face-weighted loss). ``face_box [B, 4]``: normalised ``[y0, x0, y1, x1]`` (the loader's ``target_face_box``);
+    a cell is inside when its centre is."""
+    sq = jnp.square(pred - target)
+    if weight == 0.0:
+        return jnp.mean(sq)
+    if face_box is None:
+        raise KeyError("method.face_loss_weight > 0 needs batches with target_face_box (the shard loader's)")
+    h, w = sq.shape[1:3]
+    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    box = face_box.astype(jnp.float32)
+    inside_y = (ys[None, :] >= box[:, 0:1]) & (ys[None, :] < box[:, 2:3])  # [B, H]
+    inside_x = (xs[None, :] >= box[:, 1:2]) & (xs[None, :] < box[:, 3:4])  # [B, W]
+    weights = 1.0 + weight * (inside_y[:, :, None] & inside_x[:, None, :]).astype(jnp.float32)  # [B, H, W]
+    per_cell = jnp.mean(sq, axis=-1)
+    return jnp.mean(jnp.sum(weights * per_cell, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2)))
 
 
 def drop_masks(rng: jax.Array, batch: int, p_id: float, p_text: float, p_both: float):
@@ -209,7 +231,7 @@ class Stage1:
                                self.saa_inputs(latents.shape[1:3]),
                                *self.base.added_cond(pooled, latents.shape[1:3])).astype(jnp.float32)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        loss = jnp.mean(jnp.square(pred - target))
+        loss = face_weighted_mse(pred, target, batch.get("target_face_box"), float(meth["face_loss_weight"]))
         return loss, ({"drop_id_frac": jnp.mean(drop_id), "drop_text_frac": jnp.mean(drop_text)}, mutable)
 
     def init(self, rng, frozen):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -86,6 +87,14 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
     os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}
     cpu_timings: dict[str, float] = {}
+    # The image encoder, the longest job, trains in a second thread while the others train here: each job keeps
+    # about one core busy, so on two cores this nearly halves the wall time. Results are unchanged (every model
+    # has its own seed and XLA programs); CPU seconds are then the whole process's, both jobs together.
+    image_encoder_job = None
+    if "image_encoder" in names:
+        image_encoder_job = _BackgroundJob(lambda: _train_image_encoder(
+            data_dir, images, records, index, ident, steps["image_encoder"], seed, progress,
+            os.path.join(out_dir, "image_encoder")))
 
     def run(name, fn):
         if name in names:
@@ -120,9 +129,8 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
                                  crop_size=32)
     run("scene_classifier", lambda: train_classifier(images, scene_labels, scene_cfg, steps=steps["scene_classifier"],
                                                      seed=seed, progress=progress))
-    if "image_encoder" in names:
-        result_ie = _train_image_encoder(data_dir, images, records, index, ident, steps["image_encoder"], seed,
-                                         progress, os.path.join(out_dir, "image_encoder"))
+    if image_encoder_job is not None:
+        result_ie = image_encoder_job.result()
         timings["image_encoder"], cpu_timings["image_encoder"] = result_ie.pop("seconds"), result_ie.pop("cpu")
     result: dict[str, Any] = {"train_seconds": timings, "train_cpu_seconds": cpu_timings,
                               "steps": {k: steps[k] for k in names}, "train_images": int(len(images)),
@@ -132,6 +140,30 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     return result
+
+
+class _BackgroundJob:
+    """``fn()`` in a daemon thread (an interrupted run does not wait for it); :meth:`result` joins and returns
+    its value or re-raises its exception."""
+
+    def __init__(self, fn):
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+        def target():
+            try:
+                self._value = fn()
+            except BaseException as err:  # handed to the joining thread
+                self._error = err
+
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _train_image_encoder(data_dir, images, records, index, ident, steps, seed, progress, folder) -> dict:

@@ -32,8 +32,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -324,6 +325,88 @@ def run_method(method: str, pipes: dict[str, Any], requests: Sequence[Request], 
     return out, time.perf_counter() - start
 
 
+def _method_requests(method: str, requests: Sequence[Request], protocol: Protocol) -> list[Request]:
+    return [r for r in requests if (method in protocol.edit_methods or r.kind not in ("edit", "control"))
+            and (method in protocol.multi_methods or r.kind != "multi")]
+
+
+def _lanes(methods: Sequence[str], cost: dict[str, float], workers: int) -> list[list[str]]:
+    """Split the methods over ``workers`` lanes of about equal cost (largest first, each to the cheapest lane);
+    w/o IMR stays right after DynamicID in DynamicID's lane, since it reuses DynamicID's images."""
+    groups: list[list[str]] = []
+    for m in methods:
+        home = next((g for g in groups if g[0] == "dynamicid"), None) if m == "no-imr" else None
+        if home is not None:
+            home.append(m)
+        else:
+            groups.append([m])
+    lanes: list[list[str]] = [[] for _ in range(max(1, min(workers, len(groups))))]
+    loads = [0.0] * len(lanes)
+    for g in sorted(groups, key=lambda g: -sum(cost[m] for m in g)):
+        k = loads.index(min(loads))
+        lanes[k] += g
+        loads[k] += sum(cost[m] for m in g)
+    return [lane for lane in lanes if lane]
+
+
+def _generate_all(methods: Sequence[str], pipes: dict[str, Any], requests: Sequence[Request],
+                  references: Sequence[np.ndarray], protocol: Protocol, *, workers: int, progress: bool,
+                  log: Callable[[str], None]) -> dict[str, tuple[list[tuple[Request, np.ndarray]], float, bool]]:
+    """Every method's images: ``{method: (outputs, generation seconds, reused DynamicID's images)}``.
+
+    The methods run in ``workers`` threads (lanes): one sampling call keeps about one core busy on a CPU, so two
+    lanes on two cores take ~0.6× the time. The images do not depend on the lanes (each request has its own seed;
+    the compiled programs are the same), so ``metrics.json`` is identical for any ``workers``; a method's seconds
+    are then measured while another method samples beside it."""
+    mine = {m: _method_requests(m, requests, protocol) for m in methods}
+    pixels = {m: sum(len(r.prompts) * r.height * r.width for r in mine[m]) for m in methods}
+    cost = {m: pixels[m] * (0.2 if m == "no-imr" and "dynamicid" in methods else 1.0) for m in methods}
+    out: dict[str, tuple[list[tuple[Request, np.ndarray]], float, bool]] = {}
+
+    def lane(names: list[str]) -> None:
+        for method in names:
+            dynamicid = out.get("dynamicid")
+            reuse = None
+            if method == "no-imr" and dynamicid is not None and len(dynamicid[0]) == len(requests):
+                reuse = {k: im for k, (r, im) in enumerate(dynamicid[0]) if r.kind != "edit"}
+            todo = [r for k, r in enumerate(mine[method]) if reuse is None or k not in reuse]
+            log(f"[eval] {method}: {len(todo)} calls, {sum(len(r.prompts) for r in todo)} images"
+                + (" (single, multi and control images: DynamicID's)" if reuse else ""))
+            outputs, gen_s = run_method(method, pipes, mine[method], references, steps=protocol.steps,
+                                        guidance_scale=protocol.guidance_scale, reuse=reuse, progress=progress)
+            out[method] = (outputs, gen_s, bool(reuse))
+            log(f"[eval] {method}: generated in {gen_s:.1f} s")
+
+    lanes = _lanes(methods, cost, workers)
+    jobs = [_LaneThread(lane, names) for names in lanes[1:]]
+    lane(lanes[0])
+    for job in jobs:
+        job.join()
+    return out
+
+
+class _LaneThread:
+    """``fn(names)`` in a daemon thread (an interrupted evaluation does not wait for it); :meth:`join` re-raises
+    its exception."""
+
+    def __init__(self, fn: Callable[[list[str]], None], names: list[str]):
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                fn(names)
+            except BaseException as err:  # handed to the joining thread
+                self._error = err
+
+        self._thread = threading.Thread(target=target, daemon=True, name=f"eval {'+'.join(names)}")
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def _enlarge(images: np.ndarray, k: int = 2) -> np.ndarray:
     return np.repeat(np.repeat(np.asarray(images, np.uint8), k, axis=-3), k, axis=-2)
 
@@ -382,10 +465,14 @@ def _multi_frame(data_dir: str, index: dict[str, Any], size: int) -> tuple[int, 
 def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_path: str | None = None,
                   infinite_id_path: str | None = None, methods: Sequence[str] = METHODS,
                   protocol: Protocol = Protocol(), pipes: dict[str, Any] | None = None,
-                  log=print, progress: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+                  log=print, progress: bool = True, workers: int = 2
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Run the protocol for ``methods`` → ``(results, grids)``. ``results``: ``{"protocol", "baselines",
     "methods": {method: metrics}, "targets", "sizing", "seconds"}``; ``grids``: ``{method: {kind: image}}``.
-    Every held-out identity of the data index is a reference; nothing depends on their number."""
+    Every held-out identity of the data index is a reference; nothing depends on their number. ``workers``:
+    methods sampled side by side (threads; the results do not depend on it)."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("no methods to evaluate")
@@ -425,26 +512,17 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
     results: dict[str, Any] = {}
     reps: dict[str, dict[str, np.ndarray]] = {}
     grids: dict[str, dict[str, np.ndarray]] = {}
-    reusable: dict[int, np.ndarray] = {}
+    generated = _generate_all(methods, pipes, requests, references, protocol, workers=workers, progress=progress,
+                              log=log)
     for method in methods:
-        reuse = reusable if method == "no-imr" and reusable else None
-        mine = [r for r in requests if (method in protocol.edit_methods or r.kind not in ("edit", "control"))
-                and (method in protocol.multi_methods or r.kind != "multi")]
-        todo = [r for k, r in enumerate(mine) if reuse is None or k not in reuse]
-        log(f"[eval] {method}: {len(todo)} calls, {sum(len(r.prompts) for r in todo)} images"
-            + (" (single, multi and control images: DynamicID's)" if reuse else ""))
-        outputs, gen_s = run_method(method, pipes, mine, references, steps=protocol.steps,
-                                    guidance_scale=protocol.guidance_scale, reuse=reuse, progress=progress)
-        if method == "dynamicid" and len(outputs) == len(requests):
-            reusable = {k: im for k, (r, im) in enumerate(outputs) if r.kind != "edit"}
+        outputs, gen_s, reused = generated[method]
         t0 = time.perf_counter()
         samples = SC.collect_samples(outputs, scorer, ref_emb)
         results[method], reps[method] = SC.summarise(samples, scorer, seed=protocol.seed, n_boot=protocol.n_boot)
         results[method]["seconds"] = {"generate": gen_s, "score": time.perf_counter() - t0}
-        if reuse:
+        if reused:
             results[method]["reused_from"] = "dynamicid"
         grids[method] = preview_grids(outputs, references)
-        log(f"[eval] {method}: generated in {gen_s:.1f} s")
     seconds["total"] = time.perf_counter() - t_all
     counts = {k: sum(len(r.prompts) for r in requests if r.kind == k) for k in ("single", "multi", "edit",
                                                                                 "control")}
