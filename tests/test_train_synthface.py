@@ -17,6 +17,7 @@ import pytest
 
 from data_pipelines import loaders as L
 from data_pipelines import synthface as sf
+from train import runs
 
 # the SynthFace dims (64-wide tokens; the recogniser's embedding width is kept small here)
 EMBED = 32
@@ -291,7 +292,7 @@ def test_stage1_export_carries_what_the_later_steps_need(stage1_run):
     from dynamicid_jax.models.clip import load_image_encoder
     from train import common, stage1
 
-    meta = stage1.export_metadata(stage1_run["export"])
+    meta = runs.export_metadata(stage1_run["export"])
     assert meta["format"] == stage1.EXPORT_FORMAT and meta["step"] == "1"
     assert json.loads(meta["id_encoder_config"])["id_embed_dim"] == EMBED
     assert json.loads(meta["saa"])["lora_rank"] == 4
@@ -330,9 +331,9 @@ def test_rerun_skips_resumes_and_guards_the_workdir(world, base, stage1_run, mes
     models = {"mesh": mesh1, "base": common.load_base(base, jnp.float32),  # loaded once for the runs below
               "image_encoder": common.load_image_encoder("random:tiny", jnp.float32)}
     path = stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2"], **models)
-    assert len(steps) == 1 and stage1.export_metadata(path)["step"] == "2"  # resumed at step 1
+    assert len(steps) == 1 and runs.export_metadata(path)["step"] == "2"  # resumed at step 1
 
-    with pytest.raises(stage1.RunMismatchError, match="data.seed"):
+    with pytest.raises(runs.RunMismatchError, match="data.seed"):
         stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2", "data.seed=1"], **models)
     steps.clear()
     stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2", "data.seed=1", "on_change=restart"],
@@ -395,7 +396,7 @@ def stage2_export(world, base, stage1_run, tmp_path_factory):
 
 def test_token_cache_holds_the_stage1_tokens_and_is_reused(world, stage1_run, stage2_export):
     from train import common, token_cache
-    from train.stage1 import export_metadata
+    from train.runs import export_metadata
 
     folder = os.path.join(stage2_export["workdir"], "token_cache")
     cache = token_cache.TokenCache.load(folder)
@@ -488,7 +489,7 @@ def test_clis_end_to_end_on_synthface(world, base, tmp_path):
              f"model.stage1={export1}"]
     assert stage2.main(args2) == 0
     export2 = os.path.join(w2, "export", "stage2.safetensors")
-    assert stage1.export_metadata(export2)["step"] == "2"
+    assert runs.export_metadata(export2)["step"] == "2"
     assert os.path.isfile(os.path.join(w2, "token_cache", "cache.json"))
     stamps = [os.stat(p).st_mtime_ns for p in (export1, export2)]
     assert stage1.main(args1) == 0 and stage2.main(args2) == 0  # finished: nothing retrains

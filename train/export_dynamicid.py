@@ -25,7 +25,7 @@ __all__ = ["export_dynamicid", "main"]
 
 def _metadata(path: str, stage: str, fmt: str) -> dict[str, str]:
     """The metadata of ``stage``'s export (``"stage1"`` / ``"stage2"``), with clear errors."""
-    from train.stage1 import export_metadata
+    from train.runs import export_metadata
 
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"the {stage} export {path!r} does not exist (python -m train.{stage} ... "

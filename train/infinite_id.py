@@ -31,7 +31,7 @@ import numpy as np
 from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import common, loop
+from train import common, loop, runs
 
 log = logging.getLogger(__name__)
 
@@ -241,37 +241,39 @@ TRAIN_RECORD = "train.json"
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
         base: common.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
-    """Train Infinite-ID (or resume, or skip when finished; see :func:`train.stage1.run`) → the export folder
+    """Train Infinite-ID (or resume, or skip when finished: :func:`train.runs.run_stage`) → the export folder
     (``InfiniteIDPipeline.from_pretrained(sd, folder, folder + "/image_encoder", ...)`` for ``random:`` CLIP)."""
-    from train.stage1 import (check_shards, claim_workdir, load, make_data, quiet_logs, run_fingerprint,
-                              workdir_of)
+    from train.stage1 import make_data
 
-    quiet_logs()
-    cfg = load(config, overrides, defaults=DEFAULTS)
-    workdir = workdir_of(cfg, workdir)
-    m, d = cfg["model"], cfg["data"]
-    enc_cfg = iid.infinite_id_encoder_config(m["encoder_variant"], **{"clip_input": "image",
-                                                                     **dict(m.get("encoder_overrides") or {})})
-    check_shards(d["shards"], enc_cfg.id_embed_dim)
-    inputs = {"base": m["base"] if base is None else base.source, "shards": d["shards"],
-              "image_encoder": m["image_encoder"], "init_from": m["init_from"],
-              "uncond_clip_features": m["uncond_clip_features"]}
-    fp, settings = run_fingerprint(cfg, inputs)
-    folder = os.path.join(workdir, "export")
-    record = os.path.join(folder, TRAIN_RECORD)
-    if os.path.isfile(record):
+    def embed_dim(cfg) -> int:
+        m = cfg["model"]
+        return iid.infinite_id_encoder_config(m["encoder_variant"], **{"clip_input": "image",
+                                                                       **dict(m.get("encoder_overrides") or {})}
+                                              ).id_embed_dim
+
+    def inputs(cfg) -> dict[str, str]:
+        m = cfg["model"]
+        return {"base": m["base"] if base is None else base.source, "shards": cfg["data"]["shards"],
+                "image_encoder": m["image_encoder"], "init_from": m["init_from"],
+                "uncond_clip_features": m["uncond_clip_features"]}
+
+    def done(folder: str, fingerprint: str, steps: int) -> bool:  # the export is a folder with a train record
+        record = os.path.join(folder, TRAIN_RECORD)
+        if not os.path.isfile(record):
+            return False
         with open(record) as f:
-            done = json.load(f)
-        if done.get("fingerprint") == fp and done.get("step") == int(cfg["train"]["steps"]):
-            log.info("Infinite-ID in %s is finished (step %s): %s", workdir, done["step"], folder)
-            return folder
-    claim_workdir(workdir, fp, settings, cfg["on_change"])
-    stage = InfiniteIDStage(cfg, base=base, image_encoder=image_encoder)
-    references = next(make_data(cfg, stage.clip_size)) if cfg["train"].get("sample_every") else None
-    trainer = loop.Trainer(stage.task(references=references), cfg, workdir, mesh=mesh)
-    stage.export(trainer.fit(make_data(cfg, stage.clip_size)), workdir, fingerprint=fp)
-    log.info("exported the Infinite-ID weights to %s", folder)
-    return folder
+            finished = json.load(f)
+        return finished.get("fingerprint") == fingerprint and finished.get("step") == steps
+
+    def train(cfg, workdir: str, fingerprint: str) -> str:
+        stage = InfiniteIDStage(cfg, base=base, image_encoder=image_encoder)
+        references = next(make_data(cfg, stage.clip_size)) if cfg["train"].get("sample_every") else None
+        trainer = loop.Trainer(stage.task(references=references), cfg, workdir, mesh=mesh)
+        stage.export(trainer.fit(make_data(cfg, stage.clip_size)), workdir, fingerprint=fingerprint)
+        return os.path.join(workdir, "export")
+
+    return runs.run_stage(runs.StageRun("Infinite-ID", DEFAULTS, "export", embed_dim, inputs, train, done=done),
+                          config, overrides, workdir=workdir)
 
 
 def main(argv=None) -> int:

@@ -13,10 +13,7 @@ are exported to ``{workdir}/export/stage1.safetensors`` (``id_encoder/…`` and 
 the token cache read. The export's metadata holds the ID encoder / SAA / UNet configs and the CLIP vision folder
 (a ``random:`` image encoder is saved to ``{workdir}/export/image_encoder/``), so the later steps need nothing else.
 
-Runs: :func:`run` records a fingerprint of the settings and inputs that decide the result in
-``{workdir}/run.json``. A rerun with the same fingerprint resumes from the last checkpoint, or returns the export
-at once when it is already at ``train.steps``; a different fingerprint is an error unless ``on_change=restart``
-(which discards the old checkpoints). ``train.steps`` and the ``optimizer`` may change between runs (resume).
+Runs (resume, skip when finished, refuse a workdir of other settings): :func:`train.runs.run_stage`.
 
 Batch contract (data_pipelines.loaders.stage1_loader): ``target_pixels [B,H,W,3]`` in [-1, 1] or
 ``target_latent_moments [B,H/f,W/f,8]`` (f = the VAE's scale factor); ``ref_clip_pixels [B,S,S,3]`` (CLIP-normalised,
@@ -27,11 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -44,7 +39,7 @@ from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import common, loop
+from train import common, loop, runs
 
 log = logging.getLogger(__name__)
 
@@ -354,154 +349,13 @@ class Stage1:
         return common.save_params(params, os.path.join(folder, "stage1.safetensors"), metadata=meta)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Runs (shared by the stage CLIs): config loading, fingerprints, the workdir record, finished exports
-# ---------------------------------------------------------------------------------------------------------
-#: config entries that do not change what a run computes (or may change on resume): left out of fingerprints
-RUN_VOLATILE: dict[str, Any] = {
-    "workdir": None, "on_change": None, "checkpoint": None, "optimizer": None, "mesh": None, "sample": None,
-    "train": ("steps", "log_every", "sample_every", "progress_bar"),
-    "data": ("worker_count", "read_threads", "max_corrupt_fraction", "corrupt_grace"),
-    "token_cache": ("batch_size",),
-}
-
-
-class RunMismatchError(RuntimeError):
-    """The workdir holds a run with other settings or inputs."""
+#: the export's path inside the workdir
+EXPORT = os.path.join("export", "stage1.safetensors")
 
 
 def load(config: Any = None, overrides: Sequence[str] = (), defaults: Mapping | None = None):
-    """A stage config: ``config`` is a YAML path, a mapping (merged over ``defaults``) or ``None`` (defaults),
-    then ``key.sub=value`` ``overrides``."""
-    from train.config import config_from_dict, load_config
-
-    defaults = DEFAULTS if defaults is None else defaults
-    if isinstance(config, Mapping):
-        base = config_from_dict(config, defaults=defaults)
-        return load_config(None, list(overrides), defaults=base)
-    return load_config(config, list(overrides), defaults=defaults)
-
-
-def path_signature(path: str) -> Any:
-    """What identifies the contents of an input path cheaply: sizes and modification times of its files
-    (``random:…`` specs and empty strings stand for themselves)."""
-    if not path or str(path).startswith("random:") or not os.path.exists(path):
-        return path
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    out = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            st = os.stat(os.path.join(root, name))
-            out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
-            if len(out) > 10000:
-                return out
-    return out
-
-
-def run_fingerprint(cfg: Mapping, inputs: Mapping[str, str]) -> tuple[str, dict]:
-    """``(fingerprint, settings)``: the config without :data:`RUN_VOLATILE` entries plus the signatures of the
-    ``inputs`` paths."""
-    settings = json.loads(json.dumps(cfg, default=str))
-    for key, sub in RUN_VOLATILE.items():
-        if sub is None:
-            settings.pop(key, None)
-        elif isinstance(settings.get(key), dict):
-            for k in sub:
-                settings[key].pop(k, None)
-    settings["inputs"] = {k: path_signature(v) for k, v in sorted(inputs.items())}
-    blob = json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16], settings
-
-
-def _flat_settings(d: Any, where: str = "") -> dict:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flat_settings(v, f"{where}.{k}" if where else str(k)))
-        return out
-    return {where: d}
-
-
-def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str,
-                  owned: Sequence[str] = ("checkpoints", "export", "tb", "samples")) -> None:
-    """Check ``{workdir}/run.json`` against this run (see the module docstring) and write it."""
-    if on_change not in ("error", "restart"):
-        raise ValueError(f"on_change must be 'error' or 'restart', got {on_change!r}")
-    record = os.path.join(workdir, "run.json")
-    if os.path.isfile(record):
-        with open(record) as f:
-            old = json.load(f)
-        trained = any(os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name))
-                      for name in ("checkpoints", "export"))
-        if old.get("fingerprint") != fingerprint and not trained:
-            # an earlier run failed before its first checkpoint (a bad path, a config error found while building
-            # the model): nothing of it is worth keeping, so the corrected rerun takes the workdir over
-            log.info("%s: the earlier run left no checkpoint; starting with the new settings", workdir)
-        elif old.get("fingerprint") != fingerprint:
-            a, b = _flat_settings(old.get("settings", {})), _flat_settings(settings)
-            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if on_change == "error":
-                raise RunMismatchError(
-                    f"{workdir} holds a run with other settings or inputs (changed: {changed[:8]}); use a new "
-                    f"workdir, or set on_change=restart to discard its checkpoints")
-            log.warning("%s: settings or inputs changed (%s), discarding the old run", workdir, changed[:8])
-            if jax.process_index() == 0:
-                for name in owned:
-                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-    if jax.process_index() == 0:  # one writer (the workdir may be shared by every process)
-        os.makedirs(workdir, exist_ok=True)
-        from dynamicid_jax.io_atomic import write_json
-
-        write_json({"fingerprint": fingerprint, "settings": settings}, record, sort_keys=True)
-    loop.barrier("claim_workdir")
-
-
-def export_metadata(path: str) -> dict[str, str]:
-    """The string metadata of a stage export (``.safetensors``); ``{}`` when the file does not exist."""
-    if not os.path.isfile(path):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        return dict(f.metadata() or {})
-
-
-def finished(meta: Mapping[str, str], fingerprint: str, steps: int) -> bool:
-    """Whether an export (its metadata) is the result of this very run at ``steps``."""
-    return bool(meta) and meta.get("fingerprint") == fingerprint and meta.get("step") == str(int(steps))
-
-
-def quiet_logs() -> None:
-    """Keep the checkpointer's per-file INFO lines out of the training log."""
-    for name in ("absl", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def workdir_of(cfg: Mapping, workdir: str | None) -> str:
-    workdir = workdir or cfg["workdir"]
-    if not workdir:
-        raise ValueError("give a workdir (workdir=... in the config, --workdir, or run(..., workdir=...))")
-    return os.path.abspath(workdir)
-
-
-def check_shards(shards: str, embed_dim: int | None = None, what: str = "data.shards"):
-    """Open the face shards (clear errors for a missing folder, no records, a wrong embedding width)."""
-    from data_pipelines.shards import open_shards
-
-    if not shards:
-        raise ValueError(f"{what} must name a folder of face shards (python -m data_pipelines.build_shards)")
-    data = open_shards(shards)
-    if len(data) == 0 or not any(e.records for e in data.manifest.identities):
-        raise ValueError(f"{what}={shards!r} holds no face records (the build skipped every image: "
-                         f"{dict(data.manifest.skipped) or 'no images found'})")
-    if embed_dim is not None and data.manifest.embedding_dim != embed_dim:
-        raise ValueError(f"{what}={shards!r} holds {data.manifest.embedding_dim}-d face embeddings but the ID encoder "
-                         f"takes {embed_dim}-d ones (set model.id_encoder_overrides.id_embed_dim, or build the shards "
-                         f"with the matching face analyzer)")
-    return data
+    """A stage config (:func:`train.runs.load`) over stage 1's defaults unless ``defaults`` are given."""
+    return runs.load(config, overrides, DEFAULTS if defaults is None else defaults)
 
 
 def resolve_clip_size(d: Mapping, image_module) -> int:
@@ -531,31 +385,29 @@ def make_data(cfg, clip_size: int | None = None):
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
         base: common.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
-    """Train stage 1 (or resume, or skip when finished; module docstring) → the export's path.
+    """Train stage 1 (or resume, or skip when finished: :func:`train.runs.run_stage`) → the export's path.
 
     ``config``: a YAML path, a mapping or a loaded config; ``overrides``: ``key.sub=value`` strings; ``mesh``: a
     device mesh (default: every device, ``mesh`` section); ``base`` / ``image_encoder``: already loaded models."""
-    quiet_logs()
-    cfg = load(config, overrides)
-    workdir = workdir_of(cfg, workdir)
-    m, d = cfg["model"], cfg["data"]
-    enc_cfg = ide.id_encoder_config(m["id_encoder_variant"], **dict(m.get("id_encoder_overrides") or {}))
-    check_shards(d["shards"], enc_cfg.id_embed_dim)
-    inputs = {"base": m["base"] if base is None else base.source, "shards": d["shards"],
-              "image_encoder": m["image_encoder"], "id_encoder_init": m["id_encoder_init"]}
-    fp, settings = run_fingerprint(cfg, inputs)
-    path = os.path.join(workdir, "export", "stage1.safetensors")
-    if finished(export_metadata(path), fp, cfg["train"]["steps"]):
-        log.info("stage 1 in %s is finished (step %s): %s", workdir, cfg["train"]["steps"], path)
-        return path
-    claim_workdir(workdir, fp, settings, cfg["on_change"])
-    stage = Stage1(cfg, base=base, image_encoder=image_encoder)
-    references = next(make_data(cfg, stage.clip_size)) if cfg["train"].get("sample_every") else None
-    trainer = loop.Trainer(stage.task(references=references), cfg, workdir, mesh=mesh)
-    state = trainer.fit(make_data(cfg, stage.clip_size))
-    out = stage.export(state, workdir, fingerprint=fp)
-    log.info("exported the stage-1 params to %s", out)
-    return out or path
+
+    def embed_dim(cfg) -> int:
+        m = cfg["model"]
+        return ide.id_encoder_config(m["id_encoder_variant"], **dict(m.get("id_encoder_overrides") or {})).id_embed_dim
+
+    def inputs(cfg) -> dict[str, str]:
+        m = cfg["model"]
+        return {"base": m["base"] if base is None else base.source, "shards": cfg["data"]["shards"],
+                "image_encoder": m["image_encoder"], "id_encoder_init": m["id_encoder_init"]}
+
+    def train(cfg, workdir: str, fingerprint: str) -> str:
+        stage = Stage1(cfg, base=base, image_encoder=image_encoder)
+        references = next(make_data(cfg, stage.clip_size)) if cfg["train"].get("sample_every") else None
+        trainer = loop.Trainer(stage.task(references=references), cfg, workdir, mesh=mesh)
+        state = trainer.fit(make_data(cfg, stage.clip_size))
+        return stage.export(state, workdir, fingerprint=fingerprint) or os.path.join(workdir, EXPORT)
+
+    return runs.run_stage(runs.StageRun("stage 1", DEFAULTS, EXPORT, embed_dim, inputs, train), config, overrides,
+                          workdir=workdir)
 
 
 def main(argv=None) -> int:

@@ -47,7 +47,7 @@ from dynamicid_jax.methods import imr as imr_lib
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import common, loop
+from train import common, loop, runs
 
 log = logging.getLogger(__name__)
 
@@ -295,33 +295,33 @@ def make_data(cfg, cache_path: str | None = None):
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
         base: common.BaseModel | None = None) -> str:
-    """Build the token cache if needed, then train stage 2 (or resume, or skip when finished; see
-    :func:`train.stage1.run`) → the export's path."""
+    """Build the token cache if needed, then train stage 2 (or resume, or skip when finished:
+    :func:`train.runs.run_stage`) → the export's path."""
     from train import token_cache
-    from train.stage1 import (check_shards, claim_workdir, export_metadata, finished, load, quiet_logs,
-                              run_fingerprint, workdir_of)
 
-    quiet_logs()
-    cfg = load(config, overrides, defaults=DEFAULTS)
-    workdir = workdir_of(cfg, workdir)
-    m, d = cfg["model"], cfg["data"]
-    meta = token_cache.require_stage1(m["stage1"])
-    check_shards(d["shards"], token_cache.stage1_id_encoder_config(cfg, meta).id_embed_dim)
-    inputs = {"base": m["base"] if base is None else base.source, "shards": d["shards"], "stage1": m["stage1"],
-              "image_encoder": token_cache.stage1_image_encoder(cfg, meta)}
-    fp, settings = run_fingerprint(cfg, inputs)
-    path = os.path.join(workdir, "export", "stage2.safetensors")
-    if finished(export_metadata(path), fp, cfg["train"]["steps"]):
-        log.info("stage 2 in %s is finished (step %s): %s", workdir, cfg["train"]["steps"], path)
-        return path
-    claim_workdir(workdir, fp, settings, cfg["on_change"], owned=("checkpoints", "export", "tb", "token_cache"))
-    cache = token_cache.run(cfg, workdir=workdir)
-    stage = Stage2(cfg, base=base)
-    trainer = loop.Trainer(stage.task(), cfg, workdir, mesh=mesh)
-    state = trainer.fit(make_data(cfg, cache))
-    out = stage.export(state, workdir, fingerprint=fp)
-    log.info("exported the stage-2 params to %s", out)
-    return out or path
+    def embed_dim(cfg) -> int:
+        meta = token_cache.require_stage1(cfg["model"]["stage1"])
+        return token_cache.stage1_id_encoder_config(cfg, meta).id_embed_dim
+
+    def inputs(cfg) -> dict[str, str]:
+        m = cfg["model"]
+        meta = token_cache.require_stage1(m["stage1"])
+        return {"base": m["base"] if base is None else base.source, "shards": cfg["data"]["shards"],
+                "stage1": m["stage1"], "image_encoder": token_cache.stage1_image_encoder(cfg, meta)}
+
+    def train(cfg, workdir: str, fingerprint: str) -> str:
+        cache = token_cache.run(cfg, workdir=workdir)
+        stage = Stage2(cfg, base=base)
+        trainer = loop.Trainer(stage.task(), cfg, workdir, mesh=mesh)
+        state = trainer.fit(make_data(cfg, cache))
+        return stage.export(state, workdir, fingerprint=fingerprint) or os.path.join(workdir, EXPORT)
+
+    return runs.run_stage(runs.StageRun("stage 2", DEFAULTS, EXPORT, embed_dim, inputs, train,
+                                        owned=(*runs.OWNED, "token_cache")), config, overrides, workdir=workdir)
+
+
+#: the export's path inside the workdir
+EXPORT = os.path.join("export", "stage2.safetensors")
 
 
 def main(argv=None) -> int:

@@ -123,7 +123,7 @@ def stage1_image_encoder(cfg, meta: Mapping[str, str]) -> str:
 
 def require_stage1(path: str) -> dict[str, str]:
     """The stage-1 export's metadata; a clear error when the export does not exist."""
-    from train.stage1 import export_metadata
+    from train.runs import export_metadata
 
     if not path:
         raise ValueError("model.stage1 must name the stage-1 export (W1/export/stage1.safetensors, written by "
@@ -177,7 +177,7 @@ def cache_folder(cfg, workdir: str | None = None) -> str:
     path = cfg["token_cache"]["path"]
     if path:
         return os.path.abspath(path)
-    from train.stage1 import workdir_of
+    from train.runs import workdir_of
 
     try:
         return os.path.join(workdir_of(cfg, workdir), "token_cache")
@@ -192,7 +192,8 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
     ``image_encoder``: the already loaded ``(module, params, spec)`` of the CLIP tower the export names."""
     from data_pipelines import loaders
     from train import loop
-    from train.stage1 import check_shards, load, resolve_clip_size, run_fingerprint
+    from train.runs import check_shards, load, run_fingerprint
+    from train.stage1 import resolve_clip_size
     from train.stage2 import DEFAULTS
 
     cfg = load(config, overrides, defaults=DEFAULTS)

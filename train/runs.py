@@ -1,0 +1,228 @@
+"""Training runs: one skeleton for every training stage (:func:`run_stage`) and the bookkeeping it rests on.
+
+A run records a fingerprint of the settings and inputs that decide its result in ``{workdir}/run.json``. A rerun
+with the same fingerprint resumes from the last checkpoint, or returns the export at once when it is already at
+``train.steps``; a different fingerprint is an error unless ``on_change=restart`` (which discards the old
+checkpoints). ``train.steps`` and the ``optimizer`` may change between runs (resume). A run that failed before its
+first checkpoint leaves nothing worth keeping, so a corrected rerun takes its workdir over.
+
+Stage 1, stage 2 and Infinite-ID fill a :class:`StageRun` in (what decides the fingerprint, the embedding width
+the shards must have, how to train and export) and call :func:`run_stage`. The token cache is not a training
+stage (no trainer, no checkpoints; its folder holds its own record) but shares :func:`load`,
+:func:`check_shards` and :func:`run_fingerprint`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any, Mapping, Sequence
+
+import jax
+
+from train import loop
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StageRun", "run_stage", "RunMismatchError", "load", "run_fingerprint", "path_signature",
+           "claim_workdir", "export_metadata", "finished", "export_finished", "quiet_logs", "workdir_of",
+           "check_shards", "RUN_VOLATILE", "OWNED"]
+
+#: the workdir entries a run owns (discarded by ``on_change=restart``)
+OWNED = ("checkpoints", "export", "tb", "samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """What a training stage fills into :func:`run_stage`.
+
+    ``export``: the export's path inside the workdir; ``embed_dim(cfg)``: the face-embedding width the shards must
+    hold (``None``: any); ``inputs(cfg)``: the input paths whose contents the fingerprint covers;
+    ``train(cfg, workdir, fingerprint)``: train (resuming from the workdir's checkpoints) and export → the export's
+    path; ``done(path, fingerprint, steps)``: whether the export is this run's, finished (default: the export's
+    safetensors metadata, :func:`export_finished`)."""
+
+    name: str
+    defaults: Mapping[str, Any]
+    export: str
+    embed_dim: Callable[[Any], int | None]
+    inputs: Callable[[Any], dict[str, str]]
+    train: Callable[[Any, str, str], str]
+    done: Callable[[str, str, int], bool] | None = None
+    owned: tuple[str, ...] = OWNED
+
+
+def run_stage(stage: StageRun, config: Any = None, overrides: Sequence[str] = (), *,
+              workdir: str | None = None) -> str:
+    """Load the config (``config`` a YAML path, a mapping or ``None`` over ``stage.defaults``, then the
+    ``key.sub=value`` ``overrides``), check the shards, fingerprint the run, return the export at once when this
+    run already finished it, else claim the workdir and train → the export's path."""
+    quiet_logs()
+    cfg = load(config, overrides, defaults=stage.defaults)
+    workdir = workdir_of(cfg, workdir)
+    check_shards(cfg["data"]["shards"], stage.embed_dim(cfg))
+    fingerprint, settings = run_fingerprint(cfg, stage.inputs(cfg))
+    path = os.path.join(workdir, stage.export)
+    steps = int(cfg["train"]["steps"])
+    if (stage.done or export_finished)(path, fingerprint, steps):
+        log.info("%s in %s is finished (step %s): %s", stage.name, workdir, steps, path)
+        return path
+    claim_workdir(workdir, fingerprint, settings, cfg["on_change"], owned=stage.owned)
+    out = stage.train(cfg, workdir, fingerprint)
+    log.info("%s: exported to %s", stage.name, out)
+    return out
+
+
+def export_finished(path: str, fingerprint: str, steps: int) -> bool:
+    """Whether the ``.safetensors`` export at ``path`` is this very run's (``fingerprint``) at ``steps``."""
+    return finished(export_metadata(path), fingerprint, steps)
+
+
+#: config entries that do not change what a run computes (or may change on resume): left out of fingerprints
+RUN_VOLATILE: dict[str, Any] = {
+    "workdir": None, "on_change": None, "checkpoint": None, "optimizer": None, "mesh": None, "sample": None,
+    "train": ("steps", "log_every", "sample_every", "progress_bar"),
+    "data": ("worker_count", "read_threads", "max_corrupt_fraction", "corrupt_grace"),
+    "token_cache": ("batch_size",),
+}
+
+
+class RunMismatchError(RuntimeError):
+    """The workdir holds a run with other settings or inputs."""
+
+
+def load(config: Any, overrides: Sequence[str], defaults: Mapping) -> Any:
+    """A stage config: ``config`` is a YAML path, a mapping (merged over ``defaults``) or ``None`` (defaults),
+    then ``key.sub=value`` ``overrides``."""
+    from train.config import config_from_dict, load_config
+
+    if isinstance(config, Mapping):
+        base = config_from_dict(config, defaults=defaults)
+        return load_config(None, list(overrides), defaults=base)
+    return load_config(config, list(overrides), defaults=defaults)
+
+
+def path_signature(path: str) -> Any:
+    """What identifies the contents of an input path cheaply: sizes and modification times of its files
+    (``random:…`` specs and empty strings stand for themselves)."""
+    if not path or str(path).startswith("random:") or not os.path.exists(path):
+        return path
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+            if len(out) > 10000:
+                return out
+    return out
+
+
+def run_fingerprint(cfg: Mapping, inputs: Mapping[str, str]) -> tuple[str, dict]:
+    """``(fingerprint, settings)``: the config without :data:`RUN_VOLATILE` entries plus the signatures of the
+    ``inputs`` paths."""
+    settings = json.loads(json.dumps(cfg, default=str))
+    for key, sub in RUN_VOLATILE.items():
+        if sub is None:
+            settings.pop(key, None)
+        elif isinstance(settings.get(key), dict):
+            for k in sub:
+                settings[key].pop(k, None)
+    settings["inputs"] = {k: path_signature(v) for k, v in sorted(inputs.items())}
+    blob = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], settings
+
+
+def _flat_settings(d: Any, where: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat_settings(v, f"{where}.{k}" if where else str(k)))
+        return out
+    return {where: d}
+
+
+def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str,
+                  owned: Sequence[str] = ("checkpoints", "export", "tb", "samples")) -> None:
+    """Check ``{workdir}/run.json`` against this run (see the module docstring) and write it."""
+    if on_change not in ("error", "restart"):
+        raise ValueError(f"on_change must be 'error' or 'restart', got {on_change!r}")
+    record = os.path.join(workdir, "run.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+        trained = any(os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name))
+                      for name in ("checkpoints", "export"))
+        if old.get("fingerprint") != fingerprint and not trained:
+            # an earlier run failed before its first checkpoint (a bad path, a config error found while building
+            # the model): nothing of it is worth keeping, so the corrected rerun takes the workdir over
+            log.info("%s: the earlier run left no checkpoint; starting with the new settings", workdir)
+        elif old.get("fingerprint") != fingerprint:
+            a, b = _flat_settings(old.get("settings", {})), _flat_settings(settings)
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if on_change == "error":
+                raise RunMismatchError(
+                    f"{workdir} holds a run with other settings or inputs (changed: {changed[:8]}); use a new "
+                    f"workdir, or set on_change=restart to discard its checkpoints")
+            log.warning("%s: settings or inputs changed (%s), discarding the old run", workdir, changed[:8])
+            if jax.process_index() == 0:
+                for name in owned:
+                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    if jax.process_index() == 0:  # one writer (the workdir may be shared by every process)
+        os.makedirs(workdir, exist_ok=True)
+        from dynamicid_jax.io_atomic import write_json
+
+        write_json({"fingerprint": fingerprint, "settings": settings}, record, sort_keys=True)
+    loop.barrier("claim_workdir")
+
+
+def export_metadata(path: str) -> dict[str, str]:
+    """The string metadata of a stage export (``.safetensors``); ``{}`` when the file does not exist."""
+    if not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+def finished(meta: Mapping[str, str], fingerprint: str, steps: int) -> bool:
+    """Whether an export (its metadata) is the result of this very run at ``steps``."""
+    return bool(meta) and meta.get("fingerprint") == fingerprint and meta.get("step") == str(int(steps))
+
+
+def quiet_logs() -> None:
+    """Keep the checkpointer's per-file INFO lines out of the training log."""
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def workdir_of(cfg: Mapping, workdir: str | None) -> str:
+    workdir = workdir or cfg["workdir"]
+    if not workdir:
+        raise ValueError("give a workdir (workdir=... in the config, --workdir, or run(..., workdir=...))")
+    return os.path.abspath(workdir)
+
+
+def check_shards(shards: str, embed_dim: int | None = None, what: str = "data.shards"):
+    """Open the face shards (clear errors for a missing folder, no records, a wrong embedding width)."""
+    from data_pipelines.shards import open_shards
+
+    if not shards:
+        raise ValueError(f"{what} must name a folder of face shards (python -m data_pipelines.build_shards)")
+    data = open_shards(shards)
+    if len(data) == 0 or not any(e.records for e in data.manifest.identities):
+        raise ValueError(f"{what}={shards!r} holds no face records (the build skipped every image: "
+                         f"{dict(data.manifest.skipped) or 'no images found'})")
+    if embed_dim is not None and data.manifest.embedding_dim != embed_dim:
+        raise ValueError(f"{what}={shards!r} holds {data.manifest.embedding_dim}-d face embeddings but the ID encoder "
+                         f"takes {embed_dim}-d ones (set model.id_encoder_overrides.id_embed_dim, or build the shards "
+                         f"with the matching face analyzer)")
+    return data
