@@ -56,9 +56,9 @@ def tiny_sd_dir(tmp_path_factory, torch):
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-    """``python -m infer.demo --quick`` run once: tests/test_demo.py checks its files, tests/test_stage0.py reuses
+    """``python -m synthface.demo --quick`` run once: tests/test_demo.py checks its files, tests/test_stage0.py reuses
     its stage-0 folder (SHARED_FIXTURE_GROUPS keeps both modules on one xdist worker, so it runs once)."""
-    from infer import demo
+    from synthface import demo
 
     out = tmp_path_factory.mktemp("demo_out")
     assert demo.main(["--out", str(out), "--quick"]) == 0
