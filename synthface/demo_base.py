@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 __all__ = ["WORLD", "ASSET_DIR", "BASE_CONFIG", "build_base", "export_base", "verify_base", "world_fingerprint",
-           "pixel_fingerprint", "world_texts", "used_token_ids", "BaseAssetError"]
+           "pixel_fingerprint", "world_texts", "used_token_ids", "BaseAssetError", "BASE_COMMANDS"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the committed base
@@ -35,6 +35,10 @@ ASSET_DIR = os.path.join(REPO_ROOT, "assets", "synthface_base")
 BASE_CONFIG = os.path.join(REPO_ROOT, "train", "configs", "synthface_base.yaml")
 PROVENANCE = "provenance.json"
 PROVENANCE_FORMAT = "dynamicid-jax/synthface-base-provenance-v1"
+#: the commands a provenance may record as its builder: this module's, and its name before the world moved into
+#: the ``synthface`` package (``infer.demo_base``; the shipped base was built under it, and its provenance — hashed
+#: with the weights — keeps saying so)
+BASE_COMMANDS = ("python -m synthface.demo_base", "python -m infer.demo_base")
 
 #: The SynthFace world of the base and of the demo (one place: the demo generates the same portraits; only the
 #: base needs the pairs).

@@ -1,7 +1,7 @@
-"""The shipped SynthFace base (assets/synthface_base, written by ``make base`` = ``python -m synthface.demo_base``):
-every file matches its provenance, the provenance describes the world this checkout renders, our loader and
-diffusers / transformers read the same fp16 weights and compute the same thing, the SD1.5 tokenizer still works
-with the zeroed embedding rows, and the base draws what SynthFace captions ask for."""
+"""The shipped SynthFace base (assets/synthface_base, written by ``make base`` = ``python -m synthface.demo_base``,
+formerly ``python -m infer.demo_base``): every file matches its provenance, the provenance describes the world this
+checkout renders, our loader and diffusers / transformers read the same fp16 weights and compute the same thing, the
+SD1.5 tokenizer still works with the zeroed embedding rows, and the base draws what SynthFace captions ask for."""
 import json
 import os
 import shutil
@@ -29,7 +29,7 @@ def sd():
 def test_files_match_provenance(provenance):
     assert provenance["format"] == demo_base.PROVENANCE_FORMAT
     assert len(provenance["commit"]) == 40 and int(provenance["commit"], 16) >= 0
-    assert provenance["command"].startswith("python -m synthface.demo_base")
+    assert provenance["command"].startswith(demo_base.BASE_COMMANDS)  # the shipped one: python -m infer.demo_base
     assert provenance["weights_dtype"] == "float16"
     for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors", "model_index.json", "tokenizer/tokenizer_config.json"):
