@@ -22,10 +22,11 @@ data index (all of them are used; nothing is hard-coded), each identity's refere
 weights; requests only in the text — its single, multi and control images are DynamicID's, which are not
 generated twice), ``base`` (the SD base's own text-to-image, no identity: the generated-image chance level),
 ``infinite-id`` (two references are mixed, it has no layout) and ``infinite-id-no-adain`` (AdaIN-mean off).
-Requests of one kind share one batch size, so each method compiles one program per image shape.
+Requests of one kind share one batch size, so each method compiles one program per image shape. Loading and
+running the methods is the library's (:mod:`dynamicid_jax.eval.runner`, re-exported here).
 
-**Scores**: :mod:`.synthface_scores` (means, intervals, baselines) and :mod:`.synthface_targets` (targets,
-sizing).
+**Scores**: :mod:`dynamicid_jax.eval.scores` (means, intervals), :mod:`.baselines` (real-image baselines),
+:mod:`.scorer` (the world's evaluation models) and :mod:`.targets` (targets, sizing).
 """
 from __future__ import annotations
 
@@ -39,9 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from synthface import dataset as sf_data
-from synthface import world
 from dynamicid_jax.eval import metrics as M
+from dynamicid_jax.eval import scores as SC
 from dynamicid_jax.eval.runner import (
     INFINITE_ID_METHODS,
     METHODS,
@@ -51,8 +51,9 @@ from dynamicid_jax.eval.runner import (
     preview_grids,
     run_method,
 )
-from dynamicid_jax.eval import scores as SC
 from dynamicid_jax.eval.scores import score_outputs
+from synthface import dataset as sf_data
+from synthface import world
 from synthface.evaluation.baselines import synthface_baselines
 from synthface.evaluation.scorer import SynthFaceScorer
 from synthface.evaluation.targets import protocol_sizing, synthface_targets
