@@ -58,9 +58,8 @@ from synthface.stage0_phases import (DiffusionPhase, VAEPhase, background_palett
 
 log = logging.getLogger(__name__)
 
-# the stage configs live beside the other stages' (train/configs/), one folder up from this package
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "configs",
-                              "synthface_stage0.yaml")
+                              "synthface_stage0.yaml")  # beside the other stages' configs
 PHASES = ("vae", "diffusion")
 
 _PHASE_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "final_lr_fraction": 0.1,
