@@ -22,14 +22,14 @@ test-slow: $(STAMP)
 
 # the demo starts from the shipped SynthFace base (assets/synthface_base); demo-full trains the base too
 demo: $(STAMP)
-	$(BIN)/python -m infer.demo --out demo_out
+	$(BIN)/python -m synthface.demo --out demo_out
 
 demo-full: $(STAMP)
-	$(BIN)/python -m infer.demo --out demo_out_full --rebuild-base
+	$(BIN)/python -m synthface.demo --out demo_out_full --rebuild-base
 
 # retrain the shipped base in place (rarely: every rebuild adds its weights to the repository's history)
 base: $(STAMP)
-	$(BIN)/python -m infer.demo_base --out assets/synthface_base --work demo_out/base_work
+	$(BIN)/python -m synthface.demo_base --out assets/synthface_base --work demo_out/base_work
 
 # the web app on the embedded SynthFace models `make demo` trains (python -m infer.app --help: real weights)
 app: $(STAMP)

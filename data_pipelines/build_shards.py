@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -56,8 +55,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 #: expression words other datasets use → the official classifier's labels (``dynamicid_jax.faces.EXPRESSIONS``)
 EXPRESSION_ALIASES = {"surprised": "surprise", "angry": "anger", "disgusted": "disgust", "afraid": "fear",
                       "fearful": "fear", "scared": "fear", "sadness": "sad", "happiness": "happy", "joy": "happy"}
-#: backends that register themselves when a module is imported (tried when the name is not yet registered)
-_BACKEND_MODULES = {"synthetic": "data_pipelines.synthface"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,12 +220,7 @@ def _load_vae_any(path: str):
 # ------------------------------------------------------------------------------------------------ build
 
 def _resolve_analyzer(analyzer: str | F.FaceAnalyzer, kwargs: dict | None) -> tuple[F.FaceAnalyzer, str]:
-    if isinstance(analyzer, str):
-        if analyzer not in F.available_backends() and analyzer in _BACKEND_MODULES:
-            try:
-                importlib.import_module(_BACKEND_MODULES[analyzer])
-            except ImportError:
-                pass  # get_analyzer reports the unknown name
+    if isinstance(analyzer, str):  # plug-in backends (e.g. SynthFace's synthetic) load on first use
         return F.get_analyzer(analyzer, **(kwargs or {})), analyzer
     if kwargs:
         raise ValueError("analyzer_kwargs are only for an analyzer given by name")
@@ -436,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--analyzer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="backend keyword argument (VALUE parsed as JSON when possible); repeatable")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (e.g. one that registers another backend); repeatable")
+                        help="import MODULE first (a plug-in that is not installed, e.g. one that registers another "
+                        "backend: docs/architecture.md); repeatable")
     parser.add_argument("--latents", help="SD model (folder / vae folder / .safetensors): precompute VAE moments")
     parser.add_argument("--image-encoder", dest="clip_vision", metavar="PATH",
                         help="CLIP vision model folder: precompute penultimate features")
@@ -451,8 +444,10 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
 
     add_deprecated_alias(parser, "--clip-vision", "--image-encoder")
     args = parser.parse_args(argv)
+    from dynamicid_jax.plugins import load_plugin
+
     for module in args.imports:
-        importlib.import_module(module)
+        load_plugin(module, source="--import")
     from dynamicid_jax.io_atomic import check_readable, check_writable
 
     check_readable(args.images, "--images")

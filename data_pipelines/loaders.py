@@ -180,9 +180,9 @@ def tokenize_cached(text: str, tokenizer: str | None = None) -> np.ndarray:
 def grid_face_prompt(expression: str | None, pose) -> str | None:
     """The KDEF-style grid prompt ``"the expression is {e}, the face is {p}"`` (docs/method.md §6.2) of a face with an
     ``expression`` label (the analyzer vocabulary ``happy, surprise, …`` or SynthFace's ``surprised, …``) and a
-    ``pose`` ``(pitch, yaw[, roll])``: the head turn is the nearest of SynthFace's five yaws (±50°, ±25°, 0°), as
-    its sidecars' ``grid_prompt`` says it. ``None`` when the expression is unknown."""
-    from data_pipelines.synthface.world import EXPRESSIONS, POSE_YAW, PROMPT_EXPRESSION, grid_prompt
+    ``pose`` ``(pitch, yaw[, roll])``: the head turn is the nearest of the grid's five yaws (±50°, ±25°, 0°), as
+    SynthFace's sidecars' ``grid_prompt`` says it. ``None`` when the expression is unknown."""
+    from dynamicid_jax.faces.kdef_grid import EXPRESSIONS, POSE_YAW, PROMPT_EXPRESSION, grid_prompt
 
     if expression is None:
         return None

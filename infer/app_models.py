@@ -25,7 +25,7 @@ class EmbeddedWorld:
     dynamicid: str = "work/dynamicid"
     face_models: str = "work/face_models"
     synthface: str = "work/synthface"
-    infinite_id: str = "work/infinite_id/export"  # only after `python -m infer.demo --infinite-id`
+    infinite_id: str = "work/infinite_id/export"  # only after `python -m synthface.demo --infinite-id`
     examples: int = 4  # held-out SynthFace faces offered as example references
 
 
@@ -73,7 +73,7 @@ def embedded_spec(demo_dir: str = DEFAULT_DEMO_DIR) -> ModelSpec:
 
 def _demo_base(demo_dir: str) -> str:
     """The Stable Diffusion base the demo trained on (recorded by its base stage), else the shipped base
-    (``assets/synthface_base``, the demo world's ``infer.demo_base.ASSET_DIR``: named here, not imported, since the
+    (``assets/synthface_base``, the demo world's ``synthface.demo_base.ASSET_DIR``: named here, not imported, since the
     app may not import the world)."""
     import json
 

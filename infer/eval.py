@@ -16,8 +16,11 @@ sizing — no wall-clock times, so two runs give the same file), ``timings.json`
 baselines, the targets, the sizing) and ``{method}_single.png``, ``{method}_multi.png``, ``{method}_edit.png``.
 What each number means: docs/evaluation.md.
 
-**synthface** — the protocol of :mod:`dynamicid_jax.eval.synthface_suite` on the held-out identities of a SynthFace
-tree, scored with its evaluation models (``--models``).
+**synthface** — the protocol of the SynthFace demo world (:mod:`synthface.evaluation.suite`) on the held-out
+identities of a SynthFace tree, scored with its evaluation models (``--models``). It is not built in: the world
+registers it (:mod:`dynamicid_jax.eval.suites`), as any other package can register a suite of its own; the
+``synthface`` group of options (``--data``, ``--models``, ``--quick``, ``--steps``, ``--guidance-scale``,
+``--seed``) goes to whichever registered suite ``--suite`` names.
 
 **real** — the same requests on real weights: every reference (one image per identity in ``--refs``, named by
 file stem) × every prompt (``--prompts``, one per line); references paired left / right in one image; the first
@@ -30,7 +33,6 @@ not reported; Pose is the front-view rate of the edits.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -41,7 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from dynamicid_jax.eval import synthface_suite as S
+from dynamicid_jax.eval import runner as S
+from dynamicid_jax.eval.scores import score_outputs
+from dynamicid_jax.eval.suites import format_interval as _fmt_ci
+from dynamicid_jax.eval.suites import format_value as _fmt
+from dynamicid_jax.eval.suites import available_suites, get_suite
 
 __all__ = ["run_eval", "run_real", "write_report", "markdown_report", "write_text_atomic", "main"]
 
@@ -162,7 +168,7 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
         outputs, gen_s = S.run_method(method, pipes, requests, references, steps=steps,
                                       guidance_scale=guidance_scale)
         t0 = time.perf_counter()
-        results[method] = S.score_outputs(outputs, scorer, ref_emb, clip_scorer)
+        results[method] = score_outputs(outputs, scorer, ref_emb, clip_scorer)
         results[method]["seconds"] = {"generate": gen_s, "score": time.perf_counter() - t0}
         grids[method] = S.preview_grids(outputs, references)
     counts = {k: sum(len(r.prompts) for r in requests if r.kind == k) for k in ("single", "multi", "edit", "control")}
@@ -176,14 +182,6 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
 #: (title, path, interval?) — headline columns show "value [low, high]" (95 % bootstrap, see docs/evaluation.md)
 COLUMNS = (("FaceSim", ("single", "facesim"), True), ("Same person", ("single", "same_person_rate"), True),
            ("Det.", ("single", "detection_rate"), False),
@@ -206,12 +204,6 @@ def _ci_of(m: Any, keys: Sequence[str]) -> dict | None:
     if len(keys) == 1:
         return _get(m, (f"{keys[0]}_ci",))
     return _get(m, (*keys[:-1], "ci", keys[-1]))
-
-
-def _fmt_ci(ci: dict | None, digits: int = 2) -> str:
-    if not ci:
-        return "–"
-    return f"{ci['estimate']:.{digits + 1}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
 
 
 def _cell(m: Any, keys: Sequence[str], with_ci: bool) -> str:
@@ -240,31 +232,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(_cell(m, k, ci) for _, k, ci in cols)
                      + " |")
     b = results["baselines"]
-    if suite == "synthface":
-        real = {"single": {"facesim": b.get("same_identity"), "detection_rate": b.get("detection_rate"),
-                           "ci": {"facesim": _get(b, ("ci", "same_identity"))}},
-                "multi": {"placement": b.get("scene_placement")}, "attribute_accuracy": b.get("attribute_accuracy"),
-                "edit": {"expression_accuracy": b.get("expression_accuracy_real"),
-                         "ci": {"expression_accuracy": _get(b, ("ci", "expression_accuracy_real"))}}}
-        lines.append("| *real held-out images* | " + " | ".join(_cell(real, k, ci) for _, k, ci in cols) + " |")
-        lines += ["", "Intervals: 95 % bootstrap, [low, high]. FaceSim: cosine of evaluation-recogniser embeddings "
-                  "(most similar detected face vs the reference; no face found = 0); *real held-out images*: other "
-                  "photos of the same person (the ceiling). Multi FaceSim L / R: the left / right person's matched "
-                  "FaceSim; placement: the matched face's centre lies in its identity's box. Expr: expression "
-                  "edits; Δ FaceSim = unedited control − edited (paired by seed). base (no ID): the SD base's own "
-                  "images for the same prompts and seeds (the generated-image chance level).", "", "## Baselines",
-                  ""]
-        ci = b.get("ci", {})
-        for key, text in (("same_identity", "same-identity ceiling (real images vs own reference)"),
-                          ("different_identity", f"different-identity baseline (all {b.get('different_pairs')} "
-                                                 "identity pairs)"),
-                          ("expression_accuracy_real", "expression classifier on real front views"),
-                          ("expression_accuracy_round_trip", "… after the base's VAE round trip")):
-            if key in b:
-                lines.append(f"- {text}: {_fmt_ci(ci.get(key)) if ci.get(key) else _fmt(b[key])}")
-        for key in ("images", "detection_rate", "attribute_accuracy", "scene_placement", "scene_faces"):
-            if key in b:
-                lines.append(f"- {key}: {_fmt(b[key])}")
+    registered = get_suite(suite) if suite != "real" else None
+    if registered is not None and registered.markdown_baselines is not None:
+        row, notes = registered.markdown_baselines(results, cols)
+        if row is not None:
+            title, values = row
+            lines.append(f"| *{title}* | " + " | ".join(_cell(values, k, ci) for _, k, ci in cols) + " |")
+        lines += notes
     else:
         lines += ["", "## Baselines", ""]
         for k, v in b.items():
@@ -345,30 +319,28 @@ def write_report(out: str, results: dict[str, Any], grids: dict[str, dict[str, n
 
 def run_eval(*, out: str, suite: str = "synthface", sd: str, methods: str | Sequence[str] | None = None,
              dynamicid: str | None = None, infinite_id: str | None = None, data: str | None = None,
-             models: str | None = None, quick: bool = False, protocol: S.Protocol | None = None,
+             models: str | None = None, quick: bool = False, protocol: Any = None,
              pipes: dict | None = None, log=_log, **real_kwargs) -> dict[str, Any]:
     """Run a suite and write its report into ``out``; returns the results (what ``metrics.json`` holds).
 
-    synthface: ``data`` (a SynthFace tree), ``models`` (its face models), ``protocol`` (default
-    :class:`Protocol`, or :meth:`Protocol.quick` with ``quick=True``). real: the keyword arguments of
-    :func:`run_real` (``refs``, ``prompts``, ``clip``, ``analyzer``, …). ``pipes`` reuses loaded pipelines."""
-    if suite == "synthface":
+    A registered suite (:func:`dynamicid_jax.eval.suites.get_suite`; ``synthface``: ``data`` a SynthFace tree,
+    ``models`` its face models, ``protocol`` its Protocol, default the full one or the quick one with
+    ``quick=True``). real: the keyword arguments of :func:`run_real` (``refs``, ``prompts``, ``clip``,
+    ``analyzer``, …). ``pipes`` reuses loaded pipelines."""
+    if suite != "real":
+        registered = get_suite(suite)  # unknown → the registered names
         if real_kwargs:
             raise ValueError(f"options {sorted(real_kwargs)} belong to --suite real")
-        if not data or not models:
-            raise ValueError("--suite synthface needs --data (a SynthFace folder) and --models (its face models)")
         chosen = _parse_methods(methods, dynamicid, infinite_id)
-        protocol = protocol or (S.Protocol.quick() if quick else S.Protocol())
-        results, grids = S.run_synthface(data, models, sd, dynamicid_path=dynamicid, infinite_id_path=infinite_id,
-                                         methods=chosen, protocol=protocol, pipes=pipes, log=log)
-    elif suite == "real":
+        results, grids = registered.run(sd=sd, methods=chosen, dynamicid=dynamicid, infinite_id=infinite_id,
+                                        pipes=pipes, log=log, data=data, models=models, quick=quick,
+                                        protocol=protocol)
+    else:
         for key in ("refs", "prompts", "clip"):
             if not real_kwargs.get(key):
                 raise ValueError(f"--suite real needs --{key}")
         results, grids = run_real(sd, methods=methods, dynamicid=dynamicid, infinite_id=infinite_id, pipes=pipes,
                                   log=log, **real_kwargs)
-    else:
-        raise ValueError(f"unknown suite {suite!r}; choose synthface or real")
     write_report(out, results, grids)
     return _clean(results)
 
@@ -378,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from dynamicid_jax.cli_args import nonnegative_float
 
-    p.add_argument("--suite", choices=("synthface", "real"), default="synthface")
+    p.add_argument("--suite", default="synthface", help="real, or a registered suite (now: "
+                   f"{', '.join(available_suites()) or 'none'}; the SynthFace demo world registers synthface)")
     p.add_argument("--sd", "--model", dest="sd", required=True, help="the Stable Diffusion base (diffusers folder "
                    "or single file)")
     p.add_argument("--dynamicid", help="a DynamicID folder (save_dynamicid / infer.convert / train.export_dynamicid)")
@@ -387,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: every method whose weights are given)")
     p.add_argument("--out", required=True, help="output folder")
     g = p.add_argument_group("synthface")
-    g.add_argument("--data", help="SynthFace folder (python -m data_pipelines.synthface)")
-    g.add_argument("--models", help="its face models (python -m data_pipelines.synthface.train_models)")
+    g.add_argument("--data", help="SynthFace folder (python -m synthface)")
+    g.add_argument("--models", help="its face models (python -m synthface.train_models)")
     g.add_argument("--quick", action="store_true", help="the test-sized protocol (few images, 2 steps)")
     g.add_argument("--steps", type=int, help="denoising steps (synthface default 20, real 30)")
     g.add_argument("--guidance-scale", type=nonnegative_float, help="CFG scale (default 5.0)")
@@ -416,13 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_writable(args.out, "--out", folder=True)  # before any model is loaded
     try:
-        if args.suite == "synthface":
+        if args.suite != "real":
             overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                            ("seed", args.seed)) if v is not None}
-            base = S.Protocol.quick() if args.quick else S.Protocol()
-            results = run_eval(out=args.out, suite="synthface", sd=args.sd, methods=args.methods,
+            results = run_eval(out=args.out, suite=args.suite, sd=args.sd, methods=args.methods,
                                dynamicid=args.dynamicid, infinite_id=args.infinite_id, data=args.data,
-                               models=args.models, protocol=dataclasses.replace(base, **overrides))
+                               models=args.models, quick=args.quick, protocol=overrides or None)
         else:
             results = run_eval(out=args.out, suite="real", sd=args.sd, methods=args.methods,
                                dynamicid=args.dynamicid, infinite_id=args.infinite_id, refs=args.refs,

@@ -25,6 +25,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from dynamicid_jax.plugins import load_plugins  # noqa: E402
+
+# The installed plug-ins (the SynthFace world's "synthetic" backend and "synthface" suite) load once per process, on
+# the first lookup of an unknown name. Load them now, before a test swaps a registry for a copy (test_faces'
+# test_registry): a first load into that copy would be lost with it for every later test of the worker.
+load_plugins()
+
 
 @pytest.fixture(scope="session")
 def torch():
@@ -56,9 +63,9 @@ def tiny_sd_dir(tmp_path_factory, torch):
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-    """``python -m infer.demo --quick`` run once: tests/test_demo.py checks its files, tests/test_stage0.py reuses
+    """``python -m synthface.demo --quick`` run once: tests/test_demo.py checks its files, tests/test_stage0.py reuses
     its stage-0 folder (SHARED_FIXTURE_GROUPS keeps both modules on one xdist worker, so it runs once)."""
-    from infer import demo
+    from synthface import demo
 
     out = tmp_path_factory.mktemp("demo_out")
     assert demo.main(["--out", str(out), "--quick"]) == 0

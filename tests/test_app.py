@@ -115,7 +115,7 @@ def test_embedded_world_paths_and_missing_message(tmp_path, capsys):
         face.parent.mkdir(parents=True)
         face.write_bytes(b"")
     spec = embedded_spec(str(tmp_path / "demo_out"))
-    from infer.demo_base import ASSET_DIR
+    from synthface.demo_base import ASSET_DIR
 
     assert spec.sd == ASSET_DIR  # no record of a base the demo trained itself: the shipped one
     trained = tmp_path / "demo_out" / "work" / "stage0" / "asset"

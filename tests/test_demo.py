@@ -1,4 +1,4 @@
-"""`make demo` (python -m infer.demo): the stage runner's reuse rules, and the quick preset end to end — SynthFace,
+"""`make demo` (python -m synthface.demo): the stage runner's reuse rules, and the quick preset end to end — SynthFace,
 face models, shards, stage 0 → 1 → 2, Infinite-ID, evaluation, figures, real-photo face analysis — writing every
 file. The quick preset trains each stage for a few steps: it checks the wiring and that every number is well
 formed, and that the world's own models (recognisers, classifiers) are above chance; the method's quality is the
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer.demo_stages import Stage, StageRunner
+from synthface.demo_stages import Stage, StageRunner
 
 FILES = ("single_id.png", "multi_id.png", "edit.png", "gates.png", "metrics.json", "metrics.md", "faces.png",
          "faces.md", "summary.json")

@@ -16,15 +16,16 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
-from data_pipelines import synthface as sf
+import synthface as sf
 from dynamicid_jax.eval import bootstrap as BS
 from dynamicid_jax.eval import metrics as M
-from dynamicid_jax.eval import synthface_scores as SC
-from dynamicid_jax.eval import synthface_suite as S
-from dynamicid_jax.eval import synthface_targets as ST
-from dynamicid_jax.eval.classifiers import ClassifierConfig, train_classifier
-from dynamicid_jax.faces.synthetic_detector import DetectorConfig, LandmarkerConfig, train_detector, train_landmarker
-from dynamicid_jax.faces.synthetic_recognizer import RecognizerConfig, train_recognizer
+from dynamicid_jax.eval import scores as SC
+from synthface.evaluation import suite as S
+from synthface.evaluation import targets as ST
+from synthface.evaluation.classifiers import ClassifierConfig, train_classifier
+from synthface.evaluation.scorer import SynthFaceScorer
+from synthface.faces.detector import DetectorConfig, LandmarkerConfig, train_detector, train_landmarker
+from synthface.faces.recognizer import RecognizerConfig, train_recognizer
 from infer import eval as cli
 
 TINY = dict(widths=(8, 16, 32))
@@ -78,10 +79,10 @@ def models_dir(world, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def scorer(models_dir):
-    return M.SynthFaceScorer.from_models_dir(models_dir)
+    return SynthFaceScorer.from_models_dir(models_dir)
 
 
-class SidecarScorer(M.SynthFaceScorer):
+class SidecarScorer(SynthFaceScorer):
     """The evaluation models, but faces from the renderer's exact records instead of the detector."""
 
     def __init__(self, base, faces_by_image):

@@ -5,9 +5,11 @@ Two rules:
 
 1. **Between packages** (:data:`ALLOWED`): the library ``dynamicid_jax`` imports no app package; the apps build on
    the library and on each other only downwards (``data_pipelines`` ← ``train`` ← ``infer``). The SynthFace world
-   (the demo's procedural faces, their models and evaluation, stage 0, the demo orchestration; :data:`WORLD`) is an
-   app of its own: it may import everything, but nothing else imports it. And no file in the ``dynamicid_jax/``
-   folder imports an app package, whatever unit it belongs to.
+   (the demo's procedural faces, their models and evaluation, stage 0, the demo orchestration; :data:`WORLD`, the
+   ``synthface`` package) is an app of its own: it may import everything, but nothing else imports it — the
+   library and the generic apps reach it only through the public registries it fills (``register_backend``,
+   ``register_suite``; found by ``dynamicid_jax.plugins``). And no file in the ``dynamicid_jax/`` folder imports an
+   app package, whatever unit it belongs to.
 2. **Inside the library** (:data:`LIBRARY_LAYERS`): a module imports only modules of its own layer or of lower
    layers, so the library's parts cannot form import cycles.
 
@@ -22,19 +24,11 @@ import functools
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("dynamicid_jax", "data_pipelines", "train", "infer", "benchmarks", "tests")
-APPS = ("data_pipelines", "train", "infer")
+PACKAGES = ("dynamicid_jax", "data_pipelines", "train", "infer", "synthface", "benchmarks", "tests")
+APPS = ("data_pipelines", "train", "infer", "synthface")
 
-#: The SynthFace world: modules that exist only for the embedded demo world, wherever they live today.
-WORLD = (
-    "data_pipelines.synthface",
-    "dynamicid_jax.faces.synthetic_backend", "dynamicid_jax.faces.synthetic_detector",
-    "dynamicid_jax.faces.synthetic_recognizer",
-    "dynamicid_jax.eval.classifiers", "dynamicid_jax.eval.synthface_suite", "dynamicid_jax.eval.synthface_scores",
-    "dynamicid_jax.eval.synthface_targets",
-    "train.stage0", "train.stage0_phases",
-    "infer.demo", "infer.demo_stages", "infer.demo_figures", "infer.demo_base", "infer.demo_diagnostics",
-)
+#: The SynthFace world: the app package that holds everything that exists only for the embedded demo world.
+WORLD = ("synthface",)
 
 #: unit → the units it may import (its own unit always included).
 ALLOWED = {
@@ -50,7 +44,7 @@ ALLOWED = {
 #: The library's layers, lowest first (module prefixes; the longest matching prefix decides).
 LIBRARY_LAYERS = (
     # file formats and small utilities that know no model
-    ("dynamicid_jax.errors", "dynamicid_jax.io_atomic", "dynamicid_jax.cli_args"),
+    ("dynamicid_jax.errors", "dynamicid_jax.io_atomic", "dynamicid_jax.cli_args", "dynamicid_jax.plugins"),
     ("dynamicid_jax.weights.keymap", "dynamicid_jax.weights.folders", "dynamicid_jax.weights.single_file",
      "dynamicid_jax.weights.single_file_sdxl",
      "dynamicid_jax.image_io", "dynamicid_jax.tokenizer", "dynamicid_jax.schedulers", "dynamicid_jax.sharding"),
@@ -65,27 +59,9 @@ LIBRARY_LAYERS = (
     ("dynamicid_jax",),  # the package's __init__: the public names
 )
 
-#: (importing module, imported module) pairs that break the rules today, each scheduled to go away.
-KNOWN_VIOLATIONS = {
-    # The SynthFace world still lives partly inside the library and the generic apps; it is to move into an
-    # app package of its own that plugs in through the public registries (issue #16).
-    # - the analyzer registry hard-registers the "synthetic" backend (to become a register_backend call)
-    ("dynamicid_jax.faces.analyzer", "dynamicid_jax.faces.synthetic_backend"),
-    # - eval/__init__ re-exports the world's classifiers; metrics' SynthFaceScorer wraps them
-    ("dynamicid_jax.eval", "dynamicid_jax.eval.classifiers"),
-    ("dynamicid_jax.eval.metrics", "dynamicid_jax.eval.classifiers"),
-    ("dynamicid_jax.eval.metrics", "dynamicid_jax.faces.synthetic_backend"),
-    ("dynamicid_jax.eval.metrics", "dynamicid_jax.faces.synthetic_detector"),
-    # - the world's evaluation suite reads the world's data sets: fine for the world, but not from a file inside
-    #   the library folder (rule 1's physical half)
-    ("dynamicid_jax.eval.synthface_suite", "data_pipelines.synthface.dataset"),
-    ("dynamicid_jax.eval.synthface_suite", "data_pipelines.synthface.world"),
-    ("dynamicid_jax.eval.synthface_scores", "data_pipelines.synthface.dataset"),
-    # - the generic loaders name poses and expressions with the world's vocabulary (grid face prompts)
-    ("data_pipelines.loaders", "data_pipelines.synthface.world"),
-    # - the generic evaluation CLI offers the world's suite (--suite synthface)
-    ("infer.eval", "dynamicid_jax.eval.synthface_suite"),
-}
+#: (importing module, imported module) pairs that break the rules today, each scheduled to go away. Empty since
+#: the SynthFace world became the ``synthface`` app package (issue #16); keep it that way.
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:

@@ -1,4 +1,4 @@
-"""Stage 0 (train/stage0.py): the quick preset (the quick demo's stage 0, shared with tests/test_demo.py) gives a
+"""Stage 0 (synthface/stage0.py): the quick preset (the quick demo's stage 0, shared with tests/test_demo.py) gives a
 diffusers folder that our loader and diffusers both read; a rerun skips finished phases; the VAE's scaling factor
 is 1/std of its latents; bad configs fail early with clear errors."""
 import json
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import stage0, stage0_phases
+from synthface import stage0, stage0_phases
 from train.config import ConfigError
 
 
@@ -48,7 +48,7 @@ def test_quick_export_folder(quick_run):
 
 
 def test_our_loader_reads_the_export(quick_run, synth_root):
-    from data_pipelines.synthface import load_split
+    from synthface import load_split
     from dynamicid_jax.models.vae import encode_to_latents
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
     from train.common import load_base
@@ -157,7 +157,7 @@ def test_export_base_writes_a_verified_fp16_folder(quick_run, synth_root, tmp_pa
     a provenance whose hashes verify, our loader reading it back within fp16 rounding; an existing folder that we
     did not write is refused, one that we wrote is replaced."""
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-    from infer import demo_base
+    from synthface import demo_base
 
     _, workdir, folder = quick_run
     with open(os.path.join(workdir, "export", "stage0_metrics.json")) as f:

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 import dynamicid_jax.faces as F
-from data_pipelines import synthface as sf
-from data_pipelines.synthface import __main__ as cli
-from data_pipelines.synthface.face_model import Pose2D, face_layout
-from data_pipelines.synthface.raster import Canvas, Window, polygon_coverage
-from data_pipelines.synthface.render import render_portrait
-from data_pipelines.synthface.world import (
+import synthface as sf
+from synthface import __main__ as cli
+from synthface.face_model import Pose2D, face_layout
+from synthface.raster import Canvas, Window, polygon_coverage
+from synthface.render import render_portrait
+from synthface.world import (
     SceneAttributes,
     rng_for,
     sample_identity,

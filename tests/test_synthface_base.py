@@ -1,7 +1,7 @@
-"""The shipped SynthFace base (assets/synthface_base, written by ``make base`` = ``python -m infer.demo_base``):
-every file matches its provenance, the provenance describes the world this checkout renders, our loader and
-diffusers / transformers read the same fp16 weights and compute the same thing, the SD1.5 tokenizer still works
-with the zeroed embedding rows, and the base draws what SynthFace captions ask for."""
+"""The shipped SynthFace base (assets/synthface_base, written by ``make base`` = ``python -m synthface.demo_base``,
+formerly ``python -m infer.demo_base``): every file matches its provenance, the provenance describes the world this
+checkout renders, our loader and diffusers / transformers read the same fp16 weights and compute the same thing, the
+SD1.5 tokenizer still works with the zeroed embedding rows, and the base draws what SynthFace captions ask for."""
 import json
 import os
 import shutil
@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from infer import demo_base
+from synthface import demo_base
 
 ASSET = demo_base.ASSET_DIR
 
@@ -29,7 +29,7 @@ def sd():
 def test_files_match_provenance(provenance):
     assert provenance["format"] == demo_base.PROVENANCE_FORMAT
     assert len(provenance["commit"]) == 40 and int(provenance["commit"], 16) >= 0
-    assert provenance["command"].startswith("python -m infer.demo_base")
+    assert provenance["command"].startswith(demo_base.BASE_COMMANDS)  # the shipped one: python -m infer.demo_base
     assert provenance["weights_dtype"] == "float16"
     for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors", "model_index.json", "tokenizer/tokenizer_config.json"):
@@ -66,8 +66,8 @@ def test_tampering_is_detected(tmp_path):
 def test_provenance_describes_this_world(provenance):
     """The fingerprint of the world this checkout would render (schema, seed, size, identity lists, renderer
     constants) is the one the base was trained on — a change to the world without ``make base`` fails here."""
-    from data_pipelines.synthface import SCHEMA
-    from data_pipelines.synthface.world import identity_name
+    from synthface import SCHEMA
+    from synthface.world import identity_name
 
     w = provenance["world"]["settings"]
     assert w == demo_base.WORLD
@@ -134,7 +134,7 @@ def test_diffusers_reads_the_same_weights(sd, torch):
 def test_the_base_draws_the_captions_background(sd):
     """Eight captions, each with another background colour: the generated images' corners show it (the stage-0
     palette check; a base that ignores its prompt scores about 1/10)."""
-    from train.stage0_phases import background_palette_accuracy, sample_prompts
+    from synthface.stage0_phases import background_palette_accuracy, sample_prompts
 
     prompts, labels = sample_prompts(8)
     images = sd.generate(prompts, height=64, width=64, steps=12, guidance_scale=4.0, seed=0)

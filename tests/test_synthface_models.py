@@ -11,17 +11,17 @@ import pytest
 from PIL import Image
 
 import dynamicid_jax.faces as F
-from data_pipelines import synthface as sf
-from dynamicid_jax.eval.classifiers import AttributeClassifier, ClassifierConfig, load_eval_models, train_classifier
-from dynamicid_jax.faces.synthetic_backend import SyntheticAnalyzer
-from dynamicid_jax.faces.synthetic_detector import (
+import synthface as sf
+from synthface.evaluation.classifiers import AttributeClassifier, ClassifierConfig, load_eval_models, train_classifier
+from synthface.faces.backend import SyntheticAnalyzer
+from synthface.faces.detector import (
     DetectorConfig,
     LandmarkerConfig,
     box_iou,
     train_detector,
     train_landmarker,
 )
-from dynamicid_jax.faces.synthetic_recognizer import (
+from synthface.faces.recognizer import (
     RecognizerConfig,
     SyntheticRecognizer,
     alignment_matrices,
@@ -158,7 +158,7 @@ def test_backend_maps_sidecar_values_to_a_resized_copy(world, recognizer, tmp_pa
 
 def test_cli_builds_face_shards_through_the_synthetic_backend(recognizer, tmp_path):
     from data_pipelines.shards import load_manifest
-    from data_pipelines.synthface.__main__ import main
+    from synthface.__main__ import main
 
     recognizer.save(tmp_path / "models" / "recognizer")
     main(["--out", str(tmp_path / "data"), "--identities", "1", "--heldout", "0", "--workers", "1", "--quiet",
@@ -272,7 +272,7 @@ def test_image_encoder_saves_as_a_clip_vision_folder(world, tmp_path, torch):
     transformers read with equal penultimate hidden states (what the ID encoder consumes), its heads beside it."""
     import jax.numpy as jnp
 
-    from data_pipelines.synthface.image_encoder import IMAGE_ENCODER_CONFIG, train_image_encoder
+    from synthface.image_encoder import IMAGE_ENCODER_CONFIG, train_image_encoder
     from dynamicid_jax.models import clip
 
     labels, names = _image_encoder_labels(world["records"])
@@ -301,7 +301,7 @@ def test_image_encoder_sees_pose_of_new_people(tmp_path):
     import jax.numpy as jnp
     import flax.linen as nn
 
-    from data_pipelines.synthface.image_encoder import image_encoder_accuracy, train_image_encoder
+    from synthface.image_encoder import image_encoder_accuracy, train_image_encoder
 
     data = str(tmp_path / "world")
     sf.generate(data, identities=24, seed=2, heldout=4, scenes=0, progress=False)
@@ -325,7 +325,7 @@ def test_image_encoder_sees_pose_of_new_people(tmp_path):
 def test_full_size_models_on_a_real_world(tmp_path):
     """Real-size training (``train_models`` defaults) on 100 identities; thresholds well below the measured
     values reported in ``metrics.json``."""
-    from data_pipelines.synthface.train_models import train_all
+    from synthface.train_models import train_all
 
     data = str(tmp_path / "world")
     sf.generate(data, identities=100, seed=0, heldout=10, scenes=20, workers=2, progress=False)

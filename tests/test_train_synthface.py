@@ -1,7 +1,7 @@
 """DynamicID stage 1 → token cache → stage 2 → DynamicID folder, and Infinite-ID, end to end on SynthFace shards.
 
 Everything goes through the real pieces: a small SynthFace world (2 identities) rendered by
-``data_pipelines.synthface``, its face shards built through the ``synthetic`` analyzer, the Grain loaders, the
+``synthface``, its face shards built through the ``synthetic`` analyzer, the Grain loaders, the
 stage CLIs (``main(argv)``) and in-process ``run`` functions, ``train.export_dynamicid`` and the two pipelines.
 The base is a tiny random SD written by ``StableDiffusion.save_pretrained`` with SynthFace's fixed dimensions:
 64×64 images, a 3-level VAE (scale factor 4 → 16×16 latents), the SD1.5 tokenizer (vocab 49408, eos 49407) and
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import loaders as L
-from data_pipelines import synthface as sf
+import synthface as sf
 from train import runs
 
 # the SynthFace dims (64-wide tokens; the recogniser's embedding width is kept small here)
@@ -101,7 +101,7 @@ def make_base(folder: str, seed: int = 0) -> str:
 def world(tmp_path_factory):
     """A 2-identity SynthFace world, a quickly trained recogniser and the face shards of the train split."""
     from data_pipelines.build_shards import build_shards
-    from dynamicid_jax.faces.synthetic_recognizer import RecognizerConfig, train_recognizer
+    from synthface.faces.recognizer import RecognizerConfig, train_recognizer
 
     root = tmp_path_factory.mktemp("synthface_train")
     data, models, shards = (str(root / n) for n in ("data", "models", "shards"))

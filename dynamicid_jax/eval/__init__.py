@@ -1,15 +1,7 @@
-"""Evaluation models (docs/method.md §9): on SynthFace, a second recogniser and attribute classifiers that are
-separate from the models the method consumes (:mod:`.classifiers`)."""
-from .classifiers import (
-                          EVAL_RECOGNIZER_CONFIG,
-                          AttributeClassifier,
-                          ClassifierConfig,
-                          EvalModels,
-                          load_eval_models,
-                          region_matrices,
-                          train_classifier,
-                          train_eval_recognizer,
-)
+"""Evaluation (docs/method.md §9): metrics and scorers (:mod:`.metrics`), bootstrap intervals (:mod:`.bootstrap`),
+the scores of a suite's images (:mod:`.scores`), running the methods over requests (:mod:`.runner`) and the suite
+registry (:mod:`.suites`) through which a world plugs in its own suite (the SynthFace demo world's lives in the
+``synthface`` app package)."""
+from .suites import EvalSuite, available_suites, get_suite, register_suite
 
-__all__ = ["EVAL_RECOGNIZER_CONFIG", "AttributeClassifier", "ClassifierConfig", "EvalModels", "load_eval_models",
-           "region_matrices", "train_classifier", "train_eval_recognizer"]
+__all__ = ["EvalSuite", "available_suites", "get_suite", "register_suite"]

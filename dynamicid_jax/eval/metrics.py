@@ -3,7 +3,9 @@ accuracy, identity baselines and CLIP-T.
 
 Faces in generated images are *found*, never assumed: a scorer's :meth:`detect` returns, per image, the face boxes
 and identity embeddings of an **evaluation** recogniser (on SynthFace the ``eval_recognizer`` — another architecture
-and seed than the recogniser the method consumes; on real photos the chosen analyzer's). Then:
+and seed than the recogniser the method consumes — ``synthface.evaluation.scorer``; on real photos the chosen
+analyzer's, :class:`AnalyzerScorer`). Any object with the same ``detect`` (and, for attribute accuracies,
+``face_labels`` / ``scene_labels``) is a scorer. Then:
 
 * **Matching** (:func:`greedy_match`): the most similar (face, reference) pair is matched first, both are removed,
   and so on. Every reference gets at most one face; a reference left without a face is *missed*.
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["FaceDetections", "Match", "cosine_matrix", "greedy_match", "match_faces", "box_centres", "placed",
-           "accuracy", "mean_or_none", "pair_baseline", "identity_baselines", "SynthFaceScorer", "AnalyzerScorer",
+           "accuracy", "mean_or_none", "pair_baseline", "identity_baselines", "AnalyzerScorer",
            "reference_embeddings", "view_of_pose", "ClipScorer", "clip_t"]
 
 
@@ -206,75 +208,6 @@ def identity_baselines(reference_embeddings: np.ndarray, reference_ids: Sequence
 
 
 # ------------------------------------------------------------------------------------------------- scorers
-class SynthFaceScorer:
-    """SynthFace's evaluation models: detector + landmarker find faces, the evaluation recogniser embeds them, the
-    face classifier reads expression / pose from a face box, the scene classifier background / clothing /
-    placement from an image region."""
-
-    def __init__(self, recognizer, detector, landmarker, face_classifier=None, scene_classifier=None, *,
-                 score_threshold: float | None = None):
-        self.recognizer, self.detector, self.landmarker = recognizer, detector, landmarker
-        self.face_classifier, self.scene_classifier = face_classifier, scene_classifier
-        self.score_threshold = score_threshold
-
-    @classmethod
-    def from_models_dir(cls, models_dir: str | os.PathLike, **kwargs) -> SynthFaceScorer:
-        """Load ``eval_recognizer/``, ``detector/``, ``landmarker/``, ``face_classifier/``, ``scene_classifier/``."""
-        from dynamicid_jax.eval.classifiers import load_eval_models
-        from dynamicid_jax.faces.synthetic_detector import SyntheticDetector, SyntheticLandmarker
-
-        folder = os.fspath(models_dir)
-        models = load_eval_models(folder)
-        missing = [n for n, m in (("eval_recognizer", models.recognizer), ("face_classifier", models.face_classifier),
-                                  ("scene_classifier", models.scene_classifier)) if m is None]
-        missing += [n for n in ("detector", "landmarker") if not os.path.isdir(os.path.join(folder, n))]
-        if missing:
-            raise FileNotFoundError(f"SynthFace models folder {folder!r} lacks {missing} (train them with python -m "
-                                    "data_pipelines.synthface.train_models --data DATA --out MODELS)")
-        return cls(models.recognizer, SyntheticDetector.load(os.path.join(folder, "detector")),
-                   SyntheticLandmarker.load(os.path.join(folder, "landmarker")), models.face_classifier,
-                   models.scene_classifier, **kwargs)
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[FaceDetections]:
-        """Faces of every image (boxes from the detector, keypoints from the landmarker, eval embeddings)."""
-        from dynamicid_jax.faces.synthetic_backend import kps_from_landmarks
-
-        images = [np.asarray(im) for im in images]
-        found = [self.detector.detect(im, self.score_threshold) for im in images]
-        owners = [i for i, (b, _) in enumerate(found) for _ in range(len(b))]
-        dim = self.recognizer.embedding_dim
-        if not owners:
-            return [FaceDetections.empty(dim) for _ in images]
-        boxes = np.concatenate([b for b, _ in found if len(b)])
-        crops_of = [images[i] for i in owners]
-        landmarks, poses = self.landmarker.predict(crops_of, boxes)
-        kps = np.stack([kps_from_landmarks(p) for p in landmarks])
-        emb = self.recognizer.embed(crops_of, kps)
-        out, start = [], 0
-        for b, s in found:
-            k = len(b)
-            out.append(FaceDetections(np.asarray(b, np.float32), emb[start:start + k], np.asarray(s, np.float32),
-                                      poses[start:start + k]))
-            start += k
-        return out
-
-    def face_labels(self, images: Sequence[np.ndarray], boxes: np.ndarray) -> dict[str, list[str]]:
-        """``{"expression": [...], "pose": [...]}`` for one face box per image."""
-        if self.face_classifier is None:
-            raise ValueError("no face classifier loaded")
-        if not len(boxes):
-            return {h: [] for h in self.face_classifier.config.head_names}
-        return self.face_classifier.predict(list(images), np.asarray(boxes, np.float64))
-
-    def scene_labels(self, images: Sequence[np.ndarray], regions: np.ndarray | None = None) -> dict[str, list[str]]:
-        """Background / clothing / placement of whole images, or of pixel ``regions [B, 4]`` (one per image)."""
-        if self.scene_classifier is None:
-            raise ValueError("no scene classifier loaded")
-        if not len(images):
-            return {h: [] for h in self.scene_classifier.config.head_names}
-        return self.scene_classifier.predict(list(images), None if regions is None else np.asarray(regions))
-
-
 def view_of_pose(pose: Sequence[float]) -> str:
     """The view word of the automatic face prompt: ``"front"`` when |yaw| < 10°, else ``"side"``."""
     return "front" if abs(float(pose[1])) < 10 else "side"
@@ -316,13 +249,13 @@ def reference_embeddings(scorer, images: Sequence[np.ndarray], names: Sequence[s
     """``[N, D]``: the most confident face of each reference image (none → :class:`NoFaceError`).
 
     ``keypoints`` (``[5, 2]`` per image, e.g. a SynthFace render's exact ones) embed each reference at those
-    keypoints with the scorer's recogniser instead of detecting it (:class:`SynthFaceScorer` only): references then
-    do not depend on the detector's quality."""
+    keypoints with the scorer's recogniser instead of detecting it (a scorer with a ``recognizer``, e.g. SynthFace's):
+    references then do not depend on the detector's quality."""
     from dynamicid_jax.faces import NoFaceError
 
     if keypoints is not None:
         if not hasattr(scorer, "recognizer"):
-            raise ValueError("keypoints= needs a scorer with a recogniser (SynthFaceScorer)")
+            raise ValueError("keypoints= needs a scorer with a recogniser (e.g. SynthFace's SynthFaceScorer)")
         if len(keypoints) != len(images):
             raise ValueError(f"keypoints: one [5, 2] array per reference image ({len(images)}), got {len(keypoints)}")
         emb = scorer.recognizer.embed([np.asarray(im) for im in images], np.asarray(keypoints, np.float64))

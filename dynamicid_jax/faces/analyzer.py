@@ -2,7 +2,9 @@
 
 A backend is any object with ``analyze(image) -> list[Face]``, ``embedding_dim`` and ``num_landmarks``. Backends
 register a factory under a name (``register_backend``); ``get_analyzer(name, **kwargs)`` builds one. The built-in
-``dlib`` and ``insightface`` factories import their (optional, ``[faces]`` extra) packages only when called.
+``dlib`` and ``insightface`` factories import their (optional, ``[faces]`` extra) packages only when called. Other
+packages add theirs as plug-ins (:mod:`dynamicid_jax.plugins`: an entry point, or ``$DYNAMICID_JAX_PLUGINS``), loaded
+the first time a name is not found — the SynthFace demo world registers ``synthetic`` that way.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..plugins import load_plugins
 from .image_io import ImageLike
 
 __all__ = [
@@ -132,12 +135,16 @@ def register_backend(name: str, factory: Callable[..., FaceAnalyzer], *, overwri
 
 
 def available_backends() -> list[str]:
-    """Names accepted by :func:`get_analyzer`, sorted."""
+    """Names accepted by :func:`get_analyzer` (the installed plug-ins' included), sorted."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def get_analyzer(name: str, **kwargs: Any) -> FaceAnalyzer:
-    """Build the analyzer registered as ``name`` with backend-specific keyword arguments."""
+    """Build the analyzer registered as ``name`` with backend-specific keyword arguments (an unknown name loads
+    the plug-ins first, :func:`dynamicid_jax.plugins.load_plugins`)."""
+    if name not in _REGISTRY:
+        load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown face-analysis backend {name!r}; registered: {', '.join(available_backends())}")
     analyzer = _REGISTRY[name](**kwargs)
@@ -165,15 +172,8 @@ def _insightface_factory(**kwargs: Any) -> FaceAnalyzer:
     return InsightFaceAnalyzer(**kwargs)
 
 
-def _synthetic_factory(**kwargs: Any) -> FaceAnalyzer:
-    from .synthetic_backend import SyntheticAnalyzer
-
-    return SyntheticAnalyzer(**kwargs)
-
-
 register_backend("dlib", _dlib_factory)
 register_backend("insightface", _insightface_factory)
-register_backend("synthetic", _synthetic_factory)
 
 
 # --------------------------------------------------------------------------------------- reference faces

@@ -197,7 +197,7 @@ def text_config(variant: str = "sd15") -> CLIPTextConfig:
                                         eos_token_id=2),  # as SDXL's text_encoder_2/config.json (argmax pooling)
         "tiny": CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, eos_token_id=999, projection_dim=64),
-        # The SynthFace base (train/stage0.py): SD1.5's vocabulary / tokenizer, 77 positions, 64 wide.
+        # The SynthFace base (synthface/stage0.py): SD1.5's vocabulary / tokenizer, 77 positions, 64 wide.
         "synthface": CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                     projection_dim=64),
     }

@@ -184,7 +184,7 @@ _INERT_DEFAULTS: dict[str, Any] = {
 
 def unet_config(variant: str = "sd15") -> UNetConfig:
     """Variant factory: ``"sd15"`` (859,520,964 params), ``"sdxl"`` (SDXL base 1.0), ``"tiny"`` / ``"tiny-sdxl"``
-    (tests) or ``"synthface"`` (the SynthFace demo's base, trained from scratch by ``train/stage0.py``)."""
+    (tests) or ``"synthface"`` (the SynthFace demo's base, trained from scratch by ``synthface/stage0.py``)."""
     if variant == "sd15":
         return UNetConfig().validate()
     if variant == "tiny":
@@ -193,7 +193,7 @@ def unet_config(variant: str = "sd15") -> UNetConfig:
                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                           norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2).validate()
     if variant == "synthface":
-        # The SynthFace base (train/stage0.py): 16×16×4 latents (64 px), text width 64. Cross-attention at 8×8 and
+        # The SynthFace base (synthface/stage0.py): 16×16×4 latents (64 px), text width 64. Cross-attention at 8×8 and
         # 4×4 (and the mid block) only: attention over the 256 tokens of the 16×16 level costs more CPU time than
         # the rest of the UNet together.
         return UNetConfig(sample_size=16, block_out_channels=(64, 64, 64), layers_per_block=1,

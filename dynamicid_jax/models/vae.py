@@ -141,14 +141,14 @@ def vae_scale_factor(config: VAEConfig) -> int:
 
 def vae_config(variant: str = "sd15") -> VAEConfig:
     """Variant factory: ``"sd15"`` (83,653,863 params), ``"tiny"`` (tests: 2 levels, every module kind) or
-    ``"synthface"`` (the SynthFace demo's base, trained from scratch by ``train/stage0.py``)."""
+    ``"synthface"`` (the SynthFace demo's base, trained from scratch by ``synthface/stage0.py``)."""
     if variant == "sd15":
         return VAEConfig().validate()
     if variant == "tiny":
         return VAEConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
                          sample_size=32).validate()
     if variant == "synthface":
-        # The SynthFace base (train/stage0.py): 3 levels → scale factor 4 (64 px ↔ 16×16×4 latents); narrow at full
+        # The SynthFace base (synthface/stage0.py): 3 levels → scale factor 4 (64 px ↔ 16×16×4 latents); narrow at full
         # resolution because CPU time goes there; 4 channels per GroupNorm group; no mid-block attention (it trains
         # on crops). ``scaling_factor`` is a placeholder: stage 0 sets it to 1/std of the trained VAE's latents.
         return VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,

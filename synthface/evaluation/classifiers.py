@@ -3,9 +3,9 @@
 docs/method.md §9 measures generated images with models *different from the ones the method consumes*:
 
 * :func:`train_eval_recognizer` — a recogniser with another architecture (3 stages with residual blocks, 96-d) and
-  another seed than the input "ArcFace" (``faces.synthetic_recognizer``); FaceSim uses it.
+  another seed than the input "ArcFace" (``synthface.faces.recognizer``); FaceSim uses it.
 * :class:`AttributeClassifier` — one small conv net with several softmax heads. Two kinds are trained by
-  ``data_pipelines.synthface.train_models``:
+  ``synthface.train_models``:
 
   - ``input="face"``: a square crop around the face box → heads ``expression`` (7) and ``pose`` (5) — the
     Expr / Pose accuracies;
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.faces.synthetic_recognizer import (
+from synthface.faces.recognizer import (
     ConvNet,
     RecognizerConfig,
     SyntheticRecognizer,

@@ -1,12 +1,12 @@
 """SynthFace's "ArcFace": a small JAX face recogniser trained with an additive angular margin loss.
 
-In the SynthFace world (``data_pipelines.synthface``) this network plays the part insightface's ArcFace plays for
+In the SynthFace world (``synthface``) this network plays the part insightface's ArcFace plays for
 real photos: the identity vector the ID encoder reads. It sees a face aligned by its 5 keypoints onto the ArcFace
 template scaled to ``crop_size`` (32 px for 64-px images), runs a small conv net and returns an L2-normalised
 embedding. Training (``train_recognizer``) uses ArcFace's loss — ``s · cos(θ_y + m)`` for the true class —
 with random alignment jitter, colour jitter, blur and noise, so embeddings stay stable on generated images.
 
-Also here, shared by the other SynthFace networks (``synthetic_detector``, ``dynamicid_jax.eval.classifiers``):
+Also here, shared by the other SynthFace networks (``synthface.faces.detector``, ``synthface.evaluation.classifiers``):
 :class:`ConvNet` (a small GroupNorm conv net built from ``models.layers``), :func:`warp_crops` (batched bilinear
 affine crops, numpy), :func:`box_matrices` / :func:`alignment_matrices`, :func:`fit` (an AdamW loop with a tqdm
 bar), :func:`save_model` / :func:`load_model` (``params.safetensors`` + ``config.json``) and the augmentation.
@@ -28,7 +28,7 @@ import numpy as np
 from dynamicid_jax.models import layers
 from dynamicid_jax.weights.keymap import read_safetensors, write_safetensors
 
-from .geometry import ARCFACE_TEMPLATE, similarity_transform
+from dynamicid_jax.faces.geometry import ARCFACE_TEMPLATE, similarity_transform
 
 __all__ = [
     "ConvNet", "warp_crops", "box_matrices", "alignment_matrices", "jitter_matrices", "augment_crops",

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipelines.synthface import EXPRESSIONS, PROMPT_EXPRESSION
+from synthface import EXPRESSIONS, PROMPT_EXPRESSION
 from dynamicid_jax.faces.geometry import auto_face_prompt
 from dynamicid_jax.image_io import save_png
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dynamicid_jax.eval import bootstrap as B
-from dynamicid_jax.eval.synthface_scores import HALF_WIDTH_LIMITS, HEADLINE
+from dynamicid_jax.eval.scores import HALF_WIDTH_LIMITS, HEADLINE
 
 __all__ = ["synthface_targets", "protocol_sizing", "EXPR_FRACTION", "MAX_FACESIM_DROP", "PLACEMENT_BAR",
            "SIZING_RULE"]

@@ -76,7 +76,7 @@ def train_image_encoder(images: np.ndarray, labels: dict[str, np.ndarray], names
     expression, pose; ``names[head]`` their label names). Augmentation: shifts of up to 3 px and mild brightness."""
     import flax.linen as nn
 
-    from dynamicid_jax.faces.synthetic_recognizer import fit
+    from synthface.faces.recognizer import fit
     from dynamicid_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)

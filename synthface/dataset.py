@@ -253,7 +253,7 @@ def load_index(out_dir: str) -> dict[str, Any]:
     path = os.path.join(out_dir, "synthface.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{out_dir!r} is not a SynthFace folder (no synthface.json); create one with "
-                                "python -m data_pipelines.synthface --out DIR --identities N")
+                                "python -m synthface --out DIR --identities N")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -1,7 +1,7 @@
-"""``python -m data_pipelines.synthface --out DIR --identities N --seed S [--size 64] [--heldout H] [--scenes K]``
+"""``python -m synthface --out DIR --identities N --seed S [--size 64] [--heldout H] [--scenes K]``
 
-Writes a SynthFace tree (see ``data_pipelines.synthface.dataset``). ``--train-models MODELS`` then trains the
-world's face models into MODELS (``data_pipelines.synthface.train_models``); ``--shards SHARDS`` turns the
+Writes a SynthFace tree (see ``synthface.dataset``). ``--train-models MODELS`` then trains the
+world's face models into MODELS (``synthface.train_models``); ``--shards SHARDS`` turns the
 training split into face-record shards through the ``synthetic`` analyzer (needs the models: ``--models`` or
 ``--train-models``).
 """
@@ -16,7 +16,7 @@ from .dataset import generate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipelines.synthface", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m synthface", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--identities", type=int, required=True, help="training identities (35 images each)")
     p.add_argument("--seed", type=int, default=0)

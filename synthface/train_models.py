@@ -1,6 +1,6 @@
 """Train SynthFace's face models on a generated tree and measure them on its held-out identities and scenes.
 
-``python -m data_pipelines.synthface.train_models --data DIR --out MODELS [--steps-scale 1.0] [--only NAMES]``
+``python -m synthface.train_models --data DIR --out MODELS [--steps-scale 1.0] [--only NAMES]``
 
 Writes one sub-folder per model (``params.safetensors`` + ``config.json``) and ``MODELS/metrics.json``:
 
@@ -71,9 +71,9 @@ def _pair_canvases(images: np.ndarray, boxes: np.ndarray, rng: np.random.Generat
 def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Sequence[str] | None = None,
               seed: int = 0, progress: bool = True, evaluate_after: bool = True) -> dict[str, Any]:
     """Train the models (all, or ``only``) on ``data_dir``'s training split into ``out_dir``; returns metrics."""
-    from dynamicid_jax.eval.classifiers import ClassifierConfig, train_classifier, train_eval_recognizer
-    from dynamicid_jax.faces.synthetic_detector import train_detector, train_landmarker
-    from dynamicid_jax.faces.synthetic_recognizer import train_recognizer
+    from synthface.evaluation.classifiers import ClassifierConfig, train_classifier, train_eval_recognizer
+    from synthface.faces.detector import train_detector, train_landmarker
+    from synthface.faces.recognizer import train_recognizer
 
     index = load_index(data_dir)
     names = list(MODELS if only is None else only)
@@ -195,15 +195,15 @@ def evaluate(data_dir: str, models_dir: str, max_images: int = 700) -> dict[str,
     """Measure whatever models ``models_dir`` holds on the held-out identities and the scenes of ``data_dir``."""
     from PIL import Image
 
-    from dynamicid_jax.eval.classifiers import AttributeClassifier
-    from dynamicid_jax.faces.synthetic_backend import kps_from_landmarks
-    from dynamicid_jax.faces.synthetic_detector import (
+    from synthface.evaluation.classifiers import AttributeClassifier
+    from synthface.faces.backend import kps_from_landmarks
+    from synthface.faces.detector import (
         SyntheticDetector,
         SyntheticLandmarker,
         box_iou,
         detection_metrics,
     )
-    from dynamicid_jax.faces.synthetic_recognizer import (
+    from synthface.faces.recognizer import (
         SyntheticRecognizer,
         identification_accuracy,
         verification_metrics,
@@ -286,7 +286,7 @@ def _scene_identification(data_dir, scene_imgs, scene_recs, det, lmk, rec, box_i
     IoU ≥ 0.5) is identified among the scene's people by their neutral-front reference embedding."""
     from PIL import Image
 
-    from dynamicid_jax.faces.synthetic_backend import kps_from_landmarks
+    from synthface.faces.backend import kps_from_landmarks
 
     hits = total = 0
     for im, r in zip(scene_imgs, scene_recs):
@@ -310,9 +310,9 @@ def _scene_identification(data_dir, scene_imgs, scene_recs, det, lmk, rec, box_i
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m data_pipelines.synthface.train_models",
+    p = argparse.ArgumentParser(prog="python -m synthface.train_models",
                                 description="Train and measure SynthFace's face models.")
-    p.add_argument("--data", required=True, help="a SynthFace folder (python -m data_pipelines.synthface)")
+    p.add_argument("--data", required=True, help="a SynthFace folder (python -m synthface)")
     p.add_argument("--out", required=True, help="models folder to write")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every model's training steps")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(MODELS)}")

@@ -8,8 +8,8 @@
 * :class:`SyntheticLandmarker` — a small conv net on a square crop around a box that regresses the 68 landmarks
   (iBUG order, as the renderer's) and the head pose (pitch, yaw, roll).
 
-They are learned models with measurable errors (reported by ``data_pipelines.synthface.train_models``), not
-oracles; exact values come only from a rendered image's sidecar JSON (``synthetic_backend``).
+They are learned models with measurable errors (reported by ``synthface.train_models``), not
+oracles; exact values come only from a rendered image's sidecar JSON (``synthface.faces.backend``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from dynamicid_jax.models import layers
 
-from .synthetic_recognizer import (
+from .recognizer import (
     ConvNet,
     augment_crops,
     batched_apply,

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from dynamicid_jax.faces import kdef_grid
+
 __all__ = [
     "EXPRESSIONS", "POSES", "POSE_YAW", "PROMPT_EXPRESSION", "GRID_POSE_PHRASE", "BACKGROUNDS", "CLOTHING",
     "PLACEMENTS", "PLACEMENT_X", "HAIR_STYLES", "GLASSES", "Identity", "SceneAttributes", "ImageVariation",
@@ -22,18 +24,12 @@ __all__ = [
     "image_name", "identity_name",
 ]
 
-#: the 7 expressions × 5 poses of every identity (the KDEF / VariFace grid)
-EXPRESSIONS = ("neutral", "happy", "sad", "surprised", "angry", "disgusted", "afraid")
-#: pose names are in image terms: "left" = facing the image's left (yaw < 0)
-POSES = ("left", "slight-left", "front", "slight-right", "right")
-POSE_YAW = {"left": -50.0, "slight-left": -25.0, "front": 0.0, "slight-right": 25.0, "right": 50.0}
-#: SynthFace expression → the label the automatic face prompt uses (docs/method.md §5; ``faces.EXPRESSIONS``)
-PROMPT_EXPRESSION = {"neutral": "neutral", "happy": "happy", "sad": "sad", "surprised": "surprise",
-                     "angry": "anger", "disgusted": "disgust", "afraid": "fear"}
-#: pose → the phrase of the KDEF grid prompt ("the expression is {e}, the face is {p}")
-GRID_POSE_PHRASE = {"left": "fully turned to the left", "slight-left": "slightly turned to the left",
-                    "front": "front view", "slight-right": "slightly turned to the right",
-                    "right": "fully turned to the right"}
+#: the 7 expressions × 5 poses of every identity: the method's KDEF grid (dynamicid_jax.faces.kdef_grid) — its
+#: expression and pose names, their yaws, the grid prompt and the automatic face prompt's labels
+EXPRESSIONS, POSES, POSE_YAW, PROMPT_EXPRESSION = kdef_grid.EXPRESSIONS, kdef_grid.POSES, kdef_grid.POSE_YAW, \
+    kdef_grid.PROMPT_EXPRESSION
+GRID_POSE_PHRASE = kdef_grid.POSE_PHRASE
+grid_prompt = kdef_grid.grid_prompt
 
 #: named scene colours (RGB in [0, 1]); captions name them, the scene classifier predicts them
 BACKGROUNDS = {
@@ -82,11 +78,6 @@ def identity_name(split: str, index: int) -> str:
 
 def image_name(expression: str, pose: str) -> str:
     return f"{expression}_{pose}"
-
-
-def grid_prompt(expression: str, pose: str) -> str:
-    """The KDEF-style grid prompt of docs/method.md §6.2 for a SynthFace expression and pose name."""
-    return f"the expression is {expression}, the face is {GRID_POSE_PHRASE[pose]}"
 
 
 def _colour(rng: np.random.Generator, palette: np.ndarray, jitter: float) -> tuple[float, float, float]:

@@ -9,10 +9,10 @@ Two paths, one :class:`~dynamicid_jax.faces.Face` contract:
 * **Any other image** (numpy arrays, generated images): the learned :class:`SyntheticDetector` finds the faces
   (any number — multi-person layouts included) and :class:`SyntheticLandmarker` regresses landmarks and pose.
 
-In both paths ``embedding`` is the SynthFace recogniser's (``synthetic_recognizer``, the world's "ArcFace") on
+In both paths ``embedding`` is the SynthFace recogniser's (``synthface.faces.recognizer``, the world's "ArcFace") on
 the face aligned by its keypoints, so training data and generated images are embedded the same way.
 
-Models come from a folder written by ``python -m data_pipelines.synthface.train_models`` (sub-folders
+Models come from a folder written by ``python -m synthface.train_models`` (sub-folders
 ``recognizer/``, ``detector/``, ``landmarker/``) or are passed as objects / folders::
 
     analyzer = get_analyzer("synthetic", models_dir="synthface_models")
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .analyzer import Face
-from .image_io import ImageLike, load_rgb
-from .synthetic_detector import SyntheticDetector, SyntheticLandmarker
-from .synthetic_recognizer import SyntheticRecognizer
+from dynamicid_jax.faces.analyzer import Face
+from dynamicid_jax.faces.image_io import ImageLike, load_rgb
+from .detector import SyntheticDetector, SyntheticLandmarker
+from .recognizer import SyntheticRecognizer
 
 __all__ = ["SyntheticAnalyzer", "read_sidecar", "sidecar_path", "kps_from_landmarks"]
 
@@ -103,7 +103,7 @@ class SyntheticAnalyzer:
         folder = None if models_dir is None else os.fspath(models_dir)
         if folder is not None and not os.path.isdir(folder):
             raise FileNotFoundError(f"SynthFace models folder {folder!r} does not exist (train one with "
-                                    "python -m data_pipelines.synthface.train_models --data DIR --out MODELS)")
+                                    "python -m synthface.train_models --data DIR --out MODELS)")
         self.recognizer = _load(recognizer, SyntheticRecognizer, folder, "recognizer")
         if self.recognizer is None:
             raise ValueError("the synthetic backend needs a recogniser for embeddings: pass models_dir= (with a "

@@ -1,4 +1,4 @@
-"""Stage 0's phases (see :mod:`train.stage0`): the VAE and diffusion :class:`train.loop.Task` s, host-side
+"""Stage 0's phases (see :mod:`synthface.stage0`): the VAE and diffusion :class:`train.loop.Task` s, host-side
 initialisation, the trainer wrapper and the checks run on the export."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from train import common, loop
 
 if TYPE_CHECKING:
-    from train.stage0 import Stage0Data
+    from synthface.stage0 import Stage0Data
 
 
 # =========================================================================================================
@@ -378,7 +378,7 @@ class DiffusionPhase:
 # =========================================================================================================
 def sample_prompts(count: int) -> tuple[list[str], list[dict]]:
     """``count`` captions cycling through the backgrounds (clothing and placement vary too) and their labels."""
-    from data_pipelines.synthface import BACKGROUNDS, CLOTHING, PLACEMENTS, caption_for
+    from synthface import BACKGROUNDS, CLOTHING, PLACEMENTS, caption_for
 
     bgs, cls = list(BACKGROUNDS), list(CLOTHING)
     prompts, labels = [], []
@@ -393,7 +393,7 @@ def sample_prompts(count: int) -> tuple[list[str], list[dict]]:
 def background_palette_accuracy(images: np.ndarray, backgrounds: Sequence[str], border: int = 4) -> float:
     """Fraction of images whose top corners' mean colour is nearest (RGB) to the named background's palette colour
     (the person stands in the lower middle, so the top corners show the background)."""
-    from data_pipelines.synthface import BACKGROUNDS
+    from synthface import BACKGROUNDS
 
     names = list(BACKGROUNDS)
     palette = np.array([BACKGROUNDS[n] for n in names], np.float32)
@@ -421,7 +421,7 @@ def check_export(folder: str, cfg: Mapping, out_png: str | None) -> dict:
            "generate_s": time.perf_counter() - start, "prompts": prompts,
            "background_palette_accuracy": background_palette_accuracy(images, [l["background"] for l in labels])}
     if s.get("models"):
-        from dynamicid_jax.eval.classifiers import load_eval_models
+        from synthface.evaluation.classifiers import load_eval_models
 
         scene = load_eval_models(s["models"]).scene_classifier
         if scene is not None:

@@ -1,8 +1,8 @@
 """The shipped SynthFace base: ``make base`` trains it, ``make demo`` starts from it.
 
-    python -m infer.demo_base [--out assets/synthface_base] [--work demo_out/base_work]
+    python -m synthface.demo_base [--out assets/synthface_base] [--work demo_out/base_work]
 
-Stage 0 (:mod:`train.stage0` with ``train/configs/synthface_base.yaml``) trained long enough to draw recognisable
+Stage 0 (:mod:`synthface.stage0` with ``train/configs/synthface_base.yaml``) trained long enough to draw recognisable
 faces, on SynthFace's close-up portraits and two-person pairs of the training identities (captions name each
 person's shirt and side, never who they are), so the base has a prior of faces and of groups as SD1.5 has. The
 result is a diffusers folder with fp16 weights, small enough for git: the rows of the text encoder's token
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 __all__ = ["WORLD", "ASSET_DIR", "BASE_CONFIG", "build_base", "export_base", "verify_base", "world_fingerprint",
-           "pixel_fingerprint", "world_texts", "used_token_ids", "BaseAssetError"]
+           "pixel_fingerprint", "world_texts", "used_token_ids", "BaseAssetError", "BASE_COMMANDS"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the committed base
@@ -35,6 +35,10 @@ ASSET_DIR = os.path.join(REPO_ROOT, "assets", "synthface_base")
 BASE_CONFIG = os.path.join(REPO_ROOT, "train", "configs", "synthface_base.yaml")
 PROVENANCE = "provenance.json"
 PROVENANCE_FORMAT = "dynamicid-jax/synthface-base-provenance-v1"
+#: the commands a provenance may record as its builder: this module's, and its name before the world moved into
+#: the ``synthface`` package (``infer.demo_base``; the shipped base was built under it, and its provenance — hashed
+#: with the weights — keeps saying so)
+BASE_COMMANDS = ("python -m synthface.demo_base", "python -m infer.demo_base")
 
 #: The SynthFace world of the base and of the demo (one place: the demo generates the same portraits; only the
 #: base needs the pairs).
@@ -53,7 +57,7 @@ def _log(msg: str) -> None:
 def world_fingerprint(index: Mapping[str, Any]) -> str:
     """What decides the base's portraits: schema, seed, image size and the identity lists (pairs left out, so a
     demo world without pairs matches the base it trained on)."""
-    from data_pipelines.synthface.render import HEAD_CENTRE_Y, HEAD_SCALE
+    from synthface.render import HEAD_CENTRE_Y, HEAD_SCALE
 
     blob = {k: index.get(k) for k in ("schema", "seed", "image_size", "splits")}
     blob["render"] = [HEAD_SCALE, HEAD_CENTRE_Y]
@@ -89,9 +93,9 @@ def world_texts(data_root: str) -> list[str]:
     """Every text the SynthFace world can put in front of the base: each record's caption, face prompt and grid
     prompt (portraits, pairs, scenes), every single-person caption combination, the group captions' words, the
     stage-2 prompts, and the empty prompt."""
-    from data_pipelines import synthface
-    from data_pipelines.synthface.dataset import group_caption
-    from data_pipelines.synthface.world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSE_YAW, POSES,
+    import synthface
+    from synthface.dataset import group_caption
+    from synthface.world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSE_YAW, POSES,
                                                 PROMPT_EXPRESSION, grid_prompt)
     from dynamicid_jax.faces.geometry import auto_face_prompt
 
@@ -156,12 +160,12 @@ def export_base(sd_folder: str, out: str, *, data_root: str, stage0_metrics: Map
     provenance. An existing ``out`` is replaced only when it is a base this module wrote."""
     import jax
 
-    from data_pipelines import synthface
+    import synthface
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
     out = os.path.abspath(out)
     if os.path.exists(out) and not _is_ours(out):
-        raise FileExistsError(f"{out} exists and is not a SynthFace base written by infer.demo_base "
+        raise FileExistsError(f"{out} exists and is not a SynthFace base written by synthface.demo_base "
                               f"(no {PROVENANCE}); choose another --out")
     sd = StableDiffusion.from_pretrained(sd_folder)
     keep = used_token_ids(sd.tokenizer, world_texts(data_root))
@@ -263,7 +267,7 @@ def check_world(provenance: Mapping[str, Any], data_root: str) -> dict[str, Any]
     """The demo's world against the base's: the settings fingerprint must match (else :class:`BaseAssetError`);
     the pixel fingerprint of the training portraits is reported (another numpy or zlib may render a few pixels
     differently — a warning, not an error)."""
-    from data_pipelines import synthface
+    import synthface
 
     index = synthface.load_index(data_root)
     want, got = provenance["world"]["fingerprint"], world_fingerprint(index)
@@ -278,8 +282,8 @@ def build_base(out: str = ASSET_DIR, work: str = os.path.join("demo_out", "base_
                overrides: Iterable[str] = (), quick: bool = False, command: str | None = None) -> str:
     """Generate the world (reused when present), train stage 0 on it (resumed when interrupted), export the fp16
     base to ``out`` with its provenance; returns ``out``."""
-    from data_pipelines import synthface
-    from train import stage0
+    import synthface
+    from synthface import stage0
 
     data = os.path.join(work, "synthface")
     start = time.perf_counter()
@@ -305,7 +309,7 @@ def build_base(out: str = ASSET_DIR, work: str = os.path.join("demo_out", "base_
 
 
 def _world_present(data: str, world: Mapping[str, int]) -> bool:
-    from data_pipelines import synthface
+    import synthface
 
     try:
         index = synthface.load_index(data)
@@ -323,7 +327,7 @@ def _folder_mb(folder: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer.demo_base", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m synthface.demo_base", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=ASSET_DIR, help="the base folder to write (default: the shipped asset)")
     p.add_argument("--work", default=os.path.join("demo_out", "base_work"),
                    help="world and stage-0 checkpoints (reused and resumed)")
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.out}: {len(prov['files'])} files match {PROVENANCE} (commit {prov.get('commit')})")
         return 0
-    command = "python -m infer.demo_base " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m synthface.demo_base " + " ".join(argv if argv is not None else sys.argv[1:])
     build_base(args.out, args.work, overrides=args.overrides, quick=args.quick, command=command.strip())
     return 0
 

@@ -1,9 +1,9 @@
 """Stage 0 (SynthFace, docs/method.md §8): train the tiny Stable Diffusion base from scratch and export it as a
 diffusers folder.
 
-    python -m train.stage0 --config train/configs/synthface_stage0.yaml data.root=DATA workdir=W [key.sub=value ...]
-    python -m train.stage0 --config train/configs/synthface_stage0.yaml --quick data.root=DATA workdir=W
-    folder = train.stage0.run_stage0(train.stage0.stage0_config(["data.root=DATA", "workdir=W"]))   # in-process
+    python -m synthface.stage0 --config train/configs/synthface_stage0.yaml data.root=DATA workdir=W [key.sub=value ...]
+    python -m synthface.stage0 --config train/configs/synthface_stage0.yaml --quick data.root=DATA workdir=W
+    folder = synthface.stage0.run_stage0(synthface.stage0.stage0_config(["data.root=DATA", "workdir=W"]))   # in-process
 
 The same model classes as SD1.5 (``AutoencoderKL``, ``CLIPTextModel``, ``UNet2DConditionModel``), small:
 ``vae_config("synthface")`` (scale factor 4: 64 px ↔ 16×16×4 latents), ``text_config("synthface")`` (SD1.5
@@ -52,13 +52,14 @@ import numpy as np
 
 from data_pipelines.shards import write_json_atomic
 from train import common, loop
-from train.stage0_phases import (DiffusionPhase, VAEPhase, background_palette_accuracy, check_export, final_params,
+from synthface.stage0_phases import (DiffusionPhase, VAEPhase, background_palette_accuracy, check_export, final_params,
                                  fit, latent_scaling_factor, read_json, read_losses, sample_prompts,
                                  timestep_weights)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthface_stage0.yaml")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "configs",
+                              "synthface_stage0.yaml")  # beside the other stages' configs
 PHASES = ("vae", "diffusion")
 
 _PHASE_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "final_lr_fraction": 0.1,
@@ -72,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "progress_bar": True,
     "devices": 1,  # devices of the mesh (data parallel); 0 = all
     "data": {
-        "root": "",  # a SynthFace tree (python -m data_pipelines.synthface)
+        "root": "",  # a SynthFace tree (python -m synthface)
         "resolution": 64,  # images are resized when the tree's size differs
         "heldout_images": 70,  # held-out images for the VAE's PSNR (0 = none)
         "p_empty": 0.1, "p_face_prompt": 0.3, "p_grid_prompt": 0.2,
@@ -153,7 +154,7 @@ def model_configs(cfg: Mapping):
 def validate(cfg: Mapping) -> None:
     """Clear errors for settings that cannot work (before any data is read)."""
     if not cfg["data"]["root"]:
-        raise ValueError("data.root must name a SynthFace folder (python -m data_pipelines.synthface --out DIR "
+        raise ValueError("data.root must name a SynthFace folder (python -m synthface --out DIR "
                          "--identities N)")
     if not cfg["workdir"]:
         raise ValueError("workdir must name the folder for checkpoints and the export")
@@ -243,7 +244,7 @@ def _resize(images: np.ndarray, size: int, width: int | None = None) -> np.ndarr
 
 
 def load_data(cfg: Mapping, tokenizer) -> Stage0Data:
-    from data_pipelines import synthface
+    import synthface
     from dynamicid_jax.tokenizer import tokenize
 
     d = cfg["data"]
@@ -262,7 +263,7 @@ def load_data(cfg: Mapping, tokenizer) -> Stage0Data:
     if d["pairs"]:
         pair_images, pair_records = synthface.load_pairs(d["root"])
         if not len(pair_images):
-            raise ValueError(f"data.pairs=true but {d['root']!r} holds no pairs (python -m data_pipelines.synthface "
+            raise ValueError(f"data.pairs=true but {d['root']!r} holds no pairs (python -m synthface "
                              "... --pairs M)")
         res = int(d["resolution"])
         pair_images = _resize(pair_images, res, 2 * res)
@@ -412,7 +413,7 @@ def _run_stage0(cfg: Mapping) -> str:
     from dynamicid_jax.tokenizer import load_tokenizer
 
     total_start = time.perf_counter()
-    from data_pipelines import synthface
+    import synthface
 
     workdir, fps = _prepare_workdir(cfg, synthface.load_index(cfg["data"]["root"]))
     export_dir = os.path.join(workdir, "export")

@@ -1,6 +1,6 @@
 """The embedded demo: DynamicID trained end to end on a CPU in SynthFace, then evaluated — no download.
 
-    python -m infer.demo --out demo_out [--quick] [--infinite-id] [--rebuild-base]
+    python -m synthface.demo --out demo_out [--quick] [--infinite-id] [--rebuild-base]
 
 Stages (each recorded in ``{out}/work/stages.json`` and reused by the next run when its settings are unchanged;
 the training stages also resume from their own checkpoints when interrupted):
@@ -9,7 +9,7 @@ the training stages also resume from their own checkpoints when interrupted):
 2. the world's face models (input recogniser, evaluation recogniser, detector, landmarks, classifiers);
 3. face-record shards of the training split (synthetic analyzer);
 4. the SynthFace base: the shipped one (assets/synthface_base, checked against its provenance), or with
-   ``--rebuild-base`` trained here by ``make base``'s code (``infer.demo_base``); ``--quick``: a seconds-long one;
+   ``--rebuild-base`` trained here by ``make base``'s code (``synthface.demo_base``); ``--quick``: a seconds-long one;
 5. stage 1: ID encoder + SAA; 6. token cache + stage 2: IMR + KeyPointEncoder; then the DynamicID folder;
 7. Infinite-ID (ID-semantics decoupled training) on the same base;
 8. evaluation of DynamicID, its ablations and Infinite-ID on held-out identities;
@@ -32,8 +32,8 @@ import warnings
 import numpy as np
 
 from data_pipelines.shards import write_json_atomic
-from infer.demo_base import WORLD
-from infer.demo_stages import Stage, StageRunner
+from synthface.demo_base import WORLD
+from synthface.demo_stages import Stage, StageRunner
 
 
 def _log(msg: str) -> None:
@@ -96,7 +96,7 @@ def face_section(out: str) -> dict:
 #: end-to-end run (seconds per stage: it checks the wiring and the files, not the method).
 PRESETS: dict[str, dict] = {
     "full": {
-        # the shipped base's world (infer.demo_base.WORLD) without the pairs only the base trains on
+        # the shipped base's world (synthface.demo_base.WORLD) without the pairs only the base trains on
         "synthface": {k: v for k, v in WORLD.items() if k != "pairs"},
         "face_models": {"steps_scale": 0.5},
         "base": "shipped", "stage1": [], "stage2": [], "infinite_id": [],
@@ -162,7 +162,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     progress = True
 
     def synthface(folder):
-        from data_pipelines.synthface import generate
+        from synthface import generate
 
         index = generate(folder, sf["identities"], seed=sf["seed"], size=sf["size"], heldout=sf["heldout"],
                          scenes=sf["scenes"], pairs=sf.get("pairs", 0), workers=1, progress=progress)
@@ -170,7 +170,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
                 "scenes": len(index["scenes"])}
 
     def face_models(folder):
-        from data_pipelines.synthface.train_models import train_all
+        from synthface.train_models import train_all
 
         metrics = train_all(data, folder, steps_scale=preset["face_models"]["steps_scale"], progress=progress)
         return {k: metrics.get(k) for k in ("recognizer", "eval_recognizer", "face_classifier")}
@@ -185,15 +185,15 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     base_mode = "rebuild" if rebuild_base and preset["base"] == "shipped" else preset["base"]
 
     def base(folder):
-        from infer import demo_base
+        from synthface import demo_base
 
         if base_mode == "quick":
-            from train import stage0 as s0
+            from synthface import stage0 as s0
 
             return {"sd": s0.run(_config_path("stage0"), [f"data.root={data}"], workdir=folder, quick=True)}
         if base_mode == "rebuild":
             path = demo_base.build_base(os.path.join(folder, "asset"), os.path.join(folder, "build"),
-                                        command="python -m infer.demo --rebuild-base")
+                                        command="python -m synthface.demo --rebuild-base")
             provenance = demo_base.verify_base(path)
         else:
             path, provenance = demo_base.ASSET_DIR, demo_base.verify_base(demo_base.ASSET_DIR)
@@ -204,7 +204,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     elif base_mode == "rebuild":
         sd_path = os.path.join(stage0_dir, "asset")
     else:
-        from infer.demo_base import ASSET_DIR
+        from synthface.demo_base import ASSET_DIR
 
         sd_path = ASSET_DIR
     base_settings = {"mode": base_mode}
@@ -234,7 +234,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
         overrides = [f"model.base={sd_path}", f"data.shards={shards}", f"model.stage1={stage1_export}", *RESTART,
                      *preset["stage2"]]
         export = s2.run(_config_path("stage2"), overrides, workdir=folder, mesh=_one_device_mesh())
-        from infer.demo_diagnostics import token_variance_shares
+        from synthface.demo_diagnostics import token_variance_shares
 
         return {"export": export, "token_variance": token_variance_shares(os.path.join(folder, "token_cache"),
                                                                           shards)}
@@ -282,7 +282,7 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     if infinite_id:
         stages.append(Stage("infinite_id", "Infinite-ID (ID-semantics decoupled training)",
                             {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards", "face_models")))
-    from dynamicid_jax.eval.synthface_suite import INFINITE_ID_METHODS, METHODS
+    from synthface.evaluation.suite import INFINITE_ID_METHODS, METHODS
 
     methods = [m for m in METHODS if infinite_id or m not in INFINITE_ID_METHODS]
     stages.append(Stage("eval", "evaluation on held-out identities", {**preset["eval"], "methods": methods},
@@ -292,9 +292,9 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
 
 def _diagnostics(pipe, data: str, summary: dict) -> dict:
     """What the ID tokens carry (stage 2's token cache) and how different the IMR's seven edits are."""
-    from data_pipelines.synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
+    from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
     from dynamicid_jax.faces.geometry import auto_face_prompt
-    from infer.demo_diagnostics import edit_shift_similarity
+    from synthface.demo_diagnostics import edit_shift_similarity
 
     out = {"token_variance": summary.get("stage2", {}).get("result", {}).get("token_variance")}
     if pipe.imr is not None:
@@ -323,7 +323,7 @@ def _held_out_references(data: str, count: int) -> list[np.ndarray]:
     """Neutral frontal images of the first ``count`` held-out identities."""
     from PIL import Image
 
-    from data_pipelines.synthface import load_index
+    from synthface import load_index
 
     names = sorted(load_index(data)["splits"]["heldout"])[:count]
     return [np.asarray(Image.open(os.path.join(data, "heldout", n, "neutral_front.png")).convert("RGB"))
@@ -338,7 +338,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
     if infinite_id is None:
         infinite_id = quick
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
-    from infer.demo_figures import save_all
+    from synthface.demo_figures import save_all
 
     preset = PRESETS["quick" if quick else "full"]
     os.makedirs(out, exist_ok=True)
@@ -379,7 +379,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m synthface.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps per stage (checks the wiring)")
     p.add_argument("--infinite-id", action=argparse.BooleanOptionalAction, default=None,
