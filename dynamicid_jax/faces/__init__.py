@@ -40,7 +40,7 @@ from .identity import (
     identity_vector,
     same_person,
 )
-from .image_io import ImageLike, load_rgb
+from dynamicid_jax.image_io import ImageLike, load_rgb
 from .pose import estimate_pose, kps_from_68
 
 __all__ = [

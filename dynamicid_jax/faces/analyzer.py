@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from ..plugins import load_plugins
-from .image_io import ImageLike
+from dynamicid_jax.image_io import ImageLike
 
 __all__ = [
     "Face", "FaceAnalyzer", "FaceAnalysisError", "NoFaceError", "MultipleFacesError", "MultipleFacesWarning",

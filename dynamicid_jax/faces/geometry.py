@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .analyzer import FaceAnalyzer, select_reference
-from .image_io import ImageLike, load_rgb
+from dynamicid_jax.image_io import ImageLike, load_rgb
 
 __all__ = [
     "ARCFACE_TEMPLATE", "similarity_transform", "arcface_transform", "align_face",
