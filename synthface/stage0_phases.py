@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import common, loop
+from train import loop, models
 
 if TYPE_CHECKING:
     from synthface.stage0 import Stage0Data
@@ -58,7 +58,7 @@ def _mesh(cfg: Mapping):
 
 
 def _boxed(module, *args):
-    return common.boxed_abstract(module, *args)
+    return models.boxed_abstract(module, *args)
 
 
 def _spec_tree(tree: Any) -> Any:

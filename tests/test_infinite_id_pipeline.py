@@ -208,12 +208,12 @@ TRAIN = ["model.encoder_variant=tiny", "model.dtype=float32", "train.progress_ba
 
 @pytest.fixture(scope="session")
 def stage(iid_dirs):
-    from train import common
+    from train import models
     from train.config import load_config
     from train.infinite_id import DEFAULTS, InfiniteIDStage
 
     sd_dir, clip_dir, _, sd = iid_dirs
-    base = common.BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder,
+    base = models.BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder,
                             tokenizer=sd.tokenizer, scheduler=sd.scheduler, params=dict(sd.params),
                             scaling_factor=float(sd.vae.config.scaling_factor), source=sd_dir)
     cfg = load_config(None, TRAIN + [f"model.base={sd_dir}"], defaults=DEFAULTS)

@@ -290,7 +290,7 @@ def test_stage2_loader_grid_prompt_fraction(world):
 # ------------------------------------------------------------------------------------------------ stage 1 runs
 def test_stage1_export_carries_what_the_later_steps_need(stage1_run):
     from dynamicid_jax.models.clip import load_image_encoder
-    from train import common, stage1
+    from train import models, stage1
 
     meta = runs.export_metadata(stage1_run["export"])
     assert meta["format"] == stage1.EXPORT_FORMAT and meta["step"] == "1"
@@ -300,7 +300,7 @@ def test_stage1_export_carries_what_the_later_steps_need(stage1_run):
     assert meta["image_encoder"] == os.path.join(stage1_run["workdir"], "export", "image_encoder")
     module, _ = load_image_encoder(meta["image_encoder"])
     assert module.config.hidden_size == 64
-    assert set(common.load_params(stage1_run["export"])) == {"id_encoder", "saa"}
+    assert set(models.load_params(stage1_run["export"])) == {"id_encoder", "saa"}
     assert os.path.isfile(os.path.join(stage1_run["workdir"], "run.json"))
 
 
@@ -309,7 +309,7 @@ def test_rerun_skips_resumes_and_guards_the_workdir(world, base, stage1_run, mes
     in the same workdir are an error unless on_change=restart, which trains from scratch."""
     import shutil
 
-    from train import common, loop, stage1
+    from train import loop, models, stage1
 
     workdir = str(tmp_path / "w1")
     shutil.copytree(stage1_run["workdir"], workdir)
@@ -328,16 +328,16 @@ def test_rerun_skips_resumes_and_guards_the_workdir(world, base, stage1_run, mes
     steps = []
     real_step = loop.Trainer.train_step
     monkeypatch.setattr(loop.Trainer, "train_step", lambda self, s, b: steps.append(1) or real_step(self, s, b))
-    models = {"mesh": mesh1, "base": common.load_base(base, jnp.float32),  # loaded once for the runs below
-              "image_encoder": common.load_image_encoder("random:tiny", jnp.float32)}
-    path = stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2"], **models)
+    loaded = {"mesh": mesh1, "base": models.load_base(base, jnp.float32),  # loaded once for the runs below
+              "image_encoder": models.load_image_encoder("random:tiny", jnp.float32)}
+    path = stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2"], **loaded)
     assert len(steps) == 1 and runs.export_metadata(path)["step"] == "2"  # resumed at step 1
 
     with pytest.raises(runs.RunMismatchError, match="data.seed"):
-        stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2", "data.seed=1"], **models)
+        stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2", "data.seed=1"], **loaded)
     steps.clear()
     stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2", "data.seed=1", "on_change=restart"],
-               **models)
+               **loaded)
     assert len(steps) == 2  # from scratch
 
 
@@ -395,7 +395,7 @@ def stage2_export(world, base, stage1_run, tmp_path_factory):
 
 
 def test_token_cache_holds_the_stage1_tokens_and_is_reused(world, stage1_run, stage2_export):
-    from train import common, token_cache
+    from train import models, token_cache
     from train.runs import export_metadata
 
     folder = os.path.join(stage2_export["workdir"], "token_cache")
@@ -412,7 +412,7 @@ def test_token_cache_holds_the_stage1_tokens_and_is_reused(world, stage1_run, st
     vision, vparams = load_image_encoder(meta["image_encoder"])
     enc = ide.IDEncoder(ide.IDEncoderConfig.from_dict(json.loads(meta["id_encoder_config"])))
     feats = vision.apply({"params": vparams}, clip_preprocess(rec.decode_image(), size=32)).hidden_states[-2]
-    want = enc.apply({"params": common.load_params(stage1_run["export"])["id_encoder"]}, rec.embedding[None], feats)
+    want = enc.apply({"params": models.load_params(stage1_run["export"])["id_encoder"]}, rec.embedding[None], feats)
     np.testing.assert_allclose(cache.tokens[0], np.asarray(want)[0], atol=1e-4)
     part = os.path.join(folder, "tokens.p0-of-1.safetensors")
     stamp = os.stat(part).st_mtime_ns
@@ -567,7 +567,7 @@ def test_training_survives_corrupt_records_and_stops_above_the_budget(world, bas
 
     from data_pipelines.loaders import CorruptDataError
     from data_pipelines.shards import open_shards
-    from train import common, stage1
+    from train import models, stage1
 
     clean = open_shards(world["shards"])
     bad = str(tmp_path / "shards_bad")
@@ -583,13 +583,13 @@ def test_training_survives_corrupt_records_and_stops_above_the_budget(world, bas
             broken.append(i)
             assert os.path.basename(path) in str(err) and type(err).__name__ == "CorruptRecordError"
     assert 1 <= len(broken) < len(clean) // 4, broken
-    models = {"mesh": mesh1, "base": common.load_base(base, jnp.float32),
-              "image_encoder": common.load_image_encoder("random:tiny", jnp.float32)}
+    loaded = {"mesh": mesh1, "base": models.load_base(base, jnp.float32),
+              "image_encoder": models.load_image_encoder("random:tiny", jnp.float32)}
     workdir = str(tmp_path / "w")
     caplog.set_level(logging.INFO)
     args = STAGE1 + [f"model.base={base}", f"data.shards={bad}", f"workdir={workdir}", "train.steps=12",
                      "data.max_corrupt_fraction=0.5", "data.corrupt_grace=8", "data.distinct_reference=false"]
-    out = stage1.run("train/configs/synthface_stage1.yaml", args, **models)
+    out = stage1.run("train/configs/synthface_stage1.yaml", args, **loaded)
     assert os.path.isfile(out)
     skipped = _scalar_values(os.path.join(workdir, "tb"), "data/skipped_records")
     assert skipped and skipped[-1] >= 1, skipped
@@ -599,7 +599,7 @@ def test_training_survives_corrupt_records_and_stops_above_the_budget(world, bas
     args = [a.replace(workdir, strict) if a.startswith("workdir=") else a for a in args]
     args = [a for a in args if not a.startswith("data.max_corrupt_fraction")] + ["data.max_corrupt_fraction=0"]
     with pytest.raises(CorruptDataError, match=os.path.basename(path)):
-        stage1.run("train/configs/synthface_stage1.yaml", args, **models)
+        stage1.run("train/configs/synthface_stage1.yaml", args, **loaded)
     assert not os.path.exists(os.path.join(strict, "export", "stage1.safetensors"))
     events = _scalar_values(os.path.join(strict, "tb"), "train/loss") if os.path.isdir(os.path.join(strict, "tb")) \
         else []

@@ -253,3 +253,20 @@ def config_from_dict(data: Mapping, *, defaults: Mapping) -> Config:
 
 __all__ = ["Config", "ConfigError", "NULLABLE_TYPES", "RANGES", "config_from_dict", "load_config", "parse_override",
            "validate"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections the stages share
+# ---------------------------------------------------------------------------------------------------------
+def loader_config(cls, d: Mapping, **extra: Any):
+    """A ``data_pipelines.loaders`` config from a ``data`` config section (+ stage-specific fields)."""
+    return cls(seed=int(d["seed"]), resolution=int(d["resolution"]), latents=d["latents"], clip=d["clip"],
+               clip_size=int(d["clip_size"]), tokenizer=d.get("tokenizer"), worker_count=int(d["worker_count"]),
+               read_threads=int(d["read_threads"]),
+               max_corrupt_fraction=float(d.get("max_corrupt_fraction", 0.01)),
+               corrupt_grace=int(d.get("corrupt_grace", 100)), **extra)
+
+
+def training_sections(loop_module) -> dict:
+    return {"train": dict(loop_module.TRAIN_DEFAULTS), "optimizer": dict(loop_module.OPTIMIZER_DEFAULTS),
+            "checkpoint": dict(loop_module.CHECKPOINT_DEFAULTS), "mesh": dict(loop_module.MESH_DEFAULTS)}

@@ -31,7 +31,8 @@ import numpy as np
 from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import common, loop, runs
+from train import loop, models, runs
+from train.config import training_sections
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,18 @@ DEFAULTS: dict[str, Any] = {
              "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
              "tokenizer": None},
     "sample": {"steps": 25, "guidance_scale": 3.0, "size": 512, "count": 2},
-    **common.training_sections(loop),
+    **training_sections(loop),
 }
 
 
 class InfiniteIDStage:
     """Builds the Infinite-ID :class:`~train.loop.Task` from a config (see :data:`DEFAULTS`)."""
 
-    def __init__(self, cfg, base: common.BaseModel | None = None, image_encoder: tuple | None = None):
+    def __init__(self, cfg, base: models.BaseModel | None = None, image_encoder: tuple | None = None):
         self.cfg = cfg
         m = cfg["model"]
-        self.dtype = common.compute_dtype(m["dtype"])
-        self.base = base if base is not None else common.load_base(m["base"], self.dtype)
+        self.dtype = models.compute_dtype(m["dtype"])
+        self.base = base if base is not None else models.load_base(m["base"], self.dtype)
         overrides = {"clip_input": "image", **dict(m.get("encoder_overrides") or {})}
         self.enc_cfg = iid.infinite_id_encoder_config(m["encoder_variant"], **overrides)
         unet_cfg = self.base.unet_config
@@ -77,7 +78,7 @@ class InfiniteIDStage:
         self.unet = UNet2DConditionModel(unet_cfg, strategy=iid.InfiniteIDAttention(), dtype=self.dtype,
                                          remat_policy=m.get("remat"))
         self.image_module, image_params, image_source = (image_encoder if image_encoder is not None else
-                                                         common.load_image_encoder(m["image_encoder"], self.dtype))
+                                                         models.load_image_encoder(m["image_encoder"], self.dtype))
         if self.image_module is not None and self.image_module.config.hidden_size != self.enc_cfg.clip_dim:
             raise ValueError(f"the Infinite-ID encoder takes {self.enc_cfg.clip_dim}-wide CLIP features but the image "
                              f"encoder {m['image_encoder']!r} is {self.image_module.config.hidden_size} wide (set "
@@ -163,7 +164,7 @@ class InfiniteIDStage:
                "null_clip_features": jax.ShapeDtypeStruct(self.frozen["null_clip_features"].shape, jnp.float32)}
         if self.image_module is not None:
             size = self.image_module.config.image_size
-            out["image_encoder"] = common.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
+            out["image_encoder"] = models.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
         return out
 
     def sample_fn(self, references: dict):
@@ -240,7 +241,7 @@ TRAIN_RECORD = "train.json"
 
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
-        base: common.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
+        base: models.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
     """Train Infinite-ID (or resume, or skip when finished: :func:`train.runs.run_stage`) → the export folder
     (``InfiniteIDPipeline.from_pretrained(sd, folder, folder + "/image_encoder", ...)`` for ``random:`` CLIP)."""
     from train.stage1 import make_data
@@ -277,7 +278,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
 
 
 def main(argv=None) -> int:
-    return common.stage_main(__doc__, run, argv)
+    return runs.stage_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

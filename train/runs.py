@@ -13,6 +13,7 @@ stage (no trainer, no checkpoints; its folder holds its own record) but shares :
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["StageRun", "run_stage", "RunMismatchError", "load", "run_fingerprint", "path_signature",
            "claim_workdir", "export_metadata", "finished", "export_finished", "quiet_logs", "workdir_of",
-           "check_shards", "RUN_VOLATILE", "OWNED"]
+           "check_shards", "RUN_VOLATILE", "OWNED", "stage_main", "cli_args", "init_distributed",
+           "setup_logging"]
 
 #: the workdir entries a run owns (discarded by ``on_change=restart``)
 OWNED = ("checkpoints", "export", "tb", "samples")
@@ -226,3 +228,43 @@ def check_shards(shards: str, embed_dim: int | None = None, what: str = "data.sh
                          f"takes {embed_dim}-d ones (set model.id_encoder_overrides.id_embed_dim, or build the shards "
                          f"with the matching face analyzer)")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage CLIs (python -m train.stage1 --config FILE [overrides])
+# ---------------------------------------------------------------------------------------------------------
+def cli_args(description: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None, help="YAML experiment config (train/configs/)")
+    p.add_argument("--workdir", default=None, help="checkpoints / logs folder (overrides the config's workdir)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (GPU clusters; TPU finds it)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with no arguments (TPU pods, Slurm, Open MPI)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return p.parse_args(argv)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` before any JAX computation, when asked to."""
+    if args.coordinator or args.num_processes or args.distributed:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+
+def stage_main(doc: str, run: Callable, argv=None) -> int:
+    """The ``main`` of a stage CLI (``python -m train.stage1 --config FILE [overrides]``): parse, start the
+    distributed runtime when asked, set up logging, ``run(config, overrides, workdir=...)``."""
+    args = cli_args(doc.split("\n\n")[0], argv)
+    init_distributed(args)
+    setup_logging()
+    for name in ("absl", "orbax"):  # the checkpointer's per-file INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run(args.config, args.overrides, workdir=args.workdir)
+    return 0

@@ -47,7 +47,8 @@ from dynamicid_jax.methods import imr as imr_lib
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import common, loop, runs
+from train import loop, models, runs
+from train.config import loader_config, training_sections
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +80,29 @@ DEFAULTS: dict[str, Any] = {
              "clip_size": 0,  # token cache: CLIP input size; 0 = the image encoder's
              "tokenizer": None, "grid_prompt_fraction": 0.05},
     "token_cache": {"path": "", "batch_size": 16},  # path "" = {workdir}/token_cache
-    **common.training_sections(loop),
+    **training_sections(loop),
 }
 
 
 class Stage2:
     """Builds the stage-2 :class:`~train.loop.Task` (see :data:`DEFAULTS`)."""
 
-    def __init__(self, cfg, base: common.BaseModel | None = None, stage1_params: dict | None = None):
+    def __init__(self, cfg, base: models.BaseModel | None = None, stage1_params: dict | None = None):
         from train.token_cache import require_stage1
 
         self.cfg = cfg
         m = cfg["model"]
-        self.dtype = common.compute_dtype(m["dtype"])
+        self.dtype = models.compute_dtype(m["dtype"])
         meta = require_stage1(m["stage1"]) if stage1_params is None or m["stage1"] else {}
-        self.base = base if base is not None else common.load_base(m["base"], self.dtype)
+        self.base = base if base is not None else models.load_base(m["base"], self.dtype)
         b = self.base
         self.vae_factor = vae_scale_factor(b.vae.config)
         self.strategy = stage1_strategy(meta, m.get("lora_rank"))
         self.unet = UNet2DConditionModel(b.unet_config, strategy=self.strategy, dtype=self.dtype,
                                          remat_policy=m.get("remat"))
         if stage1_params is None:
-            stage1_params = common.load_params(m["stage1"])
-        common.check_tree(stage1_params["saa"], saa_lib.abstract_saa_params(b.unet_config, self.strategy),
+            stage1_params = models.load_params(m["stage1"])
+        models.check_tree(stage1_params["saa"], saa_lib.abstract_saa_params(b.unet_config, self.strategy),
                           "stage-1 SAA params")
         self.imr = imr_lib.IMR(imr_lib.imr_config(m["imr_variant"], **dict(m.get("imr_overrides") or {})),
                                dtype=self.dtype)
@@ -210,9 +211,9 @@ class Stage2:
         unet_abs = saa_lib.merge_params(abstract_unet(self.base.unet_config),
                                         saa_lib.abstract_saa_params(self.base.unet_config, self.strategy))
         out = {"unet": unet_abs, "vae": vae_lib.abstract_params(self.base.vae),
-               "text_encoder": common.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+               "text_encoder": models.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
         if self.base.is_sdxl:
-            out["text_encoder_2"] = common.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
+            out["text_encoder_2"] = models.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
         return out
 
     def task(self) -> loop.Task:
@@ -234,7 +235,7 @@ class Stage2:
                 "stage1": os.path.abspath(m["stage1"]) if m["stage1"] else "", "base": self.base.source,
                 "imr_config": json.dumps(self.imr.config.to_dict()),
                 "keypoint_encoder_config": json.dumps(self.kpe.config.to_dict())}
-        return common.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"), metadata=meta)
+        return models.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"), metadata=meta)
 
 
 def stage1_strategy(meta: dict, lora_rank: int | None) -> saa_lib.SAA:
@@ -286,7 +287,7 @@ def make_data(cfg, cache_path: str | None = None):
     cache_path = cache_path or cfg["token_cache"]["path"]
     if not cache_path:
         raise ValueError("token_cache.path must name the cache built by python -m train.token_cache")
-    conf = common.loader_config(loaders.Stage2Config, {**d, "clip_size": int(d["clip_size"]) or 224},
+    conf = loader_config(loaders.Stage2Config, {**d, "clip_size": int(d["clip_size"]) or 224},
                                 num_targets=int(d["num_targets"]),
                                 grid_prompt_fraction=float(d["grid_prompt_fraction"]))
     ds = loaders.stage2_loader(d["shards"], conf).batch(int(d["identities_per_step"]), drop_remainder=True)
@@ -294,7 +295,7 @@ def make_data(cfg, cache_path: str | None = None):
 
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
-        base: common.BaseModel | None = None) -> str:
+        base: models.BaseModel | None = None) -> str:
     """Build the token cache if needed, then train stage 2 (or resume, or skip when finished:
     :func:`train.runs.run_stage`) → the export's path."""
     from train import token_cache
@@ -325,7 +326,7 @@ EXPORT = os.path.join("export", "stage2.safetensors")
 
 
 def main(argv=None) -> int:
-    return common.stage_main(__doc__, run, argv)
+    return runs.stage_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

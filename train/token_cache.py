@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import common
+from train import models, runs
+from train.config import loader_config
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,9 @@ def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | 
     meta = require_stage1(m["stage1"]) if need and (m["stage1"] or stage1_params is None) else {}
     enc_cfg = id_encoder_config if id_encoder_config is not None else stage1_id_encoder_config(cfg, meta)
     module = ide.IDEncoder(enc_cfg)
-    params = (stage1_params if stage1_params is not None else common.load_params(m["stage1"]))["id_encoder"]
-    common.check_tree(params, ide.abstract_params(module), "stage-1 ID encoder params")
-    image_module, image_params, _ = image_encoder if image_encoder is not None else common.load_image_encoder(
+    params = (stage1_params if stage1_params is not None else models.load_params(m["stage1"]))["id_encoder"]
+    models.check_tree(params, ide.abstract_params(module), "stage-1 ID encoder params")
+    image_module, image_params, _ = image_encoder if image_encoder is not None else models.load_image_encoder(
         stage1_image_encoder(cfg, meta), jnp.float32)
 
     @jax.jit
@@ -156,7 +157,7 @@ def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | 
 
     @jax.jit
     def encode_pixels(p, ip, embeds, pixels):
-        return module.apply({"params": p}, embeds, common.clip_penultimate(image_module, ip, pixels))
+        return module.apply({"params": p}, embeds, models.clip_penultimate(image_module, ip, pixels))
 
     def encode(batch):
         embeds = jnp.asarray(batch["ref_id_embedding"], jnp.float32)
@@ -219,8 +220,8 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
                 os.remove(old)
     loop.barrier("token_cache_cleared")
     if image_encoder is None:
-        image_encoder = common.load_image_encoder(spec, jnp.float32)
-    conf = common.loader_config(loaders.LoaderConfig, {**d, "clip_size": resolve_clip_size(d, image_encoder[0])})
+        image_encoder = models.load_image_encoder(spec, jnp.float32)
+    conf = loader_config(loaders.LoaderConfig, {**d, "clip_size": resolve_clip_size(d, image_encoder[0])})
     batches = loaders.record_loader(d["shards"], int(tc["batch_size"]), conf)
     encode = make_encoder(cfg, image_encoder=image_encoder, id_encoder_config=enc_cfg)
     path = build_token_cache(iter(batches), encode, folder, batch_size=int(tc["batch_size"]),
@@ -237,7 +238,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
 
 
 def main(argv=None) -> int:
-    return common.stage_main(__doc__, run, argv)
+    return runs.stage_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

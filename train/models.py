@@ -1,12 +1,12 @@
-"""Pieces the DynamicID stages share: loading the frozen models, abstract (boxed) param trees for shardings,
-exporting / importing trainable params, the multi-host entry point and the CLI skeleton."""
+"""The models a training stage builds on: the frozen base (:func:`load_base` → :class:`BaseModel`) and image
+encoder, compute dtypes, abstract (boxed, logical-axis) param trees for shardings, and the trainable params'
+files (:func:`save_params` / :func:`load_params`, checked with :func:`check_tree`)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,9 @@ import numpy as np
 from flax import traverse_util
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DTYPES", "BaseModel", "boxed_abstract", "check_tree", "clip_penultimate", "compute_dtype", "load_base",
+           "load_image_encoder", "load_params", "save_params"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -143,64 +146,3 @@ def check_tree(params: Mapping, abstract: Any, what: str) -> None:
     if missing or extra or bad:
         raise ValueError(f"{what}: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes "
                          f"{[(k, have[k], want[k]) for k in bad[:5]]}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------------
-def cli_args(description: str, argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None, help="YAML experiment config (train/configs/)")
-    p.add_argument("--workdir", default=None, help="checkpoints / logs folder (overrides the config's workdir)")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (GPU clusters; TPU finds it)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() with no arguments (TPU pods, Slurm, Open MPI)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    return p.parse_args(argv)
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """``jax.distributed.initialize`` before any JAX computation, when asked to."""
-    if args.coordinator or args.num_processes or args.distributed:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-
-
-def loader_config(cls, d: Mapping, **extra: Any):
-    """A ``data_pipelines.loaders`` config from a ``data`` config section (+ stage-specific fields)."""
-    return cls(seed=int(d["seed"]), resolution=int(d["resolution"]), latents=d["latents"], clip=d["clip"],
-               clip_size=int(d["clip_size"]), tokenizer=d.get("tokenizer"), worker_count=int(d["worker_count"]),
-               read_threads=int(d["read_threads"]),
-               max_corrupt_fraction=float(d.get("max_corrupt_fraction", 0.01)),
-               corrupt_grace=int(d.get("corrupt_grace", 100)), **extra)
-
-
-def training_sections(loop_module) -> dict:
-    return {"train": dict(loop_module.TRAIN_DEFAULTS), "optimizer": dict(loop_module.OPTIMIZER_DEFAULTS),
-            "checkpoint": dict(loop_module.CHECKPOINT_DEFAULTS), "mesh": dict(loop_module.MESH_DEFAULTS)}
-
-
-__all__ = ["BaseModel", "boxed_abstract", "check_tree", "cli_args", "clip_penultimate", "compute_dtype",
-           "init_distributed", "load_base", "load_image_encoder", "load_params", "save_params", "stage_main"]
-
-
-def stage_main(doc: str, run: Callable, argv=None) -> int:
-    """The ``main`` of a stage CLI (``python -m train.stage1 --config FILE [overrides]``): parse, start the
-    distributed runtime when asked, set up logging, ``run(config, overrides, workdir=...)``."""
-    import logging
-
-    args = cli_args(doc.split("\n\n")[0], argv)
-    init_distributed(args)
-    setup_logging()
-    for name in ("absl", "orbax"):  # the checkpointer's per-file INFO lines
-        logging.getLogger(name).setLevel(logging.WARNING)
-    run(args.config, args.overrides, workdir=args.workdir)
-    return 0
-
