@@ -105,9 +105,11 @@ def _dynamicid_weights(unet_config, variant):
     enc = ide.id_encoder_config(variant)
     icfg, kcfg = imr.imr_config(variant), imr.keypoint_encoder_config(variant)
     strategy = S.SAA(lora_rank=4)
+    saa = jax.tree_util.tree_map_with_path(  # LoRA up-projections zero: the UNet is the base until trained
+        lambda p, x: np.zeros_like(x) if any(getattr(k, "key", None) == "up" for k in p) else x,
+        _random_like(S.abstract_saa_params(unet_config, strategy), 2))
     return DynamicIDWeights(
-        enc, _random_like(ide.abstract_params(ide.IDEncoder(enc)), 1), strategy, unet_config,
-        S.init_saa_params(unet_config, jax.random.key(2), strategy),
+        enc, _random_like(ide.abstract_params(ide.IDEncoder(enc)), 1), strategy, unet_config, saa,
         icfg, _random_like(imr.abstract_params(imr.IMR(icfg)), 4),
         kcfg, _random_like(imr.keypoint_abstract_variables(imr.KeyPointEncoder(kcfg)), 5))
 
@@ -126,10 +128,11 @@ def dynamicid_dir(xl, vision_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dynamicid(xl_dir, dynamicid_dir):
+def dynamicid(xl, dynamicid_dir):
+    """On the loaded SDXL (loading from the folder itself: the CLI test)."""
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
 
-    return DynamicIDPipeline.from_pretrained(xl_dir, dynamicid_dir, analyzer="sdxl-test-faces", scheduler="ddim")
+    return DynamicIDPipeline.from_pretrained(xl, dynamicid_dir, analyzer="sdxl-test-faces")
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +253,8 @@ def test_infinite_id_on_sdxl(xl, infinite_id_dir, vision_dir, plain):
 
 
 def test_cli_methods_on_sdxl(xl_dir, dynamicid_dir, infinite_id_dir, vision_dir, tmp_path):
-    """``infer.generate --model SDXL --method dynamicid|infinite-id`` picks the SDXL backbone and writes the PNGs
-    (the gate overlay too)."""
+    """``infer.generate --model SDXL --method dynamicid|infinite-id`` picks the SDXL backbone from the folder (the
+    pipelines' ``from_pretrained`` with a path) and writes the PNGs (gate overlay and text stream too)."""
     from PIL import Image
 
     from dynamicid_jax.image_io import save_png
@@ -266,5 +269,6 @@ def test_cli_methods_on_sdxl(xl_dir, dynamicid_dir, infinite_id_dir, vision_dir,
     assert Image.open(out).size == (SIZE, SIZE) and (tmp_path / "gates.png").is_file()
     out = tmp_path / "infinite_id.png"
     assert generate.main(common + ["--method", "infinite-id", "--infinite-id-weights", infinite_id_dir,
-                                   "--image-encoder", vision_dir, "--out", str(out)]) == 0
-    assert Image.open(out).size == (SIZE, SIZE)
+                                   "--image-encoder", vision_dir, "--out", str(out),
+                                   "--save-text-stream", str(tmp_path / "text.png")]) == 0
+    assert Image.open(out).size == Image.open(tmp_path / "text.png").size == (SIZE, SIZE)

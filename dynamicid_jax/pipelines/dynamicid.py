@@ -54,7 +54,6 @@ All weights fp32; the JSON files are written after their weights and the folder 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -77,7 +76,7 @@ from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
 from dynamicid_jax.pipelines.requests import check_number
-from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
 from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
 from dynamicid_jax.weights import keymap as km
@@ -89,10 +88,6 @@ __all__ = ["DynamicIDWeights", "save_dynamicid", "load_dynamicid", "DynamicIDPip
 FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
 MANIFEST = "dynamicid.json"
 DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layout control (docs/method.md §4.5)
-# Compiled samplers shared by every pipeline with the same modules (a program depends on the modules, the
-# scheduler and the shapes only; params are arguments), most recently used last.
-_PROGRAMS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_MAX_PROGRAMS = 8
 
 
 # =========================================================================================================
@@ -581,17 +576,16 @@ class DynamicIDPipeline:
         args = (params, text_inputs, tokens, self.unconditional_tokens(num_ids), jnp.float32(guidance_scale),
                 inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
         if key not in self._compiled:
-            shared = (self.unet, self.sd.vae, *self.sd.text_encoders, self.sd.scheduler, key)
-            if shared not in _PROGRAMS:
-                start = time.perf_counter()
+            def build():
                 chunk_fn, finish_fn = self._sample_fn(key)
-                _PROGRAMS[shared] = (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
-                                     finish_fn.lower(params, carry[0]).compile())
+                return (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                        finish_fn.lower(params, carry[0]).compile())
+
+            start = time.perf_counter()
+            self._compiled[key], built = shared_program(
+                ("dynamicid", self.unet, self.sd.vae, *self.sd.text_encoders, self.sd.scheduler, key), build)
+            if built:
                 timings["compile_s"] = time.perf_counter() - start
-                while len(_PROGRAMS) > _MAX_PROGRAMS:
-                    _PROGRAMS.popitem(last=False)
-            _PROGRAMS.move_to_end(shared)
-            self._compiled[key] = _PROGRAMS[shared]
         chunk, finish = self._compiled[key]
         start = time.perf_counter()
         sums: dict = {}

@@ -3,6 +3,9 @@
     pipe = InfiniteIDPipeline.from_pretrained("sd15/", weights="infinite_id/", image_encoder="clip-h/")
     images = pipe("a woman in watercolor painting style", references=["me.jpg"])      # uint8 [1, 512, 512, 3]
 
+The base is SD1.x or SDXL (read from the folder or file). On SDXL both streams get SDXL's 2048-wide context and the
+same added conditioning (pooled text, micro-conditioning), through the base's ``text_conditioning``.
+
 Per step the UNet sees ``[uncond: text rows, ID rows; cond: text rows, ID rows]``. Both streams start from the
 same noise (the seed's, exactly what :meth:`StableDiffusion.generate` draws). The text stream is the unchanged
 base model, so its image equals plain text-to-image. The ID stream's self-attention mixes in the text stream's
@@ -31,7 +34,7 @@ from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_prepro
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.requests import check_number
-from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
 from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
 from dynamicid_jax.weights import keymap as km
@@ -253,11 +256,16 @@ class InfiniteIDPipeline:
                 jnp.float32(guidance_scale), jnp.float32(id_scale), jnp.int32(start), jnp.int32(end))
         timings = {}
         if key not in self._compiled:
-            t0 = time.perf_counter()
-            chunk_fn, finish_fn = self._sample_fn(key)
-            self._compiled[key] = (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
-                                   finish_fn.lower(self._params, carry[0]).compile())
-            timings["compile_s"] = time.perf_counter() - t0
+            def build():
+                chunk_fn, finish_fn = self._sample_fn(key)
+                return (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                        finish_fn.lower(self._params, carry[0]).compile())
+
+            t0 = time.perf_counter()  # another pipeline of the same architecture may have compiled it already
+            self._compiled[key], built = shared_program(
+                ("infinite-id", self.sd.unet, self.sd.vae, *self.sd.text_encoders, self.sd.scheduler, key), build)
+            if built:
+                timings["compile_s"] = time.perf_counter() - t0
         chunk, finish = self._compiled[key]
         t0 = time.perf_counter()
         carry = run_in_chunks(lambda c, lo, hi: chunk(*args, c, lo, hi), carry, steps)

@@ -6,7 +6,8 @@ function of the step index) are built by ``attention_inputs(step)`` so nothing d
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +155,23 @@ def run_in_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any, 
         carry, start = out, stop
         size = max(1, min(num_steps - start, int(chunk_seconds / max(per_step, 1e-6))))
     return carry
+
+
+# ------------------------------------------------------------------------------------------------ shared programs
+# Compiled samplers shared by every pipeline built from the same modules: a program depends on the modules, the
+# scheduler and the shapes only (params are arguments), so a second pipeline of the same architecture — the CLI's,
+# the web app's, a test's — reuses it instead of compiling again. Most recently used last.
+_PROGRAMS: "collections.OrderedDict[Hashable, Any]" = collections.OrderedDict()
+MAX_SHARED_PROGRAMS = 8
+
+
+def shared_program(key: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
+    """``(program, built)``: the program compiled for ``key`` (the modules, scheduler and sampler key it was built
+    from), compiled by ``build()`` when no pipeline has one yet (``built`` tells which)."""
+    built = key not in _PROGRAMS
+    if built:
+        _PROGRAMS[key] = build()
+        while len(_PROGRAMS) > MAX_SHARED_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key], built
