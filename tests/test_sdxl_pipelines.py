@@ -272,3 +272,41 @@ def test_cli_methods_on_sdxl(xl_dir, dynamicid_dir, infinite_id_dir, vision_dir,
                                    "--image-encoder", vision_dir, "--out", str(out),
                                    "--save-text-stream", str(tmp_path / "text.png")]) == 0
     assert Image.open(out).size == Image.open(tmp_path / "text.png").size == (SIZE, SIZE)
+
+
+@pytest.mark.slow
+def test_stage1_trained_on_sdxl_loads_and_samples(xl_dir, xl, tmp_path):
+    """Two stage-1 steps on the tiny SDXL, its export through ``train.export_dynamicid`` (with the random CLIP it
+    trained with), loaded into the SDXL DynamicID pipeline: finite, non-constant images, and the identity changes
+    them (id_scale=1 differs from 0)."""
+    from dynamicid_jax import sharding as sh
+    from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
+    from train import common, loop, stage1
+    from train.config import load_config
+    from train.export_dynamicid import export_dynamicid
+
+    cfg = load_config(None, ["model.image_encoder=random:tiny", "model.id_encoder_variant=tiny-sdxl",
+                             "model.lora_rank=4", "model.dtype=float32", "train.progress_bar=false",
+                             "checkpoint.every=0", "train.steps=2", f"model.base={xl_dir}"],
+                      defaults=stage1.DEFAULTS)
+    s1 = stage1.Stage1(cfg, base=common.load_base(xl_dir, jnp.float32))
+    mesh = sh.make_mesh(sh.MeshConfig(data=1), devices=jax.devices()[:1])
+    trainer = loop.Trainer(s1.task(), cfg, str(tmp_path / "s1"), mesh=mesh)
+
+    def batch(seed, b=2):
+        rng = np.random.default_rng(seed)
+        return {"ref_clip_pixels": rng.standard_normal((b, 32, 32, 3)).astype(np.float32),
+                "ref_id_embedding": rng.standard_normal((b, EMBED_DIM)).astype(np.float32),
+                "input_ids": np.concatenate([np.full((b, 1), 49406), rng.integers(1, 1000, (b, 5)),
+                                             np.full((b, 71), 49407)], axis=1).astype(np.int32),
+                "identity": np.arange(b, dtype=np.int32),
+                "target_latent_moments": rng.standard_normal((b, 8, 8, 8)).astype(np.float32)}
+
+    state = trainer.fit(iter([batch(1), batch(2)]))
+    folder = export_dynamicid(s1.export(state, str(tmp_path / "s1")), None, str(tmp_path / "dynamicid"))
+    pipe = DynamicIDPipeline.from_pretrained(xl, folder, analyzer="sdxl-test-faces")
+    kw = dict(steps=STEPS, guidance_scale=GUIDANCE, seed=3, height=SIZE, width=SIZE)
+    on = pipe(PROMPT, _references()[:1], **kw)
+    off = pipe(PROMPT, _references()[:1], id_scale=0.0, **kw)
+    assert on.shape == (1, SIZE, SIZE, 3) and np.std(on) > 1.0 and np.std(off) > 1.0
+    assert np.abs(on.astype(int) - off).max() > 0
