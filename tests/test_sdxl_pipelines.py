@@ -186,10 +186,11 @@ def test_dynamicid_on_sdxl(dynamicid, xl, plain):
     assert float(jnp.abs(edited - plain_tokens).max()) > 1e-4
 
 
-def test_wrong_backbone_weights_refused(xl_dir, dynamicid_dir, vision_dir, tmp_path):
+def test_wrong_backbone_weights_refused(xl, xl_dir, dynamicid_dir, vision_dir, tmp_path):
     """An SD1.x DynamicID folder on the SDXL base (and SDXL weights on an SD1.x base) is a one-line error naming
     both backbones, raised before the base is loaded; the manifest records the backbone and a manifest that
-    contradicts its SAA weights is refused."""
+    contradicts its SAA weights is refused. SD1.x Infinite-ID weights on SDXL: one line naming the widths and the
+    base's backbone."""
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline, load_dynamicid, save_dynamicid
     from dynamicid_jax.weights.keymap import WeightLoadError
 
@@ -214,6 +215,17 @@ def test_wrong_backbone_weights_refused(xl_dir, dynamicid_dir, vision_dir, tmp_p
         json.dump({**meta, "backbone": "SDXL"}, f)
     with pytest.raises(WeightLoadError, match="says backbone 'SDXL'.*SD1.x UNet"):
         load_dynamicid(sd15)
+
+    from dynamicid_jax.pipelines.infinite_id import InfiniteIDPipeline
+
+    tiny_sd = U.unet_config("tiny")
+    cfg = iid.infinite_id_encoder_config("tiny")
+    iid.save_infinite_id(str(tmp_path / "iid_sd15"), cfg, _random_like(iid.abstract_encoder_params(cfg), 6),
+                         _random_like(iid.abstract_id_params(tiny_sd), 7), tiny_sd)
+    with pytest.raises(WeightLoadError) as err:
+        InfiniteIDPipeline.from_pretrained(xl, str(tmp_path / "iid_sd15"), vision_dir)
+    message = str(err.value)
+    assert "\n" not in message and "width 32" in message and "has 64" in message and "base model is SDXL" in message
 
 
 @pytest.fixture(scope="module")
