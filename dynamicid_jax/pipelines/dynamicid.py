@@ -305,7 +305,8 @@ class DynamicIDPipeline:
         must belong to the same backbone), the CLIP vision tower (``clip_vision_path``: a
         ``CLIPVisionModelWithProjection`` folder, CLIP-ViT-H-14 for the official weights; default
         ``<dynamicid_path>/image_encoder``) and the face analyzer (a registered backend name built with
-        ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32)."""
+        ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32); a loaded
+        base keeps its own dtype, scheduler and configs."""
         from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
 
         weights = load_dynamicid(dynamicid_path)
