@@ -84,10 +84,16 @@ def xl_dir(tmp_path_factory, torch):
 
 
 @pytest.fixture(scope="module")
-def xl(xl_dir):
-    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
+def xl_unet_config(xl_dir):
+    from dynamicid_jax.weights import folders
 
-    return StableDiffusionXL.from_pretrained(xl_dir, scheduler="ddim")
+    return U.UNetConfig.from_dict(folders.read_config(os.path.join(xl_dir, "unet")))
+
+
+@pytest.fixture(scope="module")
+def xl(dynamicid):
+    """The StableDiffusionXL the DynamicID pipeline loaded from the folder (loaded once for the whole module)."""
+    return dynamicid.sd
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +104,9 @@ def vision_dir(tmp_path_factory):
     return clip.save_image_encoder(tmp_path_factory.mktemp("vision") / "clip", module, _random_like(abstract, 3, 0.05))
 
 
-def _dynamicid_weights(unet_config, variant):
-    """Random DynamicID weights for ``unet_config`` (LoRA up = 0, as a fresh stage 1), with IMR + KeyPointEncoder."""
+def _dynamicid_weights(unet_config, variant, with_imr=True):
+    """Random DynamicID weights for ``unet_config`` (LoRA up = 0, as a fresh stage 1), with IMR + KeyPointEncoder
+    unless ``with_imr=False``."""
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights
 
     enc = ide.id_encoder_config(variant)
@@ -108,31 +115,35 @@ def _dynamicid_weights(unet_config, variant):
     saa = jax.tree_util.tree_map_with_path(  # LoRA up-projections zero: the UNet is the base until trained
         lambda p, x: np.zeros_like(x) if any(getattr(k, "key", None) == "up" for k in p) else x,
         _random_like(S.abstract_saa_params(unet_config, strategy), 2))
-    return DynamicIDWeights(
-        enc, _random_like(ide.abstract_params(ide.IDEncoder(enc)), 1), strategy, unet_config, saa,
-        icfg, _random_like(imr.abstract_params(imr.IMR(icfg)), 4),
-        kcfg, _random_like(imr.keypoint_abstract_variables(imr.KeyPointEncoder(kcfg)), 5))
+    weights = DynamicIDWeights(enc, _random_like(ide.abstract_params(ide.IDEncoder(enc)), 1), strategy,
+                               unet_config, saa)
+    if with_imr:
+        weights.imr_config, weights.imr_params = icfg, _random_like(imr.abstract_params(imr.IMR(icfg)), 4)
+        weights.keypoint_encoder_config = kcfg
+        weights.keypoint_encoder_variables = _random_like(
+            imr.keypoint_abstract_variables(imr.KeyPointEncoder(kcfg)), 5)
+    return weights
 
 
 @pytest.fixture(scope="module")
-def dynamicid_dir(xl, vision_dir, tmp_path_factory):
+def dynamicid_dir(xl_unet_config, vision_dir, tmp_path_factory):
     """An SDXL DynamicID folder as ``train.export_dynamicid`` writes it (with ``image_encoder/``)."""
     import shutil
 
     from dynamicid_jax.pipelines.dynamicid import save_dynamicid
 
     folder = save_dynamicid(tmp_path_factory.mktemp("dynamicid_sdxl") / "weights",
-                            _dynamicid_weights(xl.unet.config, "tiny-sdxl"))
+                            _dynamicid_weights(xl_unet_config, "tiny-sdxl"))
     shutil.copytree(vision_dir, os.path.join(folder, "image_encoder"))
     return folder
 
 
 @pytest.fixture(scope="module")
-def dynamicid(xl, dynamicid_dir):
-    """On the loaded SDXL (loading from the folder itself: the CLI test)."""
+def dynamicid(xl_dir, dynamicid_dir):
+    """From the SDXL folder: the backbone is read from it."""
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
 
-    return DynamicIDPipeline.from_pretrained(xl, dynamicid_dir, analyzer="sdxl-test-faces")
+    return DynamicIDPipeline.from_pretrained(xl_dir, dynamicid_dir, analyzer="sdxl-test-faces", scheduler="ddim")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +164,7 @@ def _module_path(name: str) -> str:
 
 
 def test_dynamicid_on_sdxl(dynamicid, xl, plain):
-    """DynamicID from an SDXL folder + SDXL DynamicID folder: SAA's LoRA on every SDXL attention layer and its ID
+    """DynamicID from an SDXL folder + an SDXL DynamicID folder (as the trainers export it): SAA's LoRA on every SDXL attention layer and its ID
     branch on every cross-attention, one gate map per cross-attention; id_scale=0 equals plain StableDiffusionXL
     bit for bit (same seed, guidance, zero negatives); id_scale=1 changes the image, and so do another reference,
     another micro-conditioning and an IMR face prompt (the IMR reads SDXL's pooled text)."""
@@ -196,7 +207,7 @@ def test_wrong_backbone_weights_refused(xl, xl_dir, dynamicid_dir, vision_dir, t
 
     with open(os.path.join(dynamicid_dir, "dynamicid.json")) as f:
         assert json.load(f)["backbone"] == "SDXL"
-    sd15 = save_dynamicid(tmp_path / "sd15", _dynamicid_weights(U.unet_config("tiny"), "tiny"))
+    sd15 = save_dynamicid(tmp_path / "sd15", _dynamicid_weights(U.unet_config("tiny"), "tiny", with_imr=False))
     with pytest.raises(ValueError) as err:
         DynamicIDPipeline.from_pretrained(xl_dir, sd15, analyzer="sdxl-test-faces", clip_vision_path=vision_dir)
     message = str(err.value)
@@ -264,13 +275,24 @@ def test_infinite_id_on_sdxl(xl, infinite_id_dir, vision_dir, plain):
     assert pipe.num_compiled == 1
 
 
-def test_cli_methods_on_sdxl(xl_dir, dynamicid_dir, infinite_id_dir, vision_dir, tmp_path):
-    """``infer.generate --model SDXL --method dynamicid|infinite-id`` picks the SDXL backbone from the folder (the
-    pipelines' ``from_pretrained`` with a path) and writes the PNGs (gate overlay and text stream too)."""
+def test_cli_methods_on_sdxl(xl, xl_dir, dynamicid_dir, infinite_id_dir, vision_dir, tmp_path, monkeypatch):
+    """``infer.generate --model SDXL --method dynamicid|infinite-id`` picks the SDXL backbone from the folder and
+    writes the PNGs (gate overlay and text stream too). To keep the suite fast the folder's loader hands out the
+    already loaded ``xl`` (recording that it was asked for the folder); loading from the folder itself is the
+    ``dynamicid`` fixture's, and the samplers are those the pipeline tests compiled."""
     from PIL import Image
 
     from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
     from infer import generate
+
+    loads = []
+
+    def loaded_xl(cls, path, **kwargs):
+        loads.append(path)
+        return xl
+
+    monkeypatch.setattr(StableDiffusionXL, "from_pretrained", classmethod(loaded_xl))
 
     ref = save_png(_references()[0], str(tmp_path / "ref.png"))
     common = ["--model", xl_dir, "--prompt", PROMPT, "--reference", ref, "--analyzer", "sdxl-test-faces",
@@ -284,6 +306,7 @@ def test_cli_methods_on_sdxl(xl_dir, dynamicid_dir, infinite_id_dir, vision_dir,
                                    "--image-encoder", vision_dir, "--out", str(out),
                                    "--save-text-stream", str(tmp_path / "text.png")]) == 0
     assert Image.open(out).size == Image.open(tmp_path / "text.png").size == (SIZE, SIZE)
+    assert loads == [xl_dir, xl_dir]
 
 
 @pytest.mark.slow
