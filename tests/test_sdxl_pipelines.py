@@ -164,10 +164,11 @@ def _module_path(name: str) -> str:
 
 
 def test_dynamicid_on_sdxl(dynamicid, xl, plain):
-    """DynamicID from an SDXL folder + an SDXL DynamicID folder (as the trainers export it): SAA's LoRA on every SDXL attention layer and its ID
-    branch on every cross-attention, one gate map per cross-attention; id_scale=0 equals plain StableDiffusionXL
-    bit for bit (same seed, guidance, zero negatives); id_scale=1 changes the image, and so do another reference,
-    another micro-conditioning and an IMR face prompt (the IMR reads SDXL's pooled text)."""
+    """DynamicID from an SDXL folder + an SDXL DynamicID folder (as the trainers export it): SAA's LoRA on every
+    SDXL attention layer and its ID branch on every cross-attention, one gate map per cross-attention; id_scale=0
+    equals plain StableDiffusionXL bit for bit (same seed, guidance, zero negatives); id_scale=1 changes the image,
+    and so do another reference and another micro-conditioning; an IMR face prompt edits the ID tokens (the IMR
+    reads SDXL's pooled text)."""
     from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
 
     assert isinstance(dynamicid.sd, StableDiffusionXL)
