@@ -7,7 +7,9 @@
     python -m infer.generate --method infinite-id --model SD15 --infinite-id-weights IID --image-encoder CLIP-H \\
         --reference me.jpg --prompt "a man in oil painting style" --out me.png
 
-``--dynamicid`` takes a folder written by ``python -m infer.convert`` (official ``SAA.bin`` etc. converted once).
+``--dynamicid`` takes a folder written by ``python -m infer.convert`` (official ``SAA.bin`` etc. converted once) or
+``python -m train.export_dynamicid``. ``--model`` may be SD1.x or SDXL for every method (read from the folder or
+file); the method's weights must belong to the same backbone.
 Methods: without ``--method``, ``--dynamicid`` selects DynamicID and plain text-to-image runs otherwise. Other
 methods plug in as a module with ``add_arguments(parser)`` and ``run(args)`` (see :func:`identity_methods`);
 ``--steps`` / ``--guidance-scale`` left out take each method's defaults, ``--id-scale`` is shared.
@@ -195,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     method = _resolve_method(parser, args)
-    sdxl = _is_sdxl_model(args.model)
-    if sdxl and method != "text-to-image":
-        parser.error(f"--model {args.model} is an SDXL model: the identity-method pipelines of this CLI run on SD1.x; "
-                     f"on SDXL use the library's strategies (docs/sdxl.md)")
-    _default_size(args, sdxl)
+    _default_size(args, _is_sdxl_model(args.model))
     if method == "dynamicid":
         return run_dynamicid(args)
     if method == "text-to-image":
@@ -273,7 +271,7 @@ def run_dynamicid(args: argparse.Namespace) -> int:
                       {"--reference": args.reference, "--target-landmark": args.target_landmark})
     guidance = DYNAMICID_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     steps = DYNAMICID_STEPS if args.steps is None else args.steps
-    _default_size(args, sdxl=False)
+    _default_size(args, _is_sdxl_model(args.model))
     start = time.perf_counter()
     print(f"loading {args.model} + DynamicID {args.dynamicid} (analyzer: {args.analyzer}) …", file=sys.stderr,
           flush=True)

@@ -168,10 +168,10 @@ def test_unet_added_cond_errors():
         U.UNetConfig.from_dict({**sfx.SDXL_UNET_CONFIG, "projection_class_embeddings_input_dim": None})
 
 
-def test_cli_picks_sdxl_backbone_from_folder(tiny_sdxl, tmp_path, monkeypatch, capsys):
-    """``infer.generate --model SDXL_FOLDER`` builds StableDiffusionXL (1024² by default) and writes the PNG;
-    identity methods on an SDXL model are refused with a one-line error. Sampling itself is the end-to-end test's;
-    here ``generate`` is recorded instead of run, to keep the suite fast."""
+def test_cli_picks_sdxl_backbone_from_folder(tiny_sdxl, tmp_path, monkeypatch):
+    """``infer.generate --model SDXL_FOLDER`` builds StableDiffusionXL (1024² by default) and writes the PNG.
+    Sampling itself is the end-to-end test's; here ``generate`` is recorded instead of run, to keep the suite fast.
+    (The identity methods on SDXL from the CLI: tests/test_sdxl_pipelines.py.)"""
     from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
     from infer import generate
 
@@ -187,6 +187,3 @@ def test_cli_picks_sdxl_backbone_from_folder(tiny_sdxl, tmp_path, monkeypatch, c
     assert generate.main(["--model", tiny_sdxl[0], "--prompt", "a cat", "--steps", "3", "--out", str(out)]) == 0
     assert out.is_file()
     assert calls[0][0] == "StableDiffusionXL" and calls[0][1]["height"] == calls[0][1]["width"] == 1024
-    with pytest.raises(SystemExit):
-        generate.main(["--model", tiny_sdxl[0], "--prompt", "a", "--method", "infinite-id", "--out", str(out)])
-    assert "is an SDXL model" in capsys.readouterr().err

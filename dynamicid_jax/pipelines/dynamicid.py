@@ -7,6 +7,13 @@
     images, gates = pipe("a photo of a woman", references=["alice.jpg"],
                          face_prompts=["a very surprised expression, front view"], return_gates=True)
     save_gate_overlay(gates, images[0], "gates.png")
+    xl = DynamicIDPipeline.from_pretrained("sdxl-base/", "dynamicid-sdxl/", ...)   # SDXL base, SDXL-trained weights
+
+**Backbones**: SD1.x and SDXL, read from the base folder / file. The pipeline reaches the backbone's text only
+through its conditioning members (``text_inputs`` / ``text_conditioning`` / ``pooled_text``, see
+:class:`~dynamicid_jax.pipelines.stable_diffusion.TextConditioning`): on SDXL the context is both encoders' 2048-wide
+states, the UNet also gets the pooled text and the micro-conditioning, and the IMR reads the 1280-wide pooled
+embedding. Weights belong to one backbone (recorded in the folder); another backbone's are refused.
 
 **Per reference** (host, then small jitted functions): the analyzer finds the face (:func:`reference_face`: no
 face → :class:`NoFaceError`; several → the largest with a warning, ``strict=True`` raises); its embedding and the
@@ -33,7 +40,9 @@ the same seed. With untrained LoRAs (``up = 0``) that is exactly the base :class
 **Converted weights folder** (``dynamicid_path``; written by ``python -m infer.convert`` from the official
 ``SAA.bin`` / ``IMR.bin`` / ``key_point_encoder.bin``, or by :func:`save_dynamicid`)::
 
-    dynamicid.json                              {"format": "dynamicid-jax/dynamicid-v1", "parts": [...]}
+    dynamicid.json                              {"format": "dynamicid-jax/dynamicid-v1", "parts": [...],
+                                                 "backbone": "SD1.x" | "SDXL"}  (older folders: none;
+                                                 the SAA's UNet config tells)
     id_encoder.safetensors + id_encoder.json    IDEncoder params + IDEncoderConfig  (SAA.bin["proj_module"])
     saa.safetensors + saa.json                  SAA params, flat Flax paths ("down_blocks_0/…/attn2/to_k_ip/kernel")
                                                 + the SAA strategy fields and the UNet config they belong to
@@ -45,7 +54,6 @@ All weights fp32; the JSON files are written after their weights and the folder 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -68,9 +76,9 @@ from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
 from dynamicid_jax.pipelines.requests import check_number
-from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
-from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request
-from dynamicid_jax.tokenizer import tokenize
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
+from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
 from dynamicid_jax.weights import keymap as km
 from dynamicid_jax.weights import official
 
@@ -80,10 +88,6 @@ __all__ = ["DynamicIDWeights", "save_dynamicid", "load_dynamicid", "DynamicIDPip
 FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
 MANIFEST = "dynamicid.json"
 DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layout control (docs/method.md §4.5)
-# Compiled samplers shared by every pipeline with the same modules (a program depends on the modules, the
-# scheduler and the shapes only; params are arguments), most recently used last.
-_PROGRAMS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_MAX_PROGRAMS = 8
 
 
 # =========================================================================================================
@@ -111,6 +115,17 @@ class DynamicIDWeights:
     @property
     def has_imr(self) -> bool:
         return self.imr_params is not None
+
+    @property
+    def backbone(self) -> str:
+        """The base model these weights belong to: ``"SDXL"`` (a UNet with SDXL's added text/time conditioning) or
+        ``"SD1.x"``. Recorded in the folder's manifest; a pipeline refuses weights of another backbone."""
+        return backbone_of(self.saa_unet_config)
+
+
+def backbone_of(unet_config: UNetConfig) -> str:
+    """``"SDXL"`` or ``"SD1.x"``: what a UNet config is the UNet of."""
+    return "SDXL" if unet_config.text_time else "SD1.x"
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -159,7 +174,8 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
             official.save_converted(weights.keypoint_encoder_variables, weights.keypoint_encoder_config, tmp,
                                     name="keypoint_encoder")
             parts += ["imr", "keypoint_encoder"]
-        _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts})
+        _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts,
+                                                  "backbone": weights.backbone})
     return out_dir
 
 
@@ -212,6 +228,10 @@ def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
     _check_shapes(flat, _saa_shapes(strategy, unet_config), os.path.join(path, "saa.safetensors"))
     saa_params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     weights = DynamicIDWeights(id_cfg, id_params, strategy, unet_config, saa_params)
+    recorded = meta.get("backbone")  # folders written before SDXL support have none: SD1.x, as their UNet says
+    if recorded is not None and recorded != weights.backbone:
+        raise km.WeightLoadError(f"{manifest} says backbone {recorded!r}, but its SAA weights belong to a "
+                                 f"{weights.backbone} UNet")
     if "imr" in meta.get("parts", []):
         weights.imr_config, weights.imr_params = official.load_converted(path, "imr")
         weights.keypoint_encoder_config, weights.keypoint_encoder_variables = official.load_converted(
@@ -232,6 +252,7 @@ class SamplerKey:
     num_ids: int
     mode: str
     activate_query: bool
+    text_mode: Any = None  # the backbone's static text mode (SDXL: zero negative embeddings)
 
 
 def default_boost(num_ids: int, boxes_given: bool) -> tuple[int, float]:
@@ -252,7 +273,7 @@ def _as_list(value, what: str) -> list:
 class DynamicIDPipeline:
     """DynamicID on a Stable Diffusion model (see the module docstring). Build with :meth:`from_pretrained`."""
 
-    sd: StableDiffusion  # base components: text encoder, VAE, tokenizer, scheduler (base UNet params inside)
+    sd: StableDiffusion | StableDiffusionXL  # the base: text encoder(s), VAE, tokenizer(s), scheduler, base UNet
     unet: UNet2DConditionModel  # the SAA UNet
     unet_params: dict  # base + SAA params
     image_encoder: Any  # CLIPVisionModelWithProjection
@@ -271,23 +292,41 @@ class DynamicIDPipeline:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, sd_path: str | os.PathLike, dynamicid_path: str | os.PathLike, *,
+    def from_pretrained(cls, sd_path: str | os.PathLike | StableDiffusion | StableDiffusionXL,
+                        dynamicid_path: str | os.PathLike, *,
                         analyzer: str | Any = "insightface", analyzer_kwargs: dict | None = None,
                         clip_vision_path: str | os.PathLike | None = None, dtype=jnp.float32,
                         scheduler: str | None = "ddim", config: str | os.PathLike | None = None,
                         strict: bool = False) -> "DynamicIDPipeline":
-        """Load the base model (diffusers folder or single-file ``.safetensors``; ``config``/``scheduler`` as in
-        :meth:`StableDiffusion.from_pretrained`), the converted DynamicID folder, the CLIP vision tower
-        (``clip_vision_path``: a ``CLIPVisionModelWithProjection`` folder, CLIP-ViT-H-14 for the official weights;
-        default ``<dynamicid_path>/image_encoder``) and the face analyzer (a registered backend name built with
-        ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32)."""
+        """Load the base model — SD1.x or SDXL, read from the folder or file as ``infer.generate --model`` does
+        (:func:`~dynamicid_jax.pipelines.stable_diffusion_xl.is_sdxl`): a diffusers folder or single-file
+        ``.safetensors`` (``config``/``scheduler`` as in :meth:`StableDiffusion.from_pretrained`), or an already
+        loaded :class:`StableDiffusion` / :class:`StableDiffusionXL` —, the converted DynamicID folder (its weights
+        must belong to the same backbone), the CLIP vision tower (``clip_vision_path``: a
+        ``CLIPVisionModelWithProjection`` folder, CLIP-ViT-H-14 for the official weights; default
+        ``<dynamicid_path>/image_encoder``) and the face analyzer (a registered backend name built with
+        ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32); a loaded
+        base keeps its own dtype, scheduler and configs."""
+        from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
+
         weights = load_dynamicid(dynamicid_path)
+        loaded = isinstance(sd_path, (StableDiffusion, StableDiffusionXL))
+        base = sd_path.backbone if loaded else ("SDXL" if is_sdxl(sd_path) else "SD1.x")
+        if weights.backbone != base:  # before loading a multi-GB base for nothing
+            what = f"the base model {os.fspath(sd_path)}" if not loaded else "the given base model"
+            raise ValueError(f"{os.fspath(dynamicid_path)} holds DynamicID weights for {weights.backbone}, but "
+                             f"{what} is {base}: use weights trained on {base} (DynamicID weights work only on the "
+                             f"backbone they were trained on)")
         if clip_vision_path is None:
             clip_vision_path = os.path.join(os.fspath(dynamicid_path), "image_encoder")
             if not os.path.isdir(clip_vision_path):
                 raise ValueError("clip_vision_path is required: a CLIPVisionModelWithProjection folder (the official "
                                  "weights use laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
-        sd = StableDiffusion.from_pretrained(sd_path, config=config, scheduler=scheduler, dtype=dtype)
+        if loaded:
+            sd = sd_path
+        else:
+            base_class = StableDiffusionXL if base == "SDXL" else StableDiffusion
+            sd = base_class.from_pretrained(sd_path, config=config, scheduler=scheduler, dtype=dtype)
         image_encoder, image_params = load_image_encoder(clip_vision_path, dtype=dtype)
         if isinstance(analyzer, str):
             analyzer = F.get_analyzer(analyzer, **(analyzer_kwargs or {}))
@@ -296,14 +335,18 @@ class DynamicIDPipeline:
         return cls.from_weights(sd, weights, image_encoder, image_params, analyzer, dtype=dtype, strict=strict)
 
     @classmethod
-    def from_weights(cls, sd: StableDiffusion, weights: DynamicIDWeights, image_encoder, image_encoder_params,
-                     analyzer, *, dtype=jnp.float32, strict: bool = False) -> "DynamicIDPipeline":
+    def from_weights(cls, sd: StableDiffusion | StableDiffusionXL, weights: DynamicIDWeights, image_encoder,
+                     image_encoder_params, analyzer, *, dtype=jnp.float32,
+                     strict: bool = False) -> "DynamicIDPipeline":
         """Assemble from loaded parts, checking that they fit together."""
         if not isinstance(analyzer, F.FaceAnalyzer):
             raise TypeError(f"analyzer must be a FaceAnalyzer (analyze, embedding_dim, num_landmarks), got "
                             f"{type(analyzer).__name__}")
+        if weights.backbone != sd.backbone:
+            raise ValueError(f"the DynamicID weights are for {weights.backbone}, but the base model is "
+                             f"{sd.backbone}: use weights trained on {sd.backbone}")
         ucfg, enc = sd.unet.config, weights.id_encoder_config
-        text_dim, vision_dim = sd.text_encoder.config.hidden_size, image_encoder.config.hidden_size
+        text_dim, vision_dim = sd.pooled_text_dim, image_encoder.config.hidden_size
         problems = []
         if enc.id_embed_dim != analyzer.embedding_dim:
             problems.append(f"the ID encoder takes {enc.id_embed_dim}-d face embeddings but the analyzer "
@@ -323,7 +366,8 @@ class DynamicIDPipeline:
                 problems.append(f"the IMR edits [{icfg.num_queries}, {icfg.embedding_dim}] tokens, the ID encoder "
                                 f"makes [{enc.num_tokens}, {enc.dim}]")
             if icfg.txt_dim != text_dim:
-                problems.append(f"the IMR takes {icfg.txt_dim}-d pooled text, the text encoder gives {text_dim}")
+                problems.append(f"the IMR takes {icfg.txt_dim}-d pooled text, the {sd.backbone} text encoder gives "
+                                f"{text_dim}")
             if kcfg.embedding_dim != icfg.embedding_dim:
                 problems.append(f"KeyPointEncoder width {kcfg.embedding_dim} != IMR landmark width "
                                 f"{icfg.embedding_dim}")
@@ -361,7 +405,7 @@ class DynamicIDPipeline:
                 return self.id_encoder.apply({"params": id_params}, embeds, feats)
         elif name == "edit":
             def run(imr_params, kpe_vars, text_params, tokens, rasters, text_ids):
-                pooled = self.sd.text_encoder.apply({"params": text_params}, text_ids).pooler_output
+                pooled = self.sd.pooled_text(text_params, text_ids)
                 landmark = self.keypoint_encoder.apply(kpe_vars, rasters, train=False)
                 return self.imr.apply({"params": imr_params}, tokens, landmark[:1], pooled[:1], landmark[1:],
                                       pooled[1:])
@@ -413,11 +457,15 @@ class DynamicIDPipeline:
             source = F.landmark_raster(images[i], self.analyzer, strict)
             target = source if target_landmarks[i] is None else _raster(target_landmarks[i], i)
             src_prompt = source_face_prompts[i] or F.auto_face_prompt(faces[i].pose)
-            text_ids = jnp.asarray(tokenize(self.sd.tokenizer, [src_prompt, face_prompts[i]]))
+            text_ids = self.sd.pooled_text_ids([src_prompt, face_prompts[i]])
             rows.append(self._fn("edit")(self.imr_params, self.keypoint_encoder_variables,
-                                         self.sd.params["text_encoder"], tokens[i:i + 1],
+                                         self._text_params(), tokens[i:i + 1],
                                          jnp.asarray(np.stack([source, target])), text_ids))
         return jnp.concatenate(rows, axis=0)
+
+    def _text_params(self) -> dict:
+        """The base's text-encoder params (``text_encoder``, and ``text_encoder_2`` on SDXL)."""
+        return {k: v for k, v in self.sd.params.items() if k.startswith("text_encoder")}
 
     @staticmethod
     def _per_identity(values, n: int, what: str) -> list:
@@ -436,20 +484,21 @@ class DynamicIDPipeline:
         ``start ≤ i < stop`` (:func:`~dynamicid_jax.pipelines.sampling.run_in_chunks`); ``finish`` decodes."""
         sd, unet = self.sd, self.unet
 
-        def chunk(params, cond_ids, uncond_ids, id_tokens, uncond_tokens, guidance_scale, inputs,
+        def chunk(params, text_inputs, id_tokens, uncond_tokens, guidance_scale, inputs,
                   boost_steps, boost_strength, carry, start, stop):
-            def encode(ids):
-                return sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-
             def with_ids(text, tokens):
                 t = tokens.reshape(1, -1, tokens.shape[-1]).astype(text.dtype)
                 return jnp.concatenate([text, jnp.broadcast_to(t, (text.shape[0],) + t.shape[1:])], axis=1)
 
-            context = with_ids(encode(cond_ids), id_tokens)
-            uncond = with_ids(encode(uncond_ids), uncond_tokens) if key.guided else None
+            # the backbone's text conditioning (SD1.x: CLIP states; SDXL: both encoders, pooled text and
+            # micro-conditioning as added conditioning), with the ID tokens appended to each context
+            text = sd.text_conditioning(params, text_inputs, guided=key.guided, mode=key.text_mode)
+            context = with_ids(text.context, id_tokens)
+            uncond = with_ids(text.uncond_context, uncond_tokens) if key.guided else None
             step_inputs = lambda i: saa_mod.saa_inputs_for_step(inputs, i, boost_steps, boost_strength)  # noqa: E731
             return denoise_steps(unet, params["unet"], carry, start, stop, context, guidance_scale, sd.scheduler,
-                                 attention_inputs=step_inputs, uncond_context=uncond, collect_gates=True)
+                                 attention_inputs=step_inputs, uncond_context=uncond, collect_gates=True,
+                                 added_cond=text.added, uncond_added_cond=text.uncond_added)
 
         def finish(params, latents):
             return to_uint8(decode_latents(sd.vae, params["vae"], latents))
@@ -461,10 +510,11 @@ class DynamicIDPipeline:
                  source_face_prompts: Sequence[str | None] | None = None, id_tokens: Any = None,
                  boxes: Any = None, layout: str | Sequence[float] = "row",
                  negative_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 5.0,
-                 seed: int = 0, height: int = 512, width: int = 512, id_scale: float = 1.0,
+                 seed: int = 0, height: int | None = None, width: int | None = None, id_scale: float = 1.0,
                  boost_steps: int | None = None, boost_strength: float | None = None, mix: float = 0.5,
                  activate_query: bool = True, return_gates: bool = False, strict: bool | None = None,
-                 latents: np.ndarray | None = None):
+                 latents: np.ndarray | None = None, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None):
         """Generate ``uint8 [B, height, width, 3]`` (B = number of prompts; every image shows all identities), and
         with ``return_gates=True`` also the :class:`GateMaps`.
 
@@ -473,9 +523,17 @@ class DynamicIDPipeline:
         default ``layout`` places them (``"row"``: equal vertical strips left → right, ``"grid"``, or relative
         widths). ``boost_steps``/``boost_strength``: the layout boost (default :func:`default_boost`).
         ``activate_query=False``: no gate, routing or boost (the "w/o SAA" baseline). ``id_scale=0``: the model's
-        text-to-image for the same seed. ``latents`` replaces the seed's initial noise."""
+        text-to-image for the same seed. ``latents`` replaces the seed's initial noise. ``height`` / ``width``
+        default to the backbone's size (512 SD1.x, 1024 SDXL). SDXL only: the micro-conditioning
+        ``original_size``, ``crops_coords_top_left``, ``target_size`` as in :meth:`StableDiffusionXL.generate`."""
+        height = self.sd.default_size if height is None else height
+        width = self.sd.default_size if width is None else width
         prompts, negatives, guidance_scale = check_text_request(self.sd, prompt, negative_prompt, height, width,
                                                                 steps, guidance_scale, what="prompt")
+        text_inputs, text_mode = self.sd.text_inputs(
+            prompts, negatives, negative_given=negative_prompt is not None, height=height, width=width,
+            micro_conditioning={"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                                "target_size": target_size})
         id_scale = check_number("id_scale", id_scale)
         mix = check_number("mix", mix, low=0.0, high=1.0)
         if boost_strength is not None:
@@ -510,34 +568,25 @@ class DynamicIDPipeline:
                                     activate_query=activate_query, layout=layout, latent_grid=latent_grid)
         timings["encode_s"] = time.perf_counter() - start
 
-        key = SamplerKey(len(prompts), height, width, steps, guidance_scale > 1.0, num_ids, inputs.mode,
-                         bool(activate_query))
-        f = self.sd.vae_scale_factor
-        shape = (len(prompts), height // f, width // f, self.unet.config.in_channels)
-        if latents is None:
-            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
-        params = {"unet": self.unet_params, "vae": self.sd.params["vae"],
-                  "text_encoder": self.sd.params["text_encoder"]}
+        guided = guidance_scale > 1.0
+        key = SamplerKey(len(prompts), height, width, steps, guided, num_ids, inputs.mode, bool(activate_query),
+                         text_mode if guided else None)
+        noise = start_noise(self.sd, len(prompts), height, width, seed, latents)
+        params = {**self.sd.params, "unet": self.unet_params}
         carry = initial_carry(self.sd.scheduler, steps, noise)  # checks the step count before compiling
-        args = (params, jnp.asarray(tokenize(self.sd.tokenizer, prompts)),
-                jnp.asarray(tokenize(self.sd.tokenizer, negatives)), tokens, self.unconditional_tokens(num_ids),
-                jnp.float32(guidance_scale), inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
+        args = (params, text_inputs, tokens, self.unconditional_tokens(num_ids), jnp.float32(guidance_scale),
+                inputs, jnp.int32(boost_steps), jnp.float32(boost_strength))
         if key not in self._compiled:
-            shared = (self.unet, self.sd.vae, self.sd.text_encoder, self.sd.scheduler, key)
-            if shared not in _PROGRAMS:
-                start = time.perf_counter()
+            def build():
                 chunk_fn, finish_fn = self._sample_fn(key)
-                _PROGRAMS[shared] = (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
-                                     finish_fn.lower(params, carry[0]).compile())
+                return (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                        finish_fn.lower(params, carry[0]).compile())
+
+            start = time.perf_counter()
+            self._compiled[key], built = shared_program(
+                ("dynamicid", self.unet, self.sd.vae, *self.sd.text_encoders, self.sd.scheduler, key), build)
+            if built:
                 timings["compile_s"] = time.perf_counter() - start
-                while len(_PROGRAMS) > _MAX_PROGRAMS:
-                    _PROGRAMS.popitem(last=False)
-            _PROGRAMS.move_to_end(shared)
-            self._compiled[key] = _PROGRAMS[shared]
         chunk, finish = self._compiled[key]
         start = time.perf_counter()
         sums: dict = {}

@@ -3,6 +3,9 @@
     pipe = InfiniteIDPipeline.from_pretrained("sd15/", weights="infinite_id/", image_encoder="clip-h/")
     images = pipe("a woman in watercolor painting style", references=["me.jpg"])      # uint8 [1, 512, 512, 3]
 
+The base is SD1.x or SDXL (read from the folder or file). On SDXL both streams get SDXL's 2048-wide context and the
+same added conditioning (pooled text, micro-conditioning), through the base's ``text_conditioning``.
+
 Per step the UNet sees ``[uncond: text rows, ID rows; cond: text rows, ID rows]``. Both streams start from the
 same noise (the seed's, exactly what :meth:`StableDiffusion.generate` draws). The text stream is the unchanged
 base model, so its image equals plain text-to-image. The ID stream's self-attention mixes in the text stream's
@@ -31,9 +34,10 @@ from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_prepro
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.requests import check_number
-from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
-from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request
-from dynamicid_jax.tokenizer import tokenize
+from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
+from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
+from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
+from dynamicid_jax.weights import keymap as km
 
 ALIGN_SIZE = 224
 
@@ -49,6 +53,7 @@ class _SamplerKey:
     adain: bool
     mix_layers: tuple[int, ...] | None
     text_stream: bool
+    text_mode: Any = None  # the backbone's static text mode (SDXL: zero negative embeddings)
 
 
 @dataclasses.dataclass
@@ -58,7 +63,7 @@ class InfiniteIDPipeline:
     ``mix_layers``: the default self-attention layers with mixed attention (indices, see
     :func:`~dynamicid_jax.methods.infinite_id.self_attention_layers`); ``None`` = all."""
 
-    sd: StableDiffusion
+    sd: StableDiffusion | StableDiffusionXL
     analyzer: Any  # a dynamicid_jax.faces.FaceAnalyzer
     image_encoder: CLIPVisionModelWithProjection
     image_encoder_params: dict
@@ -84,26 +89,35 @@ class InfiniteIDPipeline:
             raise ValueError(f"the face analyzer gives {dim}-d embeddings but the Infinite-ID encoder was trained on "
                              f"{cfg.id_embed_dim}-d ones (ArcFace: 512 via insightface; dlib: 128)")
         self.mix_layers = _resolve_layers(self.sd.unet.config, self.mix_layers)
-        self._params = {"unet": iid.merge_id_params(self.sd.params["unet"], self.id_params),
-                        "vae": self.sd.params["vae"], "text_encoder": self.sd.params["text_encoder"]}
+        self._params = {**self.sd.params, "unet": iid.merge_id_params(self.sd.params["unet"], self.id_params)}
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike | StableDiffusion, weights: str | os.PathLike,
+    def from_pretrained(cls, model: str | os.PathLike | StableDiffusion | StableDiffusionXL,
+                        weights: str | os.PathLike,
                         image_encoder: str | os.PathLike, *, face_analyzer: Any = "insightface",
                         analyzer_kwargs: dict | None = None, config: str | os.PathLike | None = None,
                         scheduler: str | None = "ddim", dtype=jnp.float32,
                         mix_layers: Sequence[int] | Sequence[str] | None = None) -> "InfiniteIDPipeline":
-        """``model``: a diffusers SD folder, a single-file checkpoint or a loaded :class:`StableDiffusion`;
+        """``model``: a diffusers SD1.x or SDXL folder or a single-file checkpoint (the backbone is read from it, as
+        ``infer.generate --model`` does), or a loaded :class:`StableDiffusion` / :class:`StableDiffusionXL`;
         ``weights``: a folder written by :func:`~dynamicid_jax.methods.infinite_id.save_infinite_id` (training);
         ``image_encoder``: a CLIP vision folder (CLIP-H for SD1.5); ``face_analyzer``: a backend name for
         :func:`~dynamicid_jax.faces.get_analyzer` (with ``analyzer_kwargs``) or an analyzer object."""
         from dynamicid_jax.faces import get_analyzer
         from dynamicid_jax.models.clip import load_image_encoder
 
-        sd = model if isinstance(model, StableDiffusion) else StableDiffusion.from_pretrained(
-            model, config=config, scheduler=scheduler, dtype=dtype)
-        enc_cfg, enc_params, id_params = iid.load_infinite_id(os.fspath(weights), sd.unet.config)
+        from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
+
+        if isinstance(model, (StableDiffusion, StableDiffusionXL)):
+            sd = model
+        else:
+            base_class = StableDiffusionXL if is_sdxl(model) else StableDiffusion
+            sd = base_class.from_pretrained(model, config=config, scheduler=scheduler, dtype=dtype)
+        try:
+            enc_cfg, enc_params, id_params = iid.load_infinite_id(os.fspath(weights), sd.unet.config)
+        except km.WeightLoadError as e:  # name the backbones: a width mismatch is usually SD1.x weights on SDXL
+            raise km.WeightLoadError(f"{e} (the base model is {sd.backbone})") from None
         vision, vision_params = load_image_encoder(image_encoder, dtype=sd.unet.dtype)
         analyzer = get_analyzer(face_analyzer, **(analyzer_kwargs or {})) if isinstance(face_analyzer, str) \
             else face_analyzer
@@ -162,22 +176,25 @@ class InfiniteIDPipeline:
                                     dtype=self.sd.unet.dtype)
         sd = self.sd
 
-        def chunk(params, cond_ids, uncond_ids, id_tokens, null_tokens, guidance, id_scale, mix_start, mix_end, carry,
+        def chunk(params, text_inputs, id_tokens, null_tokens, guidance, id_scale, mix_start, mix_end, carry,
                   start, stop):
-            def encode(ids):
-                return sd.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-
             def streams(text, tokens):  # rows [text stream; ID stream], every context [text; ID tokens]
                 tokens = jnp.broadcast_to(tokens.astype(text.dtype), (text.shape[0],) + tokens.shape[1:])
                 return jnp.concatenate([jnp.concatenate([text, jnp.zeros_like(tokens)], 1),
                                         jnp.concatenate([text, tokens], 1)], 0)
 
-            context = streams(encode(cond_ids), id_tokens)
-            uncond = streams(encode(uncond_ids), null_tokens) if key.guided else None
+            def both_streams(added):  # SDXL's added conditioning: the same for both streams
+                return None if added is None else jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a], 0),
+                                                                         added)
+
+            text = sd.text_conditioning(params, text_inputs, guided=key.guided, mode=key.text_mode)
+            context = streams(text.context, id_tokens)
+            uncond = streams(text.uncond_context, null_tokens) if key.guided else None
             inputs = iid.two_stream_inputs(key.num_tokens, guided=key.guided, id_scale=id_scale, adain=key.adain)
             return denoise_steps(unet, params["unet"], carry, start, stop, context, guidance, sd.scheduler,
                                  uncond_context=uncond,
-                                 attention_inputs=lambda i: iid.inputs_for_step(inputs, i, mix_start, mix_end))
+                                 attention_inputs=lambda i: iid.inputs_for_step(inputs, i, mix_start, mix_end),
+                                 added_cond=both_streams(text.added), uncond_added_cond=both_streams(text.uncond_added))
 
         def finish(params, latents):
             text_latents, id_latents = jnp.split(latents, 2, axis=0)
@@ -190,11 +207,14 @@ class InfiniteIDPipeline:
 
     def __call__(self, prompt: str | Sequence[str], references: Sequence[Any] | None = None,
                  negative_prompt: str | Sequence[str] | None = None, steps: int = 30, guidance_scale: float = 5.0,
-                 seed: int = 0, height: int = 512, width: int = 512, *, id_tokens: jax.Array | None = None,
-                 id_scale: float = 1.0, adain: bool = True, mix_steps: tuple[int, int | None] = (0, None),
+                 seed: int = 0, height: int | None = None, width: int | None = None, *,
+                 id_tokens: jax.Array | None = None, id_scale: float = 1.0, adain: bool = True,
+                 mix_steps: tuple[int, int | None] = (0, None),
                  mix_layers: Sequence[int] | Sequence[str] | None | str = "default",
                  latents: np.ndarray | None = None, strict: bool = False,
-                 return_text_stream: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                 return_text_stream: bool = False, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Generate ``uint8 [B, height, width, 3]`` images of the reference identity (one per prompt).
 
         ``references``: images (paths, arrays, PIL) of one person, or several people to mix; or give
@@ -203,9 +223,17 @@ class InfiniteIDPipeline:
         (start, end)``: denoising steps ``start ≤ i < end`` with mixed attention (``end=None``: to the last);
         ``mix_layers``: ``"default"`` (the pipeline's), ``None`` (all), layer indices or name prefixes such as
         ``("up_blocks",)``. ``return_text_stream=True`` → ``(id_images, text_stream_images)``; the text stream
-        is plain text-to-image with the same seed."""
+        is plain text-to-image with the same seed. ``height`` / ``width`` default to the backbone's size (512
+        SD1.x, 1024 SDXL). SDXL only: the micro-conditioning ``original_size``, ``crops_coords_top_left``,
+        ``target_size`` as in :meth:`StableDiffusionXL.generate` (both streams get the same)."""
+        height = self.sd.default_size if height is None else height
+        width = self.sd.default_size if width is None else width
         prompts, negatives, guidance_scale = check_text_request(self.sd, prompt, negative_prompt, height, width,
                                                                 steps, guidance_scale, what="prompt", streams=2)
+        text_inputs, text_mode = self.sd.text_inputs(
+            prompts, negatives, negative_given=negative_prompt is not None, height=height, width=width,
+            micro_conditioning={"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                                "target_size": target_size})
         id_scale = check_number("id_scale", id_scale)
         start, end = _mix_range(mix_steps, steps)
         if (references is None) == (id_tokens is None):
@@ -219,27 +247,25 @@ class InfiniteIDPipeline:
         null = jnp.tile(self.null_tokens(), (1, tokens.shape[1] // per_id, 1))
         layers = self.mix_layers if isinstance(mix_layers, str) and mix_layers == "default" else \
             _resolve_layers(self.sd.unet.config, mix_layers)
-        key = _SamplerKey(len(prompts), int(tokens.shape[1]), height, width, steps, guidance_scale > 1.0,
-                          bool(adain), layers, bool(return_text_stream))
-        f = self.sd.vae_scale_factor
-        shape = (len(prompts), height // f, width // f, self.sd.unet.config.in_channels)
-        if latents is None:
-            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)  # = StableDiffusion.generate's
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(noise.shape)}")
+        guided = guidance_scale > 1.0
+        key = _SamplerKey(len(prompts), int(tokens.shape[1]), height, width, steps, guided,
+                          bool(adain), layers, bool(return_text_stream), text_mode if guided else None)
+        noise = start_noise(self.sd, len(prompts), height, width, seed, latents)  # = the base's generate
         carry = initial_carry(self.sd.scheduler, steps, jnp.concatenate([noise, noise], 0))  # [text; ID] streams
-        args = (self._params, jnp.asarray(tokenize(self.sd.tokenizer, prompts)),
-                jnp.asarray(tokenize(self.sd.tokenizer, negatives)), tokens, null,
+        args = (self._params, text_inputs, tokens, null,
                 jnp.float32(guidance_scale), jnp.float32(id_scale), jnp.int32(start), jnp.int32(end))
         timings = {}
         if key not in self._compiled:
-            t0 = time.perf_counter()
-            chunk_fn, finish_fn = self._sample_fn(key)
-            self._compiled[key] = (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
-                                   finish_fn.lower(self._params, carry[0]).compile())
-            timings["compile_s"] = time.perf_counter() - t0
+            def build():
+                chunk_fn, finish_fn = self._sample_fn(key)
+                return (chunk_fn.lower(*args, carry, jnp.int32(0), jnp.int32(1)).compile(),
+                        finish_fn.lower(self._params, carry[0]).compile())
+
+            t0 = time.perf_counter()  # another pipeline of the same architecture may have compiled it already
+            self._compiled[key], built = shared_program(
+                ("infinite-id", self.sd.unet, self.sd.vae, *self.sd.text_encoders, self.sd.scheduler, key), build)
+            if built:
+                timings["compile_s"] = time.perf_counter() - t0
         chunk, finish = self._compiled[key]
         t0 = time.perf_counter()
         carry = run_in_chunks(lambda c, lo, hi: chunk(*args, c, lo, hi), carry, steps)

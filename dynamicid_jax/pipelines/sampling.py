@@ -6,7 +6,8 @@ function of the step index) are built by ``attention_inputs(step)`` so nothing d
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,7 @@ def denoise(unet, unet_params, scheduler, num_steps: int, latents: jax.Array, co
     latents = latents.astype(jnp.float32) * state.init_noise_sigma
     cfg = uncond_context is not None
     ctx = jnp.concatenate([uncond_context, context], axis=0) if cfg else context
-    if added_cond is not None and cfg:
-        if uncond_added_cond is None:
-            raise ValueError("guided sampling with added_cond needs uncond_added_cond too")
-        added_cond = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond_added_cond,
-                                            added_cond)
-    extra = () if added_cond is None else (added_cond,)
+    extra = _added_cond_arg(added_cond, uncond_added_cond, cfg)
 
     def body(i, carry):
         x, sched_state = carry
@@ -53,6 +49,19 @@ def denoise(unet, unet_params, scheduler, num_steps: int, latents: jax.Array, co
 
     latents, _ = jax.lax.fori_loop(0, num_steps, body, (latents, state))
     return latents
+
+
+def _added_cond_arg(added_cond: Any, uncond_added_cond: Any, guided: bool) -> tuple:
+    """The UNet's extra positional argument: ``()`` without added conditioning (SD1.x), else ``(added_cond,)`` with
+    the rows ``[uncond; cond]`` under guidance, batched like the contexts."""
+    if added_cond is None:
+        return ()
+    if guided:
+        if uncond_added_cond is None:
+            raise ValueError("guided sampling with added_cond needs uncond_added_cond too")
+        added_cond = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond_added_cond,
+                                            added_cond)
+    return (added_cond,)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -79,8 +88,10 @@ def initial_carry(scheduler, num_steps: int, noise: jax.Array) -> tuple[jax.Arra
 def denoise_steps(unet, unet_params, carry: tuple[jax.Array, Any], start: jax.Array, stop: jax.Array,
                   context: jax.Array, guidance_scale: jax.Array | float, scheduler, *,
                   attention_inputs: AttentionInputs = None, uncond_context: jax.Array | None = None,
-                  collect_gates: bool = False):
+                  collect_gates: bool = False, added_cond: Any = None, uncond_added_cond: Any = None):
     """Steps ``start ≤ i < stop`` of :func:`denoise` from ``carry = (latents, scheduler state)`` (traced bounds).
+    ``added_cond`` / ``uncond_added_cond``: as in :func:`denoise` (SDXL UNets only; ``None`` adds nothing to the
+    program).
 
     Returns the new carry; with ``collect_gates`` also the sum over these steps of every sown ``gate`` of the
     conditional rows (``{layer path: [B, Lq]}``, DynamicID's gate maps)."""
@@ -88,12 +99,13 @@ def denoise_steps(unet, unet_params, carry: tuple[jax.Array, Any], start: jax.Ar
 
     cfg = uncond_context is not None
     ctx = jnp.concatenate([uncond_context, context], axis=0) if cfg else context
+    extra = _added_cond_arg(added_cond, uncond_added_cond, cfg)
     rows = carry[0].shape[0]
 
     def run_unet(model_in, t, inputs):
         if not collect_gates:
-            return unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs), {}
-        out, variables = unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs,
+            return unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs, *extra), {}
+        out, variables = unet.apply({"params": unet_params}, model_in.astype(unet.dtype), t, ctx, inputs, *extra,
                                     mutable=["intermediates"])
         gates = {"/".join(p[:-1]): v[0][-rows:].astype(jnp.float32)
                  for p, v in traverse_util.flatten_dict(variables.get("intermediates", {})).items()
@@ -143,3 +155,23 @@ def run_in_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any, 
         carry, start = out, stop
         size = max(1, min(num_steps - start, int(chunk_seconds / max(per_step, 1e-6))))
     return carry
+
+
+# ------------------------------------------------------------------------------------------------ shared programs
+# Compiled samplers shared by every pipeline built from the same modules: a program depends on the modules, the
+# scheduler and the shapes only (params are arguments), so a second pipeline of the same architecture — the CLI's,
+# the web app's, a test's — reuses it instead of compiling again. Most recently used last.
+_PROGRAMS: "collections.OrderedDict[Hashable, Any]" = collections.OrderedDict()
+MAX_SHARED_PROGRAMS = 8
+
+
+def shared_program(key: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
+    """``(program, built)``: the program compiled for ``key`` (the modules, scheduler and sampler key it was built
+    from), compiled by ``build()`` when no pipeline has one yet (``built`` tells which)."""
+    built = key not in _PROGRAMS
+    if built:
+        _PROGRAMS[key] = build()
+        while len(_PROGRAMS) > MAX_SHARED_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key], built

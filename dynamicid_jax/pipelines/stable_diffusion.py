@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,19 @@ from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_fa
 from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
 from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
 from dynamicid_jax.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+    """What a backbone's text gives the UNet, as traced values (see :meth:`StableDiffusion.text_conditioning`):
+    ``context [B, 77, D]`` of the prompts, ``uncond_context`` of the guidance's negative rows (``None`` without
+    guidance), and the added conditioning of each (``None`` on SD1.x; SDXL: ``{"text_embeds", "time_ids"}``).
+    Identity methods append their tokens to the contexts and pass the rest to the UNet unchanged."""
+
+    context: jax.Array
+    uncond_context: jax.Array | None = None
+    added: Any = None
+    uncond_added: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +61,10 @@ class StableDiffusion:
     params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     last_timings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    #: the backbone's name in messages and weight folders; the default image side in pixels
+    backbone: ClassVar[str] = "SD1.x"
+    default_size: ClassVar[int] = 512
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -195,16 +212,54 @@ class StableDiffusion:
         ids = jnp.asarray(tokenize(self.tokenizer, list(prompts)))
         return jax.jit(self.text_encoder.apply)({"params": self.params["text_encoder"]}, ids).last_hidden_state
 
+    # --------------------------------------------------------------------- text conditioning (every pipeline)
+    # The one place where a backbone's text enters the UNet. Identity pipelines call these four members and stay
+    # backbone-generic; StableDiffusionXL implements the same members with its two encoders and added conditioning.
+    @property
+    def text_encoders(self) -> tuple:
+        """The text-encoder modules (part of what identifies a compiled program)."""
+        return (self.text_encoder,)
+
+    def text_inputs(self, prompts: Sequence[str], negatives: Sequence[str], *, negative_given: bool,
+                    height: int, width: int, micro_conditioning: Mapping[str, Any] | None = None) -> tuple[dict, Any]:
+        """Host side, before compiling: ``(inputs, mode)`` — the arrays :meth:`text_conditioning` reads (token ids
+        of the prompts and negatives) and the static mode the program depends on (none on SD1.x).
+        ``micro_conditioning`` is SDXL's; given here it is refused."""
+        given = sorted(k for k, v in (micro_conditioning or {}).items() if v is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)}: SDXL micro-conditioning, but this base model is {self.backbone}")
+        return {"ids": jnp.asarray(tokenize(self.tokenizer, list(prompts))),
+                "negative_ids": jnp.asarray(tokenize(self.tokenizer, list(negatives)))}, None
+
+    def text_conditioning(self, params: Mapping, inputs: Mapping, *, guided: bool, mode: Any = None
+                          ) -> TextConditioning:
+        """Traced: the prompts' (and, when ``guided``, the negatives') CLIP last hidden states."""
+        def encode(ids):
+            return self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+
+        return TextConditioning(encode(inputs["ids"]), encode(inputs["negative_ids"]) if guided else None)
+
+    @property
+    def pooled_text_dim(self) -> int:
+        """Width of :meth:`pooled_text` (what DynamicID's IMR reads): CLIP's hidden size."""
+        return self.text_encoder.config.hidden_size
+
+    def pooled_text_ids(self, texts: Sequence[str]) -> jax.Array:
+        """Host side: the token ids :meth:`pooled_text` reads."""
+        return jnp.asarray(tokenize(self.tokenizer, list(texts)))
+
+    def pooled_text(self, params: Mapping, ids: jax.Array) -> jax.Array:
+        """Traced: the pooled text embedding ``[B, pooled_text_dim]`` (CLIP's pooled output)."""
+        return self.text_encoder.apply({"params": params["text_encoder"]}, ids).pooler_output
+
     def _sample_fn(self, key: SamplerKey):
         """``(chunk, finish)``: ``chunk(params, cond_ids, uncond_ids, guidance, carry, start, stop)`` runs the
         denoising steps ``start ≤ i < stop`` (text encoding included: it is cheap, and keeps the chunks
         stateless); ``finish(params, latents)`` decodes. See :func:`~dynamicid_jax.pipelines.sampling.run_in_chunks`."""
         def chunk(params, cond_ids, uncond_ids, guidance_scale, carry, start, stop):
-            encode = lambda ids: self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-            context = encode(cond_ids)
-            uncond = encode(uncond_ids) if key.guided else None
-            return denoise_steps(self.unet, params["unet"], carry, start, stop, context, guidance_scale,
-                                 self.scheduler, uncond_context=uncond)
+            text = self.text_conditioning(params, {"ids": cond_ids, "negative_ids": uncond_ids}, guided=key.guided)
+            return denoise_steps(self.unet, params["unet"], carry, start, stop, text.context, guidance_scale,
+                                 self.scheduler, uncond_context=text.uncond_context)
 
         def finish(params, latents):
             return to_uint8(decode_latents(self.vae, params["vae"], latents))

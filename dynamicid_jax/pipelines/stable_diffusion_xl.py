@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
 from dynamicid_jax.pipelines.sampling import denoise, to_uint8
+from dynamicid_jax.pipelines.stable_diffusion import TextConditioning
 from dynamicid_jax.tokenizer import tokenize
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -114,6 +115,10 @@ class StableDiffusionXL:
     force_zeros_for_empty_prompt: bool = True
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     last_timings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    #: the backbone's name in messages and weight folders; the default image side in pixels
+    backbone: ClassVar[str] = "SDXL"
+    default_size: ClassVar[int] = 1024
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -236,20 +241,73 @@ class StableDiffusionXL:
         ids, ids_2 = tokenize(self.tokenizer, prompts), tokenize(self.tokenizer_2, prompts)
         return jax.jit(self._encode)(self.params, jnp.asarray(ids), jnp.asarray(ids_2))
 
+    # --------------------------------------------------------------------- text conditioning (every pipeline)
+    # The same members as StableDiffusion's: identity pipelines get SDXL's context, pooled text and
+    # micro-conditioning through them without knowing the backbone.
+    @property
+    def text_encoders(self) -> tuple:
+        """The text-encoder modules (part of what identifies a compiled program)."""
+        return (self.text_encoder, self.text_encoder_2)
+
+    def text_inputs(self, prompts: Sequence[str], negatives: Sequence[str], *, negative_given: bool,
+                    height: int, width: int, micro_conditioning: Mapping[str, Any] | None = None) -> tuple[dict, Any]:
+        """Host side, before compiling: ``(inputs, zero_negative)`` — both tokenizations of the prompts and
+        negatives and the ``time_ids [B, 6]`` (``micro_conditioning``: ``original_size``, ``crops_coords_top_left``,
+        ``target_size``; defaults ``(height, width)``, ``(0, 0)``, ``(height, width)``; the unconditional rows get
+        the same ids), and whether the unconditional embeddings are zeros (no negative prompt and the model's
+        ``force_zeros_for_empty_prompt``), which the program depends on."""
+        micro = dict(micro_conditioning or {})
+        unknown = sorted(set(micro) - {"original_size", "crops_coords_top_left", "target_size"})
+        if unknown:
+            raise ValueError(f"unknown SDXL micro-conditioning {unknown}; expected original_size, "
+                             f"crops_coords_top_left, target_size")
+        time_ids = np.asarray([*_pair(micro.get("original_size"), (height, width), "original_size"),
+                               *_pair(micro.get("crops_coords_top_left"), (0, 0), "crops_coords_top_left"),
+                               *_pair(micro.get("target_size"), (height, width), "target_size")], np.float32)
+        prompts, negatives = list(prompts), list(negatives)
+        inputs = {"ids": tokenize(self.tokenizer, prompts), "ids_2": tokenize(self.tokenizer_2, prompts),
+                  "negative_ids": tokenize(self.tokenizer, negatives),
+                  "negative_ids_2": tokenize(self.tokenizer_2, negatives),
+                  "time_ids": np.broadcast_to(time_ids, (len(prompts), 6))}
+        return ({k: jnp.asarray(v) for k, v in inputs.items()},
+                not negative_given and self.force_zeros_for_empty_prompt)
+
+    def text_conditioning(self, params: Mapping, inputs: Mapping, *, guided: bool, mode: Any = False
+                          ) -> TextConditioning:
+        """Traced: the 2048-wide context of both encoders, and the pooled text + micro-conditioning as the UNet's
+        added conditioning, for the prompts and (when ``guided``) the negatives — zeros when ``mode``
+        (``zero_negative``) is set."""
+        context, pooled = self._encode(params, inputs["ids"], inputs["ids_2"])
+        added = {"text_embeds": pooled, "time_ids": inputs["time_ids"]}
+        if not guided:
+            return TextConditioning(context, None, added, None)
+        if mode:
+            uncond_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+        else:
+            uncond_context, neg_pooled = self._encode(params, inputs["negative_ids"], inputs["negative_ids_2"])
+        return TextConditioning(context, uncond_context, added,
+                                {"text_embeds": neg_pooled, "time_ids": inputs["time_ids"]})
+
+    @property
+    def pooled_text_dim(self) -> int:
+        """Width of :meth:`pooled_text` (what DynamicID's IMR reads): the second encoder's projection (1280)."""
+        return self.text_encoder_2.config.projection_dim
+
+    def pooled_text_ids(self, texts: Sequence[str]) -> jax.Array:
+        """Host side: the token ids :meth:`pooled_text` reads (``tokenizer_2``'s)."""
+        return jnp.asarray(tokenize(self.tokenizer_2, list(texts)))
+
+    def pooled_text(self, params: Mapping, ids: jax.Array) -> jax.Array:
+        """Traced: SDXL's pooled text embedding ``[B, 1280]`` (the second encoder's projected pooled output)."""
+        return self.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids).text_embeds
+
     # ------------------------------------------------------------------------------------------------ sampling
     def _sample_fn(self, key: SDXLSamplerKey, output_type: str):
-        def run(params, ids, ids_2, neg_ids, neg_ids_2, time_ids, noise, guidance_scale):
-            context, pooled = self._encode(params, ids, ids_2)
-            cond = {"text_embeds": pooled, "time_ids": time_ids}
-            uncond_context = uncond = None
-            if key.guided:
-                if key.zero_negative:
-                    uncond_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
-                else:
-                    uncond_context, neg_pooled = self._encode(params, neg_ids, neg_ids_2)
-                uncond = {"text_embeds": neg_pooled, "time_ids": time_ids}
-            latents = denoise(self.unet, params["unet"], self.scheduler, key.steps, noise, context, guidance_scale,
-                              uncond_context=uncond_context, added_cond=cond, uncond_added_cond=uncond)
+        def run(params, text_inputs, noise, guidance_scale):
+            text = self.text_conditioning(params, text_inputs, guided=key.guided, mode=key.zero_negative)
+            latents = denoise(self.unet, params["unet"], self.scheduler, key.steps, noise, text.context,
+                              guidance_scale, uncond_context=text.uncond_context, added_cond=text.added,
+                              uncond_added_cond=text.uncond_added)
             images = decode_latents(self.vae, params["vae"], latents)
             return to_uint8(images) if output_type == "uint8" else (images.astype(jnp.float32) + 1.0) / 2.0
 
@@ -275,17 +333,13 @@ class StableDiffusionXL:
         prompts, negatives, guidance_scale = check_text_request(self, prompts, negative_prompt, height, width, steps,
                                                                 guidance_scale)
         noise = start_noise(self, len(prompts), height, width, seed, latents)
-        time_ids = np.asarray([*_pair(original_size, (height, width), "original_size"),
-                               *_pair(crops_coords_top_left, (0, 0), "crops_coords_top_left"),
-                               *_pair(target_size, (height, width), "target_size")], np.float32)
-        time_ids = np.broadcast_to(time_ids, (len(prompts), 6))
+        text_inputs, zero_negative = self.text_inputs(
+            prompts, negatives, negative_given=negative_prompt is not None, height=height, width=width,
+            micro_conditioning={"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                                "target_size": target_size})
         guided = guidance_scale > 1.0
-        key = SDXLSamplerKey(len(prompts), height, width, steps, guided,
-                             guided and negative_prompt is None and self.force_zeros_for_empty_prompt)
-        args = (self.params, jnp.asarray(tokenize(self.tokenizer, prompts)),
-                jnp.asarray(tokenize(self.tokenizer_2, prompts)), jnp.asarray(tokenize(self.tokenizer, negatives)),
-                jnp.asarray(tokenize(self.tokenizer_2, negatives)), jnp.asarray(time_ids), noise,
-                jnp.float32(guidance_scale))
+        key = SDXLSamplerKey(len(prompts), height, width, steps, guided, guided and zero_negative)
+        args = (self.params, text_inputs, noise, jnp.float32(guidance_scale))
         timings, compiled_key = {}, (key, output_type)
         if compiled_key not in self._compiled:
             start = time.perf_counter()
