@@ -317,7 +317,7 @@ def test_stage1_trained_on_sdxl_loads_and_samples(xl_dir, xl, tmp_path):
     them (id_scale=1 differs from 0)."""
     from dynamicid_jax import sharding as sh
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
-    from train import common, loop, stage1
+    from train import loop, models, stage1
     from train.config import load_config
     from train.export_dynamicid import export_dynamicid
 
@@ -325,7 +325,7 @@ def test_stage1_trained_on_sdxl_loads_and_samples(xl_dir, xl, tmp_path):
                              "model.lora_rank=4", "model.dtype=float32", "train.progress_bar=false",
                              "checkpoint.every=0", "train.steps=2", f"model.base={xl_dir}"],
                       defaults=stage1.DEFAULTS)
-    s1 = stage1.Stage1(cfg, base=common.load_base(xl_dir, jnp.float32))
+    s1 = stage1.Stage1(cfg, base=models.load_base(xl_dir, jnp.float32))
     mesh = sh.make_mesh(sh.MeshConfig(data=1), devices=jax.devices()[:1])
     trainer = loop.Trainer(s1.task(), cfg, str(tmp_path / "s1"), mesh=mesh)
 
