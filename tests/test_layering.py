@@ -52,8 +52,10 @@ LIBRARY_LAYERS = (
     ("dynamicid_jax.models",),
     # the methods on top of the models, and face analysis
     ("dynamicid_jax.methods", "dynamicid_jax.faces"),
-    # importers of the official method checkpoints: they build method params, so they sit above the methods
-    ("dynamicid_jax.weights.official", "dynamicid_jax.weights.official_saa"),
+    # importers of the official method checkpoints and DynamicID's weights folder (which stores converted official
+    # parts): they build method params, so they sit above the methods
+    ("dynamicid_jax.weights.official", "dynamicid_jax.weights.official_saa",
+     "dynamicid_jax.methods.dynamicid_weights"),
     ("dynamicid_jax.pipelines",),
     ("dynamicid_jax.eval",),
     ("dynamicid_jax",),  # the package's __init__: the public names

@@ -1,0 +1,182 @@
+"""DynamicID's weights folder — what ``python -m infer.convert`` (official checkpoints) and
+``python -m train.export_dynamicid`` (our training) write and :class:`~dynamicid_jax.pipelines.dynamicid.DynamicIDPipeline`
+loads: ``dynamicid.json`` (format, parts, backbone) and one safetensors + JSON config per part (SAA, ID encoder,
+IMR + KeyPointEncoder). Written atomically (a temporary folder renamed into place); every key and shape is checked
+on both sides. The pipeline module re-exports these names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from dynamicid_jax.methods import id_encoder as ide
+from dynamicid_jax.methods import imr as imr_mod
+from dynamicid_jax.methods import saa as saa_mod
+from dynamicid_jax.models.unet import UNetConfig
+from dynamicid_jax.weights import keymap as km
+from dynamicid_jax.weights import official
+
+__all__ = ["FOLDER_FORMAT", "MANIFEST", "DynamicIDWeights", "backbone_of", "save_dynamicid", "load_dynamicid",
+           "check_overwritable", "check_saa_shapes"]
+
+FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
+MANIFEST = "dynamicid.json"
+
+
+@dataclasses.dataclass
+class DynamicIDWeights:
+    """Everything DynamicID adds to Stable Diffusion (numpy / jax pytrees, fp32). IMR and KeyPointEncoder are
+    optional (needed only for face prompts) but come together."""
+
+    id_encoder_config: ide.IDEncoderConfig
+    id_encoder_params: dict
+    saa: saa_mod.SAA
+    saa_unet_config: UNetConfig
+    saa_params: dict
+    imr_config: imr_mod.IMRConfig | None = None
+    imr_params: dict | None = None
+    keypoint_encoder_config: imr_mod.KeyPointEncoderConfig | None = None
+    keypoint_encoder_variables: dict | None = None  # {"params": …, "batch_stats": …}
+
+    def __post_init__(self):
+        if (self.imr_params is None) != (self.keypoint_encoder_variables is None):
+            raise ValueError("DynamicIDWeights: the IMR and the KeyPointEncoder come together (give both or neither)")
+
+    @property
+    def has_imr(self) -> bool:
+        return self.imr_params is not None
+
+    @property
+    def backbone(self) -> str:
+        """The base model these weights belong to: ``"SDXL"`` (a UNet with SDXL's added text/time conditioning) or
+        ``"SD1.x"``. Recorded in the folder's manifest; a pipeline refuses weights of another backbone."""
+        return backbone_of(self.saa_unet_config)
+
+
+def backbone_of(unet_config: UNetConfig) -> str:
+    """``"SDXL"`` or ``"SD1.x"``: what a UNet config is the UNet of."""
+    return "SDXL" if unet_config.text_time else "SD1.x"
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {"/".join(k): np.asarray(jax.device_get(v)) for k, v in
+            traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    abstract = nn.meta.unbox(saa_mod.abstract_saa_params(unet_config, strategy))
+    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+
+
+def _check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(f"{k}: {tuple(flat[k].shape)} != {expected[k]}" for k in set(flat) & set(expected)
+                   if tuple(flat[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise km.WeightLoadError(f"{source} does not fit its UNet: missing {missing[:10]}, unexpected "
+                                 f"{unexpected[:10]}, wrong shape {wrong[:10]}")
+
+
+def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
+    """Write the converted folder (layout in the module docstring) atomically: everything goes to a temporary
+    sibling folder that is renamed to ``out_dir`` at the end. ``overwrite=True`` replaces an existing folder."""
+    from dynamicid_jax.io_atomic import atomic_folder
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    check_overwritable(out_dir, overwrite)
+    with atomic_folder(out_dir, replace=True) as tmp:
+        official.save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
+        flat = _flat(weights.saa_params)
+        _check_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params")
+        km.write_safetensors(flat, os.path.join(tmp, "saa.safetensors"), metadata={"format": FOLDER_FORMAT})
+        _write_json(os.path.join(tmp, "saa.json"), {"format": FOLDER_FORMAT, "kind": "SAA",
+                                                    "strategy": dataclasses.asdict(weights.saa),
+                                                    "unet_config": weights.saa_unet_config.to_dict()})
+        parts = ["id_encoder", "saa"]
+        if weights.has_imr:
+            official.save_converted(weights.imr_params, weights.imr_config, tmp, name="imr")
+            official.save_converted(weights.keypoint_encoder_variables, weights.keypoint_encoder_config, tmp,
+                                    name="keypoint_encoder")
+            parts += ["imr", "keypoint_encoder"]
+        _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts,
+                                                  "backbone": weights.backbone})
+    return out_dir
+
+
+def check_overwritable(out_dir: str, overwrite: bool) -> None:
+    """``out_dir`` may be written: it does not exist, it is an empty folder (nothing in it to destroy), or
+    ``overwrite`` is set and it is a folder we wrote (it carries our manifest with our format tag). Anything else —
+    a user's folder, an SD model, a file — is refused: ``--overwrite`` never deletes what we did not write."""
+    if not os.path.lexists(out_dir):
+        return
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace a converted "
+                              f"folder)")
+    marker = os.path.join(out_dir, MANIFEST)
+    ours = False
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                ours = json.load(f).get("format") == FOLDER_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    if not ours:
+        raise FileExistsError(f"--overwrite refused: {out_dir} is not a converted DynamicID folder written by this "
+                              f"tool (no {MANIFEST} with format {FOLDER_FORMAT!r}); it is left untouched: choose a "
+                              f"new --out or remove it yourself")
+
+
+def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
+    """Read a converted folder (checks every key and shape against the configs it holds)."""
+    from dynamicid_jax.io_atomic import check_readable
+
+    path = os.fspath(path)
+    manifest = os.path.join(path, MANIFEST)
+    check_readable(manifest, "the converted DynamicID folder's manifest")
+    if not os.path.isfile(manifest):
+        hint = (" — official .bin checkpoints must be converted first: python -m infer.convert --saa SAA.bin "
+                "[--imr IMR.bin] --unet-config … --out DIR") if os.path.isdir(path) else ""
+        raise FileNotFoundError(f"{path} is not a converted DynamicID folder (no {MANIFEST}){hint}")
+    with open(manifest) as f:
+        meta = json.load(f)
+    if meta.get("format") != FOLDER_FORMAT:
+        raise km.WeightLoadError(f"{manifest}: unknown format {meta.get('format')!r} (expected {FOLDER_FORMAT!r})")
+    id_cfg, id_params = official.load_converted(path, "id_encoder")
+    with open(os.path.join(path, "saa.json")) as f:
+        saa_meta = json.load(f)
+    strategy = saa_mod.SAA(**saa_meta["strategy"])
+    unet_config = UNetConfig.from_dict(saa_meta["unet_config"], source=os.path.join(path, "saa.json"))
+    flat = km.read_safetensors(os.path.join(path, "saa.safetensors"))
+    _check_shapes(flat, _saa_shapes(strategy, unet_config), os.path.join(path, "saa.safetensors"))
+    saa_params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    weights = DynamicIDWeights(id_cfg, id_params, strategy, unet_config, saa_params)
+    recorded = meta.get("backbone")  # folders written before SDXL support have none: SD1.x, as their UNet says
+    if recorded is not None and recorded != weights.backbone:
+        raise km.WeightLoadError(f"{manifest} says backbone {recorded!r}, but its SAA weights belong to a "
+                                 f"{weights.backbone} UNet")
+    if "imr" in meta.get("parts", []):
+        weights.imr_config, weights.imr_params = official.load_converted(path, "imr")
+        weights.keypoint_encoder_config, weights.keypoint_encoder_variables = official.load_converted(
+            path, "keypoint_encoder")
+    return weights
+
+
+def check_saa_shapes(saa_params: Any, strategy: saa_mod.SAA, unet_config: UNetConfig, what: str) -> None:
+    """Every SAA key and shape of ``saa_params`` against what ``strategy`` builds on ``unet_config`` (``what``
+    names the weights in the error)."""
+    _check_shapes(_flat(saa_params), _saa_shapes(strategy, unet_config), what)
