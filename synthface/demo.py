@@ -105,7 +105,7 @@ PRESETS: dict[str, dict] = {
     },
     "quick": {
         "synthface": {"identities": 4, "heldout": 2, "scenes": 2, "pairs": 4, "size": 64, "seed": 0},
-        "face_models": {"steps_scale": 0.15},
+        "face_models": {"steps_scale": 0.15, "steps": {"image_encoder": 30}},  # its quality is not checked here
         "base": "quick",
         "stage1": ["train.steps=2", "checkpoint.every=2", "data.batch_size=2", "train.log_every=1"],
         "stage2": ["train.steps=2", "checkpoint.every=2", "data.num_targets=2", "train.log_every=1"],
@@ -172,7 +172,8 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     def face_models(folder):
         from synthface.train_models import train_all
 
-        metrics = train_all(data, folder, steps_scale=preset["face_models"]["steps_scale"], progress=progress)
+        metrics = train_all(data, folder, steps_scale=preset["face_models"]["steps_scale"],
+                            steps=preset["face_models"].get("steps"), progress=progress)
         return {k: metrics.get(k) for k in ("recognizer", "eval_recognizer", "face_classifier")}
 
     def build(folder):

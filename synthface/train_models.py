@@ -24,7 +24,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,9 +68,11 @@ def _pair_canvases(images: np.ndarray, boxes: np.ndarray, rng: np.random.Generat
     return canvases, [np.stack([boxes[a], boxes[b] + shift]) for a, b in order]
 
 
-def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Sequence[str] | None = None,
+def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, steps: Mapping[str, int] | None = None,
+              only: Sequence[str] | None = None,
               seed: int = 0, progress: bool = True, evaluate_after: bool = True) -> dict[str, Any]:
-    """Train the models (all, or ``only``) on ``data_dir``'s training split into ``out_dir``; returns metrics."""
+    """Train the models (all, or ``only``) on ``data_dir``'s training split into ``out_dir``; returns metrics.
+    Each model trains :data:`STEPS` × ``steps_scale`` steps unless ``steps`` names its count."""
     from synthface.evaluation.classifiers import ClassifierConfig, train_classifier, train_eval_recognizer
     from synthface.faces.detector import train_detector, train_landmarker
     from synthface.faces.recognizer import train_recognizer
@@ -80,7 +82,10 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, only: Se
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown model names {unknown}; choose from {list(MODELS)}")
-    steps = {k: max(1, int(round(v * steps_scale))) for k, v in STEPS.items()}
+    unknown_steps = sorted(set(steps or {}) - set(MODELS))
+    if unknown_steps:
+        raise ValueError(f"steps: unknown model names {unknown_steps}; choose from {list(MODELS)}")
+    steps = {**{k: max(1, int(round(v * steps_scale))) for k, v in STEPS.items()}, **dict(steps or {})}
     images, records = load_split(data_dir, "train")
     arr = _arrays(records)
     ident, _ = _labels(records, lambda r: r["identity"])

@@ -550,6 +550,7 @@ def test_debug_shows_the_traceback(env, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- signals
+@pytest.mark.slow  # kept out of the default run for its 10-minute budget (make test-slow runs it)
 def test_ctrl_c_during_sampling_stops_between_chunks(env, capsys, monkeypatch):
     """SIGINT while the tiny model samples: the run stops at the next chunk boundary, exits 130 with one line,
     and nothing is written at --out."""

@@ -628,6 +628,7 @@ def test_clip_t_needs_both_projections(method_weights):
         M.ClipScorer.from_pretrained(os.path.join(method_weights["dynamicid"], "image_encoder"))
 
 
+@pytest.mark.slow  # kept out of the default run for its 10-minute budget (make test-slow runs it)
 def test_real_suite_end_to_end_on_tiny_models(method_weights, clip_dir, tmp_path):
     """--suite real with dlib (real weights), real face photos as references, an untrained DynamicID for 128-d
     dlib embeddings and the tiny CLIP: every file, CLIP-T in [-1, 1], no expression accuracy (no classifier).

@@ -47,6 +47,7 @@ def test_deterministic_per_seed_and_compiles_once(sd):
     assert sd.num_compiled == compiled + 1
 
 
+@pytest.mark.slow  # kept out of the default run for its 10-minute budget (make test-slow runs it)
 def test_schedulers_selectable(tiny_sd_dir):
     for kind in ("dpm++2m", "euler"):
         img = StableDiffusion.from_pretrained(tiny_sd_dir, scheduler=kind).generate(

@@ -163,6 +163,7 @@ def _module_path(name: str) -> str:
     return "/".join(out)
 
 
+@pytest.mark.slow  # kept out of the default run for its 10-minute budget (make test-slow runs it)
 def test_dynamicid_on_sdxl(dynamicid, xl, plain):
     """DynamicID from an SDXL folder + an SDXL DynamicID folder (as the trainers export it): SAA's LoRA on every
     SDXL attention layer and its ID branch on every cross-attention, one gate map per cross-attention; id_scale=0
@@ -257,6 +258,7 @@ def _same_image(a, b, what):
     assert diff.max() <= 1 and np.mean(diff > 0) < 2e-3, f"{what}: max diff {diff.max()}, {np.mean(diff > 0):.2%}"
 
 
+@pytest.mark.slow  # the default run keeps DynamicID on SDXL; make test-slow runs both methods
 def test_infinite_id_on_sdxl(xl, infinite_id_dir, vision_dir, plain):
     """Infinite-ID on the loaded SDXL: the text stream is plain StableDiffusionXL, and so is the ID stream with λ = 0
     and mixing off (up to float32 rounding: :func:`_same_image`); with λ = 1 and mixed attention + AdaIN-mean on
@@ -276,6 +278,7 @@ def test_infinite_id_on_sdxl(xl, infinite_id_dir, vision_dir, plain):
     assert pipe.num_compiled == 1
 
 
+@pytest.mark.slow
 def test_cli_methods_on_sdxl(xl, xl_dir, dynamicid_dir, infinite_id_dir, vision_dir, tmp_path, monkeypatch):
     """``infer.generate --model SDXL --method dynamicid|infinite-id`` picks the SDXL backbone from the folder and
     writes the PNGs (gate overlay and text stream too). To keep the suite fast the folder's loader hands out the

@@ -130,6 +130,7 @@ class ExtraTokenCrossAttention:
         return proj.out(attn.merge_heads(h_txt + inputs["scale"] * h_x))
 
 
+@pytest.mark.slow  # kept out of the default run for its 10-minute budget (make test-slow runs it)
 def test_strategy_plugs_in_without_copying_the_unet():
     config = U.UNetConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
                           attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
