@@ -81,13 +81,7 @@ def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tup
 
 
 def _check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    wrong = sorted(f"{k}: {tuple(flat[k].shape)} != {expected[k]}" for k in set(flat) & set(expected)
-                   if tuple(flat[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise km.WeightLoadError(f"{source} does not fit its UNet: missing {missing[:10]}, unexpected "
-                                 f"{unexpected[:10]}, wrong shape {wrong[:10]}")
+    km.check_flat_shapes(flat, expected, source, "its UNet")
 
 
 def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:

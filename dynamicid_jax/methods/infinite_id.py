@@ -566,13 +566,7 @@ def _expected(encoder_config: InfiniteIDEncoderConfig, unet_config) -> dict[str,
 
 
 def _check(flat, expected, source):
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    wrong = sorted(f"{k}: {tuple(flat[k].shape)} != {expected[k]}" for k in set(flat) & set(expected)
-                   if tuple(flat[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise km.WeightLoadError(f"{source} does not match the Infinite-ID encoder config / UNet: missing "
-                                 f"{missing[:10]}, unexpected {unexpected[:10]}, wrong shape {wrong[:10]}")
+    km.check_flat_shapes(flat, expected, source, "the Infinite-ID encoder config / UNet")
 
 
 def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encoder_params, id_params,

@@ -161,6 +161,20 @@ def export_state_dict(params: Params, keymap: KeyMap) -> dict[str, np.ndarray]:
     return out
 
 
+def check_flat_shapes(flat: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str,
+                      what: str = "its config") -> None:
+    """Every key of ``expected`` present in ``flat`` with exactly that shape, and nothing else; otherwise one
+    :class:`WeightLoadError` naming ``source`` and listing the first missing / unexpected / wrong-shape keys
+    (``"{source} does not match {what}: …"``). The one shape check of every weights format we write."""
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(f"{k}: {tuple(np.shape(flat[k]))} != {tuple(expected[k])}" for k in set(flat) & set(expected)
+                   if tuple(np.shape(flat[k])) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        raise WeightLoadError(f"{source} does not match {what}: missing {missing[:20]}, unexpected "
+                              f"{unexpected[:20]}, wrong shape {wrong[:20]}")
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Read a ``.safetensors`` file into numpy arrays (no torch); bf16/fp16 tensors are widened to fp32."""
     from safetensors.numpy import load_file

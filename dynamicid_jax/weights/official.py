@@ -47,7 +47,7 @@ from flax import traverse_util
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr as imr_mod
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights.keymap import WeightLoadError
+from dynamicid_jax.weights.keymap import WeightLoadError, check_flat_shapes
 
 __all__ = [
     "UnsafeCheckpointError", "safe_torch_load", "read_saa_bin",
@@ -487,13 +487,7 @@ def load_converted(out_dir: str, name: str) -> tuple[Any, dict]:
 
 
 def _check_tree(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    wrong = sorted(f"{k}: {tuple(flat[k].shape)} != {expected[k]}" for k in set(flat) & set(expected)
-                   if tuple(flat[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise WeightLoadError(f"{source} does not match its config: missing {missing[:20]}, unexpected "
-                              f"{unexpected[:20]}, wrong shape {wrong[:20]}")
+    check_flat_shapes(flat, expected, source)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
