@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .background import BackgroundJob
 from .dataset import load_index, load_split
 
 MODELS = ("recognizer", "eval_recognizer", "detector", "landmarker", "face_classifier", "scene_classifier",
@@ -97,7 +97,7 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, steps: M
     # has its own seed and XLA programs); CPU seconds are then the whole process's, both jobs together.
     image_encoder_job = None
     if "image_encoder" in names:
-        image_encoder_job = _BackgroundJob(lambda: _train_image_encoder(
+        image_encoder_job = BackgroundJob(lambda: _train_image_encoder(
             data_dir, images, records, index, ident, steps["image_encoder"], seed, progress,
             os.path.join(out_dir, "image_encoder")))
 
@@ -145,30 +145,6 @@ def train_all(data_dir: str, out_dir: str, *, steps_scale: float = 1.0, steps: M
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     return result
-
-
-class _BackgroundJob:
-    """``fn()`` in a daemon thread (an interrupted run does not wait for it); :meth:`result` joins and returns
-    its value or re-raises its exception."""
-
-    def __init__(self, fn):
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-        def target():
-            try:
-                self._value = fn()
-            except BaseException as err:  # handed to the joining thread
-                self._error = err
-
-        self._thread = threading.Thread(target=target, daemon=True)
-        self._thread.start()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _train_image_encoder(data_dir, images, records, index, ident, steps, seed, progress, folder) -> dict:

@@ -80,10 +80,6 @@ def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tup
     return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
 
 
-def _check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:
-    km.check_flat_shapes(flat, expected, source, "its UNet")
-
-
 def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
     """Write the converted folder (layout in the module docstring) atomically: everything goes to a temporary
     sibling folder that is renamed to ``out_dir`` at the end. ``overwrite=True`` replaces an existing folder."""
@@ -94,7 +90,8 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
     with atomic_folder(out_dir, replace=True) as tmp:
         official.save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
         flat = _flat(weights.saa_params)
-        _check_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params")
+        km.check_flat_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params",
+                             what="its UNet")
         km.write_safetensors(flat, os.path.join(tmp, "saa.safetensors"), metadata={"format": FOLDER_FORMAT})
         _write_json(os.path.join(tmp, "saa.json"), {"format": FOLDER_FORMAT, "kind": "SAA",
                                                     "strategy": dataclasses.asdict(weights.saa),
@@ -156,7 +153,8 @@ def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
     strategy = saa_mod.SAA(**saa_meta["strategy"])
     unet_config = UNetConfig.from_dict(saa_meta["unet_config"], source=os.path.join(path, "saa.json"))
     flat = km.read_safetensors(os.path.join(path, "saa.safetensors"))
-    _check_shapes(flat, _saa_shapes(strategy, unet_config), os.path.join(path, "saa.safetensors"))
+    km.check_flat_shapes(flat, _saa_shapes(strategy, unet_config), os.path.join(path, "saa.safetensors"),
+                         what="its UNet")
     saa_params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     weights = DynamicIDWeights(id_cfg, id_params, strategy, unet_config, saa_params)
     recorded = meta.get("backbone")  # folders written before SDXL support have none: SD1.x, as their UNet says
@@ -173,4 +171,4 @@ def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
 def check_saa_shapes(saa_params: Any, strategy: saa_mod.SAA, unet_config: UNetConfig, what: str) -> None:
     """Every SAA key and shape of ``saa_params`` against what ``strategy`` builds on ``unet_config`` (``what``
     names the weights in the error)."""
-    _check_shapes(_flat(saa_params), _saa_shapes(strategy, unet_config), what)
+    km.check_flat_shapes(_flat(saa_params), _saa_shapes(strategy, unet_config), source=what, what="its UNet")

@@ -565,17 +565,14 @@ def _expected(encoder_config: InfiniteIDEncoderConfig, unet_config) -> dict[str,
     return out
 
 
-def _check(flat, expected, source):
-    km.check_flat_shapes(flat, expected, source, "the Infinite-ID encoder config / UNet")
-
-
 def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encoder_params, id_params,
                      unet_config) -> str:
     """Write ``<folder>/infinite_id.safetensors`` (keys ``encoder/…`` and ``unet/…/to_k_id/kernel``) and
     ``infinite_id.json`` (format + encoder config + the UNet's cross-attention width), atomically, JSON last."""
     flat = {**{f"encoder/{k}": v for k, v in _flat(encoder_params).items()},
             **{f"unet/{k}": v for k, v in _flat(id_params).items()}}
-    _check(flat, _expected(encoder_config, unet_config), f"save_infinite_id({folder})")
+    km.check_flat_shapes(flat, _expected(encoder_config, unet_config), f"save_infinite_id({folder})",
+                         what="the Infinite-ID encoder config / UNet")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors")
     km.write_safetensors(flat, path, metadata={"format": _FORMAT})
@@ -606,6 +603,7 @@ def load_infinite_id(folder: str, unet_config) -> tuple[InfiniteIDEncoderConfig,
                                  f"{meta.get('cross_attention_dim')}, but this UNet has "
                                  f"{unet_config.cross_attention_dim}")
     flat = km.read_safetensors(weights_path)
-    _check(flat, _expected(config, unet_config), weights_path)
+    km.check_flat_shapes(flat, _expected(config, unet_config), weights_path,
+                         what="the Infinite-ID encoder config / UNet")
     tree = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
     return config, tree["encoder"], tree["unet"]

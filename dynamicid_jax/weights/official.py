@@ -458,7 +458,7 @@ def save_converted(params, config, out_dir: str, *, name: str | None = None) -> 
     flat = {"/".join(k): np.asarray(jax.device_get(v))
             for k, v in traverse_util.flatten_dict(_unbox(dict(params))).items()}
     expected = _expected_flat_shapes(config)
-    _check_tree(flat, expected, f"save_converted({name})")
+    check_flat_shapes(flat, expected, f"save_converted({name})")
     os.makedirs(out_dir, exist_ok=True)
     weights_path = os.path.join(out_dir, f"{name}.safetensors")
     km.write_safetensors(flat, weights_path, metadata={"format": _FORMAT, "config_kind": kind})
@@ -482,12 +482,8 @@ def load_converted(out_dir: str, name: str) -> tuple[Any, dict]:
                               f"(format {meta.get('format')!r}, kind {meta.get('kind')!r})")
     config = _CONFIG_KINDS[meta["kind"]][0].from_dict(meta["config"])
     flat = km.read_safetensors(weights_path)
-    _check_tree(flat, _expected_flat_shapes(config), weights_path)
+    check_flat_shapes(flat, _expected_flat_shapes(config), weights_path)
     return config, traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-
-
-def _check_tree(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    check_flat_shapes(flat, expected, source)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import threading
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -267,33 +267,11 @@ def _generate_all(methods: Sequence[str], pipes: dict[str, Any], requests: Seque
             log(f"[eval] {method}: generated in {gen_s:.1f} s")
 
     lanes = _lanes(methods, cost, workers)
-    jobs = [_LaneThread(lane, names) for names in lanes[1:]]
+    jobs = [BackgroundJob(functools.partial(lane, names)) for names in lanes[1:]]
     lane(lanes[0])
     for job in jobs:
-        job.join()
+        job.result()
     return out
-
-
-class _LaneThread:
-    """``fn(names)`` in a daemon thread (an interrupted evaluation does not wait for it); :meth:`join` re-raises
-    its exception."""
-
-    def __init__(self, fn: Callable[[list[str]], None], names: list[str]):
-        self._error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                fn(names)
-            except BaseException as err:  # handed to the joining thread
-                self._error = err
-
-        self._thread = threading.Thread(target=target, daemon=True, name=f"eval {'+'.join(names)}")
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _load_rgb(path: str) -> np.ndarray:
