@@ -91,6 +91,35 @@ def test_keymap_round_trip(tiny_unet_dir, loaded):
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
+def test_weights_are_read_and_placed_tensor_by_tensor(tiny_unet_dir, monkeypatch):
+    """A folder's weights are opened lazily (only headers at first); loading reads each tensor exactly once and
+    places it before the next one is read, so host memory never holds the whole checkpoint twice; the placed
+    params equal the eager read of the file."""
+    from safetensors.numpy import load_file
+
+    events = []
+    real_getitem = km.LazyStateDict.__getitem__
+
+    def recording_getitem(self, key):
+        events.append(("read", key))
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(km.LazyStateDict, "__getitem__", recording_getitem)
+    path = os.path.join(tiny_unet_dir[0], "diffusion_pytorch_model.safetensors")
+    state = km.LazyStateDict(path)
+    assert events == [] and len(state) > 100
+    with open(os.path.join(tiny_unet_dir[0], "config.json")) as f:
+        module = U.UNet2DConditionModel(U.UNetConfig.from_dict(json.load(f)))
+    placed = km.load_state_dict(state, U.UNET_KEYMAP, U.abstract_params(module), source=path,
+                                place=lambda x: events.append(("place", x.shape)) or x)
+    kinds = [e[0] for e in events]
+    assert kinds == ["read", "place"] * len(state)
+    assert sorted(e[1] for e in events if e[0] == "read") == sorted(state)
+    exported = km.export_state_dict(placed, U.UNET_KEYMAP)
+    for key, value in load_file(path).items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
 def test_attention_order_matches_diffusers(tiny_unet_dir):
     model = tiny_unet_dir[1]
     theirs = [k.removesuffix(".processor") for k in model.attn_processors]

@@ -26,7 +26,7 @@ import numpy as np
 from dynamicid_jax.models.clip_config import CLIPTextConfig, CLIPVisionConfig, text_config, vision_config
 from dynamicid_jax.models.layers import Dtype, activation, conv, dense, dot_product_attention, embed, layer_norm
 from dynamicid_jax.weights import folders
-from dynamicid_jax.weights.keymap import KeyMap, load_state_dict
+from dynamicid_jax.weights.keymap import KeyMap, RenamedStateDict, load_state_dict
 
 SEQ_AXES = ("activation_batch", "activation_length", "activation_embed")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -242,35 +242,36 @@ _TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 def canonical_text_state(state: Mapping[str, np.ndarray], *,
-                         keep_projection: bool = False) -> dict[str, np.ndarray]:
-    """Text-tower keys in the ``text_model.*`` layout of :data:`TEXT_KEYMAP`.
+                         keep_projection: bool = False) -> Mapping[str, np.ndarray]:
+    """Text-tower keys in the ``text_model.*`` layout of :data:`TEXT_KEYMAP` (a view: values are read from
+    ``state`` when accessed).
 
     transformers ≥ 5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix; SD checkpoints written by
     older versions (and full CLIPModel files) have it. Keys of the vision tower / projections are dropped.
     """
     prefixed = any(k.startswith("text_model.") for k in state)
-    out = {}
-    for key, value in state.items():
+
+    def rename(key: str) -> str | None:
         if _NOT_TEXT.match(key) and not (keep_projection and key.startswith("text_projection.")):
-            continue
-        if not prefixed and key.startswith(_TEXT_ROOTS):
-            key = "text_model." + key
-        out[key] = value
-    return out
+            return None
+        return "text_model." + key if not prefixed and key.startswith(_TEXT_ROOTS) else key
+
+    return RenamedStateDict(state, rename)
 
 
-def canonical_vision_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Vision-tower + ``visual_projection`` keys; text-tower keys of a full CLIPModel file are dropped."""
-    return {k: v for k, v in state.items() if not _NOT_VISION.match(k)}
+def canonical_vision_state(state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """Vision-tower + ``visual_projection`` keys; text-tower keys of a full CLIPModel file are dropped (a view)."""
+    return RenamedStateDict(state, lambda k: None if _NOT_VISION.match(k) else k)
 
 
-def read_weights(folder: str | os.PathLike, variant: str | None = None) -> dict[str, np.ndarray]:
+def read_weights(folder: str | os.PathLike, variant: str | None = None) -> Mapping[str, np.ndarray]:
     """All tensors of ``model[.variant].safetensors`` or of the shards listed by ``model.safetensors.index.json``."""
     return folders.read_weights(folder, "model", variant=variant)[0]
 
 
-def _to_device(tree, param_dtype: Dtype):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=param_dtype), tree)
+def _placer(param_dtype: Dtype):
+    """Each loaded leaf becomes a device array of ``param_dtype`` as soon as it is converted."""
+    return lambda x: jnp.asarray(x, dtype=param_dtype)
 
 
 def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], config: CLIPTextConfig | Mapping[str, Any], *,
@@ -289,8 +290,8 @@ def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], config: CLIPTe
     abstract = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1, config.max_position_embeddings), jnp.int32))["params"]
     params = load_state_dict(canonical_text_state(state, keep_projection=with_projection), text_keymap(model),
-                             abstract, source=source)
-    return model, _to_device(params, param_dtype)
+                             abstract, source=source, place=_placer(param_dtype))
+    return model, params
 
 
 def is_projection_config(config: Any) -> bool:
@@ -328,8 +329,8 @@ def load_image_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, p
     dummy = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
     state = canonical_vision_state(read_weights(folder, variant))
-    params = load_state_dict(state, VISION_KEYMAP, abstract, source=str(folder))
-    return model, _to_device(params, param_dtype)
+    params = load_state_dict(state, VISION_KEYMAP, abstract, source=str(folder), place=_placer(param_dtype))
+    return model, params
 
 
 def save_image_encoder(folder: str | os.PathLike, module: CLIPVisionModelWithProjection, params: Any) -> str:

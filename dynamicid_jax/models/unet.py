@@ -395,5 +395,5 @@ def unet_from_state_dict(state, config: UNetConfig, *, dtype=jnp.float32, strate
                          source: str = "state dict") -> tuple[UNet2DConditionModel, dict]:
     """Build the UNet for ``config`` and load a diffusers-named state dict (numpy arrays) into it."""
     module = UNet2DConditionModel(config, strategy=strategy, dtype=dtype)
-    params = km.load_state_dict(state, UNET_KEYMAP, abstract_params(module), source=source)
-    return module, jax.tree_util.tree_map(jnp.asarray, params)
+    params = km.load_state_dict(state, UNET_KEYMAP, abstract_params(module), source=source, place=jnp.asarray)
+    return module, params

@@ -457,13 +457,15 @@ _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 _LEGACY_RE = re.compile(r"^(.*\.mid_block\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 
 
-def rename_legacy_attention_keys(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename old diffusers VAE attention keys (``query``/``key``/``value``/``proj_attn``) to the current ones."""
-    out = {}
-    for key, value in state.items():
+def rename_legacy_attention_keys(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Rename old diffusers VAE attention keys (``query``/``key``/``value``/``proj_attn``) to the current ones
+    (a view: values are read from ``state`` when accessed)."""
+
+    def rename(key: str) -> str:
         m = _LEGACY_RE.match(key)
-        out[f"{m.group(1)}{_LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}" if m else key] = value
-    return out
+        return f"{m.group(1)}{_LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}" if m else key
+
+    return km.RenamedStateDict(state, rename)
 
 
 def abstract_params(vae: AutoencoderKL) -> Any:
@@ -487,8 +489,8 @@ def vae_from_state_dict(state: Mapping[str, Any], config: VAEConfig | Mapping[st
         config = VAEConfig.from_dict(config, source=f"{source} config")
     vae = AutoencoderKL(config, dtype=dtype)
     params = km.load_state_dict(rename_legacy_attention_keys(state), VAE_KEYMAP, abstract_params(vae),
-                                source=source)
-    return vae, jax.tree_util.tree_map(jnp.asarray, params)
+                                source=source, place=jnp.asarray)
+    return vae, params
 
 
 def export_vae_state_dict(params: Any) -> dict[str, np.ndarray]:

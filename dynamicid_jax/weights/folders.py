@@ -9,9 +9,8 @@ import os
 import re
 from typing import Any
 
-import numpy as np
 
-from dynamicid_jax.weights.keymap import WeightLoadError, read_safetensors
+from dynamicid_jax.weights.keymap import LazyStateDict, WeightLoadError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FOREIGN_WEIGHTS = (".bin", ".pt", ".ckpt", ".h5", ".msgpack")
@@ -66,15 +65,16 @@ def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict[st
 
 
 def read_weights(folder: str | os.PathLike, stem: str, *,
-                 variant: str | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """Read ``{stem}[.{variant}].safetensors`` or its sharded form (``….safetensors.index.json``).
+                 variant: str | None = None) -> tuple[LazyStateDict, str]:
+    """Open ``{stem}[.{variant}].safetensors`` or its sharded form (``….safetensors.index.json``).
 
-    Returns the state dict and the file it came from (for error messages)."""
+    Returns the state dict — a :class:`~dynamicid_jax.weights.keymap.LazyStateDict` that reads each tensor when it
+    is accessed — and the file it came from (for error messages)."""
     folder = os.fspath(folder)
     name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
     single, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
     if os.path.isfile(single):
-        return read_safetensors(single), single
+        return LazyStateDict(single), single
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
@@ -82,13 +82,11 @@ def read_weights(folder: str | os.PathLike, stem: str, *,
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from e
-        state: dict[str, np.ndarray] = {}
-        for shard in shards:
-            shard_path = os.path.join(folder, shard)
+        paths = [os.path.join(folder, shard) for shard in shards]
+        for shard, shard_path in zip(shards, paths):
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"{index} lists shard {shard}, which is missing from {folder}")
-            state.update(read_safetensors(shard_path))
-        return state, index
+        return LazyStateDict(paths), index
     present = sorted(os.listdir(folder))
     foreign = [p for p in present if p.endswith(_FOREIGN_WEIGHTS)]
     if foreign:

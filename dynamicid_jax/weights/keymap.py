@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Mapping
 
 import jax
@@ -116,12 +117,14 @@ def _unbox(tree):
 
 
 def load_state_dict(state: Mapping[str, np.ndarray], keymap: KeyMap, abstract_params: Params, *,
-                    source: str, dtype=np.float32) -> dict:
+                    source: str, dtype=np.float32, place: Callable[[np.ndarray], Any] | None = None) -> dict:
     """Map a torch-named ``state`` onto the Flax tree described by ``abstract_params``.
 
     ``abstract_params`` is the (possibly boxed) output of ``jax.eval_shape(model.init, ...)["params"]``.
-    Raises :class:`WeightLoadError` naming ``source`` and listing the first 20 missing / unexpected /
-    wrong-shape keys.
+    ``place`` (e.g. ``jnp.asarray``) is applied to each converted leaf as soon as it exists, so with a
+    :class:`LazyStateDict` at most one tensor is held in host memory besides the placed params (a full-size SDXL
+    UNet is 10 GB in fp32). Each tensor of ``state`` is read once. Raises :class:`WeightLoadError` naming
+    ``source`` and listing the first 20 missing / unexpected / wrong-shape keys.
     """
     expected = _flat_shapes(abstract_params)
     by_torch = {keymap.torch_key(path): path for path in expected}
@@ -133,13 +136,15 @@ def load_state_dict(state: Mapping[str, np.ndarray], keymap: KeyMap, abstract_pa
     for key, path in by_torch.items():
         if key not in state:
             continue
-        value = np.asarray(state[key])
-        value = torch_to_flax_array(path[-1], value, expected[path])
+        raw = np.asarray(state[key])
+        value = torch_to_flax_array(path[-1], raw, expected[path])
         if tuple(value.shape) != expected[path]:
-            wrong_shape.append(f"{key}: file {tuple(np.asarray(state[key]).shape)}, model expects "
+            wrong_shape.append(f"{key}: file {tuple(raw.shape)}, model expects "
                                f"{expected[path]} (Flax {'/'.join(path)})")
             continue
-        flat[path] = np.ascontiguousarray(value, dtype=dtype)
+        del raw
+        value = np.ascontiguousarray(value, dtype=dtype)
+        flat[path] = place(value) if place is not None and not (missing or unexpected or wrong_shape) else value
     if missing or unexpected or wrong_shape:
         msg = [f"weights in {source} do not match the model:"]
         if missing:
@@ -187,6 +192,71 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise WeightLoadError(f"{path} is not a readable .safetensors file: {e}") from e
     return {k: (v.astype(np.float32) if v.dtype != np.float32 and v.dtype.kind == "f" else v)
             for k, v in state.items()}
+
+
+class LazyStateDict(Mapping[str, np.ndarray]):
+    """The tensors of one or more ``.safetensors`` files (a sharded checkpoint), read one at a time on access.
+
+    Like :func:`read_safetensors`, non-fp32 float tensors are widened to fp32. Only the headers are read when it
+    is built; each ``state[key]`` reads that tensor from disk (the files are memory-mapped), so a loader that
+    converts and places tensor by tensor never holds the whole checkpoint in host memory."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        from safetensors import safe_open
+
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        for path in [paths] if isinstance(paths, str) else list(paths):
+            try:
+                handle = safe_open(path, framework="numpy")
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+                raise WeightLoadError(f"{path} is not a readable .safetensors file: {e}") from e
+            self._handles[path] = handle
+            self._where.update(dict.fromkeys(handle.keys(), path))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        path = self._where[key]
+        try:
+            value = self._handles[path].get_tensor(key)
+        except Exception as e:
+            raise WeightLoadError(f"{path}: tensor {key!r} cannot be read: {e}") from e
+        return value.astype(np.float32) if value.dtype != np.float32 and value.dtype.kind == "f" else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+
+class RenamedStateDict(Mapping[str, Any]):
+    """A view of ``state`` with keys renamed by ``rename`` (``None`` drops a key); values are read from ``state``
+    only when accessed, so renaming keeps a :class:`LazyStateDict` lazy."""
+
+    def __init__(self, state: Mapping[str, Any], rename: Callable[[str], str | None]):
+        self._state = state
+        self._old: dict[str, str] = {}
+        for key in state:
+            new = rename(key)
+            if new is not None:
+                self._old[new] = key
+
+    def __getitem__(self, key: str) -> Any:
+        return self._state[self._old[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._old)
+
+    def __len__(self) -> int:
+        return len(self._old)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._old
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:

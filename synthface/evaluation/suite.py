@@ -55,11 +55,12 @@ from dynamicid_jax.eval.runner import (
 from dynamicid_jax.eval.scores import score_outputs
 from synthface import dataset as sf_data
 from synthface import world
+from synthface.background import BackgroundJob
 from synthface.evaluation.baselines import synthface_baselines
 from synthface.evaluation.scorer import SynthFaceScorer
 from synthface.evaluation.targets import protocol_sizing, synthface_targets
 
-__all__ = ["METHODS", "INFINITE_ID_METHODS", "DEFAULT_METHODS", "Protocol", "Request", "synthface_requests",
+__all__ = ["METHODS", "INFINITE_ID_METHODS", "Protocol", "Request", "synthface_requests",
            "load_pipelines", "generate", "run_method", "score_outputs", "synthface_baselines", "synthface_targets",
            "protocol_sizing", "preview_grids", "run_synthface"]
 
