@@ -2,8 +2,9 @@
 diffusers / transformers in fp32, ≤ 1e-4 relative (plus a small absolute floor for values near zero).
 
 Memory: the UNet test writes the torch model as a diffusers folder, frees it, then loads the folder tensor by tensor
-(``LazyStateDict`` + ``place``), so it never holds two copies of the 10 GB of fp32 weights; the bigG text encoder
-≈ 9 GB, CLIP-L and the VAE ≈ 2 GB. Each test builds its own models."""
+(``LazyStateDict`` + ``place``), so the two 10 GB fp32 copies are never alive together (measured peak RSS 21 GB,
+2 min 25 s on a 2-core, 24 GB machine); the bigG text encoder ≈ 9 GB, CLIP-L and the VAE ≈ 2 GB. Each test builds
+its own models."""
 import gc
 
 import jax

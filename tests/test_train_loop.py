@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
 from jax.sharding import PartitionSpec as P
 
 from dynamicid_jax import sharding as sh
@@ -277,6 +278,47 @@ def test_shipped_configs_load():
         defaults = importlib.import_module(module).DEFAULTS
         cfg = load_config(f, ["workdir=/tmp/x"], defaults=defaults)
         assert cfg.workdir == "/tmp/x" and (stage == "stage0" or cfg.optimizer.lr > 0)
+
+
+def test_stage_defaults_are_yaml_files_beside_the_experiment_configs(tmp_path, monkeypatch):
+    """Each stage's ``DEFAULTS`` is its file in ``train/configs/defaults/`` plus the shared ``training.yaml``
+    sections; no default is a string that reads as a number (PyYAML reads ``1e-4`` as a string); a missing or
+    clashing default file is a one-line ``ConfigError`` naming it."""
+    import importlib
+
+    from train import config as C
+
+    shared = C.training_defaults()
+    assert set(shared) == {"train", "optimizer", "checkpoint", "mesh"}
+    for name in ("stage1", "stage2", "infinite_id"):
+        module = importlib.import_module(f"train.{name}")
+        with open(os.path.join(C.DEFAULTS_DIR, f"{name}.yaml"), encoding="utf-8") as f:
+            own = yaml.safe_load(f)
+        assert module.DEFAULTS == {**own, **shared}
+
+    def numeric_strings(tree, where=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from numeric_strings(value, f"{where}{key}.")
+            elif isinstance(value, str):
+                try:
+                    float(value)
+                except ValueError:
+                    continue
+                yield f"{where}{key}={value!r}"
+
+    for name in ("training", "stage1", "stage2", "infinite_id"):
+        with open(os.path.join(C.DEFAULTS_DIR, f"{name}.yaml"), encoding="utf-8") as f:
+            assert list(numeric_strings(yaml.safe_load(f))) == [], name
+    assert isinstance(shared["optimizer"]["lr"], float) and isinstance(shared["optimizer"]["eps"], float)
+
+    monkeypatch.setattr(C, "DEFAULTS_DIR", str(tmp_path))
+    with pytest.raises(C.ConfigError, match="stage1.yaml is missing"):
+        C.stage_defaults("stage1")
+    (tmp_path / "training.yaml").write_text("train: {steps: 1}\n")
+    (tmp_path / "stage1.yaml").write_text("workdir: ''\ntrain: {steps: 2}\n")
+    with pytest.raises(C.ConfigError, match=r"redefines the shared sections \['train'\]"):
+        C.stage_defaults("stage1")
 
 
 def test_analytic_unet_flops():

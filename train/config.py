@@ -1,6 +1,8 @@
 """Experiment configs: one YAML file per experiment (``train/configs/``), overridable from the command line.
 
-A config is a nested mapping. Each stage module owns a ``DEFAULTS`` dict; the YAML file is merged over it and
+A config is a nested mapping. Each stage's defaults are a YAML file of their own beside the experiment configs
+(``train/configs/defaults/``, read by :func:`stage_defaults` into the stage module's ``DEFAULTS``); the
+experiment's YAML file is merged over them and
 ``key.sub=value`` overrides are merged over that. An override must name an existing key (typos fail with the
 closest names) and its value is parsed with the type of the value it replaces: ``true/false`` for bools,
 ints, floats, strings as written, and lists / dicts / ``None`` through YAML (``mesh.data=-1``,
@@ -267,6 +269,36 @@ def loader_config(cls, d: Mapping, **extra: Any):
                corrupt_grace=int(d.get("corrupt_grace", 100)), **extra)
 
 
-def training_sections(loop_module) -> dict:
-    return {"train": dict(loop_module.TRAIN_DEFAULTS), "optimizer": dict(loop_module.OPTIMIZER_DEFAULTS),
-            "checkpoint": dict(loop_module.CHECKPOINT_DEFAULTS), "mesh": dict(loop_module.MESH_DEFAULTS)}
+#: the folder of the default configs, beside the experiment configs: ``training.yaml`` (the sections every stage
+#: shares) and one file per stage (``stage1.yaml``, ``stage2.yaml``, ``infinite_id.yaml``)
+DEFAULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "defaults")
+
+
+def _read_yaml_mapping(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"default config {path} is missing (the package is incomplete; reinstall it)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"default config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"default config {path} must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def training_defaults() -> dict[str, Any]:
+    """The sections every stage shares — ``train``, ``optimizer``, ``checkpoint``, ``mesh`` — from
+    ``train/configs/defaults/training.yaml``."""
+    return _read_yaml_mapping(os.path.join(DEFAULTS_DIR, "training.yaml"))
+
+
+def stage_defaults(name: str) -> dict[str, Any]:
+    """A stage's defaults: ``train/configs/defaults/{name}.yaml`` plus the shared sections of ``training.yaml``
+    (a stage file may not redefine them)."""
+    data = _read_yaml_mapping(os.path.join(DEFAULTS_DIR, f"{name}.yaml"))
+    shared = training_defaults()
+    clash = sorted(set(data) & set(shared))
+    if clash:
+        raise ConfigError(f"default config {name}.yaml redefines the shared sections {clash} of training.yaml")
+    return {**data, **shared}

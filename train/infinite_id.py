@@ -32,32 +32,12 @@ from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import loop, models, runs
-from train.config import training_sections
+from train.config import stage_defaults
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "workdir": "",
-    "on_change": "error",  # a workdir run with other settings / inputs: "error" or "restart" (discard it)
-    "model": {
-        "base": "",  # SD1.5 diffusers folder or single .safetensors
-        "image_encoder": "",  # CLIP-H vision folder or "random:<variant>"; "" → data must carry CLIP features
-        "uncond_clip_features": "",  # .npy [1, L, C]: CLIP features of the grey image when image_encoder is ""
-        "encoder_variant": "sd15",
-        "encoder_overrides": {},  # InfiniteIDEncoderConfig fields, e.g. {num_clip_tokens: 32, id_embed_dim: 128}
-        "init_from": "",  # optional: an export folder (infinite_id.safetensors/.json) to start from
-        "dtype": "bfloat16",
-        "remat": None,
-    },
-    "method": {"drop_id": 0.05},
-    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
-             "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
-             "distinct_reference": True, "latents": "auto", "clip": "auto",
-             "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
-             "tokenizer": None},
-    "sample": {"steps": 25, "guidance_scale": 3.0, "size": 512, "count": 2},
-    **training_sections(loop),
-}
+#: the stage's defaults: train/configs/defaults/infinite_id.yaml + the shared sections of training.yaml
+DEFAULTS: dict[str, Any] = stage_defaults("infinite_id")
 
 
 class InfiniteIDStage:

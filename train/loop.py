@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from dynamicid_jax import sharding as sh
 from dynamicid_jax.errors import DynamicIDError
+from train.config import training_defaults
 from train.step import (  # noqa: F401  (the step's pieces, re-exported: train.loop.make_train_step etc.)
     LossFn,
     PyTree,
@@ -90,25 +91,12 @@ class Task:
             raise ValueError("Task: give exactly one of init (a function) and initial ((trainable, mutable))")
 
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "steps": 1000,
-    "accum_steps": 1,
-    "ema_decay": None,  # e.g. 0.999; None = no EMA
-    "log_every": 10,
-    "sample_every": 0,  # 0 = never
-    "progress_bar": True,
-}
-CHECKPOINT_DEFAULTS: dict[str, Any] = {
-    "every": 500,
-    "keep": 3,
-    "async": True,
-}
-OPTIMIZER_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-2, "clip_grad_norm": 1.0,
-    "schedule": "constant", "warmup_steps": 0, "decay_steps": 0, "final_lr_fraction": 0.0,
-}
-MESH_DEFAULTS: dict[str, Any] = {"data": -1, "fsdp": 1, "tensor": 1}
+# the shared sections' defaults live in train/configs/defaults/training.yaml
+_SHARED = training_defaults()
+TRAIN_DEFAULTS: dict[str, Any] = _SHARED["train"]
+CHECKPOINT_DEFAULTS: dict[str, Any] = _SHARED["checkpoint"]
+OPTIMIZER_DEFAULTS: dict[str, Any] = _SHARED["optimizer"]
+MESH_DEFAULTS: dict[str, Any] = _SHARED["mesh"]
 
 
 # =========================================================================================================

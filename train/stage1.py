@@ -40,37 +40,14 @@ from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import loop, models, runs
-from train.config import loader_config, training_sections
+from train.config import loader_config, stage_defaults
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "dynamicid-jax/stage1-export-v1"
 
-DEFAULTS: dict[str, Any] = {
-    "workdir": "",
-    "on_change": "error",  # a workdir run with other settings / inputs: "error" or "restart" (discard it)
-    "model": {
-        "base": "",  # SD1.5 diffusers folder or single .safetensors
-        "image_encoder": "",  # CLIP-H vision folder, or "random:<variant>"; "" → data must carry CLIP features
-        "uncond_clip_features": "",  # .npy [1, L, C]: CLIP features of the grey image when image_encoder is ""
-        "id_encoder_variant": "sd15",
-        "id_encoder_overrides": {},  # IDEncoderConfig fields, e.g. {id_embed_dim: 128} for dlib embeddings
-        "id_encoder_init": "",  # optional: a stage-1 export (.safetensors) to start from
-        "lora_rank": 128,
-        "dtype": "bfloat16",  # compute dtype; params stay fp32
-        "remat": None,  # UNet remat policy: None, "full", "dots", "dots_no_batch", "nothing", "everything"
-    },
-    "method": {"gate": True, "drop_id": 0.05, "drop_text": 0.05, "drop_both": 0.05, "id_scale": 1.0,
-               "face_loss_weight": 0.0},
-    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
-             "shards": "", "batch_size": 8, "resolution": 512, "seed": 0, "worker_count": 0, "read_threads": 4,
-             "distinct_reference": True, "latents": "auto", "clip": "auto",
-             "clip_size": 0,  # CLIP input size; 0 = the image encoder's (224 without one)
-             "tokenizer": None},
-    "sample": {"prompts": ["a photo of a person", "a portrait of a person, oil painting"], "steps": 25,
-               "guidance_scale": 5.0, "size": 512},
-    **training_sections(loop),
-}
+#: the stage's defaults: train/configs/defaults/stage1.yaml + the shared sections of training.yaml
+DEFAULTS: dict[str, Any] = stage_defaults("stage1")
 
 
 @functools.lru_cache(maxsize=4)

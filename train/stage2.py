@@ -48,40 +48,16 @@ from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import loop, models, runs
-from train.config import loader_config, training_sections
+from train.config import loader_config, stage_defaults
 
 log = logging.getLogger(__name__)
 
-FIXED_PROMPT = "portrait, cinematic photo, film, professional, 4k, highly detailed"
 
 EXPORT_FORMAT = "dynamicid-jax/stage2-export-v1"
 
-DEFAULTS: dict[str, Any] = {
-    "workdir": "",
-    "on_change": "error",  # a workdir run with other settings / inputs: "error" or "restart" (discard it)
-    "model": {
-        "base": "",
-        "stage1": "",  # stage-1 export (.safetensors with saa/… and id_encoder/… keys)
-        "image_encoder": "",  # token cache only; "" = the one the stage-1 export names
-        "imr_variant": "sd15",
-        "imr_overrides": {},
-        "keypoint_variant": "sd15",
-        "keypoint_overrides": {},
-        "id_encoder_variant": "sd15",  # only for stage-1 exports without metadata (the token cache's encoder)
-        "id_encoder_overrides": {},
-        "lora_rank": None,  # None = the stage-1 export's (its metadata)
-        "dtype": "bfloat16",
-        "remat": None,
-    },
-    "method": {"lambda_eps": 1.0, "prompt": FIXED_PROMPT},
-    "data": {"max_corrupt_fraction": 0.01, "corrupt_grace": 100,  # corrupt-record budget (loaders)
-             "shards": "", "num_targets": 32, "identities_per_step": 1, "resolution": 512, "seed": 0,
-             "worker_count": 0, "read_threads": 4, "latents": "auto", "clip": "auto",
-             "clip_size": 0,  # token cache: CLIP input size; 0 = the image encoder's
-             "tokenizer": None, "grid_prompt_fraction": 0.05},
-    "token_cache": {"path": "", "batch_size": 16},  # path "" = {workdir}/token_cache
-    **training_sections(loop),
-}
+#: the stage's defaults: train/configs/defaults/stage2.yaml + the shared sections of training.yaml
+DEFAULTS: dict[str, Any] = stage_defaults("stage2")
+FIXED_PROMPT: str = DEFAULTS["method"]["prompt"]  # the official recipe's one stage-2 prompt
 
 
 class Stage2:

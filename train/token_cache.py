@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import models, runs
-from train.config import loader_config
+from train.config import loader_config, stage_defaults
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,8 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
     from train import loop
     from train.runs import check_shards, load, run_fingerprint
     from train.stage1 import resolve_clip_size
-    from train.stage2 import DEFAULTS
 
-    cfg = load(config, overrides, defaults=DEFAULTS)
+    cfg = load(config, overrides, defaults=stage_defaults("stage2"))
     d, m, tc = cfg["data"], cfg["model"], cfg["token_cache"]
     meta = require_stage1(m["stage1"])
     enc_cfg = stage1_id_encoder_config(cfg, meta)
