@@ -16,7 +16,6 @@ SD1.5 configs (:func:`sd15_configs`) stand in when a file carries none.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -25,6 +24,13 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dynamicid_jax.weights.builtin_configs import (  # noqa: F401  (re-exported: the configs single files get)
+    SD15_SCHEDULER_CONFIG,
+    SD15_TEXT_ENCODER_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
+    sd15_configs,
+)
 from dynamicid_jax.weights.keymap import WeightLoadError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -32,91 +38,9 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 TEXT_MODEL = "text_model."
 
-# --------------------------------------------------------------------------------------------------------
-# Built-in SD1.5 configs (diffusers / transformers config.json form)
-# --------------------------------------------------------------------------------------------------------
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
-
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-
 def _shorten(items: list[str], limit: int = 20) -> str:
     more = f"\n    … and {len(items) - limit} more" if len(items) > limit else ""
     return "\n".join(f"    {i}" for i in items[:limit]) + more
-
-
-def sd15_configs() -> dict[str, dict[str, Any]]:
-    """Fresh copies of the SD1.5 component configs: ``{"unet", "vae", "text_encoder", "scheduler"}``."""
-    return {"unet": copy.deepcopy(SD15_UNET_CONFIG), "vae": copy.deepcopy(SD15_VAE_CONFIG),
-            "text_encoder": copy.deepcopy(SD15_TEXT_ENCODER_CONFIG),
-            "scheduler": copy.deepcopy(SD15_SCHEDULER_CONFIG)}
 
 
 # --------------------------------------------------------------------------------------------------------

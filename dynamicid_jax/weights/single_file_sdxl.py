@@ -18,99 +18,25 @@ An SDXL single file holds four models under four prefixes:
 """
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from dynamicid_jax.weights import single_file as sf
+from dynamicid_jax.weights.builtin_configs import (  # noqa: F401  (re-exported: the configs single files get)
+    SDXL_SCHEDULER_CONFIG,
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_TEXT_ENCODER_CONFIG,
+    SDXL_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
+    sdxl_configs,
+)
 from dynamicid_jax.weights.keymap import WeightLoadError
 
 TEXT_PREFIX = "conditioner.embedders.0.transformer."
 TEXT_2_PREFIX = "conditioner.embedders.1.model."
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-# --------------------------------------------------------------------------------------------------------
-# Built-in SDXL base 1.0 configs (diffusers / transformers config.json form)
-# --------------------------------------------------------------------------------------------------------
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-
-# SDXL's VAE: SD1.5's architecture, its own weights and scaling factor. ``force_upcast`` tells fp16 users to
-# decode in fp32 (the original weights overflow in fp16).
-SDXL_VAE_CONFIG: dict[str, Any] = {**sf.SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025,
-                                   "force_upcast": True}
-
-SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {**sf.SD15_TEXT_ENCODER_CONFIG}
-
-SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModelWithProjection"],
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 20,
-    "num_hidden_layers": 32,
-    "pad_token_id": 1,
-    "projection_dim": 1280,
-    "vocab_size": 49408,
-}
-
-SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
-
-def sdxl_configs() -> dict[str, dict[str, Any]]:
-    """Fresh copies of the SDXL base 1.0 component configs: ``{"unet", "vae", "text_encoder",
-    "text_encoder_2", "scheduler"}``."""
-    return {"unet": copy.deepcopy(SDXL_UNET_CONFIG), "vae": copy.deepcopy(SDXL_VAE_CONFIG),
-            "text_encoder": copy.deepcopy(SDXL_TEXT_ENCODER_CONFIG),
-            "text_encoder_2": copy.deepcopy(SDXL_TEXT_ENCODER_2_CONFIG),
-            "scheduler": copy.deepcopy(SDXL_SCHEDULER_CONFIG)}
-
 
 # --------------------------------------------------------------------------------------------------------
 # Keys
