@@ -194,7 +194,22 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             for k, v in state.items()}
 
 
-class LazyStateDict(Mapping[str, np.ndarray]):
+class _IndexedMapping(Mapping[str, Any]):
+    """A read-only mapping whose keys are those of ``self._index`` (a dict: key → where its value comes from)."""
+
+    _index: dict[str, Any]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+
+class LazyStateDict(_IndexedMapping):
     """The tensors of one or more ``.safetensors`` files (a sharded checkpoint), read one at a time on access.
 
     Like :func:`read_safetensors`, non-fp32 float tensors are widened to fp32. Only the headers are read when it
@@ -205,7 +220,7 @@ class LazyStateDict(Mapping[str, np.ndarray]):
         from safetensors import safe_open
 
         self._handles: dict[str, Any] = {}
-        self._where: dict[str, str] = {}
+        self._index: dict[str, str] = {}  # tensor name → its file
         for path in [paths] if isinstance(paths, str) else list(paths):
             try:
                 handle = safe_open(path, framework="numpy")
@@ -214,49 +229,31 @@ class LazyStateDict(Mapping[str, np.ndarray]):
             except Exception as e:  # safetensors raises its own error types for truncated / foreign files
                 raise WeightLoadError(f"{path} is not a readable .safetensors file: {e}") from e
             self._handles[path] = handle
-            self._where.update(dict.fromkeys(handle.keys(), path))
+            self._index.update(dict.fromkeys(handle.keys(), path))
 
     def __getitem__(self, key: str) -> np.ndarray:
-        path = self._where[key]
+        path = self._index[key]
         try:
             value = self._handles[path].get_tensor(key)
         except Exception as e:
             raise WeightLoadError(f"{path}: tensor {key!r} cannot be read: {e}") from e
         return value.astype(np.float32) if value.dtype != np.float32 and value.dtype.kind == "f" else value
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
 
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._where
-
-
-class RenamedStateDict(Mapping[str, Any]):
+class RenamedStateDict(_IndexedMapping):
     """A view of ``state`` with keys renamed by ``rename`` (``None`` drops a key); values are read from ``state``
     only when accessed, so renaming keeps a :class:`LazyStateDict` lazy."""
 
     def __init__(self, state: Mapping[str, Any], rename: Callable[[str], str | None]):
         self._state = state
-        self._old: dict[str, str] = {}
+        self._index: dict[str, str] = {}  # new name → the key in state
         for key in state:
             new = rename(key)
             if new is not None:
-                self._old[new] = key
+                self._index[new] = key
 
     def __getitem__(self, key: str) -> Any:
-        return self._state[self._old[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._old)
-
-    def __len__(self) -> int:
-        return len(self._old)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._old
+        return self._state[self._index[key]]
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
