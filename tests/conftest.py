@@ -97,3 +97,51 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return ModuleGroupScheduling(config, log)
+
+
+#: Every test file in exactly one group, so that a reader sees the kinds of evidence apart and can run one kind
+#: (``pytest -m parity``; ``make test-slow`` runs the ``slow`` ones of every group). docs/development.md explains
+#: each group. A test file that is in no group, or in two, stops the collection with an error naming it.
+TEST_GROUPS: dict[str, tuple[str, ...]] = {
+    # our model / scheduler / tokenizer / method code against an independent reference (diffusers, transformers,
+    # a PyTorch re-expression of the official modules, OpenCLIP's tokenizer, NumPy), on random weights
+    "parity": ("test_clip.py", "test_id_encoder.py", "test_imr.py", "test_infinite_id.py", "test_pipeline.py",
+               "test_saa.py", "test_schedulers.py", "test_sdxl.py", "test_sdxl_slow.py", "test_single_file.py",
+               "test_tokenizer.py", "test_unet.py", "test_vae.py", "test_convert.py"),
+    # one module's behaviour on inputs with known answers: data records, face geometry and backends, the
+    # importers' safe loading, sharding rules, the train loop's guarantees, the stage tasks, SynthFace's parts
+    "unit": ("test_data_schema.py", "test_face_weighted_loss.py", "test_faces.py", "test_faces_insightface.py",
+             "test_official_import.py", "test_sharding.py", "test_sdxl_methods.py", "test_synthface.py",
+             "test_synthface_models.py", "test_train_loop.py", "test_train_stages.py", "test_plugins.py"),
+    # a user's path end to end: command lines, pipelines from folders to PNGs, shards → training → export, the
+    # demo, the evaluation, the web app, multi-process training, and every bad input's one-line error
+    "end_to_end": ("test_app.py", "test_app_methods.py", "test_bad_inputs.py", "test_cli_generate.py",
+                   "test_data_real.py", "test_data_shards.py", "test_demo.py", "test_dynamicid_pipeline.py",
+                   "test_eval.py", "test_infinite_id_pipeline.py", "test_sdxl_pipelines.py", "test_sdxl_train.py",
+                   "test_stage0.py", "test_train_distributed.py", "test_train_synthface.py"),
+    # the repository itself: import layering, undefined names, documentation links, the public names, the shipped
+    # SynthFace base against its provenance
+    "repository": ("test_docs.py", "test_layering.py", "test_public_api.py", "test_static.py",
+                   "test_synthface_base.py"),
+}
+
+
+def _group_of_file() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for group, files in TEST_GROUPS.items():
+        for name in files:
+            if name in out:
+                raise pytest.UsageError(f"tests/{name} is in two groups of TEST_GROUPS: {out[name]} and {group}")
+            out[name] = group
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its file's group (``pytest -m unit``); a file in no group is a collection error."""
+    groups = _group_of_file()
+    for item in items:
+        name = item.path.name
+        if name not in groups:
+            raise pytest.UsageError(f"tests/{name} is in no group: add it to TEST_GROUPS in tests/conftest.py")
+        item.add_marker(getattr(pytest.mark, groups[name]))
+
