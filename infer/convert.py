@@ -42,9 +42,9 @@ def convert(saa: str, out: str, unet_config, *, imr: str | None = None, key_poin
     """Import the official files and write the converted folder; returns ``(out, {part: parameter count})``."""
     from dynamicid_jax.methods.saa import SAA
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights, save_dynamicid
-    from dynamicid_jax.weights import official
+    from dynamicid_jax.methods import dynamicid_official as official
     from dynamicid_jax.weights.keymap import count_params
-    from dynamicid_jax.weights.official_saa import import_saa, infer_saa_rank
+    from dynamicid_jax.weights.torch_pickle import safe_torch_load
 
     from dynamicid_jax.io_atomic import check_writable
     from dynamicid_jax.pipelines.dynamicid import check_overwritable
@@ -60,14 +60,14 @@ def convert(saa: str, out: str, unet_config, *, imr: str | None = None, key_poin
                                     f"exist; pass --key-point-encoder")
     parts = official.read_saa_bin(saa, backend=backend)
     enc_config, enc_params = official.import_id_encoder(parts["proj_module"], source=f"{saa}['proj_module']")
-    strategy = SAA(lora_rank=infer_saa_rank(parts["SAA_module"]))
-    saa_params = import_saa(parts["SAA_module"], unet_config, strategy=strategy, source=f"{saa}['SAA_module']")
+    strategy = SAA(lora_rank=official.infer_saa_rank(parts["SAA_module"]))
+    saa_params = official.import_saa(parts["SAA_module"], unet_config, strategy=strategy,
+                                     source=f"{saa}['SAA_module']")
     weights = DynamicIDWeights(enc_config, enc_params, strategy, unet_config, saa_params)
     if imr is not None:
-        weights.imr_config, weights.imr_params = official.import_imr(official.safe_torch_load(imr, backend=backend),
-                                                                     source=imr)
+        weights.imr_config, weights.imr_params = official.import_imr(safe_torch_load(imr, backend=backend), source=imr)
         weights.keypoint_encoder_config, weights.keypoint_encoder_variables = official.import_keypoint_encoder(
-            official.safe_torch_load(key_point_encoder, backend=backend), source=key_point_encoder)
+            safe_torch_load(key_point_encoder, backend=backend), source=key_point_encoder)
     counts = {"id_encoder": count_params(enc_params), "saa": count_params(saa_params)}
     if imr is not None:
         counts["imr"] = count_params(weights.imr_params)

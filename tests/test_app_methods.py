@@ -24,6 +24,7 @@ def engine(tiny_sd_dir, torch, tmp_path_factory):
     import jax
 
     from dynamicid_jax.methods import infinite_id as iid
+    from dynamicid_jax.methods.infinite_id_weights import save_infinite_id
     from dynamicid_jax.models.unet import UNetConfig
     from dynamicid_jax.weights import folders
     from infer.app_engine import Engine
@@ -37,7 +38,7 @@ def engine(tiny_sd_dir, torch, tmp_path_factory):
     ids = jax.tree_util.tree_map(lambda s: (rng.standard_normal(s.shape) * 0.3).astype(np.float32),
                                  nn.meta.unbox(iid.abstract_id_params(unet_config)))
     weights = os.path.join(folder, "infinite_id")
-    iid.save_infinite_id(weights, enc, iid.init_encoder_params(enc, jax.random.key(0)), ids, unet_config)
+    save_infinite_id(weights, enc, iid.init_encoder_params(enc, jax.random.key(0)), ids, unet_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = load_models(ModelSpec(sd=paths["sd"], dynamicid=paths["dynamicid"],

@@ -16,8 +16,7 @@ from dynamicid_jax.models.unet import UNetConfig, unet_config
 from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline, load_dynamicid
 from dynamicid_jax.tokenizer import tokenize
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights import official
-from dynamicid_jax.weights.official_saa import export_saa
+from dynamicid_jax.methods import dynamicid_official as official
 from infer import convert
 
 RANK = 4  # as tests/test_dynamicid_pipeline.py, so both files share the compiled sampler
@@ -94,7 +93,7 @@ def test_converted_folder_holds_the_official_weights(converted, bins, torch_modu
     assert weights.saa.lora_rank == RANK and weights.has_imr
     assert weights.saa_unet_config == UNetConfig.from_dict(tiny_sd.UNET)
     # exporting back to the official layout gives the torch tensors bit for bit
-    for ours, ref in ((export_saa(weights.saa_params, weights.saa_unet_config), saa_module.state_dict()),
+    for ours, ref in ((official.export_saa(weights.saa_params, weights.saa_unet_config), saa_module.state_dict()),
                       (official.export_id_encoder(weights.id_encoder_params), enc.state_dict()),
                       (official.export_imr(weights.imr_params), imr_model.state_dict())):
         assert set(ours) == set(ref)

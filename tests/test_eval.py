@@ -452,6 +452,7 @@ def method_weights(tmp_path_factory):
     from dynamicid_jax.methods import id_encoder as ide
     from dynamicid_jax.methods import imr, saa
     from dynamicid_jax.methods import infinite_id as iid
+    from dynamicid_jax.methods.infinite_id_weights import save_infinite_id
     from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, save_image_encoder, vision_config
     from dynamicid_jax.models.unet import UNetConfig
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights, save_dynamicid
@@ -475,8 +476,8 @@ def method_weights(tmp_path_factory):
     save_image_encoder(os.path.join(did, "image_encoder"), vision, vparams)
     ecfg = iid.infinite_id_encoder_config("tiny", id_embed_dim=EMB, clip_dim=vcfg.hidden_size)
     iid_dir = str(root / "infinite_id")
-    iid.save_infinite_id(iid_dir, ecfg, _random_tree(iid.abstract_encoder_params(ecfg), 6),
-                         _random_tree(iid.abstract_id_params(ucfg), 7, 0.3), ucfg)
+    save_infinite_id(iid_dir, ecfg, _random_tree(iid.abstract_encoder_params(ecfg), 6),
+                     _random_tree(iid.abstract_id_params(ucfg), 7, 0.3), ucfg)
     save_image_encoder(os.path.join(iid_dir, "image_encoder"), vision, vparams)
     return {"sd": sd_dir, "dynamicid": did, "infinite_id": iid_dir}
 

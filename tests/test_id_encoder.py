@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights import official
+from dynamicid_jax.methods import dynamicid_official as official
 
 CFG = ide.id_encoder_config("tiny")
 

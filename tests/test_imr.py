@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from dynamicid_jax.methods import imr
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights import official
+from dynamicid_jax.methods import dynamicid_official as official
 
 TINY = imr.imr_config("tiny")
 

@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from conftest import assert_close
 from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.methods.infinite_id_weights import load_infinite_id, save_infinite_id
 from dynamicid_jax.models import unet as U
 from dynamicid_jax.models.attention import Attention, LayerInfo
 from dynamicid_jax.schedulers import DDIMScheduler
@@ -304,8 +305,8 @@ def test_weights_round_trip(tiny_unet, tmp_path):
     cfg, _, id_params = tiny_unet
     enc_cfg = iid.infinite_id_encoder_config("tiny")
     enc_params = iid.init_encoder_params(enc_cfg, jax.random.key(0))
-    iid.save_infinite_id(str(tmp_path), enc_cfg, enc_params, id_params, cfg)
-    cfg2, enc2, ids2 = iid.load_infinite_id(str(tmp_path), cfg)
+    save_infinite_id(str(tmp_path), enc_cfg, enc_params, id_params, cfg)
+    cfg2, enc2, ids2 = load_infinite_id(str(tmp_path), cfg)
     assert cfg2 == enc_cfg
     for a, b in ((enc_params, enc2), (id_params, ids2)):
         fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
@@ -314,8 +315,8 @@ def test_weights_round_trip(tiny_unet, tmp_path):
             np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]))
     wider = dataclasses.replace(cfg, cross_attention_dim=48)
     with pytest.raises(WeightLoadError, match="cross-attention width"):
-        iid.load_infinite_id(str(tmp_path), wider)
+        load_infinite_id(str(tmp_path), wider)
     with pytest.raises(FileNotFoundError, match="no Infinite-ID weights"):
-        iid.load_infinite_id(str(tmp_path / "nothing"), cfg)
+        load_infinite_id(str(tmp_path / "nothing"), cfg)
     with pytest.raises(WeightLoadError, match="does not match"):
-        iid.save_infinite_id(str(tmp_path / "bad"), enc_cfg, enc_params, {}, cfg)
+        save_infinite_id(str(tmp_path / "bad"), enc_cfg, enc_params, {}, cfg)

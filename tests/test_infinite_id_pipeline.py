@@ -8,6 +8,7 @@ from flax import linen as nn
 
 from dynamicid_jax.faces import Face, NoFaceError, register_backend
 from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.methods.infinite_id_weights import save_infinite_id
 from dynamicid_jax.models.clip import load_image_encoder
 from dynamicid_jax.pipelines.infinite_id import InfiniteIDPipeline
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
@@ -69,8 +70,8 @@ def iid_dirs(tmp_path_factory, torch):
     # random ID projections from the shapes alone (no UNet init to compile), scaled like the text ones
     ids = jax.tree_util.tree_map(lambda s: (rng.standard_normal(s.shape) * 0.3).astype(np.float32),
                                  nn.meta.unbox(iid.abstract_id_params(sd.unet.config)))
-    iid.save_infinite_id(str(root / "weights"), enc_cfg, iid.init_encoder_params(enc_cfg, jax.random.key(0)),
-                         ids, sd.unet.config)
+    save_infinite_id(str(root / "weights"), enc_cfg, iid.init_encoder_params(enc_cfg, jax.random.key(0)),
+                     ids, sd.unet.config)
     return sd_dir, str(root / "clip"), str(root / "weights"), sd
 
 

@@ -46,17 +46,18 @@ LIBRARY_LAYERS = (
     # file formats and small utilities that know no model
     ("dynamicid_jax.errors", "dynamicid_jax.io_atomic", "dynamicid_jax.cli_args", "dynamicid_jax.plugins"),
     ("dynamicid_jax.weights.keymap", "dynamicid_jax.weights.folders", "dynamicid_jax.weights.builtin_configs",
-     "dynamicid_jax.weights.single_file",
-     "dynamicid_jax.weights.single_file_sdxl",
+     "dynamicid_jax.weights.single_file", "dynamicid_jax.weights.single_file_sdxl",
+     "dynamicid_jax.weights.torch_pickle",
      "dynamicid_jax.image_io", "dynamicid_jax.tokenizer", "dynamicid_jax.schedulers", "dynamicid_jax.sharding"),
     # Stable Diffusion's modules (and their loaders)
     ("dynamicid_jax.models",),
     # the methods on top of the models, and face analysis
     ("dynamicid_jax.methods", "dynamicid_jax.faces"),
-    # importers of the official method checkpoints and DynamicID's weights folder (which stores converted official
-    # parts): they build method params, so they sit above the methods
-    ("dynamicid_jax.weights.official", "dynamicid_jax.weights.official_saa",
-     "dynamicid_jax.methods.dynamicid_weights"),
+    # each method's weights formats: the importers of the official DynamicID checkpoints, DynamicID's weights folder
+    # (which stores converted official parts) and Infinite-ID's; they build method params, so they sit above the
+    # methods
+    ("dynamicid_jax.methods.dynamicid_official", "dynamicid_jax.methods.dynamicid_weights",
+     "dynamicid_jax.methods.infinite_id_weights"),
     ("dynamicid_jax.pipelines",),
     ("dynamicid_jax.eval",),
     ("dynamicid_jax",),  # the package's __init__: the public names

@@ -12,7 +12,8 @@ from conftest import assert_close
 
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr
-from dynamicid_jax.weights import official
+from dynamicid_jax.methods import dynamicid_official as official
+from dynamicid_jax.weights import torch_pickle
 from dynamicid_jax.weights.keymap import WeightLoadError
 
 # head_dim 64 as in the official modules, so that the importers can infer the whole config from the file
@@ -53,8 +54,9 @@ def test_safe_load_reads_official_files(torch, torch_models, checkpoints, backen
     saa = official.read_saa_bin(str(checkpoints / "SAA.bin"), backend=backend)
     assert set(saa) == {"proj_module", "SAA_module"} and set(saa["SAA_module"]) == {"0.weight", "1.weight"}
     for loaded, model in ((saa["proj_module"], enc),
-                          (official.safe_torch_load(str(checkpoints / "IMR.bin"), backend=backend), imr_model),
-                          (official.safe_torch_load(str(checkpoints / "key_point_encoder.bin"), backend=backend), kpe)):
+                          (torch_pickle.safe_torch_load(str(checkpoints / "IMR.bin"), backend=backend), imr_model),
+                          (torch_pickle.safe_torch_load(str(checkpoints / "key_point_encoder.bin"),
+                                                        backend=backend), kpe)):
         ref = model.state_dict()
         assert set(loaded) == set(ref)
         for k, v in ref.items():
@@ -68,7 +70,7 @@ def test_auto_backend_without_torch(torch_models, checkpoints, monkeypatch):
 
     _, imr_model, _ = torch_models
     monkeypatch.setitem(sys.modules, "torch", None)  # makes ``import torch`` raise ImportError
-    loaded = official.safe_torch_load(str(checkpoints / "IMR.bin"))
+    loaded = torch_pickle.safe_torch_load(str(checkpoints / "IMR.bin"))
     monkeypatch.undo()
     for k, v in imr_model.state_dict().items():
         np.testing.assert_array_equal(loaded[k], v.numpy(), err_msg=k)
@@ -82,8 +84,8 @@ def test_restricted_loader_dtypes_views_and_scalars(torch, tmp_path):
            "scalar": torch.tensor(3), "column": base[:, 2], "transposed": base.t(), "view_of_same_storage": base[1:],
            "empty": torch.zeros(0, 3), "nested": [torch.ones(2), {"deep": torch.full((1,), 2.0)}]}
     torch.save(obj, tmp_path / "mixed.bin")
-    ours = official.safe_torch_load(str(tmp_path / "mixed.bin"), backend="restricted")
-    via_torch = official.safe_torch_load(str(tmp_path / "mixed.bin"), backend="torch")
+    ours = torch_pickle.safe_torch_load(str(tmp_path / "mixed.bin"), backend="restricted")
+    via_torch = torch_pickle.safe_torch_load(str(tmp_path / "mixed.bin"), backend="torch")
     for name in obj:
         if name == "nested":
             continue
@@ -118,15 +120,15 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, backend):
     }
     for name, payload in cases.items():
         _malicious_archive(tmp_path / name, payload)
-        with pytest.raises(official.UnsafeCheckpointError, match="refused to load"):
-            official.safe_torch_load(str(tmp_path / name), backend=backend)
+        with pytest.raises(torch_pickle.UnsafeCheckpointError, match="refused to load"):
+            torch_pickle.safe_torch_load(str(tmp_path / name), backend=backend)
         assert not marker.exists(), f"the payload of {name} ran"
     # a bare pickle (no zip): torch rejects it the same way; the torch-free path refuses the format
     raw = tmp_path / "raw.bin"
     evil = type("Evil", (), {"__reduce__": lambda self: cases["os_system.bin"]})()
     raw.write_bytes(pickle.dumps({"w": evil}, protocol=2))
     with pytest.raises(WeightLoadError):
-        official.safe_torch_load(str(raw), backend=backend)
+        torch_pickle.safe_torch_load(str(raw), backend=backend)
     assert not marker.exists()
     # positive control: plain unpickling of the same bytes does run the payload
     with zipfile.ZipFile(tmp_path / "os_system.bin") as z:
@@ -140,10 +142,10 @@ def test_restricted_loader_rejects_unknown_globals(tmp_path):
     pickle.dump({"w": np.dtype("float32")}, buf, protocol=2)  # references numpy.dtype
     with zipfile.ZipFile(tmp_path / "np.bin", "w") as z:
         z.writestr("archive/data.pkl", buf.getvalue())
-    with pytest.raises(official.UnsafeCheckpointError, match="numpy"):
-        official.safe_torch_load(str(tmp_path / "np.bin"), backend="restricted")
+    with pytest.raises(torch_pickle.UnsafeCheckpointError, match="numpy"):
+        torch_pickle.safe_torch_load(str(tmp_path / "np.bin"), backend="restricted")
     with pytest.raises(FileNotFoundError):
-        official.safe_torch_load(str(tmp_path / "missing.bin"))
+        torch_pickle.safe_torch_load(str(tmp_path / "missing.bin"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,7 @@ from dynamicid_jax.methods import saa as S
 from dynamicid_jax.models import unet as U
 from dynamicid_jax.models.attention import Attention, LayerInfo
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights import official_saa as OS
+from dynamicid_jax.methods import dynamicid_official as official
 
 RANK = 8
 TEXT_LEN = 7
@@ -50,7 +50,7 @@ def torch_unet(torch, tmp_path_factory):
 def ours(torch_unet):
     """(SAA UNet, merged params, base UNet, base params, imported SAA params)."""
     base_unet, base_params = U.load_unet(torch_unet[1])
-    saa_params = OS.load_official_saa(os.path.join(torch_unet[1], "SAA.bin"), base_unet.config)
+    saa_params = official.load_official_saa(os.path.join(torch_unet[1], "SAA.bin"), base_unet.config)
     unet = U.UNet2DConditionModel(base_unet.config, strategy=S.SAA(lora_rank=RANK))
     return unet, S.merge_params(base_params, saa_params), base_unet, base_params, saa_params
 
@@ -167,7 +167,7 @@ def test_processor_order_matches_diffusers(torch_unet, ours):
     theirs = [k.removesuffix(".processor") for k in model.attn_processors]
     assert U.attention_layer_names(ours[0].config) == theirs
     # and the module list the official code saves follows the same order
-    saved = OS.saa_keymap(ours[0].config)
+    saved = official.saa_keymap(ours[0].config)
     assert saved.torch_key(_flax_layer_path(theirs[5]) + ("to_k_ip", "kernel")) == "5.to_k_ip.weight"
 
 
@@ -181,7 +181,7 @@ def test_sd15_index_table_and_sizes():
     cfg = U.unet_config("sd15")
     names = U.attention_layer_names(cfg)
     flat = traverse_util.flatten_dict(nn.meta.unbox(S.abstract_saa_params(cfg)))
-    keymap = OS.saa_keymap(cfg)
+    keymap = official.saa_keymap(cfg)
     by_key = {keymap.torch_key(p): v.shape for p, v in flat.items()}
     assert len(names) == 32
     for block, lo, hi, width in SD15_TABLE:
@@ -199,23 +199,23 @@ def test_sd15_index_table_and_sizes():
 
 
 def test_import_export_round_trip(torch_unet, ours):
-    from dynamicid_jax.weights.official import read_saa_bin
+    from dynamicid_jax.methods.dynamicid_official import read_saa_bin
 
     state = read_saa_bin(os.path.join(torch_unet[1], "SAA.bin"))["SAA_module"]
     saa_params = ours[4]
     for tree in (saa_params, ours[1]):  # SAA params alone, or merged with the base UNet's
-        exported = OS.export_saa(tree, ours[0].config)
+        exported = official.export_saa(tree, ours[0].config)
         assert sorted(exported) == sorted(state)
         for k, v in state.items():
             np.testing.assert_array_equal(exported[k], v, err_msg=k)
-    assert OS.infer_saa_rank(state) == RANK
-    again = OS.import_saa({"proj_module": {}, "SAA_module": state}, ours[0].config)  # the whole SAA.bin dict
+    assert official.infer_saa_rank(state) == RANK
+    again = official.import_saa({"proj_module": {}, "SAA_module": state}, ours[0].config)  # the whole SAA.bin dict
     for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(saa_params)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_import_errors_list_keys(torch_unet, ours):
-    from dynamicid_jax.weights.official import read_saa_bin
+    from dynamicid_jax.methods.dynamicid_official import read_saa_bin
 
     cfg = ours[0].config
     state = dict(read_saa_bin(os.path.join(torch_unet[1], "SAA.bin"))["SAA_module"])
@@ -224,15 +224,15 @@ def test_import_errors_list_keys(torch_unet, ours):
     state["99.to_q_lora.down.weight"] = np.zeros((RANK, 64), np.float32)
     state["5.to_out_lora.up.weight"] = np.zeros((32, RANK), np.float32)  # layer 5 is 64 wide
     with pytest.raises(km.WeightLoadError) as e:
-        OS.import_saa(state, cfg, source="SAA.bin['SAA_module']")
+        official.import_saa(state, cfg, source="SAA.bin['SAA_module']")
     msg = str(e.value)
     for key in ("3.to_v_ip.weight", "2.to_k_ip.weight", "99.to_q_lora.down.weight", "5.to_out_lora.up.weight",
                 "SAA.bin"):
         assert key in msg, key
     with pytest.raises(km.WeightLoadError, match="rank is 8"):
-        OS.import_saa(read_saa_bin(os.path.join(torch_unet[1], "SAA.bin")), cfg, strategy=S.SAA(lora_rank=4))
+        official.import_saa(read_saa_bin(os.path.join(torch_unet[1], "SAA.bin")), cfg, strategy=S.SAA(lora_rank=4))
     with pytest.raises(km.WeightLoadError, match="no LoRA keys"):
-        OS.import_saa({"0.weight": np.zeros(3)}, cfg)
+        official.import_saa({"0.weight": np.zeros(3)}, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------

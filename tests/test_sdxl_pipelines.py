@@ -21,6 +21,7 @@ from dynamicid_jax.faces import Face, register_backend
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr
 from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.methods.infinite_id_weights import save_infinite_id
 from dynamicid_jax.methods import saa as S
 from dynamicid_jax.models import clip
 from dynamicid_jax.models import unet as U
@@ -233,8 +234,8 @@ def test_wrong_backbone_weights_refused(xl, xl_dir, dynamicid_dir, vision_dir, t
 
     tiny_sd = U.unet_config("tiny")
     cfg = iid.infinite_id_encoder_config("tiny")
-    iid.save_infinite_id(str(tmp_path / "iid_sd15"), cfg, _random_like(iid.abstract_encoder_params(cfg), 6),
-                         _random_like(iid.abstract_id_params(tiny_sd), 7), tiny_sd)
+    save_infinite_id(str(tmp_path / "iid_sd15"), cfg, _random_like(iid.abstract_encoder_params(cfg), 6),
+                     _random_like(iid.abstract_id_params(tiny_sd), 7), tiny_sd)
     with pytest.raises(WeightLoadError) as err:
         InfiniteIDPipeline.from_pretrained(xl, str(tmp_path / "iid_sd15"), vision_dir)
     message = str(err.value)
@@ -245,8 +246,8 @@ def test_wrong_backbone_weights_refused(xl, xl_dir, dynamicid_dir, vision_dir, t
 def infinite_id_dir(xl, tmp_path_factory):
     cfg = iid.infinite_id_encoder_config("tiny-sdxl")
     folder = str(tmp_path_factory.mktemp("infinite_id_sdxl") / "weights")
-    iid.save_infinite_id(folder, cfg, _random_like(iid.abstract_encoder_params(cfg), 6),
-                         _random_like(iid.abstract_id_params(xl.unet.config), 7, 0.3), xl.unet.config)
+    save_infinite_id(folder, cfg, _random_like(iid.abstract_encoder_params(cfg), 6),
+                     _random_like(iid.abstract_id_params(xl.unet.config), 7, 0.3), xl.unet.config)
     return folder
 
 

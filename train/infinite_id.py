@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.methods.infinite_id_weights import load_infinite_id, save_infinite_id
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
 from train import loop, models, runs
@@ -122,7 +123,7 @@ class InfiniteIDStage:
         m = self.cfg["model"]
         unet_cfg = self.base.unet_config
         if m.get("init_from"):
-            enc_cfg, enc, ids = iid.load_infinite_id(m["init_from"], unet_cfg)
+            enc_cfg, enc, ids = load_infinite_id(m["init_from"], unet_cfg)
             if enc_cfg != self.enc_cfg:
                 raise ValueError(f"model.init_from holds an encoder with config {enc_cfg}, expected {self.enc_cfg}")
             return {"encoder": enc, "id_projections": ids}, {}
@@ -201,8 +202,8 @@ class InfiniteIDStage:
         record = os.path.join(folder, TRAIN_RECORD)
         if os.path.exists(record):
             os.remove(record)
-        path = iid.save_infinite_id(folder, self.enc_cfg, params["encoder"], params["id_projections"],
-                                    self.base.unet_config)
+        path = save_infinite_id(folder, self.enc_cfg, params["encoder"], params["id_projections"],
+                                self.base.unet_config)
         image_encoder = self.image_source
         if self.image_module is not None:
             from dynamicid_jax.models.clip import save_image_encoder

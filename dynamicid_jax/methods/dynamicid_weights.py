@@ -19,9 +19,9 @@ from flax import traverse_util
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr as imr_mod
 from dynamicid_jax.methods import saa as saa_mod
+from dynamicid_jax.methods.dynamicid_official import load_converted, save_converted
 from dynamicid_jax.models.unet import UNetConfig
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights import official
 
 __all__ = ["FOLDER_FORMAT", "MANIFEST", "DynamicIDWeights", "backbone_of", "save_dynamicid", "load_dynamicid",
            "check_overwritable", "check_saa_shapes"]
@@ -88,7 +88,7 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
     out_dir = os.path.abspath(os.fspath(out_dir))
     check_overwritable(out_dir, overwrite)
     with atomic_folder(out_dir, replace=True) as tmp:
-        official.save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
+        save_converted(weights.id_encoder_params, weights.id_encoder_config, tmp, name="id_encoder")
         flat = _flat(weights.saa_params)
         km.check_flat_shapes(flat, _saa_shapes(weights.saa, weights.saa_unet_config), "SAA params",
                              what="its UNet")
@@ -98,9 +98,9 @@ def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, ove
                                                     "unet_config": weights.saa_unet_config.to_dict()})
         parts = ["id_encoder", "saa"]
         if weights.has_imr:
-            official.save_converted(weights.imr_params, weights.imr_config, tmp, name="imr")
-            official.save_converted(weights.keypoint_encoder_variables, weights.keypoint_encoder_config, tmp,
-                                    name="keypoint_encoder")
+            save_converted(weights.imr_params, weights.imr_config, tmp, name="imr")
+            save_converted(weights.keypoint_encoder_variables, weights.keypoint_encoder_config, tmp,
+                           name="keypoint_encoder")
             parts += ["imr", "keypoint_encoder"]
         _write_json(os.path.join(tmp, MANIFEST), {"format": FOLDER_FORMAT, "parts": parts,
                                                   "backbone": weights.backbone})
@@ -147,7 +147,7 @@ def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
         meta = json.load(f)
     if meta.get("format") != FOLDER_FORMAT:
         raise km.WeightLoadError(f"{manifest}: unknown format {meta.get('format')!r} (expected {FOLDER_FORMAT!r})")
-    id_cfg, id_params = official.load_converted(path, "id_encoder")
+    id_cfg, id_params = load_converted(path, "id_encoder")
     with open(os.path.join(path, "saa.json")) as f:
         saa_meta = json.load(f)
     strategy = saa_mod.SAA(**saa_meta["strategy"])
@@ -162,9 +162,8 @@ def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
         raise km.WeightLoadError(f"{manifest} says backbone {recorded!r}, but its SAA weights belong to a "
                                  f"{weights.backbone} UNet")
     if "imr" in meta.get("parts", []):
-        weights.imr_config, weights.imr_params = official.load_converted(path, "imr")
-        weights.keypoint_encoder_config, weights.keypoint_encoder_variables = official.load_converted(
-            path, "keypoint_encoder")
+        weights.imr_config, weights.imr_params = load_converted(path, "imr")
+        weights.keypoint_encoder_config, weights.keypoint_encoder_variables = load_converted(path, "keypoint_encoder")
     return weights
 
 

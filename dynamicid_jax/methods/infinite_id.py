@@ -1,5 +1,5 @@
-"""Infinite-ID (ID-semantics decoupling) on the shared UNet: encoder, attention strategy, loss, weights
-(docs/method.md §6.3, §7).
+"""Infinite-ID (ID-semantics decoupling) on the shared UNet: encoder, attention strategy, loss (docs/method.md
+§6.3, §7). Its weights folder is :mod:`dynamicid_jax.methods.infinite_id_weights`.
 
 **ID encoder** (:class:`InfiniteIDEncoder`): ``c_id = [M_clip(CLIP tokens); M_face(ArcFace vector)]``.
 
@@ -34,8 +34,6 @@ cross-attention layer. They plus the encoder are what training updates (:func:`s
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -47,7 +45,6 @@ from flax import struct, traverse_util
 from dynamicid_jax.methods.id_encoder import FeedForward, PerceiverAttention
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.attention import Attention, Projections, StandardAttention
-from dynamicid_jax.weights import keymap as km
 
 __all__ = [
     "InfiniteIDEncoderConfig", "infinite_id_encoder_config", "FaceMapper", "CLIPMapper", "InfiniteIDEncoder",
@@ -55,7 +52,7 @@ __all__ = [
     "InfiniteIDInputs", "InfiniteIDAttention", "two_stream_inputs", "id_only_inputs", "inputs_for_step",
     "adain_mean", "mixed_attention", "self_attention_layers",
     "ID_PARAM_NAMES", "is_id_path", "split_id_params", "merge_id_params", "abstract_id_params", "init_id_params",
-    "init_id_from_base", "split_trainable", "infinite_id_loss", "save_infinite_id", "load_infinite_id",
+    "init_id_from_base", "split_trainable", "infinite_id_loss",
 ]
 
 LN_EPS = 1e-5
@@ -542,68 +539,3 @@ def infinite_id_loss(trainable: Mapping, frozen: Mapping, batch: Mapping[str, ja
     loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
     return loss, {"loss": loss, "id_dropped": jnp.mean(drop.astype(jnp.float32)),
                   "timestep_mean": jnp.mean(t.astype(jnp.float32))}
-
-
-# =========================================================================================================
-# Weights: our own format (no official Infinite-ID weights exist)
-# =========================================================================================================
-_FORMAT = "dynamicid-jax/infinite-id-v1"
-WEIGHTS_NAME = "infinite_id"
-
-
-def _flat(tree) -> dict[str, np.ndarray]:
-    return {"/".join(k): np.asarray(jax.device_get(v))
-            for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
-
-
-def _expected(encoder_config: InfiniteIDEncoderConfig, unet_config) -> dict[str, tuple[int, ...]]:
-    out = {}
-    trees = (("encoder", abstract_encoder_params(encoder_config)), ("unet", abstract_id_params(unet_config)))
-    for prefix, tree in trees:
-        out.update({f"{prefix}/{'/'.join(k)}": tuple(v.shape)
-                    for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()})
-    return out
-
-
-def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encoder_params, id_params,
-                     unet_config) -> str:
-    """Write ``<folder>/infinite_id.safetensors`` (keys ``encoder/…`` and ``unet/…/to_k_id/kernel``) and
-    ``infinite_id.json`` (format + encoder config + the UNet's cross-attention width), atomically, JSON last."""
-    flat = {**{f"encoder/{k}": v for k, v in _flat(encoder_params).items()},
-            **{f"unet/{k}": v for k, v in _flat(id_params).items()}}
-    km.check_flat_shapes(flat, _expected(encoder_config, unet_config), f"save_infinite_id({folder})",
-                         what="the Infinite-ID encoder config / UNet")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors")
-    km.write_safetensors(flat, path, metadata={"format": _FORMAT})
-    meta = {"format": _FORMAT, "encoder": encoder_config.to_dict(),
-            "cross_attention_dim": int(unet_config.cross_attention_dim)}
-    from dynamicid_jax.io_atomic import write_json
-
-    write_json(meta, os.path.join(folder, f"{WEIGHTS_NAME}.json"), indent=2, sort_keys=True)
-    return path
-
-
-def load_infinite_id(folder: str, unet_config) -> tuple[InfiniteIDEncoderConfig, dict, dict]:
-    """Read :func:`save_infinite_id`'s files → ``(encoder_config, encoder_params, id_params)``; every key and
-    shape is checked against the encoder config and ``unet_config``."""
-    json_path = os.path.join(folder, f"{WEIGHTS_NAME}.json")
-    weights_path = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors")
-    if not os.path.isfile(json_path) or not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no Infinite-ID weights in {folder!r} (expected {WEIGHTS_NAME}.json and "
-                                f"{WEIGHTS_NAME}.safetensors, written by save_infinite_id / training)")
-    with open(json_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != _FORMAT:
-        raise km.WeightLoadError(f"{json_path}: format {meta.get('format')!r}, expected {_FORMAT!r}")
-    config = InfiniteIDEncoderConfig.from_dict(meta["encoder"])
-    if meta.get("cross_attention_dim") != unet_config.cross_attention_dim or config.dim != \
-            unet_config.cross_attention_dim:
-        raise km.WeightLoadError(f"{json_path}: weights for a UNet with cross-attention width "
-                                 f"{meta.get('cross_attention_dim')}, but this UNet has "
-                                 f"{unet_config.cross_attention_dim}")
-    flat = km.read_safetensors(weights_path)
-    km.check_flat_shapes(flat, _expected(config, unet_config), weights_path,
-                         what="the Infinite-ID encoder config / UNet")
-    tree = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
-    return config, tree["encoder"], tree["unet"]

@@ -24,7 +24,7 @@ layer's ``(H_l, W_l)`` grid; :func:`gate_maps` reshapes them), so a caller can s
 Parameters live inside each attention module under the official names (``to_q_lora/down``, ``to_q_lora/up``, …,
 ``to_out_lora``, ``to_k_ip``, ``to_v_ip``); :func:`init_saa_params` creates them, :func:`merge_params` joins them
 with the base UNet's, :func:`init_ip_from_base` copies ``to_k``/``to_v`` into ``to_k_ip``/``to_v_ip`` (the
-training initialisation), and :mod:`dynamicid_jax.weights.official_saa` imports the official ``SAA.bin``::
+training initialisation), and :mod:`dynamicid_jax.methods.dynamicid_official` imports the official ``SAA.bin``::
 
     unet = UNet2DConditionModel(config, strategy=SAA())
     params = merge_params(base_params, load_official_saa("SAA.bin", config))

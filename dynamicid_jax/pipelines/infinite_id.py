@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamicid_jax.methods import infinite_id as iid
+from dynamicid_jax.methods.infinite_id_weights import load_infinite_id
 from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_preprocess
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
@@ -101,7 +102,7 @@ class InfiniteIDPipeline:
                         mix_layers: Sequence[int] | Sequence[str] | None = None) -> "InfiniteIDPipeline":
         """``model``: a diffusers SD1.x or SDXL folder or a single-file checkpoint (the backbone is read from it, as
         ``infer.generate --model`` does), or a loaded :class:`StableDiffusion` / :class:`StableDiffusionXL`;
-        ``weights``: a folder written by :func:`~dynamicid_jax.methods.infinite_id.save_infinite_id` (training);
+        ``weights``: a folder written by :func:`~dynamicid_jax.methods.infinite_id_weights.save_infinite_id` (training);
         ``image_encoder``: a CLIP vision folder (CLIP-H for SD1.5); ``face_analyzer``: a backend name for
         :func:`~dynamicid_jax.faces.get_analyzer` (with ``analyzer_kwargs``) or an analyzer object."""
         from dynamicid_jax.faces import get_analyzer
@@ -115,7 +116,7 @@ class InfiniteIDPipeline:
             base_class = StableDiffusionXL if is_sdxl(model) else StableDiffusion
             sd = base_class.from_pretrained(model, config=config, scheduler=scheduler, dtype=dtype)
         try:
-            enc_cfg, enc_params, id_params = iid.load_infinite_id(os.fspath(weights), sd.unet.config)
+            enc_cfg, enc_params, id_params = load_infinite_id(os.fspath(weights), sd.unet.config)
         except km.WeightLoadError as e:  # name the backbones: a width mismatch is usually SD1.x weights on SDXL
             raise km.WeightLoadError(f"{e} (the base model is {sd.backbone})") from None
         vision, vision_params = load_image_encoder(image_encoder, dtype=sd.unet.dtype)

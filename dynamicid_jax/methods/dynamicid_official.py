@@ -1,4 +1,5 @@
-"""Importer for the official DynamicID checkpoints (PyTorch ``.bin`` pickles), without ever running pickled code.
+"""Importers and exporters for the official DynamicID checkpoints (PyTorch ``.bin`` pickles), and the converted
+per-part format they are stored in; no pickled code is ever run.
 
 The official release (``ByteCat-bot/DynamicID``) ships three ``torch.save`` files:
 
@@ -10,33 +11,39 @@ The official release (``ByteCat-bot/DynamicID``) ships three ``torch.save`` file
                                  included; its path is ``IMR.bin``'s with "IMR" → "key_point_encoder"
 ================================ ======================================================================
 
-Loading: :func:`safe_torch_load` reads a file into nested dicts of numpy arrays. With torch installed it uses
-``torch.load(..., weights_only=True)``; without torch, a restricted unpickler of our own reads the torch zip
-format (``data.pkl`` + ``data/<key>`` storages) and accepts only plain float / int / bool tensors and ordered
-dicts. Anything else in the pickle — a global that could run code — raises :class:`UnsafeCheckpointError`
-before it is called.
+Loading: the files are read by :func:`dynamicid_jax.weights.torch_pickle.safe_torch_load` (``torch.load`` with
+``weights_only=True``, or our restricted unpickler without torch); a pickle that references anything but plain
+tensors raises :class:`~dynamicid_jax.weights.torch_pickle.UnsafeCheckpointError` before it is called.
+:func:`read_saa_bin` splits ``SAA.bin`` into its two parts.
 
 Importing: ``import_id_encoder`` / ``import_imr`` / ``import_keypoint_encoder`` turn a state dict into our params
 through the declarative key maps that sit beside each model (``ID_ENCODER_KEYMAP``, ``IMR_KEYMAP``,
 ``KEYPOINT_ENCODER_KEYMAP``); the configuration is inferred from the tensor shapes unless given. Missing,
 unexpected or wrong-shape keys raise :class:`~dynamicid_jax.weights.keymap.WeightLoadError` listing them.
 
-Converted weights are stored as ``<name>.safetensors`` + ``<name>.json`` (:func:`save_converted`,
-:func:`load_converted`), so later runs need neither torch nor pickles.
+SAA (``import_saa``; docs/method.md §4.6): ``SAA_module`` is the state dict of
+``torch.nn.ModuleList(unet.attn_processors.values())``: one entry per UNet attention layer in diffusers'
+**registration** order (down blocks → up blocks → mid block, ``attn1`` before ``attn2``;
+:func:`~dynamicid_jax.models.unet.attention_layer_names`). Self-attention processors hold four LoRAs,
+cross-attention processors the same plus the ID projections::
 
-The ``SAA_module`` part of ``SAA.bin`` (LoRA + ``to_k_ip``/``to_v_ip`` per UNet attention processor, in
-diffusers' registration order — docs/method.md §4.6) is imported next to the SAA attention strategy;
-:func:`read_saa_bin` already splits the file into its two parts, and the SAA importer belongs in the section
-marked below.
+    {i}.to_q_lora.down.weight [r, C]     {i}.to_q_lora.up.weight [C, r]      (also to_k_lora, to_v_lora,
+    {i}.to_k_ip.weight [C, 768]          {i}.to_v_ip.weight [C, 768]          to_out_lora; *_ip in attn2)
+
+Our SAA params live inside each attention module under the same names, so the map is one rename per layer
+(``down_blocks.0.attentions.0.transformer_blocks.0.attn1.`` ↔ ``0.``) on top of the UNet's list-name rule,
+and the usual Linear transposes. The result merges with the base UNet params
+(:func:`dynamicid_jax.methods.saa.merge_params`).
+
+Converted weights are stored as ``<name>.safetensors`` + ``<name>.json`` (:func:`save_converted`,
+:func:`load_converted`), so later runs need neither torch nor pickles; DynamicID's weights folder
+(:mod:`dynamicid_jax.methods.dynamicid_weights`) holds one such pair per part.
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
-import pickle
 import re
-import zipfile
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -46,12 +53,16 @@ from flax import traverse_util
 
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr as imr_mod
+from dynamicid_jax.methods import saa as saa_mod
+from dynamicid_jax.models import unet as unet_mod
 from dynamicid_jax.weights import keymap as km
 from dynamicid_jax.weights.keymap import WeightLoadError, check_flat_shapes
+from dynamicid_jax.weights.torch_pickle import safe_torch_load
 
 __all__ = [
-    "UnsafeCheckpointError", "safe_torch_load", "read_saa_bin",
+    "read_saa_bin",
     "infer_id_encoder_config", "import_id_encoder", "export_id_encoder", "load_official_id_encoder",
+    "saa_keymap", "infer_saa_rank", "import_saa", "export_saa", "load_official_saa",
     "infer_imr_config", "import_imr", "export_imr", "load_official_imr",
     "infer_keypoint_encoder_config", "import_keypoint_encoder", "export_keypoint_encoder",
     "load_official_keypoint_encoder", "keypoint_encoder_path_for",
@@ -63,181 +74,6 @@ HEAD_DIM = 64  # the official modules fix dim_head = 64 (heads = width // 64); n
 
 def _unbox(tree):
     return nn.meta.unbox(tree)
-
-
-class UnsafeCheckpointError(WeightLoadError):
-    """The checkpoint's pickle references something other than plain tensors; it was not executed."""
-
-
-# =========================================================================================================
-# Safe loading
-# =========================================================================================================
-def safe_torch_load(path: str, *, backend: str = "auto") -> Any:
-    """Read a ``torch.save`` file into nested ``dict``/``list`` of numpy arrays without executing pickled code.
-
-    ``backend``: ``"torch"`` (``torch.load(weights_only=True)``), ``"restricted"`` (our own unpickler for the
-    torch zip format; no torch needed), or ``"auto"`` (torch when importable). bf16 tensors are widened to fp32;
-    other dtypes are kept. A pickle that references anything but tensors → :class:`UnsafeCheckpointError`."""
-    if backend not in ("auto", "torch", "restricted"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'restricted', got {backend!r}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if backend == "auto":
-        try:
-            import torch  # noqa: F401
-            backend = "torch"
-        except ImportError:
-            backend = "restricted"
-    return _torch_load(path) if backend == "torch" else _restricted_load(path)
-
-
-def _torch_load(path: str) -> Any:
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # torch's message starts with generic advice to disable weights_only; keep the line naming the culprit
-        reason = next((ln for ln in lines if "unsupported" in ln.lower() or "WeightsUnpickler" in ln),
-                      lines[0] if lines else "")
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: weights-only unpickling rejected it, so it is not a plain tensor checkpoint "
-            f"(its pickle may run code); nothing from the file was executed. torch says: {reason}") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise WeightLoadError(f"{path} is not a readable torch checkpoint: {e}") from e
-
-    def convert(x):
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu()
-            return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-        if isinstance(x, Mapping):
-            return {k: convert(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(convert(v) for v in x)
-        return x
-
-    return convert(obj)
-
-
-class _StorageType:
-    """Stands in for ``torch.FloatStorage`` & co. inside the restricted unpickler: just a dtype."""
-
-    def __init__(self, name: str, dtype):
-        self.name, self.dtype = name, np.dtype(dtype)
-
-
-def _storage_types() -> dict[str, _StorageType]:
-    import ml_dtypes
-
-    table = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-             "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-             "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-    return {name: _StorageType(name, dt) for name, dt in table.items()}
-
-
-def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, requires_grad=False,
-                    backward_hooks=None, metadata=None) -> np.ndarray:
-    """``torch._utils._rebuild_tensor_v2`` for numpy, with bounds checks (no out-of-storage reads)."""
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    offset = int(storage_offset)
-    if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
-        raise WeightLoadError(f"malformed tensor record: size {size}, stride {stride}, offset {offset}")
-    if 0 in size:
-        return np.zeros(size, storage.dtype)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
-        raise WeightLoadError(f"tensor record reads past its storage ({last} ≥ {storage.size} elements)")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=tuple(s * storage.itemsize for s in stride), writeable=False)
-    return np.array(view)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None) -> np.ndarray:
-    return data
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path: str):
-        super().__init__(file)
-        self._archive, self._prefix, self._byteorder, self._path = archive, prefix, byteorder, path
-        self._storages: dict[str, np.ndarray] = {}
-        self._types = _storage_types()
-
-    def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in self._types:
-            return self._types[name]
-        raise UnsafeCheckpointError(
-            f"refused to load {self._path}: its pickle references {module}.{name}, which is not part of a plain "
-            f"tensor checkpoint (it could run code); nothing from the file was executed")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise UnsafeCheckpointError(f"refused to load {self._path}: unexpected persistent id {pid!r}")
-        _, stype, key, _location, numel = pid
-        key = str(key)
-        if key not in self._storages:
-            name = f"{self._prefix}data/{key}"
-            try:
-                raw = self._archive.read(name)
-            except KeyError:
-                raise WeightLoadError(f"{self._path}: storage {name} is missing from the archive") from None
-            size = stype.dtype.itemsize
-            if len(raw) % size:
-                raise WeightLoadError(f"{self._path}: storage {name} has a size that is not a multiple of "
-                                      f"{size} bytes")
-            if self._byteorder == "big" and size > 1:
-                arr = np.frombuffer(raw, dtype=f">u{size}").astype(f"<u{size}").view(stype.dtype)
-            else:
-                arr = np.frombuffer(raw, dtype=stype.dtype)
-            if arr.size < int(numel):
-                raise WeightLoadError(f"{self._path}: storage {name} holds {arr.size} elements, expected {numel}")
-            self._storages[key] = arr
-        return self._storages[key]
-
-
-def _restricted_load(path: str) -> Any:
-    if not zipfile.is_zipfile(path):
-        raise WeightLoadError(f"{path} is not a torch zip checkpoint (the legacy pre-1.6 torch format and raw "
-                              "pickles can only be read with torch installed, through torch.load(weights_only=True))")
-    with zipfile.ZipFile(path) as archive:
-        pkl = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkl) != 1:
-            raise WeightLoadError(f"{path}: expected exactly one data.pkl in the archive, found {len(pkl)}")
-        prefix = pkl[0][: -len("data.pkl")]
-        byteorder = "little"
-        if f"{prefix}byteorder" in archive.namelist():
-            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
-            if byteorder not in ("little", "big"):
-                raise WeightLoadError(f"{path}: unknown byteorder {byteorder!r}")
-        with archive.open(pkl[0]) as f:
-            try:
-                obj = _RestrictedUnpickler(f, archive, prefix, byteorder, path).load()
-            except (UnsafeCheckpointError, WeightLoadError):
-                raise
-            except Exception as e:  # malformed pickle, bad opcode …
-                raise WeightLoadError(f"{path}: could not unpickle data.pkl: {e}") from e
-    return _plain(obj)
-
-
-def _plain(x):
-    """OrderedDicts → dicts, bf16 → fp32, recursively."""
-    import ml_dtypes
-
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float32) if x.dtype == ml_dtypes.bfloat16 else x
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_plain(v) for v in x)
-    return x
 
 
 def _tensor_dict(state: Any, what: str) -> dict[str, np.ndarray]:
@@ -344,9 +180,67 @@ def load_official_id_encoder(saa_bin_path: str, *, dtype=np.float32,
 
 
 # =========================================================================================================
-# SAA (SAA.bin["SAA_module"]): the importer for the UNet attention processors' LoRA / to_k_ip / to_v_ip lives
-# here, beside the SAA strategy's key map (processor order: docs/method.md §4.6). read_saa_bin() provides its input.
+# SAA (SAA.bin["SAA_module"]): LoRA + to_k_ip / to_v_ip of every UNet attention processor, in diffusers'
+# registration order (docs/method.md §4.6). read_saa_bin() provides the input.
 # =========================================================================================================
+def saa_keymap(unet_config: unet_mod.UNetConfig) -> km.KeyMap:
+    """Flax path ``down_blocks_0/…/attn1/to_q_lora/down/kernel`` ↔ torch ``0.to_q_lora.down.weight``."""
+    names = unet_mod.attention_layer_names(unet_config)
+    renames = tuple((rf"^{re.escape(name)}\.", f"{i}.") for i, name in enumerate(names))
+    return km.KeyMap(list_names=unet_mod.UNET_KEYMAP.list_names, renames=renames)
+
+
+def _saa_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Accept the ``SAA_module`` state dict itself or the whole ``SAA.bin`` dict."""
+    if isinstance(state, Mapping) and "SAA_module" in state and isinstance(state["SAA_module"], Mapping):
+        return state["SAA_module"]
+    if not isinstance(state, Mapping):
+        raise WeightLoadError(f"SAA_module: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def infer_saa_rank(state: Mapping[str, Any]) -> int:
+    """The LoRA rank of an ``SAA_module`` state dict (all layers must agree)."""
+    state = _saa_state(state)
+    ranks = {np.asarray(v).shape[0] for k, v in state.items() if re.fullmatch(r"\d+\.to_[a-z]+_lora\.down\.weight", k)}
+    if not ranks:
+        raise WeightLoadError("SAA_module: no LoRA keys like '0.to_q_lora.down.weight' found; keys start with "
+                              f"{sorted(state)[:5]}")
+    if len(ranks) > 1:
+        raise WeightLoadError(f"SAA_module: LoRA layers disagree on the rank: {sorted(ranks)}")
+    return int(ranks.pop())
+
+
+def import_saa(state: Mapping[str, Any], unet_config: unet_mod.UNetConfig, *,
+               strategy: saa_mod.SAA | None = None, source: str = "SAA_module", dtype=np.float32) -> dict:
+    """``SAA_module`` state dict (or the whole ``SAA.bin`` dict) → SAA params for ``unet_config``.
+
+    The LoRA rank is read from the file unless ``strategy`` is given (then its ``lora_rank`` must match). Missing,
+    unexpected or wrong-shape keys raise :class:`WeightLoadError` listing them."""
+    state = _saa_state(state)
+    rank = infer_saa_rank(state)
+    if strategy is None:
+        strategy = saa_mod.SAA(lora_rank=rank)
+    elif strategy.lora_rank != rank:
+        raise WeightLoadError(f"{source}: the file's LoRA rank is {rank}, the strategy's {strategy.lora_rank}")
+    abstract = saa_mod.abstract_saa_params(unet_config, strategy)
+    return km.load_state_dict({k: np.asarray(v) for k, v in state.items()}, saa_keymap(unet_config), abstract,
+                              source=source, dtype=dtype)
+
+
+def export_saa(params: Mapping, unet_config: unet_mod.UNetConfig) -> dict[str, np.ndarray]:
+    """SAA params (alone or merged with the base UNet's) → an ``SAA_module`` state dict (numpy, torch layout)."""
+    _, saa_params = saa_mod.split_saa_params(params)
+    if not saa_params:
+        raise ValueError("export_saa: no SAA params (to_*_lora / to_*_ip) in the given tree")
+    return km.export_state_dict(saa_params, saa_keymap(unet_config))
+
+
+def load_official_saa(path: str, unet_config: unet_mod.UNetConfig, *, backend: str = "auto",
+                      dtype=np.float32) -> dict:
+    """Read the official ``SAA.bin`` safely (no pickled code runs) and import its ``SAA_module``."""
+    parts = read_saa_bin(path, backend=backend)
+    return import_saa(parts["SAA_module"], unet_config, source=f"{path}['SAA_module']", dtype=dtype)
 
 
 # =========================================================================================================
