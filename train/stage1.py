@@ -199,7 +199,7 @@ class Stage1:
         t = jax.random.randint(k_t, (b,), 0, sched.config.num_train_timesteps)
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         noisy = sched.add_noise(latents, noise, t)
-        context = jnp.concatenate([text.astype(self.dtype), tokens.astype(self.dtype)], axis=1)
+        context = saa_lib.saa_context(text.astype(self.dtype), tokens)
         pred = self.unet.apply({"params": self.unet_params(trainable, frozen)}, noisy, t, context,
                                self.saa_inputs(latents.shape[1:3]),
                                *self.base.added_cond(pooled, latents.shape[1:3])).astype(jnp.float32)
@@ -284,9 +284,8 @@ class Stage1:
             un_tokens = self.id_tokens(trainable, jnp.zeros_like(ref_embed), un_feats)
             text, pooled = self.text_embeddings(frozen, ids)
             empty, empty_pooled = self.text_embeddings(frozen, jnp.asarray(self.empty_ids))
-            cond = jnp.concatenate([text, jnp.repeat(tokens, n, 0).astype(text.dtype)], axis=1)
-            uncond = jnp.concatenate([jnp.repeat(empty, n, 0), jnp.repeat(un_tokens, n, 0).astype(text.dtype)],
-                                     axis=1)
+            cond = saa_lib.saa_context(text, tokens)  # one reference's tokens for every prompt
+            uncond = saa_lib.saa_context(jnp.repeat(empty, n, 0), un_tokens)
             shape = (n, size // f, size // f, self.base.unet_config.in_channels)
             latents = jax.random.normal(jax.random.key(0), shape, jnp.float32)
             inputs = self.saa_inputs((size // f, size // f))

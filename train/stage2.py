@@ -159,7 +159,7 @@ class Stage2:
             jnp.broadcast_to(jnp.asarray(self.prompt_pooled), (n, self.prompt_pooled.shape[1])), latents.shape[1:3])
         run = lambda tokens: self.unet.apply(  # noqa: E731
             {"params": frozen["unet"]}, z_t, t,
-            jnp.concatenate([c, tokens.reshape((n,) + tokens.shape[2:]).astype(self.dtype)], axis=1),
+            saa_lib.saa_context(c, tokens.reshape((n,) + tokens.shape[2:])),
             inputs, *extra).astype(jnp.float32)
         eps_pred = run(pred)
         eps_tgt = jax.lax.stop_gradient(run(tgt))

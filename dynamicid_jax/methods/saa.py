@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -47,10 +46,19 @@ from flax import struct, traverse_util
 
 from dynamicid_jax.errors import InputError
 from dynamicid_jax.models import layers
+from dynamicid_jax.methods.saa_boxes import (  # noqa: F401  (re-exported: part of SAA's public names)
+    box_edges,
+    box_masks,
+    layer_grid,
+    layout_boxes,
+    query_grids,
+    validate_boxes,
+)
 from dynamicid_jax.models.attention import Attention, Projections
 
 __all__ = [
-    "SAA", "LoRA", "SAAInputs", "saa_inputs", "saa_inputs_for_step", "boost_strength", "layout_boxes",
+    "SAA", "LoRA", "SAAInputs", "saa_inputs", "saa_inputs_for_step", "saa_context", "split_saa_context",
+    "boost_strength", "layout_boxes",
     "validate_boxes", "layer_grid", "query_grids", "box_edges", "gate_from_logits", "box_masks", "boost_gate",
     "routing_mask", "mixing_factors", "SAA_PARAM_NAMES", "is_saa_path", "split_saa_params", "merge_params",
     "abstract_saa_params", "init_saa_params", "init_ip_from_base", "gate_maps",
@@ -157,11 +165,8 @@ class SAA:
         if not isinstance(inputs, SAAInputs):
             raise TypeError(f"SAA layer {attn.info.name}: attention_inputs must be SAAInputs (build them with "
                             f"saa_inputs(...)), got {type(inputs).__name__}")
-        n_id = inputs.num_ids * self.num_id_tokens
-        if context.shape[1] <= n_id:
-            raise ValueError(f"SAA layer {attn.info.name}: the context has {context.shape[1]} tokens but must hold "
-                             f"text tokens followed by {inputs.num_ids} × {self.num_id_tokens} ID tokens")
-        text, ids = context[:, :-n_id], context[:, -n_id:]
+        text, ids = split_saa_context(context, inputs.num_ids, self.num_id_tokens,
+                                      where=f"SAA layer {attn.info.name}")
         q, k, v = self._qkv(attn, proj, hidden, text)
         q = attn.split_heads(q)
         h_txt = attn.merge_heads(attn.attend(q, attn.split_heads(k), attn.split_heads(v)))
@@ -200,7 +205,7 @@ class SAA:
 
 
 # =========================================================================================================
-# Gate, boxes, routing (pure functions; the strategy composes them)
+# Gate, routing, mixing (pure functions; the strategy composes them; boxes and grids: saa_boxes.py)
 # =========================================================================================================
 def gate_from_logits(logits: jax.Array, threshold: float = 0.3, eps: float = 1e-6) -> jax.Array:
     """``[B, heads, Lq, T]`` ID logits → gate ``[B, Lq]`` in fp32: sum over heads and tokens, min–max normalise
@@ -209,18 +214,6 @@ def gate_from_logits(logits: jax.Array, threshold: float = 0.3, eps: float = 1e-
     lo, hi = jnp.min(g, axis=1, keepdims=True), jnp.max(g, axis=1, keepdims=True)
     w = (g - lo) / (hi - lo + eps)
     return jnp.where(w < threshold, 0.0, w)
-
-
-def box_masks(edges: jax.Array | np.ndarray, grid: tuple[int, int]) -> jax.Array | np.ndarray:
-    """``edges [n_boxes, 4]`` (half-open cell ranges ``y0, x0, y1, x1``) → boolean ``[n_boxes, H_l·W_l]``,
-    row-major over the grid (the order of the UNet's flattened tokens). NumPy in → NumPy out."""
-    xp = np if isinstance(edges, np.ndarray) else jnp
-    gh, gw = grid
-    ys = xp.arange(gh)[None, :, None]
-    xs = xp.arange(gw)[None, None, :]
-    e = [edges[:, i][:, None, None] for i in range(4)]
-    inside = (ys >= e[0]) & (ys < e[2]) & (xs >= e[1]) & (xs < e[3])
-    return inside.reshape(edges.shape[0], gh * gw)
 
 
 def boost_gate(w: jax.Array, in_any_box: jax.Array, strength: jax.Array | float) -> jax.Array:
@@ -246,113 +239,9 @@ def mixing_factors(num_ids: int, tokens_per_id: int, mix: jax.Array | float) -> 
     return jnp.where(first, mix, 1.0 - mix)
 
 
-def layer_grid(query_len: int, image_size: tuple[int, int]) -> tuple[int, int]:
-    """The ``(H_l, W_l)`` grid of a layer with ``query_len`` tokens for an image of ``image_size = (H, W)`` px:
-    ``ratio = int(sqrt(W·H // L_q))``, grid ``(H // ratio, W // ratio)`` (docs/method.md §4.4; the official code's
-    rule)."""
-    height, width = image_size
-    ratio = int(math.sqrt(width * height // query_len)) if query_len <= width * height else 0
-    if ratio < 1:
-        raise ValueError(f"{query_len} query tokens are more than the {height}×{width} px image has pixels")
-    return height // ratio, width // ratio
-
-
-def query_grids(image_size: tuple[int, int], max_levels: int = 8) -> tuple[tuple[int, int], ...]:
-    """The grids of the UNet's attention levels for an image of ``(H, W)`` px: latent ``(H/8, W/8)`` and each
-    halving while both sides stay integers (SD1.5 at 512×768 → 64×96, 32×48, 16×24, 8×12), then the finer grids
-    ``(H/4, W/4)``, ``(H/2, W/2)``, ``(H, W)`` of VAEs with a smaller scale factor (e.g. 4 for a 3-level VAE)."""
-    height, width = image_size
-    grids = []
-    factors = [8 * 2 ** level for level in range(max_levels)]
-    factors = [r for i, r in enumerate(factors) if all(height % q == 0 and width % q == 0 for q in factors[:i + 1])]
-    for r in factors + [4, 2, 1]:
-        if height % r or width % r:
-            continue
-        grid = layer_grid((height // r) * (width // r), image_size)
-        if grid != (height // r, width // r):  # cannot happen for exact multiples; kept as a guard
-            raise AssertionError(f"grid rule mismatch at {image_size}: {grid}")
-        grids.append(grid)
-    return tuple(grids)
-
-
-def box_edges(boxes: np.ndarray | Sequence[Sequence[float]], grid: tuple[int, int]) -> np.ndarray:
-    """Normalised boxes ``[n, 4]`` → integer cell ranges on ``grid = (H_l, W_l)``: ``int(y0·H_l), int(x0·W_l),
-    int(y1·H_l), int(x1·W_l)`` with Python floats (truncation), used as half-open slices."""
-    gh, gw = grid
-    return np.array([[int(float(y0) * gh), int(float(x0) * gw), int(float(y1) * gh), int(float(x1) * gw)]
-                     for y0, x0, y1, x1 in np.asarray(boxes, np.float64)], np.int32).reshape(-1, 4)
-
-
 # =========================================================================================================
-# Inputs: boxes, layouts, the per-step boost
+# Inputs: per-call values, the per-step boost, the context layout
 # =========================================================================================================
-def layout_boxes(num_ids: int, layout: str | Sequence[float] = "row") -> np.ndarray:
-    """Default boxes for ``num_ids`` identities without user boxes (docs/method.md §4.4 "beyond the paper").
-
-    * ``"row"`` — equal vertical strips left → right, box ``i = [0, i/N, 1, (i+1)/N]`` (the official default);
-    * ``"grid"`` — ``ceil(√N)`` columns, filled row by row top → bottom; every row is split into equal cells
-      (a last, shorter row gets wider cells), rows have equal heights;
-    * a sequence of ``N`` positive relative widths — vertical strips left → right with those widths.
-
-    One identity always gets the whole image. Returns float64 ``[N, 4]`` normalised ``[y0, x0, y1, x1]``."""
-    if not isinstance(num_ids, (int, np.integer)) or num_ids < 1:
-        raise ValueError(f"num_ids must be a positive integer, got {num_ids!r}")
-    if num_ids == 1:
-        return np.array([[0.0, 0.0, 1.0, 1.0]])
-    if isinstance(layout, str):
-        if layout == "row":
-            step = 1 / num_ids
-            return np.array([[0.0, step * i, 1.0, step * (i + 1)] for i in range(num_ids)])
-        if layout == "grid":
-            cols = math.ceil(math.sqrt(num_ids))
-            rows = math.ceil(num_ids / cols)
-            boxes = []
-            for r in range(rows):
-                n = min(cols, num_ids - r * cols)
-                boxes += [[r / rows, c / n, (r + 1) / rows, (c + 1) / n] for c in range(n)]
-            return np.array(boxes)
-        raise ValueError(f"layout must be 'row', 'grid' or a list of {num_ids} relative widths, got {layout!r}")
-    widths = np.asarray(layout, np.float64).reshape(-1)
-    if widths.shape[0] != num_ids or not np.all(np.isfinite(widths)) or np.any(widths <= 0):
-        raise ValueError(f"layout widths must be {num_ids} positive numbers (one per identity), got {list(layout)}")
-    edges = np.concatenate([[0.0], np.cumsum(widths) / widths.sum()])
-    edges[-1] = 1.0
-    return np.array([[0.0, edges[i], 1.0, edges[i + 1]] for i in range(num_ids)])
-
-
-def validate_boxes(boxes: Any, num_ids: int) -> tuple[np.ndarray, str]:
-    """Check user boxes → ``(boxes float64 [n, 4], mode)``; mode ``"route"`` (one box per identity) or ``"mix"``
-    (one box for several identities). Raises ``ValueError`` for other counts, values outside ``[0, 1]``, empty
-    or inverted boxes and overlapping boxes (the official code would produce NaN there)."""
-    arr = np.asarray(boxes, np.float64)
-    if arr.ndim == 1 and arr.shape == (4,):
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != 4 or arr.shape[0] < 1:
-        raise ValueError(f"boxes must be [n, 4] normalised [y_min, x_min, y_max, x_max], got shape {arr.shape}")
-    n = arr.shape[0]
-    if n == num_ids:
-        mode = "route"
-    elif n == 1:
-        mode = "mix"
-    else:
-        raise ValueError(f"got {n} boxes for {num_ids} identities: give one box per identity (regional routing) "
-                         f"or a single box (identity mixing)")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
-        raise ValueError(f"boxes must lie in [0, 1] (normalised [y_min, x_min, y_max, x_max]), got {arr.tolist()}")
-    bad = [i for i in range(n) if not (arr[i, 0] < arr[i, 2] and arr[i, 1] < arr[i, 3])]
-    if bad:
-        raise ValueError(f"boxes {bad} are empty or inverted: need y_min < y_max and x_min < x_max, got "
-                         f"{arr[bad].tolist()}")
-    for i in range(n):
-        for j in range(i + 1, n):
-            dy = min(arr[i, 2], arr[j, 2]) - max(arr[i, 0], arr[j, 0])
-            dx = min(arr[i, 3], arr[j, 3]) - max(arr[i, 1], arr[j, 1])
-            if dy > 0 and dx > 0:
-                raise ValueError(f"boxes {i} {arr[i].tolist()} and {j} {arr[j].tolist()} overlap; each query "
-                                 f"may belong to one identity only")
-    return arr, mode
-
-
 def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, id_scale: float = 1.0,
                strength: float = 0.0, mix: float = 0.5, activate_query: bool = True,
                layout: str | Sequence[float] = "row", latent_grid: tuple[int, int] | None = None) -> SAAInputs:
@@ -395,6 +284,30 @@ def saa_inputs(num_ids: int, image_size: tuple[int, int], boxes: Any = None, *, 
 def boost_strength(step: jax.Array | int, boost_steps: jax.Array | int, strength: jax.Array | float) -> jax.Array:
     """``strength`` for denoising steps ``step < boost_steps``, else 0 (fp32 scalar; jit- and eager-safe)."""
     return jnp.where(jnp.asarray(step) < boost_steps, jnp.asarray(strength, jnp.float32), jnp.float32(0.0))
+
+
+def saa_context(text: jax.Array, id_tokens: jax.Array) -> jax.Array:
+    """The cross-attention context SAA reads: ``[text tokens | ID tokens]`` along the sequence (docs/method.md §4).
+
+    ``text [B, L, D]``; ``id_tokens [B, T, D]`` or ``[1, T, D]`` (one set for every row), ``T`` = identities × ID
+    tokens each, identity by identity. The ID tokens take the text's dtype. :func:`split_saa_context` is the
+    inverse; these two are the only places that know the layout."""
+    tokens = id_tokens.astype(text.dtype)
+    if tokens.ndim != 3 or tokens.shape[-1] != text.shape[-1] or tokens.shape[0] not in (1, text.shape[0]):
+        raise ValueError(f"id_tokens must be [B, T, {text.shape[-1]}] or [1, T, {text.shape[-1]}] beside text "
+                         f"{tuple(text.shape)}, got {tuple(id_tokens.shape)}")
+    tokens = jnp.broadcast_to(tokens, (text.shape[0],) + tokens.shape[1:])
+    return jnp.concatenate([text, tokens], axis=1)
+
+
+def split_saa_context(context: jax.Array, num_ids: int, num_id_tokens: int, *,
+                      where: str = "SAA") -> tuple[jax.Array, jax.Array]:
+    """``(text [B, L, D], id_tokens [B, num_ids·num_id_tokens, D])`` of a :func:`saa_context` context."""
+    n_id = num_ids * num_id_tokens
+    if context.shape[1] <= n_id:
+        raise ValueError(f"{where}: the context has {context.shape[1]} tokens but must hold text tokens followed "
+                         f"by {num_ids} × {num_id_tokens} ID tokens")
+    return context[:, :-n_id], context[:, -n_id:]
 
 
 def saa_inputs_for_step(inputs: SAAInputs, step: jax.Array | int, boost_steps: jax.Array | int,

@@ -340,9 +340,8 @@ class DynamicIDPipeline:
 
         def chunk(params, text_inputs, id_tokens, uncond_tokens, guidance_scale, inputs,
                   boost_steps, boost_strength, carry, start, stop):
-            def with_ids(text, tokens):
-                t = tokens.reshape(1, -1, tokens.shape[-1]).astype(text.dtype)
-                return jnp.concatenate([text, jnp.broadcast_to(t, (text.shape[0],) + t.shape[1:])], axis=1)
+            def with_ids(text, tokens):  # every row reads all identities' tokens, identity by identity
+                return saa_mod.saa_context(text, tokens.reshape(1, -1, tokens.shape[-1]))
 
             # the backbone's text conditioning (SD1.x: CLIP states; SDXL: both encoders, pooled text and
             # micro-conditioning as added conditioning), with the ID tokens appended to each context
