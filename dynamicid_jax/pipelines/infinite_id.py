@@ -179,18 +179,12 @@ class InfiniteIDPipeline:
 
         def chunk(params, text_inputs, id_tokens, null_tokens, guidance, id_scale, mix_start, mix_end, carry,
                   start, stop):
-            def streams(text, tokens):  # rows [text stream; ID stream], every context [text; ID tokens]
-                tokens = jnp.broadcast_to(tokens.astype(text.dtype), (text.shape[0],) + tokens.shape[1:])
-                return jnp.concatenate([jnp.concatenate([text, jnp.zeros_like(tokens)], 1),
-                                        jnp.concatenate([text, tokens], 1)], 0)
-
             def both_streams(added):  # SDXL's added conditioning: the same for both streams
-                return None if added is None else jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a], 0),
-                                                                         added)
+                return None if added is None else jax.tree_util.tree_map(iid.two_stream_rows, added)
 
             text = sd.text_conditioning(params, text_inputs, guided=key.guided, mode=key.text_mode)
-            context = streams(text.context, id_tokens)
-            uncond = streams(text.uncond_context, null_tokens) if key.guided else None
+            context = iid.two_stream_context(text.context, id_tokens)
+            uncond = iid.two_stream_context(text.uncond_context, null_tokens) if key.guided else None
             inputs = iid.two_stream_inputs(key.num_tokens, guided=key.guided, id_scale=id_scale, adain=key.adain)
             return denoise_steps(unet, params["unet"], carry, start, stop, context, guidance, sd.scheduler,
                                  uncond_context=uncond,
@@ -198,7 +192,7 @@ class InfiniteIDPipeline:
                                  added_cond=both_streams(text.added), uncond_added_cond=both_streams(text.uncond_added))
 
         def finish(params, latents):
-            text_latents, id_latents = jnp.split(latents, 2, axis=0)
+            text_latents, id_latents = iid.split_two_streams(latents)
             if not key.text_stream:
                 return to_uint8(decode_latents(sd.vae, params["vae"], id_latents))
             images = to_uint8(decode_latents(sd.vae, params["vae"], jnp.concatenate([id_latents, text_latents], 0)))
@@ -252,7 +246,7 @@ class InfiniteIDPipeline:
         key = _SamplerKey(len(prompts), int(tokens.shape[1]), height, width, steps, guided,
                           bool(adain), layers, bool(return_text_stream), text_mode if guided else None)
         noise = start_noise(self.sd, len(prompts), height, width, seed, latents)  # = the base's generate
-        carry = initial_carry(self.sd.scheduler, steps, jnp.concatenate([noise, noise], 0))  # [text; ID] streams
+        carry = initial_carry(self.sd.scheduler, steps, iid.two_stream_rows(noise))  # both streams, same noise
         args = (self._params, text_inputs, tokens, null,
                 jnp.float32(guidance_scale), jnp.float32(id_scale), jnp.int32(start), jnp.int32(end))
         timings = {}
