@@ -175,6 +175,20 @@ class SelfAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The encoder
 # ---------------------------------------------------------------------------------------------------------
+def resample(clip_features: jax.Array, latents: jax.Array, *, dim: int, depth: int, heads: int, head_dim: int,
+             ff_mult: int, dtype: Dtype) -> jax.Array:
+    """The perceiver body both methods' encoders share: ``proj_in`` on the CLIP tokens, ``depth`` × (attention of
+    the latents on [tokens; latents] + FF, each residual), ``proj_out``, LayerNorm. Called inside a module's
+    ``nn.compact`` method, its submodules (``proj_in``, ``attn_i``, ``ff_i``, ``proj_out``, ``norm_out``) belong
+    to that module, so the param tree is the calling module's."""
+    x = layers.dense(dim, name="proj_in", dtype=dtype)(clip_features)
+    for i in range(depth):
+        latents = PerceiverAttention(heads, head_dim, dtype=dtype, name=f"attn_{i}")(x, latents) + latents
+        latents = FeedForward(ff_mult, dtype=dtype, name=f"ff_{i}")(latents) + latents
+    latents = layers.dense(dim, name="proj_out", dtype=dtype, axes=("mlp", "embed"))(latents)
+    return layers.layer_norm(LN_EPS, name="norm_out", dtype=dtype)(latents)
+
+
 class PerceiverResampler(nn.Module):
     """``FacePerceiverResampler``: latents ← CLIP tokens, ``depth`` × (attention + FF), then proj_out + LN."""
 
@@ -184,13 +198,8 @@ class PerceiverResampler(nn.Module):
     @nn.compact
     def __call__(self, latents: jax.Array, clip_features: jax.Array) -> jax.Array:
         cfg = self.config
-        x = layers.dense(cfg.dim, name="proj_in", dtype=self.dtype)(clip_features)
-        for i in range(cfg.depth):
-            latents = PerceiverAttention(cfg.heads, cfg.head_dim, dtype=self.dtype, name=f"attn_{i}")(
-                x, latents) + latents
-            latents = FeedForward(cfg.ff_mult, dtype=self.dtype, name=f"ff_{i}")(latents) + latents
-        latents = layers.dense(cfg.dim, name="proj_out", dtype=self.dtype, axes=("mlp", "embed"))(latents)
-        return layers.layer_norm(LN_EPS, name="norm_out", dtype=self.dtype)(latents)
+        return resample(clip_features, latents, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                        head_dim=cfg.head_dim, ff_mult=cfg.ff_mult, dtype=self.dtype)
 
 
 class IDEncoder(nn.Module):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.methods.id_encoder import FeedForward, PerceiverAttention
+from dynamicid_jax.methods.id_encoder import resample
 from dynamicid_jax.models import layers
 
 __all__ = ["InfiniteIDEncoderConfig", "infinite_id_encoder_config", "FaceMapper", "CLIPMapper", "InfiniteIDEncoder",
@@ -128,14 +128,9 @@ class CLIPMapper(nn.Module):
         queries = self.param("latents", nn.with_logical_partitioning(nn.initializers.normal(cfg.dim ** -0.5),
                                                                      (None, "embed")),
                              (cfg.num_clip_tokens, cfg.dim), jnp.float32)
-        x = layers.dense(cfg.dim, name="proj_in", dtype=self.dtype)(clip_features.astype(self.dtype))
-        latents = jnp.broadcast_to(queries.astype(self.dtype), (x.shape[0],) + queries.shape)
-        for i in range(cfg.depth):
-            latents = PerceiverAttention(cfg.heads, cfg.head_dim, dtype=self.dtype, name=f"attn_{i}")(
-                x, latents) + latents
-            latents = FeedForward(cfg.ff_mult, dtype=self.dtype, name=f"ff_{i}")(latents) + latents
-        latents = layers.dense(cfg.dim, name="proj_out", dtype=self.dtype, axes=("mlp", "embed"))(latents)
-        return layers.layer_norm(LN_EPS, name="norm_out", dtype=self.dtype)(latents)
+        latents = jnp.broadcast_to(queries.astype(self.dtype), (clip_features.shape[0],) + queries.shape)
+        return resample(clip_features.astype(self.dtype), latents, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                        head_dim=cfg.head_dim, ff_mult=cfg.ff_mult, dtype=self.dtype)
 
 
 class InfiniteIDEncoder(nn.Module):
