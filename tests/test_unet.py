@@ -120,6 +120,21 @@ def test_weights_are_read_and_placed_tensor_by_tensor(tiny_unet_dir, monkeypatch
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "junk"])
+def test_damaged_weights_file_is_one_clear_error(tiny_unet_dir, tmp_path, damage):
+    """A folder whose safetensors file is cut short or is not safetensors at all: ``load_unet`` raises
+    ``WeightLoadError`` naming the file (the lazy reader checks the file when the folder is opened)."""
+    import shutil
+
+    folder = tmp_path / "unet"
+    shutil.copytree(tiny_unet_dir[0], folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not safetensors" * 10)
+    with pytest.raises(km.WeightLoadError, match="diffusion_pytorch_model.safetensors"):
+        U.load_unet(str(folder))
+
+
 def test_attention_order_matches_diffusers(tiny_unet_dir):
     model = tiny_unet_dir[1]
     theirs = [k.removesuffix(".processor") for k in model.attn_processors]

@@ -144,7 +144,7 @@ def load_state_dict(state: Mapping[str, np.ndarray], keymap: KeyMap, abstract_pa
             continue
         del raw
         value = np.ascontiguousarray(value, dtype=dtype)
-        flat[path] = place(value) if place is not None and not (missing or unexpected or wrong_shape) else value
+        flat[path] = value if place is None else place(value)
     if missing or unexpected or wrong_shape:
         msg = [f"weights in {source} do not match the model:"]
         if missing:
