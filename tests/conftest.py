@@ -112,7 +112,8 @@ TEST_GROUPS: dict[str, tuple[str, ...]] = {
     # importers' safe loading, sharding rules, the train loop's guarantees, the stage tasks, SynthFace's parts
     "unit": ("test_data_schema.py", "test_face_weighted_loss.py", "test_faces.py", "test_faces_insightface.py",
              "test_official_import.py", "test_sharding.py", "test_sdxl_methods.py", "test_synthface.py",
-             "test_synthface_models.py", "test_train_loop.py", "test_train_stages.py", "test_plugins.py"),
+             "test_synthface_models.py", "test_train_loop.py", "test_train_stages.py", "test_plugins.py",
+             "test_eval_metrics.py"),
     # a user's path end to end: command lines, pipelines from folders to PNGs, shards → training → export, the
     # demo, the evaluation, the web app, multi-process training, and every bad input's one-line error
     "end_to_end": ("test_app.py", "test_app_methods.py", "test_bad_inputs.py", "test_cli_generate.py",
