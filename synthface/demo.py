@@ -283,10 +283,12 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     if infinite_id:
         stages.append(Stage("infinite_id", "Infinite-ID (ID-semantics decoupled training)",
                             {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards", "face_models")))
-    from synthface.evaluation.suite import INFINITE_ID_METHODS, METHODS
+    from synthface.evaluation.suite import INFINITE_ID_METHODS, METHODS, Protocol
 
     methods = [m for m in METHODS if infinite_id or m not in INFINITE_ID_METHODS]
-    stages.append(Stage("eval", "evaluation on held-out identities", {**preset["eval"], "methods": methods},
+    protocol = Protocol.quick() if preset["eval"]["quick"] else Protocol()  # a changed protocol reruns the stage
+    stages.append(Stage("eval", "evaluation on held-out identities",
+                        {**preset["eval"], "methods": methods, "protocol": protocol.to_dict()},
                         evaluate, needs=tuple(s.name for s in stages if s.name in ("dynamicid", "infinite_id"))))
     return stages, sd_path
 

@@ -70,21 +70,25 @@ def single_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[s
 
 
 def multi_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[str], path: str, *,
-                    steps: int, guidance_scale: float, seed: int = 0) -> dict:
+                    steps: int, guidance_scale: float, seed: int = 0, boost_steps: int | None = 0) -> dict:
     """The references side by side, then one image per prompt (``size × n·size``, like SynthFace's group
-    scenes) with each identity's layout box drawn; the model was trained on single portraits only."""
+    scenes) with each identity's layout box drawn; the model was trained on single portraits only.
+    ``boost_steps``: SAA's layout boost, as the evaluation's two-person requests run it (``Protocol``'s
+    ``multi_boost_steps``: none; ``None`` = the pipeline's default)."""
     from dynamicid_jax.methods.saa import layout_boxes
 
     size = references[0].shape[0]
     boxes = np.asarray(layout_boxes(len(references), "row"))
+    boost = {} if boost_steps is None else {"boost_steps": int(boost_steps)}
     images = pipe(list(prompts), list(references), steps=steps, guidance_scale=guidance_scale, seed=seed,
-                  height=size, width=size * len(references), layout="row")
+                  height=size, width=size * len(references), layout="row", **boost)
     refs = np.concatenate(list(references), axis=1)  # side by side, the size of one generated image
     rows = [[refs, *images]]
     labels = [["references"] + [p.replace("a photo of two people", "").strip(" ,") for p in prompts]]
     panel_boxes = [[list(boxes)] * (1 + len(prompts))]
     save_png(labelled_grid(rows, labels, boxes=panel_boxes), path)
-    return {"identities": len(references), "prompts": len(prompts), "boxes": boxes.tolist()}
+    return {"identities": len(references), "prompts": len(prompts), "boxes": boxes.tolist(),
+            "boost_steps": boost_steps}
 
 
 def edit_figure(pipe, reference: np.ndarray, prompt: str, path: str, *, steps: int, guidance_scale: float,

@@ -184,6 +184,8 @@ def test_protocol_adapts_to_the_number_of_held_out_identities():
         assert len(pairs) == n and sorted(a for a, _ in pairs) == list(range(n))  # everyone once on the left
         assert sorted(b for _, b in pairs) == list(range(n))  # and once on the right
         assert all((r.height, r.width) == (64, 128) for r in multi)
+        assert all(r.boost_steps == 0 for r in multi)  # gate + routing, no layout boost (Protocol default)
+        assert all(r.boost_steps is None for r in reqs if r.kind != "multi")  # the pipeline's own default
         edits = [r for r in reqs if r.kind == "edit"]
         m = min(n, 2)  # ⌈edit_images / edit_batch⌉ identities are enough for 4 images per expression
         assert sorted({r.group for r in edits}) == list(range(m))
@@ -222,3 +224,28 @@ def test_identity_metrics_dlib_is_euclidean_on_raw_descriptors():
     np.testing.assert_array_equal(m.face, [1, -1, 0])  # (face 0, ref 2) = 0.1 first, then (face 1, ref 0) = 0.2
     assert m.same.tolist() == [True, False, True] and np.isnan(m.similarity[1])
     np.testing.assert_allclose(m.similarity[[0, 2]], [0.2, 0.1], atol=1e-6)
+
+
+def test_two_person_requests_carry_the_protocols_layout_boost_to_dynamicid():
+    """Protocol.multi_boost_steps reaches the DynamicID pipeline as ``boost_steps`` on the two-person requests (0 by
+    default; None leaves the pipeline's default, so no keyword is passed); a bad value is refused."""
+    from dynamicid_jax.eval.runner import generate
+
+    calls = []
+
+    def fake_dynamicid(prompts, refs, **kw):
+        calls.append(kw)
+        return np.zeros((len(prompts), kw["height"], kw["width"], 3), np.uint8)
+
+    refs = [np.zeros((64, 64, 3), np.uint8)] * 2
+    for boost, want in ((S.Protocol().multi_boost_steps, 0), (None, None), (5, 5)):
+        p = S.Protocol(single_images=2, multi_images=2, edit_images=0, multi_boost_steps=boost)
+        multi = next(r for r in S.synthface_requests(p, 2, 64) if r.kind == "multi")
+        calls.clear()
+        for method in ("dynamicid", "no-saa"):
+            generate(method, {"dynamicid": fake_dynamicid}, multi, refs, steps=2, guidance_scale=1.0)
+        assert [c.get("boost_steps") for c in calls] == [want, want]
+        assert [c["activate_query"] for c in calls] == [True, False]
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(ValueError, match="multi_boost_steps"):
+            S.Protocol(multi_boost_steps=bad)

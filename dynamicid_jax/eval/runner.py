@@ -32,7 +32,9 @@ class Request:
     """One generation call: ``len(prompts)`` images showing the references ``refs`` (indices into the suite's
     reference list). ``face_prompt``: the IMR request of the (single) identity; ``expression`` / ``pose``: the
     requested labels; ``attributes``: per prompt, what it names (``background``, ``clothing`` — a list for
-    multi-ID —, ``placement``); ``boxes``: normalised layout boxes, one per reference (multi-ID)."""
+    multi-ID —, ``placement``); ``boxes``: normalised layout boxes, one per reference (multi-ID);
+    ``boost_steps``: the length of SAA's layout boost for the DynamicID methods (``None``: the pipeline's
+    default, :func:`dynamicid_jax.pipelines.dynamicid.default_boost`; 0: the gate and routing only)."""
 
     kind: str
     refs: tuple[int, ...]
@@ -46,6 +48,7 @@ class Request:
     attributes: tuple[dict, ...] = ()
     boxes: tuple[tuple[float, ...], ...] | None = None
     group: int = 0  # the edit identity a control / edit belongs to
+    boost_steps: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- the methods
@@ -125,8 +128,9 @@ def generate(method: str, pipes: dict[str, Any], request: Request, references: S
     if "dynamicid" not in pipes:
         raise ValueError(f"method {method} needs a DynamicID pipeline (pipes['dynamicid'])")
     face_prompts = [request.face_prompt] if request.face_prompt and method != "no-imr" else None
+    boost = {} if request.boost_steps is None else {"boost_steps": int(request.boost_steps)}
     return pipes["dynamicid"](prompts, refs, face_prompts=face_prompts, layout="row",
-                              activate_query=method != "no-saa", **common)
+                              activate_query=method != "no-saa", **boost, **common)
 
 
 def run_method(method: str, pipes: dict[str, Any], requests: Sequence[Request], references: Sequence[np.ndarray],

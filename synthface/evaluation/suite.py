@@ -9,7 +9,8 @@ data index (all of them are used; nothing is hard-coded), each identity's refere
 * ``multi`` — the ``n`` identity pairs ``(k, k+1 mod n)`` (every identity once on the left, once on the right;
   ``n = 2``: both orders), about ``multi_images`` two-person images in all, each in the frame of the data's
   two-person scenes (``size × 2·size`` when the data has none), left/right layout boxes (SAA routes each identity
-  to its box) and a caption naming the background and each person's clothing and side;
+  to its box; the layout boost runs ``Protocol.multi_boost_steps`` steps, none by default) and a caption naming the
+  background and each person's clothing and side;
 * ``edit`` — the first ``m = min(n, ⌈edit_images / edit_batch⌉)`` identities × every expression in
   ``edit_expressions`` (front view; and every pose in ``edit_poses``, neutral) × ``⌈edit_images / m⌉`` images
   (whole batches of ``edit_batch``, one seed per batch): the KDEF-style face prompt ``"the expression is {e},
@@ -91,11 +92,20 @@ class Protocol:
     edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "infinite-id", "infinite-id-no-adain")
     #: methods that run the two-person requests (the quick protocol spares the base its two-person compile)
     multi_methods: tuple[str, ...] = METHODS
+    #: SAA's layout boost on the two-person requests, in denoising steps (None: the pipeline's default, s = 2 for 12
+    #: steps). 0 — the gate and the routing only: the boxes are the two halves where the base draws its two people
+    #: anyway, and on *training* identities every boost tried drew the faces worse (placement 0.71 without, 0.67 /
+    #: 0.63 / 0.57 with 3 / 5 / 12 boosted steps of 20; docs/demo.md)
+    multi_boost_steps: int | None = 0
 
     def __post_init__(self):
         for name in ("single_images", "batch", "edit_batch", "steps", "n_boot"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.multi_boost_steps is not None and (not isinstance(self.multi_boost_steps, int)
+                                                   or self.multi_boost_steps < 0):
+            raise ValueError(f"Protocol.multi_boost_steps must be None or an integer >= 0, got "
+                             f"{self.multi_boost_steps!r}")
         for name in ("multi_images", "edit_images"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"Protocol.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -187,7 +197,8 @@ def synthface_requests(protocol: Protocol, num_references: int, size: int,
             scenes.append({"background": background, "clothing": clothing})
         for c, chunk in enumerate(_chunks(scenes, p.batch)):
             out.append(Request("multi", pair, tuple(multi_caption(s["clothing"], s["background"]) for s in chunk),
-                               p.seed + 10_000 + 100 * k + c, mh, mw, attributes=tuple(chunk), boxes=boxes))
+                               p.seed + 10_000 + 100 * k + c, mh, mw, attributes=tuple(chunk), boxes=boxes,
+                               boost_steps=p.multi_boost_steps))
     # edits: the first m identities, m = n unless fewer than a batch per identity would reach edit_images
     m = min(n, int(math.ceil(p.edit_images / p.edit_batch)))
     per_edit = p.per_identity(p.edit_images, m, p.edit_batch) if m else 0
