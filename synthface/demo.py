@@ -140,6 +140,13 @@ def _config_path(name: str) -> str:
     return os.path.join(root, CONFIGS[name])
 
 
+def _config_settings(name: str) -> dict:
+    """The config file's text as a stage setting: editing ``train/configs/synthface_*.yaml`` reruns its stage (and
+    everything downstream) instead of reusing a result trained with the old file."""
+    with open(_config_path(name), encoding="utf-8") as f:
+        return {"config": f.read()}
+
+
 def _one_device_mesh():
     """The demo trains on the first device, as stage 0 does by default: its batches are a few images, and several
     CPU "devices" (``--xla_force_host_platform_device_count``) would only share the same cores."""
@@ -274,15 +281,18 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
                          "rebuild": "the SynthFace base, trained here (make base's recipe)",
                          "quick": "stage 0: a seconds-long base"}[base_mode], base_settings, base,
               needs=("synthface",)),
-        Stage("stage1", "stage 1: ID encoder + SAA", {"overrides": preset["stage1"]}, stage1,
+        Stage("stage1", "stage 1: ID encoder + SAA", {"overrides": preset["stage1"], **_config_settings("stage1")},
+              stage1,
               needs=("stage0", "shards", "face_models")),
-        Stage("stage2", "stage 2: token cache, IMR + KeyPointEncoder", {"overrides": preset["stage2"]}, stage2,
+        Stage("stage2", "stage 2: token cache, IMR + KeyPointEncoder",
+              {"overrides": preset["stage2"], **_config_settings("stage2")}, stage2,
               needs=("stage1",)),
         Stage("dynamicid", "the DynamicID folder", {}, dynamicid, needs=("stage1", "stage2")),
     ]
     if infinite_id:
         stages.append(Stage("infinite_id", "Infinite-ID (ID-semantics decoupled training)",
-                            {"overrides": preset["infinite_id"]}, infinite, needs=("stage0", "shards", "face_models")))
+                            {"overrides": preset["infinite_id"], **_config_settings("infinite_id")}, infinite,
+                            needs=("stage0", "shards", "face_models")))
     from synthface.evaluation.suite import INFINITE_ID_METHODS, METHODS, Protocol
 
     methods = [m for m in METHODS if infinite_id or m not in INFINITE_ID_METHODS]

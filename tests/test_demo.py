@@ -54,6 +54,35 @@ def test_stage_runner_reruns_an_interrupted_stage(tmp_path):
     assert len(done) == 1
 
 
+def test_demo_stages_rerun_when_their_config_file_or_the_protocol_changes(tmp_path, monkeypatch):
+    """A stage's settings hold its config file's text (and the evaluation's its protocol), so editing
+    train/configs/synthface_stage1.yaml changes stage 1's fingerprint — and the stages downstream of it — instead of
+    reusing a result trained with the old file."""
+    import shutil
+
+    from synthface import demo
+    from synthface.demo_stages import fingerprint
+    from synthface.evaluation.suite import Protocol
+
+    configs = {}
+    for name in demo.CONFIGS:
+        configs[name] = tmp_path / f"{name}.yaml"
+        shutil.copyfile(demo._config_path(name), configs[name])
+    monkeypatch.setattr(demo, "_config_path", lambda name: str(configs[name]))
+
+    def settings():
+        stages, _ = demo.build_stages(StageRunner(str(tmp_path / "work")), demo.PRESETS["quick"], infinite_id=True,
+                                      out=str(tmp_path / "out"))
+        return {s.name: fingerprint(dict(s.settings)) for s in stages}, {s.name: s for s in stages}
+
+    before, stages = settings()
+    assert stages["eval"].settings["protocol"] == Protocol.quick().to_dict()
+    configs["stage1"].write_text(configs["stage1"].read_text().replace("lr: 5.0e-4", "lr: 4.0e-4"))
+    after, _ = settings()
+    assert after["stage1"] != before["stage1"]
+    assert {k for k in before if before[k] != after[k]} == {"stage1"}  # downstream reruns through `needs`
+
+
 def test_quick_demo_writes_every_file(quick_demo):
     for name in FILES:
         assert (quick_demo / name).stat().st_size > 500, name
