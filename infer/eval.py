@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="denoising steps (synthface default 20, real 30)")
     g.add_argument("--guidance-scale", type=nonnegative_float, help="CFG scale (default 5.0)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--split", choices=("heldout", "validation"), default=None,
+                   help="the references: the held-out identities (default; the report) or the validation ones "
+                        "(python -m synthface --validation N: where a recipe is chosen without the held-out "
+                        "identities)")
     r = p.add_argument_group("real")
     r.add_argument("--clip", help="CLIP ViT-L/14 folder (transformers CLIPModel) for CLIP-T")
     r.add_argument("--analyzer", default="insightface", choices=("insightface", "dlib"),
@@ -391,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.suite != "real":
             overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
-                                           ("seed", args.seed)) if v is not None}
+                                           ("seed", args.seed), ("split", args.split)) if v is not None}
             results = run_eval(out=args.out, suite=args.suite, sd=args.sd, methods=args.methods,
                                dynamicid=args.dynamicid, infinite_id=args.infinite_id, data=args.data,
                                models=args.models, quick=args.quick, protocol=overrides or None)

@@ -1,4 +1,4 @@
-"""``python -m synthface --out DIR --identities N --seed S [--size 64] [--heldout H] [--scenes K]``
+"""``python -m synthface --out DIR --identities N --seed S [--size 64] [--heldout H] [--validation V] [--scenes K]``
 
 Writes a SynthFace tree (see ``synthface.dataset``). ``--train-models MODELS`` then trains the
 world's face models into MODELS (``synthface.train_models``); ``--shards SHARDS`` turns the
@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 8, >= 32)")
     p.add_argument("--heldout", type=int, default=None, help="held-out identities (default max(2, N // 10))")
+    p.add_argument("--validation", type=int, default=0,
+                   help="validation identities: never trained on, never reported — the references for choosing a "
+                        "recipe (infer.eval --suite synthface --split validation)")
     p.add_argument("--scenes", type=int, default=None, help="multi-person scenes (default 2 × heldout)")
     p.add_argument("--pairs", type=int, default=0,
                    help="two-person images of training identities (what stage 0 learns groups from)")
@@ -40,9 +43,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     index = generate(args.out, args.identities, seed=args.seed, size=args.size, heldout=args.heldout,
-                     scenes=args.scenes, pairs=args.pairs, workers=args.workers, progress=not args.quiet)
-    n_img = (len(index["splits"]["train"]) + len(index["splits"]["heldout"])) * index["images_per_identity"]
-    print(f"SynthFace: {n_img} images of {len(index['splits']['train'])} + {len(index['splits']['heldout'])} "
+                     scenes=args.scenes, pairs=args.pairs, workers=args.workers, progress=not args.quiet,
+                     validation=args.validation)
+    counts = [len(index["splits"].get(k, [])) for k in ("train", "heldout", "validation")]
+    n_img = sum(counts) * index["images_per_identity"]
+    print(f"SynthFace: {n_img} images of {counts[0]} training + {counts[1]} held-out + {counts[2]} validation "
           f"identities, {len(index['scenes'])} scenes and {len(index['pairs'])} pairs written to {args.out} in {time.time() - t0:.1f} s")
     models = args.models
     if args.train_models:

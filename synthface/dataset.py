@@ -176,12 +176,16 @@ def _identity_job(args):
 
 
 def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldout: int | None = None,
-             scenes: int | None = None, workers: int = 1, progress: bool = True, pairs: int = 0) -> dict[str, Any]:
+             scenes: int | None = None, workers: int = 1, progress: bool = True, pairs: int = 0,
+             validation: int = 0) -> dict[str, Any]:
     """Write a whole SynthFace tree (see the module docstring); returns the index it wrote.
 
     ``heldout`` defaults to max(2, identities // 10), ``scenes`` to 2 × heldout. ``pairs``: two-person images of
     training identities (``size × 2·size``, captions naming each person's shirt and side) — what stage 0 learns
-    groups from. ``workers`` > 1 renders identities in that many processes (the output does not depend on it).
+    groups from. ``validation``: identities of a third split (``validation/va…``, their own seeds) that nothing
+    trains on and the report never scores — the references for choosing a recipe without touching the held-out
+    identities (``infer.eval --suite synthface --split validation``). ``workers`` > 1 renders identities in that
+    many processes (the output does not depend on it).
     """
     if int(identities) < 1:
         raise ValueError(f"identities must be >= 1, got {identities!r}")
@@ -189,12 +193,14 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
         raise ValueError(f"size must be a multiple of 8 and >= 32, got {size!r}")
     heldout = max(2, identities // 10) if heldout is None else int(heldout)
     scenes = 2 * heldout if scenes is None else int(scenes)
-    if heldout < 0 or scenes < 0 or int(pairs) < 0:
-        raise ValueError(f"heldout, scenes and pairs must be >= 0, got {heldout}, {scenes}, {pairs}")
+    if heldout < 0 or scenes < 0 or int(pairs) < 0 or int(validation) < 0:
+        raise ValueError(f"heldout, scenes, pairs and validation must be >= 0, got {heldout}, {scenes}, {pairs}, "
+                         f"{validation}")
     if int(pairs) and identities < 2:
         raise ValueError(f"pairs need at least 2 training identities, got {identities}")
     jobs = [(out_dir, seed, "train", i, size) for i in range(identities)]
     jobs += [(out_dir, seed, "heldout", i, size) for i in range(heldout)]
+    jobs += [(out_dir, seed, "validation", i, size) for i in range(int(validation))]
     os.makedirs(out_dir, exist_ok=True)
     from tqdm import tqdm
 
@@ -238,7 +244,9 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
         "backgrounds": list(BACKGROUNDS), "clothing": list(CLOTHING), "placements": list(PLACEMENTS),
         "hair_styles": list(HAIR_STYLES), "glasses": list(GLASSES), "num_landmarks": 68,
         "splits": {"train": [identity_name("train", i) for i in range(identities)],
-                   "heldout": [identity_name("heldout", i) for i in range(heldout)]},
+                   "heldout": [identity_name("heldout", i) for i in range(heldout)],
+                   **({"validation": [identity_name("validation", i) for i in range(int(validation))]}
+                      if int(validation) else {})},
         "images_per_identity": len(EXPRESSIONS) * len(POSES),
         "scenes": scene_files,
         "pairs": pair_files,

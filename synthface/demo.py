@@ -96,15 +96,16 @@ def face_section(out: str) -> dict:
 #: end-to-end run (seconds per stage: it checks the wiring and the files, not the method).
 PRESETS: dict[str, dict] = {
     "full": {
-        # the shipped base's world (synthface.demo_base.WORLD) without the pairs only the base trains on
-        "synthface": {k: v for k, v in WORLD.items() if k != "pairs"},
+        # the shipped base's world (synthface.demo_base.WORLD) without the pairs only the base trains on, plus
+        # validation identities (never trained on, never reported: where a recipe is chosen; docs/demo.md)
+        "synthface": {**{k: v for k, v in WORLD.items() if k != "pairs"}, "validation": 16},
         "face_models": {"steps_scale": 0.5},
         "base": "shipped", "stage1": [], "stage2": [], "infinite_id": [],
         "eval": {"quick": False},
         "figures": {"steps": 25, "guidance_scale": 4.0, "prompts": 3},
     },
     "quick": {
-        "synthface": {"identities": 4, "heldout": 2, "scenes": 2, "pairs": 4, "size": 64, "seed": 0},
+        "synthface": {"identities": 4, "heldout": 2, "scenes": 2, "pairs": 4, "size": 64, "seed": 0, "validation": 2},
         "face_models": {"steps_scale": 0.15, "steps": {"image_encoder": 30}},  # its quality is not checked here
         "base": "quick",
         "stage1": ["train.steps=2", "checkpoint.every=2", "data.batch_size=2", "train.log_every=1"],
@@ -172,7 +173,8 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
         from synthface import generate
 
         index = generate(folder, sf["identities"], seed=sf["seed"], size=sf["size"], heldout=sf["heldout"],
-                         scenes=sf["scenes"], pairs=sf.get("pairs", 0), workers=1, progress=progress)
+                         scenes=sf["scenes"], pairs=sf.get("pairs", 0), validation=sf.get("validation", 0),
+                         workers=1, progress=progress)
         return {"train_identities": len(index["splits"]["train"]), "heldout": len(index["splits"]["heldout"]),
                 "scenes": len(index["scenes"])}
 

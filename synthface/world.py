@@ -60,7 +60,7 @@ _EYES = np.array([(0.36, 0.22, 0.1), (0.2, 0.12, 0.06), (0.25, 0.48, 0.78), (0.3
 _FRAMES = np.array([(0.05, 0.05, 0.05), (0.4, 0.24, 0.1), (0.75, 0.1, 0.12), (0.15, 0.25, 0.7),
                     (0.8, 0.65, 0.2)])
 
-SPLIT_CODES = {"train": 0, "heldout": 1, "scenes": 2, "pairs": 3}
+SPLIT_CODES = {"train": 0, "heldout": 1, "scenes": 2, "pairs": 3, "validation": 4}
 
 
 def rng_for(seed: int, split: str, index: int, *extra: int) -> np.random.Generator:
@@ -72,8 +72,12 @@ def rng_for(seed: int, split: str, index: int, *extra: int) -> np.random.Generat
     return np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_CODES[split], int(index), *extra]))
 
 
+#: the folder-name prefix of each split's identities
+NAME_PREFIX = {"train": "id", "heldout": "ho", "validation": "va"}
+
+
 def identity_name(split: str, index: int) -> str:
-    return f"{'id' if split == 'train' else 'ho'}{index:05d}"
+    return f"{NAME_PREFIX.get(split, 'ho')}{index:05d}"
 
 
 def image_name(expression: str, pose: str) -> str:

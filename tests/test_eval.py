@@ -34,7 +34,7 @@ EMB = 32
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval_world"))
-    sf.generate(out, identities=4, seed=3, heldout=2, scenes=2, progress=False)
+    sf.generate(out, identities=4, seed=3, heldout=2, scenes=2, validation=2, progress=False)
     images, records = sf.load_split(out, "train")
     return {"dir": out, "images": images, "records": records}
 
@@ -118,6 +118,29 @@ def test_facesim_of_real_images_separates_identities(world, scorer):
     other = (sims.sum(1) - same) / (len(refs) - 1)
     print(f"detected faces: {found.mean():.2f} found, same {same.mean():.3f}, different {other.mean():.3f}")
     assert found.mean() > 0.8 and same.mean() > other.mean() + 0.2
+
+
+def test_validation_identities_are_scored_like_the_held_out_ones(world, scorer, tmp_path):
+    """Protocol.split = "validation": the validation identities are the references and the real-image baselines
+    are theirs; a world without them (or another split) is a one-line error before any model is loaded."""
+    from synthface.evaluation.baselines import synthface_baselines
+
+    index = sf.load_index(world["dir"])
+    names = index["splits"]["validation"]
+    assert names == ["va00000", "va00001"] and not set(names) & set(index["splits"]["heldout"])
+    refs = [np.asarray(Image.open(os.path.join(world["dir"], "validation", n, "neutral_front.png")).convert("RGB"))
+            for n in names]
+    b = synthface_baselines(world["dir"], scorer, names, M.reference_embeddings(scorer, refs), split="validation")
+    assert b["identities"] == names and b["images"] == 70 and b["different_pairs"] == 1
+    assert b["same_identity"] > b["different_identity"]
+    bare = tmp_path / "no_validation"
+    bare.mkdir()
+    (bare / "synthface.json").write_text(json.dumps({**index, "splits": {k: v for k, v in index["splits"].items()
+                                                                           if k != "validation"}}))
+    with pytest.raises(ValueError, match="has no validation identities.*--validation N"):
+        S.run_synthface(str(bare), "no-models", "no-sd", protocol=S.Protocol(split="validation"))
+    with pytest.raises(ValueError, match="Protocol.split must be one of heldout, validation"):
+        S.Protocol(split="train")
 
 
 def _scene_faces(record):

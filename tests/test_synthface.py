@@ -31,7 +31,7 @@ SEED = 7
 def tree(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synthface"))
     index = cli.main(["--out", out, "--identities", "2", "--seed", str(SEED), "--heldout", "2", "--scenes", "2",
-                      "--pairs", "3", "--workers", "1", "--quiet"])
+                      "--pairs", "3", "--validation", "1", "--workers", "1", "--quiet"])
     return out, index
 
 
@@ -71,7 +71,8 @@ def test_training_pairs(tree):
 def test_tree_layout_and_index(tree):
     out, index = tree
     assert index == sf.load_index(out)
-    assert index["splits"] == {"train": ["id00000", "id00001"], "heldout": ["ho00000", "ho00001"]}
+    assert index["splits"] == {"train": ["id00000", "id00001"], "heldout": ["ho00000", "ho00001"],
+                               "validation": ["va00000"]}
     assert index["images_per_identity"] == 35 and index["image_size"] == 64
     for split, names in index["splits"].items():
         for name in names:
@@ -94,8 +95,12 @@ def test_files_are_deterministic_and_independent_of_the_identity_count(tree):
         assert json.loads(json.dumps(record)) == sf.read_record(base + ".png")
     other = sf.render_identity(SEED + 1, "train", 1)[0][1]
     assert not np.array_equal(other, np.asarray(Image.open(os.path.join(out, "train/id00001/neutral_left.png"))))
-    # held-out identities are different people from training ones with the same index
+    # held-out and validation identities are different people from training ones with the same index
     assert sample_identity(SEED, "train", 0) != sample_identity(SEED, "heldout", 0)
+    assert len({sample_identity(SEED, split, 0) for split in ("train", "heldout", "validation")}) == 3
+    # a world without validation identities has no such split (older indexes and the base's fingerprint unchanged)
+    assert "validation" not in sf.generate(str(out) + "_noval", 1, seed=SEED, heldout=0, scenes=0,
+                                           progress=False)["splits"]
 
 
 def test_record_schema(tree):

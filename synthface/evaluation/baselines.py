@@ -26,11 +26,12 @@ __all__ = ["synthface_baselines"]
 
 
 def synthface_baselines(data_dir: str, scorer, names: Sequence[str], ref_emb: np.ndarray, *,
-                        vae=None, seed: int = 0, n_boot: int = B.DEFAULT_BOOT) -> dict[str, Any]:
-    """What real SynthFace images of the held-out identities ``names`` score (references ``ref_emb``, one per
-    name, as the methods are scored); see the module docstring. ``vae``: ``(AutoencoderKL, params)`` of the
-    base for the round-trip expression accuracy."""
-    images, records = sf_data.load_split(data_dir, "heldout", names)
+                        vae=None, seed: int = 0, n_boot: int = B.DEFAULT_BOOT, split: str = "heldout"
+                        ) -> dict[str, Any]:
+    """What real SynthFace images of the identities ``names`` (of ``split``: the held-out ones, or the validation
+    ones) score (references ``ref_emb``, one per name, as the methods are scored); see the module docstring.
+    ``vae``: ``(AutoencoderKL, params)`` of the base for the round-trip expression accuracy."""
+    images, records = sf_data.load_split(data_dir, split, names)
     ids = [r["identity"] for r in records]
     is_ref = np.array([r["image"] == "neutral_front.png" for r in records])
     dets = scorer.detect(list(images))

@@ -2,7 +2,8 @@
 
 **Requests** (:func:`synthface_requests`, deterministic from ``Protocol.seed``; every method gets the same
 prompts, references and seeds, hence the same initial noise). ``n`` is the number of held-out identities in the
-data index (all of them are used; nothing is hard-coded), each identity's reference its ``neutral_front`` image:
+data index (all of them are used; nothing is hard-coded; ``Protocol.split = "validation"``: the validation
+identities instead), each identity's reference its ``neutral_front`` image:
 
 * ``single`` — about ``single_images`` images in all: each identity × ``⌈single_images / n⌉`` SynthFace captions
   (background, clothing, placement drawn like the data's; rounded up to whole batches of ``batch``);
@@ -66,6 +67,8 @@ __all__ = ["METHODS", "INFINITE_ID_METHODS", "Protocol", "Request", "synthface_r
            "protocol_sizing", "preview_grids", "run_synthface"]
 
 EDIT_EXPRESSIONS = world.EXPRESSIONS
+#: the SynthFace splits whose identities can be the references (never the training identities)
+REFERENCE_SPLITS = ("heldout", "validation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,9 @@ class Protocol:
     edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "infinite-id", "infinite-id-no-adain")
     #: methods that run the two-person requests (the quick protocol spares the base its two-person compile)
     multi_methods: tuple[str, ...] = METHODS
+    #: the identities that are the references: ``"heldout"`` (the report) or ``"validation"`` (identities nothing
+    #: trains on and the report never shows — where a recipe is chosen; ``python -m synthface --validation N``)
+    split: str = "heldout"
     #: SAA's layout boost on the two-person requests, in denoising steps (None: the pipeline's default, s = 2 for 12
     #: steps). 0 — the gate and the routing only: the boxes are the two halves where the base draws its two people
     #: anyway, and on *training* identities every boost tried drew the faces worse (placement 0.71 without, 0.67 /
@@ -102,6 +108,8 @@ class Protocol:
         for name in ("single_images", "batch", "edit_batch", "steps", "n_boot"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.split not in REFERENCE_SPLITS:
+            raise ValueError(f"Protocol.split must be one of {', '.join(REFERENCE_SPLITS)}, got {self.split!r}")
         if self.multi_boost_steps is not None and (not isinstance(self.multi_boost_steps, int)
                                                    or self.multi_boost_steps < 0):
             raise ValueError(f"Protocol.multi_boost_steps must be None or an integer >= 0, got "
@@ -324,9 +332,12 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
         methods.remove("no-imr")
         methods.insert(methods.index("dynamicid") + 1, "no-imr")
     index = sf_data.load_index(data_dir)
-    names = list(index["splits"].get("heldout", []))
+    split = protocol.split
+    names = list(index["splits"].get(split, []))
     if not names:
-        raise ValueError(f"{data_dir!r} has no held-out identities to evaluate on")
+        raise ValueError(f"{data_dir!r} has no {split} identities to evaluate on"
+                         + (" (generate them with python -m synthface --validation N)" if split == "validation"
+                            else ""))
     size = int(index["image_size"])
     multi_size = _multi_frame(data_dir, index, size)
     seconds: dict[str, float] = {}
@@ -340,7 +351,7 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
                                analyzer=analyzer)
     seconds["load"] = time.perf_counter() - start
     requests = synthface_requests(protocol, len(names), size, multi_size)
-    ref_paths = [os.path.join(data_dir, "heldout", n, "neutral_front.png") for n in names]
+    ref_paths = [os.path.join(data_dir, split, n, "neutral_front.png") for n in names]
     references = [_load_rgb(p) for p in ref_paths]
     ref_kps = [np.asarray(sf_data.read_record(p)["kps"], np.float64) for p in ref_paths]
     ref_emb = M.reference_embeddings(scorer, references, ref_paths, keypoints=ref_kps)  # renderer's exact keypoints
@@ -348,7 +359,7 @@ def run_synthface(data_dir: str, models_dir: str, sd_path: str, *, dynamicid_pat
     sd = pipes.get("sd")
     vae = (sd.vae, sd.params["vae"]) if sd is not None else None
     baselines = synthface_baselines(data_dir, scorer, names, ref_emb, vae=vae, seed=protocol.seed,
-                                    n_boot=protocol.n_boot) if len(names) >= 2 else {"identities": names}
+                                    n_boot=protocol.n_boot, split=split) if len(names) >= 2 else {"identities": names}
     seconds["baselines"] = time.perf_counter() - start
     results: dict[str, Any] = {}
     reps: dict[str, dict[str, np.ndarray]] = {}
