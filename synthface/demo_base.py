@@ -57,10 +57,11 @@ def _log(msg: str) -> None:
 def world_fingerprint(index: Mapping[str, Any]) -> str:
     """What decides the base's portraits: schema, seed, image size and the identity lists (pairs left out, so a
     demo world without pairs matches the base it trained on)."""
+    from synthface.face_model import EXPRESSION_STRENGTH
     from synthface.render import HEAD_CENTRE_Y, HEAD_SCALE
 
     blob = {k: index.get(k) for k in ("schema", "seed", "image_size", "splits")}
-    blob["render"] = [HEAD_SCALE, HEAD_CENTRE_Y]
+    blob["render"] = [HEAD_SCALE, HEAD_CENTRE_Y] + ([] if EXPRESSION_STRENGTH == 1.0 else [EXPRESSION_STRENGTH])
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
