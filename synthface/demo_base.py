@@ -55,15 +55,16 @@ def _log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 def world_fingerprint(index: Mapping[str, Any]) -> str:
-    """What decides the base's portraits: schema, seed, image size and the training and held-out identity lists
-    (pairs and validation identities left out, so a demo world without pairs or with validation identities matches
-    the base it trained on)."""
+    """What decides the base's portraits: schema, seed, image size, the expression strength and the training and
+    held-out identity lists (pairs and validation identities left out, so a demo world without pairs or with
+    validation identities matches the base it trained on)."""
+    from synthface.face_model import EXPRESSION_STRENGTH
     from synthface.render import HEAD_CENTRE_Y, HEAD_SCALE
 
     blob = {k: index.get(k) for k in ("schema", "seed", "image_size")}
     # the base never sees validation identities: a world that also has them is the same world to the base
     blob["splits"] = {k: v for k, v in (index.get("splits") or {}).items() if k in ("train", "heldout")}
-    blob["render"] = [HEAD_SCALE, HEAD_CENTRE_Y]
+    blob["render"] = [HEAD_SCALE, HEAD_CENTRE_Y] + ([] if EXPRESSION_STRENGTH == 1.0 else [EXPRESSION_STRENGTH])
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
