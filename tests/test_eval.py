@@ -128,9 +128,11 @@ def test_validation_identities_are_scored_like_the_held_out_ones(world, scorer, 
     index = sf.load_index(world["dir"])
     names = index["splits"]["validation"]
     assert names == ["va00000", "va00001"] and not set(names) & set(index["splits"]["heldout"])
-    refs = [np.asarray(Image.open(os.path.join(world["dir"], "validation", n, "neutral_front.png")).convert("RGB"))
-            for n in names]
-    b = synthface_baselines(world["dir"], scorer, names, M.reference_embeddings(scorer, refs), split="validation")
+    paths = [os.path.join(world["dir"], "validation", n, "neutral_front.png") for n in names]
+    refs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    kps = [np.asarray(sf.read_record(p)["kps"], np.float64) for p in paths]  # as the suite embeds references
+    b = synthface_baselines(world["dir"], scorer, names, M.reference_embeddings(scorer, refs, paths, keypoints=kps),
+                            split="validation")
     assert b["identities"] == names and b["images"] == 70 and b["different_pairs"] == 1
     assert b["same_identity"] > b["different_identity"]
     bare = tmp_path / "no_validation"

@@ -13,6 +13,7 @@ from PIL import Image
 import dynamicid_jax.faces as F
 import synthface as sf
 from synthface import __main__ as cli
+from synthface import face_model
 from synthface.face_model import Pose2D, face_layout
 from synthface.raster import Canvas, Window, polygon_coverage
 from synthface.render import render_portrait
@@ -167,8 +168,10 @@ def _bilinear(values, points):
 def test_landmarks_land_on_the_rendered_features(index):
     """Re-rendering with one colour changed (iris / lips / brows+hair / skin) changes the pixels under the
     corresponding landmarks (image values interpolated at the landmark's sub-pixel position): they lie on the
-    features drawn in that colour (eye centres: iris or pupil)."""
+    features drawn in that colour (eye centres: iris or pupil, wherever the lids leave the iris centre uncovered;
+    schema 3's bold angry, disgusted and sad lids cover it)."""
     ident = sample_identity(11, "train", index)
+    open_eyes = []
     for k, (expression, pose) in enumerate((e, p) for e in sf.EXPRESSIONS for p in sf.POSES):
         if k % 3 != index:  # a third of the grid per parameter, all of it over the three
             continue
@@ -181,12 +184,20 @@ def test_landmarks_land_on_the_rendered_features(index):
             return _bilinear(np.abs(other.astype(int) - base.astype(int)).max(-1), points) > 20
 
         pupil = _bilinear(base.max(-1), kps[:2]) < 60  # the pupil (drawn near-black) sits mid-iris
-        assert (changed(kps[:2], eyes=(0.0, 1.0, 0.0)) | pupil).all(), (expression, pose, "eye centres")
+        # schema 3 draws expressions 1.8× strong: an upper lid lowered below 0.4 of its neutral opening (every bold
+        # angry, disgusted and sad face) reaches the iris centre, so the eye centre then lies on the lid
+        rng = rng_for(3, "train", 0, k)  # the draws of _render: the scene, then the variation
+        sample_scene(rng)
+        strength = face_model.EXPRESSION_STRENGTH * sample_variation(rng).intensity
+        is_open = np.full(2, face_model._scaled(face_model.EXPRESSION_SHAPES[expression], strength).upper_lid >= 0.4)
+        open_eyes += list(is_open)
+        assert (changed(kps[:2], eyes=(0.0, 1.0, 0.0)) | pupil | ~is_open).all(), (expression, pose, "eye centres")
         lips = np.stack([(lmk[51] + lmk[62]) / 2, (lmk[57] + lmk[66]) / 2])
         assert changed(lips, lips=(0.0, 1.0, 1.0)).all(), (expression, pose, "lips")
         assert changed(lmk[[19, 24]], hair=(0.0, 1.0, 0.0)).all(), (expression, pose, "brows")
         jaw = lmk[:17][visible[:17]]
         assert changed(jaw, skin=(0.2, 0.9, 0.2)).mean() >= 0.9, (expression, pose, "jaw")
+    assert np.mean(open_eyes) > 0.4, np.mean(open_eyes)  # neutral, happy, surprised, afraid: 4 of 7 expressions
 
 
 def test_pose_convention_matches_the_library_pose_estimator():
