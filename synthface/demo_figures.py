@@ -14,6 +14,7 @@ import numpy as np
 from synthface import EXPRESSIONS, PROMPT_EXPRESSION
 from dynamicid_jax.faces.geometry import auto_face_prompt
 from dynamicid_jax.image_io import save_png
+from synthface.evaluation.suite import Protocol
 
 __all__ = ["edit_face_prompt", "labelled_grid", "single_id_figure", "multi_id_figure", "edit_figure",
            "gates_figure", "BOX_COLOURS"]
@@ -70,18 +71,18 @@ def single_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[s
 
 
 def multi_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[str], path: str, *,
-                    steps: int, guidance_scale: float, seed: int = 0, boost_steps: int | None = 0) -> dict:
+                    steps: int, guidance_scale: float, seed: int = 0,
+                    boost_steps: int | None = Protocol.multi_boost_steps) -> dict:
     """The references side by side, then one image per prompt (``size × n·size``, like SynthFace's group
     scenes) with each identity's layout box drawn; the model was trained on single portraits only.
-    ``boost_steps``: SAA's layout boost, as the evaluation's two-person requests run it (``Protocol``'s
-    ``multi_boost_steps``: none; ``None`` = the pipeline's default)."""
+    ``boost_steps``: SAA's layout boost, by default as the evaluation's two-person requests run it
+    (``Protocol.multi_boost_steps``; ``None`` = the pipeline's default)."""
     from dynamicid_jax.methods.saa import layout_boxes
 
     size = references[0].shape[0]
     boxes = np.asarray(layout_boxes(len(references), "row"))
-    boost = {} if boost_steps is None else {"boost_steps": int(boost_steps)}
     images = pipe(list(prompts), list(references), steps=steps, guidance_scale=guidance_scale, seed=seed,
-                  height=size, width=size * len(references), layout="row", **boost)
+                  height=size, width=size * len(references), layout="row", boost_steps=boost_steps)
     refs = np.concatenate(list(references), axis=1)  # side by side, the size of one generated image
     rows = [[refs, *images]]
     labels = [["references"] + [p.replace("a photo of two people", "").strip(" ,") for p in prompts]]

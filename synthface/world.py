@@ -77,7 +77,9 @@ NAME_PREFIX = {"train": "id", "heldout": "ho", "validation": "va"}
 
 
 def identity_name(split: str, index: int) -> str:
-    return f"{NAME_PREFIX.get(split, 'ho')}{index:05d}"
+    if split not in NAME_PREFIX:
+        raise ValueError(f"identity split must be one of {sorted(NAME_PREFIX)}, got {split!r}")
+    return f"{NAME_PREFIX[split]}{index:05d}"
 
 
 def image_name(expression: str, pose: str) -> str:

@@ -228,7 +228,7 @@ def test_identity_metrics_dlib_is_euclidean_on_raw_descriptors():
 
 def test_two_person_requests_carry_the_protocols_layout_boost_to_dynamicid():
     """Protocol.multi_boost_steps reaches the DynamicID pipeline as ``boost_steps`` on the two-person requests (0 by
-    default; None leaves the pipeline's default, so no keyword is passed); a bad value is refused."""
+    default; None: the pipeline's own default); a bad value is refused."""
     from dynamicid_jax.eval.runner import generate
 
     calls = []

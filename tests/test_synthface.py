@@ -148,9 +148,13 @@ def test_scenes_have_disjoint_boxes_of_heldout_people(tree):
 
 # ---------------------------------------------------------------------------------------- landmarks on pixels
 
-def _render(ident, expression, pose, k, **changes):
+def _scene_and_variation(k):
     rng = rng_for(3, "train", 0, k)
-    scene, variation = sample_scene(rng), sample_variation(rng)
+    return sample_scene(rng), sample_variation(rng)
+
+
+def _render(ident, expression, pose, k, **changes):
+    scene, variation = _scene_and_variation(k)
     return render_portrait(dataclasses.replace(ident, **changes), expression, pose, scene, variation, 64)
 
 
@@ -186,9 +190,7 @@ def test_landmarks_land_on_the_rendered_features(index):
         pupil = _bilinear(base.max(-1), kps[:2]) < 60  # the pupil (drawn near-black) sits mid-iris
         # schema 3 draws expressions 1.8× strong: an upper lid lowered below 0.4 of its neutral opening (every bold
         # angry, disgusted and sad face) reaches the iris centre, so the eye centre then lies on the lid
-        rng = rng_for(3, "train", 0, k)  # the draws of _render: the scene, then the variation
-        sample_scene(rng)
-        strength = face_model.EXPRESSION_STRENGTH * sample_variation(rng).intensity
+        strength = face_model.EXPRESSION_STRENGTH * _scene_and_variation(k)[1].intensity  # as _render draws it
         is_open = np.full(2, face_model._scaled(face_model.EXPRESSION_SHAPES[expression], strength).upper_lid >= 0.4)
         open_eyes += list(is_open)
         assert (changed(kps[:2], eyes=(0.0, 1.0, 0.0)) | pupil | ~is_open).all(), (expression, pose, "eye centres")

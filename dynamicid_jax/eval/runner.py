@@ -128,9 +128,8 @@ def generate(method: str, pipes: dict[str, Any], request: Request, references: S
     if "dynamicid" not in pipes:
         raise ValueError(f"method {method} needs a DynamicID pipeline (pipes['dynamicid'])")
     face_prompts = [request.face_prompt] if request.face_prompt and method != "no-imr" else None
-    boost = {} if request.boost_steps is None else {"boost_steps": int(request.boost_steps)}
     return pipes["dynamicid"](prompts, refs, face_prompts=face_prompts, layout="row",
-                              activate_query=method != "no-saa", **boost, **common)
+                              activate_query=method != "no-saa", boost_steps=request.boost_steps, **common)
 
 
 def run_method(method: str, pipes: dict[str, Any], requests: Sequence[Request], references: Sequence[np.ndarray],
