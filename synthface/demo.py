@@ -305,16 +305,18 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
     return stages, sd_path
 
 
-def _diagnostics(pipe, data: str, summary: dict) -> dict:
-    """What the ID tokens carry (stage 2's token cache) and how different the IMR's seven edits are."""
+def _diagnostics(pipe, data: str, models: str, sd_path: str, summary: dict) -> dict:
+    """What the ID tokens carry (stage 2's token cache), how different the IMR's seven edits are, and whether the
+    base's denoiser keeps an expression it is shown (synthface/demo_diagnostics.py)."""
     from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
     from dynamicid_jax.faces.geometry import auto_face_prompt
-    from synthface.demo_diagnostics import edit_shift_similarity
+    from synthface.demo_diagnostics import denoiser_expression_retention, edit_shift_similarity
 
     out = {"token_variance": summary.get("stage2", {}).get("result", {}).get("token_variance")}
     if pipe.imr is not None:
         prompts = [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
         out["edit_shifts"] = edit_shift_similarity(pipe, _held_out_references(data, 1)[0], prompts)
+    out["denoiser_expression"] = denoiser_expression_retention(sd_path, models, data)
     return out
 
 
@@ -331,6 +333,12 @@ def _diagnostics_md(d: dict) -> str:
         lines.append(f"- IMR edits of one held-out reference towards the 7 expressions: token shifts of mean norm "
                      f"{es['shift_norm_mean']:.2f} (tokens {es['token_norm']:.2f}), mean pairwise cosine "
                      f"{es['mean_pairwise_cosine']:.3f} (1.0 = one shift whatever is asked).")
+    de = d.get("denoiser_expression")
+    if de:
+        steps = ", ".join(f"t = {t}: {v:.2f}" for t, v in de["one_step"].items())
+        lines.append(f"- The base's own denoiser on {de['images']} real front views of every expression, noised to t "
+                     f"and denoised in one step (caption and expression in the prompt): the expression classifier "
+                     f"reads {steps}, against {de['round_trip']:.2f} after the VAE round trip alone (chance 0.14).")
     return "\n".join(lines) + "\n"
 
 
@@ -372,7 +380,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
     prompts = FIGURE_PROMPTS[:figure_settings.pop("prompts")]
     figures = save_all(pipe, _held_out_references(data, 2), prompts, MULTI_PROMPTS, out, **figure_settings)
     summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
-    diagnostics = _diagnostics(pipe, data, summary)
+    diagnostics = _diagnostics(pipe, data, models, sd_path, summary)
     for name in ("metrics.json", "metrics.md", "timings.json"):
         shutil.copyfile(os.path.join(runner.folder("eval"), name), os.path.join(out, name + ".tmp"))
         if name == "metrics.md":

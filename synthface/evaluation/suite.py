@@ -16,7 +16,8 @@ identities instead), each identity's reference its ``neutral_front`` image:
   ``edit_expressions`` (front view; and every pose in ``edit_poses``, neutral) × ``⌈edit_images / m⌉`` images
   (whole batches of ``edit_batch``, one seed per batch): the KDEF-style face prompt ``"the expression is {e},
   the face is {p}"`` goes to the IMR (DynamicID) *and* is appended to the text prompt (all methods); only the
-  ``edit_methods`` run them (no target reads w/o SAA's or the base's edits);
+  ``edit_methods`` run them (no target reads w/o SAA's edits; the base's — the text alone asks for the expression,
+  no identity — show whether the base can draw an expression it is asked for at all);
 * ``control`` — per identity the same caption and seeds without any request: the unedited images each edit is
   paired with (same noise) for the FaceSim drop.
 
@@ -91,8 +92,9 @@ class Protocol:
     guidance_scale: float = 5.0
     seed: int = 0
     n_boot: int = 2000
-    #: methods that also run the edits (and their controls): no target reads w/o SAA's or the base's edits
-    edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "infinite-id", "infinite-id-no-adain")
+    #: methods that also run the edits (and their controls). No target reads w/o SAA's edits; the base's are the
+    #: text-only level of expression control (what the base draws when the prompt names the expression)
+    edit_methods: tuple[str, ...] = ("dynamicid", "no-imr", "base", "infinite-id", "infinite-id-no-adain")
     #: methods that run the two-person requests (the quick protocol spares the base its two-person compile)
     multi_methods: tuple[str, ...] = METHODS
     #: the identities that are the references: ``"heldout"`` (the report) or ``"validation"`` (identities nothing
