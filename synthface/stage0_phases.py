@@ -1,11 +1,12 @@
-"""Stage 0's phases (see :mod:`synthface.stage0`): the VAE and diffusion :class:`train.loop.Task` s, host-side
-initialisation, the trainer wrapper and the checks run on the export."""
+"""Stage 0's pieces (see :mod:`synthface.stage0`): its training data (:func:`load_data`), the VAE and diffusion
+:class:`train.loop.Task` s, host-side initialisation, the trainer wrapper and the checks run on the export."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,67 @@ import numpy as np
 
 from train import loop, models
 
-if TYPE_CHECKING:
-    from synthface.stage0 import Stage0Data
+
+# =========================================================================================================
+# Data
+# =========================================================================================================
+@dataclasses.dataclass
+class Stage0Data:
+    """The training images (``uint8 [N, R, R, 3]``), token ids of each text variant (``int32 [N, 3, 77]``:
+    caption, + face prompt, + grid prompt), the empty prompt's ids (``[77]``) and held-out images; with
+    ``data.pairs`` the two-person images (``uint8 [M, R, 2R, 3]``) and their caption ids (``int32 [M, 77]``)."""
+
+    images: np.ndarray
+    token_ids: np.ndarray
+    empty_ids: np.ndarray
+    heldout: np.ndarray
+    captions: list[str]
+    index: dict
+    pair_images: np.ndarray | None = None
+    pair_token_ids: np.ndarray | None = None
+
+
+def text_variants(record: Mapping) -> tuple[str, str, str]:
+    """Caption, caption + face prompt, caption + grid prompt of one SynthFace record."""
+    caption = record["caption"]
+    return caption, f"{caption}, {record['face_prompt']}", f"{caption}, {record['grid_prompt']}"
+
+
+def _resize(images: np.ndarray, size: int, width: int | None = None) -> np.ndarray:
+    width = size if width is None else width
+    if images.shape[1] == size and images.shape[2] == width:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((width, size), Image.BICUBIC)) for im in images])
+
+
+def load_data(cfg: Mapping, tokenizer) -> Stage0Data:
+    import synthface
+    from dynamicid_jax.tokenizer import tokenize
+
+    d = cfg["data"]
+    index = synthface.load_index(d["root"])
+    images, records = synthface.load_split(d["root"], "train")
+    images = _resize(images, int(d["resolution"]))
+    texts = [text_variants(r) for r in records]
+    ids = np.asarray(tokenize(tokenizer, [t for v in texts for t in v]), np.int32).reshape(len(texts), 3, -1)
+    heldout = np.zeros((0,) + images.shape[1:], np.uint8)
+    n_held = int(d["heldout_images"])
+    if n_held > 0 and index["splits"].get("heldout"):
+        held, _ = synthface.load_split(d["root"], "heldout")
+        heldout = _resize(held[:n_held], int(d["resolution"]))
+    empty = np.asarray(tokenize(tokenizer, [""]), np.int32)[0]
+    pair_images = pair_ids = None
+    if d["pairs"]:
+        pair_images, pair_records = synthface.load_pairs(d["root"])
+        if not len(pair_images):
+            raise ValueError(f"data.pairs=true but {d['root']!r} holds no pairs (python -m synthface "
+                             "... --pairs M)")
+        res = int(d["resolution"])
+        pair_images = _resize(pair_images, res, 2 * res)
+        pair_ids = np.asarray(tokenize(tokenizer, [r["caption"] for r in pair_records]), np.int32)
+    return Stage0Data(images, ids, empty, heldout, [t[0] for t in texts], index, pair_images, pair_ids)
 
 
 # =========================================================================================================

@@ -116,10 +116,11 @@ TEST_GROUPS: dict[str, tuple[str, ...]] = {
              "test_eval_metrics.py"),
     # a user's path end to end: command lines, pipelines from folders to PNGs, shards → training → export, the
     # demo, the evaluation, the web app, multi-process training, and every bad input's one-line error
-    "end_to_end": ("test_app.py", "test_app_methods.py", "test_bad_inputs.py", "test_cli_generate.py",
-                   "test_data_real.py", "test_data_shards.py", "test_demo.py", "test_dynamicid_pipeline.py",
-                   "test_eval.py", "test_infinite_id_pipeline.py", "test_sdxl_pipelines.py", "test_sdxl_train.py",
-                   "test_stage0.py", "test_train_distributed.py", "test_train_synthface.py"),
+    "end_to_end": ("test_app.py", "test_app_methods.py", "test_bad_inputs.py", "test_bad_inputs_library.py",
+                   "test_cli_generate.py", "test_data_real.py", "test_data_shards.py", "test_demo.py",
+                   "test_dynamicid_pipeline.py", "test_eval.py", "test_infinite_id_pipeline.py",
+                   "test_sdxl_pipelines.py", "test_sdxl_train.py", "test_stage0.py", "test_train_distributed.py",
+                   "test_train_synthface.py"),
     # the repository itself: import layering, undefined names, documentation links, the public names, the shipped
     # SynthFace base against its provenance
     "repository": ("test_docs.py", "test_layering.py", "test_public_api.py", "test_static.py",

@@ -1,7 +1,7 @@
 """Bad inputs through the command lines and the library: each is a clear, one-line error, nothing is written at
 any output path, and no existing file changes.
 
-Every command-line case runs ``run_cli(main, argv)`` in this process (the same code path as ``python -m …``, minus
+The library's cases are tests/test_bad_inputs_library.py. Every command-line case runs ``run_cli(main, argv)`` in this process (the same code path as ``python -m …``, minus
 the interpreter start) and checks the exit status, that the error is one line naming the input and what was
 expected, that no traceback is printed, that no output path appeared and that the data folder (a user's notes,
 a model folder, images, shards) is byte-for-byte unchanged. Library cases check the exception type is one the
@@ -11,115 +11,23 @@ the Ctrl-C case, which samples the tiny model in chunks and interrupts it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 import signal
-import struct
-import zlib
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from dynamicid_jax.errors import KNOWN_ERRORS, format_error, run_cli
+from dynamicid_jax.errors import run_cli
 
-
-# ---------------------------------------------------------------------------------------------- the world
-def _png_header(width: int, height: int) -> bytes:
-    """A small PNG file whose header claims ``width × height`` (a few bytes of pixel data: opening reads the size,
-    decoding would need the full image)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + \
-        chunk(b"IEND", b"")
-
-
-def _tree_digest(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            p = os.path.join(dirpath, name)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
-        for d in dirs:
-            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-    return out
+from bad_input_env import make_env, tree_digest, write_shards
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_sd_dir):
-    """The data folder every case must leave untouched, and the paths the cases point at."""
-    root = tmp_path_factory.mktemp("bad_inputs")
-    data = root / "data"
-    data.mkdir()
-    (data / "notes.txt").write_text("a user's notes: must survive every command\n")
-    user_model = data / "my-sd-copy"
-    shutil.copytree(tiny_sd_dir, user_model)
-    (user_model / "NOTES.md").write_text("my fine-tuning notes\n")
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(data / "face.png")
-    (data / "huge.png").write_bytes(_png_header(12000, 12000))
-    (data / "bomb.png").write_bytes(_png_header(14000, 14000))
-    good = (data / "face.png").read_bytes()
-    (data / "truncated.png").write_bytes(good[: len(good) // 2])
-    (data / "not_an_image.jpg").write_text("hello")
-    (data / "a_file").write_text("x")
-    (data / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
-    (data / "not_sd").mkdir()
-    (data / "not_sd" / "README.txt").write_text("a folder of someone else's\n")  # an empty one may be written
-    (data / "list.yaml").write_text("- a\n- b\n")
-    (data / "scheduler_karras.json").write_text(json.dumps({
-        "_class_name": "DPMSolverSinglestepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-        "beta_end": 0.012, "beta_schedule": "scaled_linear", "use_karras_sigmas": True}))
-    shards = data / "shards"
-    _write_shards(str(shards))
-    out = root / "out"
-    out.mkdir()
-    return {"root": str(root), "data": str(data), "out": str(out), "model": tiny_sd_dir, "shards": str(shards)}
-
-
-def _write_shards(folder: str) -> None:
-    """The face shards of test_data_shards' little image tree (4 shards, 8 records), built with its analyzer."""
-    import pathlib
-    import tempfile
-
-    from data_pipelines import build_shards as B
-    from test_data_shards import SidecarAnalyzer, _write_tree
-
-    with tempfile.TemporaryDirectory() as tree:
-        _write_tree(pathlib.Path(tree))
-        B.build_shards(tree, folder, SidecarAnalyzer(), images_per_shard=3, progress=False,
-                       default_caption="a photo of a person")
-
-
-def _broken_shards(env, name: str, how: str) -> str:
-    """A copy of the good shards (outside the protected data folder) with its second shard file damaged."""
-    dst = os.path.join(env["root"], "broken", name)
-    if not os.path.exists(dst):
-        shutil.copytree(env["shards"], dst)
-        path = os.path.join(dst, "faces-00001-of-00004.array_record")
-        data = open(path, "rb").read()
-        if how == "empty":
-            data = b""
-        elif how == "truncated":
-            data = data[: len(data) // 2]
-        elif how == "junk":  # a few KiB of junk over the first record's chunk
-            data = data[:64] + np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes() + \
-                data[3064:]
-        elif how == "manifest":
-            with open(os.path.join(dst, "manifest.json"), "w") as f:
-                f.write("{ not json")
-        elif how == "missing":
-            os.remove(path)
-        if how not in ("manifest", "missing"):
-            with open(path, "wb") as f:
-                f.write(data)
-    return dst
+    """The data folder every case must leave untouched, and the paths the cases point at (tests/bad_input_env.py)."""
+    return make_env(tmp_path_factory.mktemp("bad_inputs"), tiny_sd_dir)
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -291,8 +199,8 @@ def test_command_line_bad_input(case: Case, env, capsys):
     no traceback, nothing at the output paths, the data folder unchanged."""
     import importlib
 
-    before = _tree_digest(env["data"])
-    out_before = _tree_digest(env["out"])
+    before = tree_digest(env["data"])
+    out_before = tree_digest(env["out"])
     main = importlib.import_module(case.command).main
     code = run_cli(main, case.argv(env))
     err = capsys.readouterr().err
@@ -303,172 +211,8 @@ def test_command_line_bad_input(case: Case, env, capsys):
         assert text in line, (text, line)
     for path in case.outputs(env):
         assert not os.path.exists(path), path
-    assert _tree_digest(env["data"]) == before
-    assert _tree_digest(env["out"]) == out_before  # no temp files left either
-
-
-# ---------------------------------------------------------------------------------------------- library
-@dataclasses.dataclass(frozen=True)
-class LibCase:
-    id: str
-    call: Callable[[dict], Any]
-    error: type
-    expect: tuple[str, ...]
-
-
-def _sd(env):
-    if "sd" not in env:
-        from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-
-        env["sd"] = StableDiffusion.from_pretrained(env["model"])
-    return env["sd"]
-
-
-def _gen_lib(**kw):
-    def call(env):
-        args = dict(prompts=["a cat"], height=64, width=64, steps=2, guidance_scale=7.5)
-        args.update(kw)
-        return _sd(env).generate(args.pop("prompts"), **args)
-    return call
-
-
-def _load(name):
-    def call(env):
-        from dynamicid_jax.faces import load_rgb
-
-        return load_rgb(os.path.join(env["data"], name) if isinstance(name, str) else name)
-    return call
-
-
-def _saa(boxes, num_ids=1, size=(64, 64), **kw):
-    def call(env):
-        from dynamicid_jax.methods.saa import saa_inputs
-
-        return saa_inputs(num_ids, size, boxes, latent_grid=(size[0] // 8, size[1] // 8), **kw)
-    return call
-
-
-def _stage1_loader(how: str, fraction: float):
-    def call(env):
-        from data_pipelines import loaders as L
-
-        cfg = L.Stage1Config(batch_size=1, resolution=32, clip_size=32, num_epochs=1, distinct_reference=False,
-                             max_corrupt_fraction=fraction, corrupt_grace=1, process_index=0, process_count=1)
-        return list(L.stage1_loader(_broken_shards(env, how, how), cfg))
-    return call
-
-
-def _open(how: str):
-    def call(env):
-        from data_pipelines.shards import open_shards
-
-        return open_shards(_broken_shards(env, how, how))
-    return call
-
-
-def _scheduler(**cfg):
-    def call(env):
-        from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
-
-        kind = cfg.pop("kind", None)
-        return load_scheduler({**SD15_SCHEDULER_CONFIG, **cfg}, kind=kind)
-    return call
-
-
-def _weights_reshape(env):
-    """A Linear weight of the wrong size where a 1×1 conv is expected (needs the reshape the loader does)."""
-    from dynamicid_jax.models.vae import VAE_KEYMAP
-    from dynamicid_jax.weights.keymap import load_state_dict
-
-    abstract = {"decoder": {"conv_out": {"kernel": jax_shape((1, 1, 8, 3)), "bias": jax_shape((3,))}}}
-    state = {"decoder.conv_out.weight": np.zeros((3, 5), np.float32), "decoder.conv_out.bias": np.zeros(3, np.float32)}
-    return load_state_dict(state, VAE_KEYMAP, abstract, source="bad.safetensors")
-
-
-def jax_shape(shape):
-    import jax
-
-    return jax.ShapeDtypeStruct(shape, np.float32)
-
-
-def _config(overrides):
-    def call(env):
-        from train import stage1
-
-        return stage1.load(None, overrides)
-    return call
-
-
-LIB_CASES = [
-    LibCase("lib-guidance-nan", _gen_lib(guidance_scale=float("nan")), ValueError, ("guidance_scale", "finite", "nan")),
-    LibCase("lib-guidance-inf", _gen_lib(guidance_scale=float("inf")), ValueError, ("guidance_scale", "finite", "inf")),
-    LibCase("lib-no-prompts", _gen_lib(prompts=[]), ValueError, ("prompts", "non-empty")),
-    LibCase("lib-65-prompts", _gen_lib(prompts=["a"] * 65), ValueError, ("65 prompts", "at most 64")),
-    LibCase("lib-3000-prompts", _gen_lib(prompts=["a"] * 3000), ValueError, ("3000 prompts", "at most 64")),
-    LibCase("lib-size-4096", _gen_lib(height=4096, width=4096), ValueError, ("4096×4096", "needs about", "more than")),
-    LibCase("lib-latents-shape", _gen_lib(latents=np.zeros((1, 4, 4, 4))), ValueError, ("latents", "shape")),
-    LibCase("lib-negatives-count", _gen_lib(negative_prompt=["a", "b"]), ValueError, ("negative_prompt", "2 entries")),
-    LibCase("lib-steps-1000", _gen_lib(steps=1000), ValueError, ("num_inference_steps=1000", "1..999")),
-    LibCase("lib-steps-6000", _gen_lib(steps=6000), ValueError, ("num_inference_steps=6000", "1..999")),
-    LibCase("box-below-one-cell", _saa([[0.0, 0.0, 0.05, 0.05]]), ValueError,
-            ("box 0", "covers no cell", "8×8 latent grid")),
-    LibCase("boxes-overlap", _saa([[0, 0, .6, .6], [.4, .4, 1, 1]], num_ids=2), ValueError, ("overlap",)),
-    LibCase("box-outside", _saa([[0, 0, 1.2, 1]]), ValueError, ("[0, 1]", "1.2")),
-    LibCase("box-inverted", _saa([[.5, 0, .2, 1]]), ValueError, ("empty or inverted",)),
-    LibCase("box-nan", _saa([[0, 0, float("nan"), 1]]), ValueError, ("[0, 1]",)),
-    LibCase("mix-out-of-range", _saa([[0, 0, 1, 1]], num_ids=2, mix=1.5), ValueError, ("mix", "[0, 1]")),
-    LibCase("image-12000", _load("huge.png"), ValueError, ("huge.png", "12000×12000", "at most 100 megapixels")),
-    LibCase("image-bomb-14000", _load("bomb.png"), ValueError, ("bomb.png", "at most 100 megapixels")),
-    LibCase("image-truncated", _load("truncated.png"), ValueError, ("truncated.png", "not a valid or complete")),
-    LibCase("image-text", _load("not_an_image.jpg"), ValueError, ("not_an_image.jpg",)),
-    LibCase("image-folder", _load("not_sd"), ValueError, ("not_sd", "directory")),
-    LibCase("image-missing", _load("ghost.png"), FileNotFoundError, ("ghost.png", "does not exist")),
-    LibCase("image-nan-array", _load(np.full((8, 8, 3), np.nan, np.float32)), ValueError, ("NaN",)),
-    LibCase("image-five-channels", _load(np.zeros((8, 8, 5), np.uint8)), ValueError, ("[H, W, 3]", "(8, 8, 5)")),
-    LibCase("image-array-huge", _load(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 20000, 3))), ValueError,
-            ("20000×20000", "at most 100 megapixels")),
-    LibCase("shard-empty", _open("empty"), ValueError, ("faces-00001-of-00004.array_record", "cannot be opened")),
-    LibCase("shard-truncated", _open("truncated"), ValueError, ("faces-00001-of-00004.array_record", "corrupt")),
-    LibCase("shard-missing", _open("missing"), FileNotFoundError, ("faces-00001-of-00004.array_record", "missing")),
-    LibCase("manifest-invalid", _open("manifest"), ValueError, ("manifest.json", "invalid JSON")),
-    LibCase("shard-junk-over-budget", _stage1_loader("junk", 0.0), RuntimeError,
-            ("faces-00001-of-00004.array_record", "max_corrupt_fraction=0.0")),
-    LibCase("scheduler-karras-into-ddim", _scheduler(_class_name="DPMSolverSinglestepScheduler",
-                                                     use_karras_sigmas=True, kind="ddim"), ValueError,
-            ("use_karras_sigmas=True", "DDIMScheduler")),
-    LibCase("scheduler-thresholding", _scheduler(_class_name="DPMSolverMultistepScheduler", thresholding=True,
-                                                 kind="euler"), ValueError, ("thresholding=True",)),
-    LibCase("scheduler-unknown-key", _scheduler(not_a_field=1), ValueError, ("unknown keys: not_a_field",)),
-    LibCase("weights-reshape", _weights_reshape, ValueError, ("bad.safetensors", "decoder.conv_out.weight", "(3, 5)")),
-    LibCase("config-ema-list", _config(["train.ema_decay=[1, 2]"]), ValueError, ("train.ema_decay",)),
-    LibCase("config-tokenizer-number", _config(["data.tokenizer=5"]), ValueError, ("data.tokenizer", "string")),
-]
-
-
-@pytest.mark.parametrize("case", LIB_CASES, ids=[c.id for c in LIB_CASES])
-def test_library_bad_input(case: LibCase, env):
-    """One bad input through the library: an error the command lines report in one line, naming the input."""
-    before = _tree_digest(env["data"])
-    with pytest.raises(case.error) as info:
-        case.call(env)
-    assert isinstance(info.value, KNOWN_ERRORS), type(info.value)
-    line = format_error(info.value)
-    assert "\n" not in line
-    for text in case.expect:
-        assert text in line, (text, line)
-    assert _tree_digest(env["data"]) == before
-
-
-def test_known_skip_counts_junk_records(env):
-    """A shard with junk over one record: the loader skips and counts it (below the budget), naming the shard."""
-    from data_pipelines import loaders as L
-
-    cfg = L.Stage1Config(batch_size=1, resolution=32, clip_size=32, num_epochs=1, distinct_reference=False,
-                         max_corrupt_fraction=0.5, corrupt_grace=4, process_index=0, process_count=1)
-    it = iter(L.stage1_loader(_broken_shards(env, "junk", "junk"), cfg))
-    batches = list(it)
-    assert it.stats["skipped"] == 1 and len(batches) == 7
-    assert "faces-00001-of-00004.array_record" in it.stats["recent_errors"][0]
+    assert tree_digest(env["data"]) == before
+    assert tree_digest(env["out"]) == out_before  # no temp files left either
 
 
 # ---------------------------------------------------------------------------------------------- files we write
@@ -481,7 +225,7 @@ def test_outputs_follow_the_umask(env, tmp_path):
 
     old = os.umask(0o027)
     try:
-        _write_shards(str(tmp_path / "shards"))
+        write_shards(str(tmp_path / "shards"))
         save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
         write_safetensors({"w": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))
         io_atomic.write_json({"a": 1}, tmp_path / "x.json")
