@@ -18,7 +18,7 @@ the training stages also resume from their own checkpoints when interrupted):
 Outputs in ``--out``: ``single_id.png``, ``multi_id.png``, ``edit.png``, ``gates.png``, ``metrics.json``,
 ``metrics.md``, ``timings.json`` (the evaluation's seconds; ``metrics.json`` has none, so it is identical across
 runs), ``faces.png`` / ``faces.md`` (dlib on a real photo) and ``summary.json`` (per-stage seconds, diagnostics of
-the ID tokens and the IMR's edits). See docs/demo.md.
+the ID tokens, the IMR's edits and the base's denoiser). See docs/demo.md.
 """
 from __future__ import annotations
 

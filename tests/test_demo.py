@@ -134,6 +134,23 @@ def test_quick_demo_metrics_are_well_formed(quick_demo):
     assert "| Infinite-ID w/o AdaIN |" in report and "## Targets" in report and "## Protocol size" in report
 
 
+def test_quick_demo_diagnoses_where_expression_is_lost(quick_demo):
+    """The summary and metrics.md carry the base's expression diagnostics: the denoiser's one-step estimates of every
+    held-out front view at the four timesteps beside the VAE round trip, and the base's text-only edits."""
+    from synthface import load_index
+
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    d = summary["diagnostics"]["denoiser_expression"]
+    held_out = load_index(str(quick_demo / "work" / "synthface"))["splits"]["heldout"]
+    assert d["split"] == "heldout" and d["images"] == 7 * len(held_out)  # one front view per expression
+    assert list(d["one_step"]) == ["50", "150", "300", "500"]
+    for value in [d["round_trip"], *d["one_step"].values()]:
+        assert 0.0 <= value <= 1.0 and abs(value * d["images"] - round(value * d["images"])) < 1e-6  # a share
+    assert "The base's own denoiser on" in (quick_demo / "metrics.md").read_text()
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
+    assert "expression_accuracy" in metrics["methods"]["base"]["edit"]
+
+
 def test_quick_demo_real_face_analysis(quick_demo):
     """dlib compares identities by the Euclidean distance of its raw descriptors (same person below 0.6): the six
     different people of the group photo are all judged different."""
