@@ -20,8 +20,6 @@ from dynamicid_jax.methods import dynamicid_official as official
 from infer import convert
 
 RANK = 4  # as tests/test_dynamicid_pipeline.py, so both files share the compiled sampler
-VISION_KW = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                 patch_size=8, projection_dim=32)
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +104,9 @@ def test_converted_folder_holds_the_official_weights(converted, bins, torch_modu
 
 
 def test_pipeline_on_converted_weights_matches_torch(torch, converted, torch_modules, tiny_sd_dir, tmp_path):
-    from test_dynamicid_pipeline import make_clip_vision
-
     enc, _, imr_model, kpe = torch_modules
     pipe = DynamicIDPipeline.from_pretrained(tiny_sd_dir, converted, analyzer=FixedAnalyzer(),
-                                             clip_vision_path=make_clip_vision(tmp_path / "clip", torch))
+                                             clip_vision_path=tiny_sd.make_tiny_clip_vision(tmp_path / "clip"))
     ref = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
     tokens = pipe.encode_identities([ref])
     # the PyTorch encoder on the same inputs: the analyzer's embedding and CLIP's penultimate features

@@ -28,6 +28,8 @@ from dynamicid_jax.pipelines.gates import GateMaps, gate_overlay_image, save_gat
 from dynamicid_jax.tokenizer import tokenize
 from dynamicid_jax.weights import folders
 
+from tiny_sd import VISION, make_tiny_clip_vision
+
 RANK = 4
 STEPS = 2
 SIZE = 64
@@ -37,26 +39,14 @@ KPE_CFG = imr.keypoint_encoder_config("tiny")
 CROPS = ((218, 0, 451, 231), (222, 374, 499, 651))  # (y0, x0, y1, x1) of two people in t1.jpg (1280×886)
 TWO_BOXES = [[0.1, 0.1, 0.5, 0.4], [0.1, 0.6, 0.5, 0.9]]  # the official two-ID example
 PROMPT = "a portrait of two people, in a bus"
-VISION_KW = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                 patch_size=8, projection_dim=32)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------------
-def make_clip_vision(folder, torch) -> str:
-    """A tiny random CLIPVisionModelWithProjection saved by transformers (the real folder format)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(3)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_KW)).eval().save_pretrained(folder,
-                                                                                         safe_serialization=True)
-    return str(folder)
-
-
 @pytest.fixture(scope="session")
 def clip_dir(torch, tmp_path_factory):
-    return make_clip_vision(tmp_path_factory.mktemp("clip_vision_dynamicid"), torch)
+    return make_tiny_clip_vision(tmp_path_factory.mktemp("clip_vision_dynamicid"))
 
 
 def tiny_unet_config(sd_dir) -> UNetConfig:
@@ -322,7 +312,7 @@ def test_edited_expression_is_the_imr_of_the_analysed_face(pipe, refs, analyzer)
 
 
 def test_unconditional_tokens(pipe):
-    grey = ide.unconditional_clip_pixels(1, VISION_KW["image_size"])
+    grey = ide.unconditional_clip_pixels(1, VISION["image_size"])
 
     @jax.jit
     def reference(grey):

@@ -1,6 +1,7 @@
 """A tiny, structurally complete Stable Diffusion in the diffusers folder format (random weights).
 
-Shared by the pipeline, CLI and method tests: the real file formats, with widths small enough for a CPU."""
+Shared by the pipeline, CLI and method tests: the real file formats, with widths small enough for a CPU; and a
+tiny CLIP vision tower in transformers' format."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,9 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
            layers_per_block=1, norm_num_groups=8, sample_size=64)
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+#: a tiny CLIP vision tower (the DynamicID pipeline's and the converter's tests share it, and so their compiles)
+VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8, projection_dim=32)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon")
 
@@ -48,3 +52,13 @@ def make_tiny_sd(folder: str, seed: int = 0, noise: float = 0.05) -> str:
                    "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
                    "safety_checker": [None, None], "feature_extractor": [None, None]}, f)
     return folder
+
+
+def make_tiny_clip_vision(folder, seed: int = 3) -> str:
+    """A tiny random ``CLIPVisionModelWithProjection`` (``VISION``) saved by transformers (the real folder format)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)).eval().save_pretrained(folder, safe_serialization=True)
+    return str(folder)
