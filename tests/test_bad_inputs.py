@@ -1,12 +1,14 @@
-"""Bad inputs through the command lines and the library: each is a clear, one-line error, nothing is written at
-any output path, and no existing file changes.
+"""Bad inputs through the command lines: each is a clear, one-line error, nothing is written at any output path,
+and no existing file changes (the library's cases: tests/test_bad_inputs_library.py; the world both read:
+tests/bad_input_env.py).
 
-The library's cases are tests/test_bad_inputs_library.py. Every command-line case runs ``run_cli(main, argv)`` in this process (the same code path as ``python -m …``, minus
+Every command-line case runs ``run_cli(main, argv)`` in this process (the same code path as ``python -m …``, minus
 the interpreter start) and checks the exit status, that the error is one line naming the input and what was
 expected, that no traceback is printed, that no output path appeared and that the data folder (a user's notes,
-a model folder, images, shards) is byte-for-byte unchanged. Library cases check the exception type is one the
-command lines report as a one-line error, and the message. The cases stop before any model is compiled, except
-the Ctrl-C case, which samples the tiny model in chunks and interrupts it.
+a model folder, images, shards) is byte-for-byte unchanged. The cases stop before any model is compiled, except
+the Ctrl-C case, which samples the tiny model in chunks and interrupts it. Also: files we write follow the umask,
+``--overwrite`` replaces only our own folders, the deprecated flag spellings still work and ``--debug`` shows the
+traceback.
 """
 from __future__ import annotations
 
