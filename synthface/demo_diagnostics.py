@@ -79,14 +79,11 @@ def denoiser_expression_retention(sd_path: str, models_dir: str, data: str, *, s
     from dynamicid_jax.models.vae import decode_latents, encode_to_latents
     from dynamicid_jax.pipelines.sampling import to_uint8
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-    from dynamicid_jax.schedulers.common import alphas_cumprod
     from synthface import dataset as sf_data
     from synthface.evaluation.scorer import SynthFaceScorer
 
     sd = StableDiffusion.from_pretrained(sd_path, scheduler="ddim")
-    config = sd.scheduler.config
-    if config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"the base predicts {config.prediction_type!r}; expected epsilon or v_prediction")
+    scheduler = sd.scheduler  # its forward process: add_noise / predicted_original at training timesteps
     scorer = SynthFaceScorer.from_models_dir(models_dir)
     images, records = sf_data.load_split(data, split)
     front = [i for i, r in enumerate(records) if r["pose_name"] == "front"]
@@ -104,16 +101,13 @@ def denoiser_expression_retention(sd_path: str, models_dir: str, data: str, *, s
     latents = encode_to_latents(vae, vae_params, jnp.asarray(images), None)
     context = sd.encode_prompts(prompts)
     unet = jax.jit(lambda z, t: sd.unet.apply({"params": sd.params["unet"]}, z, t, context))
-    alpha_bar = np.asarray(alphas_cumprod(config, False), np.float64)
     out: dict[str, Any] = {"images": len(images), "split": split,
                            "round_trip": accuracy(np.asarray(to_uint8(decode_latents(vae, vae_params, latents)))),
                            "one_step": {}}
     for t in timesteps:
-        a = float(alpha_bar[t])
+        steps = jnp.full((len(images),), t, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), t), latents.shape, latents.dtype)
-        noisy = a ** 0.5 * latents + (1 - a) ** 0.5 * noise
-        pred = unet(noisy, jnp.full((len(images),), t))
-        clean = (a ** 0.5 * noisy - (1 - a) ** 0.5 * pred if config.prediction_type == "v_prediction"
-                 else (noisy - (1 - a) ** 0.5 * pred) / a ** 0.5)
+        noisy = scheduler.add_noise(latents, noise, steps)
+        clean = scheduler.predicted_original(unet(noisy, steps), noisy, steps)
         out["one_step"][str(t)] = accuracy(np.asarray(to_uint8(decode_latents(vae, vae_params, clean))))
     return out

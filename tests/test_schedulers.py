@@ -210,6 +210,24 @@ def test_add_noise_and_velocity(torch, diffusers, kind):
         sched.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t[:2]))
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_predicted_original_inverts_the_forward_process(prediction):
+    """``predicted_original`` recovers x0 from a noisy sample and the model output a perfect model of each
+    prediction type would give (ε, v or x0 itself), at timesteps from nearly clean to nearly pure noise; an output
+    of another shape than the sample is refused."""
+    rng = np.random.default_rng(2)
+    x0 = jnp.asarray(rng.standard_normal((3, 4, 4, 4)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((3, 4, 4, 4)), jnp.float32)
+    t = jnp.asarray([0, 500, 900], jnp.int32)  # t = 999: sqrt(alpha_bar) ≈ 0.07 amplifies float32 rounding
+    sched = load_scheduler({**SD15_SCHEDULER_CONFIG, "prediction_type": prediction}, kind="ddim")
+    noisy = sched.add_noise(x0, noise, t)
+    output = {"epsilon": noise, "v_prediction": sched.get_velocity(x0, noise, t), "sample": x0}[prediction]
+    assert_close(sched.predicted_original(output, noisy, t), np.asarray(x0), atol=2e-4, rtol=1e-4,
+                 what=f"{prediction} x0")
+    with pytest.raises(ValueError, match="shape"):
+        sched.predicted_original(output[:2], noisy, t)
+
+
 def test_pndm_config_needs_kind(torch, diffusers, arrays):
     """SD1.5's own PNDMScheduler config: no kind → clear error; with kind → what diffusers' from_config gives."""
     pndm = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **SD15_BETAS, "clip_sample": False,

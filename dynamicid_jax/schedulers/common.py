@@ -334,7 +334,8 @@ def check_step_inputs(model_output: jnp.ndarray, sample: jnp.ndarray) -> tuple[j
 
 
 class DDPMForwardProcess:
-    """``add_noise`` / ``get_velocity`` of the DDPM forward process at training timesteps (for the trainer).
+    """``add_noise`` / ``get_velocity`` / ``predicted_original`` of the DDPM forward process at training timesteps
+    (for the trainer and diagnostics).
 
     ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``; ``v = sqrt(alpha_bar_t) eps - sqrt(1 -
     alpha_bar_t) x_0``. ``timesteps`` are int training timesteps, shape [B] (or scalar), broadcast over the
@@ -363,6 +364,21 @@ class DDPMForwardProcess:
             raise ValueError(f"add_noise: original shape {original.shape} != noise shape {noise.shape}")
         a, s = self._forward_coefficients(timesteps, original, "add_noise")
         return a * original.astype(jnp.float32) + s * noise.astype(jnp.float32)
+
+    def predicted_original(self, model_output: jnp.ndarray, sample: jnp.ndarray, timesteps) -> jnp.ndarray:
+        """The clean sample ``x_0`` a model output implies for the noisy ``sample`` at training timesteps (int [B]):
+        the inverse of :meth:`add_noise` given ε, of :meth:`get_velocity` given v, the output itself for
+        ``"sample"`` prediction."""
+        model_output, sample = check_step_inputs(model_output, sample)
+        a, s = self._forward_coefficients(timesteps, sample, "predicted_original")
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return (sample - s * model_output) / a
+        if kind == "v_prediction":
+            return a * sample - s * model_output
+        if kind == "sample":
+            return model_output
+        raise ValueError(f"predicted_original: prediction_type {kind!r} is not epsilon, v_prediction or sample")
 
     def get_velocity(self, sample: jnp.ndarray, noise: jnp.ndarray, timesteps) -> jnp.ndarray:
         """The v-prediction target for clean ``sample`` and ``noise`` at training timesteps (int [B])."""
