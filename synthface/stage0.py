@@ -6,7 +6,8 @@ diffusers folder.
     folder = synthface.stage0.run_stage0(synthface.stage0.stage0_config(["data.root=DATA", "workdir=W"]))   # in-process
 
 The same model classes as SD1.5 (``AutoencoderKL``, ``CLIPTextModel``, ``UNet2DConditionModel``), small:
-``vae_config("synthface")`` (scale factor 4: 64 px ↔ 16×16×4 latents), ``text_config("synthface")`` (SD1.5
+``vae_config("synthface")`` (scale factor 4: 64 px ↔ 16×16×4 latents; the shipped base's config overrides it to
+scale factor 2), ``text_config("synthface")`` (SD1.5
 tokenizer and vocabulary, 77 positions, width 64), ``unet_config("synthface")`` (``cross_attention_dim`` 64).
 
 * Phase ``vae``: L1 (+ optional MSE) reconstruction of random crops (+ horizontal flips) of the training images and a

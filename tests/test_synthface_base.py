@@ -122,7 +122,8 @@ def test_diffusers_reads_the_same_weights(sd, torch):
     np.testing.assert_allclose(ours_text, theirs_text, rtol=1e-4, atol=1e-4)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(ASSET, "unet"), torch_dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+    size = sd.unet.config.sample_size  # the base's own latent grid (32 × 32 for 64² images)
+    latents = rng.standard_normal((1, size, size, sd.unet.config.in_channels)).astype(np.float32)
     ours = np.asarray(sd.unet.apply({"params": sd.params["unet"]}, jnp.asarray(latents), jnp.asarray([500]),
                                     jnp.asarray(ours_text)))
     with torch.no_grad():

@@ -159,9 +159,10 @@ def unet_config(variant: str = "sd15") -> UNetConfig:
                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                           norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2).validate()
     if variant == "synthface":
-        # The SynthFace base (synthface/stage0.py): 16×16×4 latents (64 px), text width 64. Cross-attention at 8×8 and
-        # 4×4 (and the mid block) only: attention over the 256 tokens of the 16×16 level costs more CPU time than
-        # the rest of the UNet together.
+        # The SynthFace stage-0 UNet (synthface/stage0.py): 16×16×4 latents (64 px), text width 64. Cross-attention
+        # at 8×8 and 4×4 (and the mid block) only: attention over the 256 tokens of the 16×16 level costs more CPU
+        # time than the rest of the UNet together. The shipped base (train/configs/synthface_base.yaml) adds a
+        # narrow first level for its 32×32 latents and keeps attention at 8×8 and 4×4.
         return UNetConfig(sample_size=16, block_out_channels=(64, 64, 64), layers_per_block=1,
                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

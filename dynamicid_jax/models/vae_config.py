@@ -126,9 +126,11 @@ def vae_config(variant: str = "sd15") -> VAEConfig:
         return VAEConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
                          sample_size=32).validate()
     if variant == "synthface":
-        # The SynthFace base (synthface/stage0.py): 3 levels → scale factor 4 (64 px ↔ 16×16×4 latents); narrow at full
-        # resolution because CPU time goes there; 4 channels per GroupNorm group; no mid-block attention (it trains
-        # on crops). ``scaling_factor`` is a placeholder: stage 0 sets it to 1/std of the trained VAE's latents.
+        # The SynthFace stage-0 VAE (synthface/stage0.py): 3 levels → scale factor 4 (64 px ↔ 16×16×4 latents);
+        # narrow at full resolution because CPU time goes there; 4 channels per GroupNorm group; no mid-block
+        # attention (it trains on crops). The shipped base overrides the levels to (32, 64): scale factor 2
+        # (train/configs/synthface_base.yaml). ``scaling_factor`` is a placeholder: stage 0 sets it to 1/std of
+        # the trained VAE's latents.
         return VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,
                          mid_block_add_attention=False, sample_size=64, scaling_factor=1.0).validate()
     raise ValueError(f"unknown VAE variant {variant!r}; expected 'sd15', 'tiny' or 'synthface'")
