@@ -333,6 +333,20 @@ def check_step_inputs(model_output: jnp.ndarray, sample: jnp.ndarray) -> tuple[j
     return jnp.asarray(model_output, jnp.float32), jnp.asarray(sample, jnp.float32)
 
 
+def x0_from_model_output(prediction_type: str, model_output: jnp.ndarray, sample: jnp.ndarray,
+                         sqrt_alpha_bar, sqrt_one_minus_alpha_bar) -> jnp.ndarray:
+    """The clean sample a model output implies for ``sample = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``:
+    ``(x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)`` for ε, ``sqrt(alpha_bar) x - sqrt(1 - alpha_bar) v`` for v,
+    the output itself for ``"sample"`` (shared by the DDIM step and :meth:`DDPMForwardProcess.predicted_original`)."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_one_minus_alpha_bar * model_output) / sqrt_alpha_bar
+    if prediction_type == "v_prediction":
+        return sqrt_alpha_bar * sample - sqrt_one_minus_alpha_bar * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+
+
 class DDPMForwardProcess:
     """``add_noise`` / ``get_velocity`` / ``predicted_original`` of the DDPM forward process at training timesteps
     (for the trainer and diagnostics).
@@ -371,14 +385,7 @@ class DDPMForwardProcess:
         ``"sample"`` prediction."""
         model_output, sample = check_step_inputs(model_output, sample)
         a, s = self._forward_coefficients(timesteps, sample, "predicted_original")
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return (sample - s * model_output) / a
-        if kind == "v_prediction":
-            return a * sample - s * model_output
-        if kind == "sample":
-            return model_output
-        raise ValueError(f"predicted_original: prediction_type {kind!r} is not epsilon, v_prediction or sample")
+        return x0_from_model_output(self.config.prediction_type, model_output, sample, a, s)
 
     def get_velocity(self, sample: jnp.ndarray, noise: jnp.ndarray, timesteps) -> jnp.ndarray:
         """The v-prediction target for clean ``sample`` and ``noise`` at training timesteps (int [B])."""

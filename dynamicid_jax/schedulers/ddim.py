@@ -14,7 +14,8 @@ import numpy as np
 from flax import struct
 
 from .common import (BaseConfig, DDPMForwardProcess, alphas_cumprod, check_bool, check_float,
-                     check_num_inference_steps, check_step_inputs, checked_timesteps, config_from_mapping)
+                     check_num_inference_steps, check_step_inputs, checked_timesteps, config_from_mapping,
+                     x0_from_model_output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,14 +115,12 @@ class DDIMScheduler(DDPMForwardProcess):
         a_t = state.alpha_prod_t[step_index]
         a_prev = state.alpha_prod_t_prev[step_index]
         b_t = 1 - a_t
+        x0 = x0_from_model_output(c.prediction_type, model_output, sample, a_t ** 0.5, b_t ** 0.5)
         if c.prediction_type == "epsilon":
-            x0 = (sample - b_t ** 0.5 * model_output) / a_t ** 0.5
             eps = model_output
         elif c.prediction_type == "sample":
-            x0 = model_output
             eps = (sample - a_t ** 0.5 * x0) / b_t ** 0.5
         else:  # v_prediction
-            x0 = a_t ** 0.5 * sample - b_t ** 0.5 * model_output
             eps = a_t ** 0.5 * model_output + b_t ** 0.5 * sample
         if c.clip_sample:
             x0 = jnp.clip(x0, -c.clip_sample_range, c.clip_sample_range)
