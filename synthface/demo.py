@@ -306,17 +306,20 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
 
 
 def _diagnostics(pipe, data: str, models: str, sd_path: str, summary: dict) -> dict:
-    """What the ID tokens carry (stage 2's token cache), how different the IMR's seven edits are, and whether the
-    base's denoiser keeps an expression it is shown (synthface/demo_diagnostics.py)."""
+    """What the ID tokens carry (stage 2's token cache), how different the IMR's seven edits are, whether the
+    base's denoiser keeps an expression it is shown, and whether DynamicID draws its reference's expression
+    (synthface/demo_diagnostics.py)."""
     from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
     from dynamicid_jax.faces.geometry import auto_face_prompt
-    from synthface.demo_diagnostics import denoiser_expression_retention, edit_shift_similarity
+    from synthface.demo_diagnostics import (denoiser_expression_retention, edit_shift_similarity,
+                                            reference_expression_transfer)
 
     out = {"token_variance": summary.get("stage2", {}).get("result", {}).get("token_variance")}
     if pipe.imr is not None:
         prompts = [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
         out["edit_shifts"] = edit_shift_similarity(pipe, _held_out_references(data, 1)[0], prompts)
     out["denoiser_expression"] = denoiser_expression_retention(sd_path, models, data)
+    out["reference_expression"] = reference_expression_transfer(pipe, models, data, FIGURE_PROMPTS[0])
     return out
 
 
@@ -339,6 +342,12 @@ def _diagnostics_md(d: dict) -> str:
         lines.append(f"- The base's own denoiser on {de['images']} real front views of every expression, noised to t "
                      f"and denoised in one step (caption and expression in the prompt): the expression classifier "
                      f"reads {steps}, against {de['round_trip']:.2f} after the VAE round trip alone (chance 0.14).")
+    re_ = d.get("reference_expression")
+    if re_:
+        lines.append(f"- DynamicID without an edit, given front views of every expression as references ({re_['images']} "
+                     f"images): its faces show the reference's expression in {re_['generated']:.2f} (chance 0.14; the "
+                     f"classifier reads the references themselves at {re_['references']:.2f}) — the most an IMR edit "
+                     f"can reach with these tokens on this base.")
     return "\n".join(lines) + "\n"
 
 

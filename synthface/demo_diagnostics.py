@@ -14,6 +14,10 @@ expressions move the tokens in different directions (else the seven edits look a
   one step (the UNet's estimate of the clean latent, with the image's caption and its expression named in the
   prompt); the expression classifier reads the decoded estimates. If even a lightly noised face loses its
   expression, no identity tokens on top of this base can draw one.
+* :func:`reference_expression_transfer` — the link between the two: does DynamicID, without any edit, draw the
+  expression of the reference it is given? Front views of every expression of a few identities are the references;
+  the classifier reads the generated faces. This is the most an IMR edit can reach with these tokens and this UNet:
+  an edit only moves the tokens towards those of an image with the asked expression.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["token_variance_shares", "edit_shift_similarity", "denoiser_expression_retention"]
+__all__ = ["token_variance_shares", "edit_shift_similarity", "denoiser_expression_retention",
+           "reference_expression_transfer"]
 
 
 def token_variance_shares(token_cache: str, shards: str) -> dict[str, float]:
@@ -92,10 +97,7 @@ def denoiser_expression_retention(sd_path: str, models_dir: str, data: str, *, s
     prompts = [f"{r['caption']}, {r['grid_prompt']}" for r in records]
 
     def accuracy(ims: np.ndarray) -> float:
-        found = scorer.detect(list(ims))
-        boxes = np.array([d.boxes[int(np.argmax(d.scores))] if len(d) else (0, 0, im.shape[1], im.shape[0])
-                          for d, im in zip(found, ims)], np.float64)
-        return float(np.mean([p == t for p, t in zip(scorer.face_labels(list(ims), boxes)["expression"], truth)]))
+        return float(np.mean([p == t for p, t in zip(expression_labels(scorer, ims), truth)]))
 
     vae, vae_params = sd.vae, sd.params["vae"]
     latents = encode_to_latents(vae, vae_params, jnp.asarray(images), None)
@@ -111,3 +113,38 @@ def denoiser_expression_retention(sd_path: str, models_dir: str, data: str, *, s
         clean = scheduler.predicted_original(unet(noisy, steps), noisy, steps)
         out["one_step"][str(t)] = accuracy(np.asarray(to_uint8(decode_latents(vae, vae_params, clean))))
     return out
+
+
+def expression_labels(scorer, images) -> list[str]:
+    """The expression classifier's label of each image's face (its top detection; the whole image when none)."""
+    images = list(images)
+    found = scorer.detect(images)
+    boxes = np.array([d.boxes[int(np.argmax(d.scores))] if len(d) else (0, 0, im.shape[1], im.shape[0])
+                      for d, im in zip(found, images)], np.float64)
+    return list(scorer.face_labels(images, boxes)["expression"])
+
+
+def reference_expression_transfer(pipe, models_dir: str, data: str, prompt: str, *, split: str = "heldout",
+                                  identities: int = 8, steps: int = 20, guidance_scale: float = 5.0,
+                                  seed: int = 0) -> dict[str, Any]:
+    """DynamicID ``pipe`` (no edit) given each front view of the first ``identities`` identities of ``split`` as its
+    reference, one image each with ``prompt``: how often the generated face shows the reference's expression,
+    beside the classifier on the references themselves: ``{"images", "references", "generated", "labels"}``."""
+    from collections import Counter
+
+    from synthface import dataset as sf_data, load_index
+    from synthface.evaluation.scorer import SynthFaceScorer
+
+    scorer = SynthFaceScorer.from_models_dir(models_dir)
+    names = sorted(load_index(data)["splits"][split])[:identities]
+    images, records = sf_data.load_split(data, split, names)
+    front = [i for i, r in enumerate(records) if r["pose_name"] == "front"]
+    references, truth = images[front], [records[i]["expression"] for i in front]
+    generated = np.concatenate([np.asarray(pipe([prompt], [ref], steps=steps, guidance_scale=guidance_scale,
+                                                seed=seed + i, height=ref.shape[0], width=ref.shape[1]))
+                                for i, ref in enumerate(references)])
+    labels = expression_labels(scorer, generated)
+    return {"images": len(references), "split": split, "prompt": prompt,
+            "references": float(np.mean([p == t for p, t in zip(expression_labels(scorer, references), truth)])),
+            "generated": float(np.mean([p == t for p, t in zip(labels, truth)])),
+            "labels": dict(sorted(Counter(labels).items()))}

@@ -135,9 +135,11 @@ def test_quick_demo_metrics_are_well_formed(quick_demo):
 
 
 def test_quick_demo_diagnoses_where_expression_is_lost(quick_demo):
-    """The summary and metrics.md carry the base's expression diagnostics: the denoiser's one-step estimates of every
-    held-out front view at the four timesteps beside the VAE round trip, and the base's text-only edits."""
+    """The summary and metrics.md carry the expression diagnostics: the base denoiser's one-step estimates of every
+    held-out front view at the four timesteps beside the VAE round trip, the base's text-only edits, and DynamicID
+    given each held-out front view as its reference (one image each, scored against the reference's expression)."""
     from synthface import load_index
+    from synthface.world import EXPRESSIONS
 
     summary = json.loads((quick_demo / "summary.json").read_text())
     d = summary["diagnostics"]["denoiser_expression"]
@@ -147,6 +149,12 @@ def test_quick_demo_diagnoses_where_expression_is_lost(quick_demo):
     for value in [d["round_trip"], *d["one_step"].values()]:
         assert 0.0 <= value <= 1.0 and abs(value * d["images"] - round(value * d["images"])) < 1e-6  # a share
     assert "The base's own denoiser on" in (quick_demo / "metrics.md").read_text()
+    r = summary["diagnostics"]["reference_expression"]
+    assert r["split"] == "heldout" and r["images"] == 7 * min(8, len(held_out))
+    assert sum(r["labels"].values()) == r["images"] and set(r["labels"]) <= set(EXPRESSIONS)
+    for value in (r["references"], r["generated"]):
+        assert 0.0 <= value <= 1.0 and abs(value * r["images"] - round(value * r["images"])) < 1e-6
+    assert "DynamicID without an edit, given front views" in (quick_demo / "metrics.md").read_text()
     metrics = json.loads((quick_demo / "metrics.json").read_text())
     assert "expression_accuracy" in metrics["methods"]["base"]["edit"]
 
