@@ -323,31 +323,35 @@ def _diagnostics(pipe, data: str, models: str, sd_path: str, summary: dict) -> d
     return out
 
 
+def _retention_steps(de: dict) -> str:
+    return ", ".join(f"t = {t}: {v:.2f}" for t, v in de["one_step"].items())
+
+
+#: metrics.md's line of each diagnostic (``_diagnostics``' keys), in this order
+_DIAGNOSTIC_LINES = (
+    ("token_variance", lambda tv: (
+        f"Stage-1 ID tokens over {tv['records']} training images: {tv['between_identity']:.1%} of the variance lies "
+        f"between identities; of the variance within an identity the expression explains "
+        f"{tv['within_expression']:.1%}, the pose {tv['within_pose']:.1%}, the background colour "
+        f"{tv['within_background']:.1%}.")),
+    ("edit_shifts", lambda es: (
+        f"IMR edits of one held-out reference towards the 7 expressions: token shifts of mean norm "
+        f"{es['shift_norm_mean']:.2f} (tokens {es['token_norm']:.2f}), mean pairwise cosine "
+        f"{es['mean_pairwise_cosine']:.3f} (1.0 = one shift whatever is asked).")),
+    ("denoiser_expression", lambda de: (
+        f"The base's own denoiser on {de['images']} real front views of every expression, noised to t and denoised "
+        f"in one step (caption and expression in the prompt): the expression classifier reads "
+        f"{_retention_steps(de)}, against {de['round_trip']:.2f} after the VAE round trip alone (chance 0.14).")),
+    ("reference_expression", lambda r: (
+        f"DynamicID without an edit, given front views of every expression as references ({r['images']} images): "
+        f"its faces show the reference's expression in {r['generated']:.2f} (chance 0.14; the classifier reads the "
+        f"references themselves at {r['references']:.2f}) — the most an IMR edit can reach with these tokens on "
+        f"this base.")),
+)
+
+
 def _diagnostics_md(d: dict) -> str:
-    lines = ["", "## Diagnostics", ""]
-    tv = d.get("token_variance")
-    if tv:
-        lines.append(f"- Stage-1 ID tokens over {tv['records']} training images: {tv['between_identity']:.1%} of the "
-                     f"variance lies between identities; of the variance within an identity the expression explains "
-                     f"{tv['within_expression']:.1%}, the pose {tv['within_pose']:.1%}, the background colour "
-                     f"{tv['within_background']:.1%}.")
-    es = d.get("edit_shifts")
-    if es:
-        lines.append(f"- IMR edits of one held-out reference towards the 7 expressions: token shifts of mean norm "
-                     f"{es['shift_norm_mean']:.2f} (tokens {es['token_norm']:.2f}), mean pairwise cosine "
-                     f"{es['mean_pairwise_cosine']:.3f} (1.0 = one shift whatever is asked).")
-    de = d.get("denoiser_expression")
-    if de:
-        steps = ", ".join(f"t = {t}: {v:.2f}" for t, v in de["one_step"].items())
-        lines.append(f"- The base's own denoiser on {de['images']} real front views of every expression, noised to t "
-                     f"and denoised in one step (caption and expression in the prompt): the expression classifier "
-                     f"reads {steps}, against {de['round_trip']:.2f} after the VAE round trip alone (chance 0.14).")
-    re_ = d.get("reference_expression")
-    if re_:
-        lines.append(f"- DynamicID without an edit, given front views of every expression as references ({re_['images']} "
-                     f"images): its faces show the reference's expression in {re_['generated']:.2f} (chance 0.14; the "
-                     f"classifier reads the references themselves at {re_['references']:.2f}) — the most an IMR edit "
-                     f"can reach with these tokens on this base.")
+    lines = ["", "## Diagnostics", ""] + [f"- {line(d[key])}" for key, line in _DIAGNOSTIC_LINES if d.get(key)]
     return "\n".join(lines) + "\n"
 
 
