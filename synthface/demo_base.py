@@ -27,7 +27,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 __all__ = ["WORLD", "ASSET_DIR", "BASE_CONFIG", "build_base", "export_base", "verify_base", "world_fingerprint",
-           "pixel_fingerprint", "world_texts", "used_token_ids", "BaseAssetError", "BASE_COMMANDS"]
+           "base_world_match", "pixel_fingerprint", "world_texts", "used_token_ids", "BaseAssetError",
+           "BASE_COMMANDS"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the committed base
@@ -268,17 +269,29 @@ def verify_base(folder: str = ASSET_DIR) -> dict[str, Any]:
 
 
 def check_world(provenance: Mapping[str, Any], data_root: str) -> dict[str, Any]:
-    """The demo's world against the base's: the settings fingerprint must match (else :class:`BaseAssetError`);
-    the pixel fingerprint of the training portraits is reported (another numpy or zlib may render a few pixels
-    differently — a warning, not an error)."""
+    """The demo's world (rendered in ``data_root``) against the base's: :func:`base_world_match`."""
     import synthface
 
-    index = synthface.load_index(data_root)
-    want, got = provenance["world"]["fingerprint"], world_fingerprint(index)
-    if want != got:
-        raise BaseAssetError(f"the SynthFace world in {data_root} (fingerprint {got}) is not the one the shipped base "
-                             f"was trained on ({want}); run make demo-full to train a base for it")
-    return {"world_fingerprint": got}
+    return base_world_match(provenance, synthface.load_index(data_root), data_root)
+
+
+def base_world_match(provenance: Mapping[str, Any], index: Mapping[str, Any], where: str = "the demo's world"
+                     ) -> dict[str, Any]:
+    """The base's world must be the demo's: the same schema, seed, size, renderer and held-out identities, and the
+    base's training identities the first ones of the demo's (else :class:`BaseAssetError`). The demo may render
+    more training identities than the base saw — identity ``i`` of a split is drawn from its own seed, so the first
+    ones are the base's portraits — for the stages that learn identities (the face models and stage 1), the way
+    SD1.5 never saw the people a user trains on. Returns the fingerprint and the count of extra identities."""
+    want = provenance["world"]["fingerprint"]
+    base_count = int(provenance["world"]["settings"]["identities"])
+    train = list((index.get("splits") or {}).get("train", []))
+    shared = {**index, "splits": {**index["splits"], "train": train[:base_count]}}
+    got = world_fingerprint(shared)
+    if len(train) < base_count or want != got:
+        raise BaseAssetError(f"the SynthFace world in {where} (fingerprint {world_fingerprint(index)}, "
+                             f"{len(train)} training identities) is not the one the shipped base was trained on "
+                             f"({want}, {base_count} identities); run make demo-full to train a base for it")
+    return {"world_fingerprint": got, "extra_train_identities": len(train) - base_count}
 
 
 # ------------------------------------------------------------------------------------------------- the build

@@ -79,6 +79,28 @@ def test_provenance_describes_this_world(provenance):
     assert provenance["world"]["train_pairs"] == w["pairs"]
 
 
+def test_demo_world_may_add_training_identities(provenance):
+    """A demo world with the base's training identities followed by more passes the base check (and reports how
+    many it adds); one with fewer, with other identities first, or with other held-out identities fails."""
+    from synthface import SCHEMA
+    from synthface.world import identity_name
+
+    w = provenance["world"]["settings"]
+
+    def index(train, heldout=w["heldout"], first=0):
+        return {"schema": SCHEMA, "seed": w["seed"], "image_size": w["size"],
+                "splits": {"train": [identity_name("train", i) for i in range(first, first + train)],
+                           "heldout": [identity_name("heldout", i) for i in range(heldout)],
+                           "validation": [identity_name("validation", i) for i in range(3)]}}
+
+    assert demo_base.base_world_match(provenance, index(w["identities"]))["extra_train_identities"] == 0
+    match = demo_base.base_world_match(provenance, index(w["identities"] + 40))
+    assert match == {"world_fingerprint": provenance["world"]["fingerprint"], "extra_train_identities": 40}
+    for bad in (index(w["identities"] - 1), index(w["identities"] + 5, first=5), index(w["identities"], w["heldout"] + 1)):
+        with pytest.raises(demo_base.BaseAssetError, match="not the one the shipped base was trained on"):
+            demo_base.base_world_match(provenance, bad)
+
+
 def test_fp16_on_disk_fp32_in_memory(sd):
     from safetensors import safe_open
 
