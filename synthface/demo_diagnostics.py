@@ -135,8 +135,13 @@ def reference_expression_transfer(pipe, models_dir: str, data: str, prompt: str,
     from synthface import dataset as sf_data, load_index
     from synthface.evaluation.scorer import SynthFaceScorer
 
+    splits = load_index(data)["splits"]
+    if split not in splits:
+        raise ValueError(f"split must be one of {sorted(splits)} (the splits of {data}), got {split!r}")
+    if not isinstance(identities, int) or isinstance(identities, bool) or identities < 1:
+        raise ValueError(f"identities must be a positive integer, got {identities!r}")
     scorer = SynthFaceScorer.from_models_dir(models_dir)
-    names = sorted(load_index(data)["splits"][split])[:identities]
+    names = sorted(splits[split])[:identities]
     images, records = sf_data.load_split(data, split, names)
     front = [i for i, r in enumerate(records) if r["pose_name"] == "front"]
     references, truth = images[front], [records[i]["expression"] for i in front]

@@ -159,6 +159,18 @@ def test_quick_demo_diagnoses_where_expression_is_lost(quick_demo):
     assert "expression_accuracy" in metrics["methods"]["base"]["edit"]
 
 
+def test_reference_expression_transfer_rejects_bad_arguments(quick_demo):
+    """An unknown split or a non-positive identity count is a one-line error naming it, before anything is sampled."""
+    from synthface.demo_diagnostics import reference_expression_transfer
+
+    work = quick_demo / "work"
+    args = (None, str(work / "face_models"), str(work / "synthface"), "a photo of a person")
+    with pytest.raises(ValueError, match=r"split must be one of .*got 'nope'"):
+        reference_expression_transfer(*args, split="nope")
+    with pytest.raises(ValueError, match="identities must be a positive integer, got 0"):
+        reference_expression_transfer(*args, identities=0)
+
+
 def test_quick_demo_real_face_analysis(quick_demo):
     """dlib compares identities by the Euclidean distance of its raw descriptors (same person below 0.6): the six
     different people of the group photo are all judged different."""
