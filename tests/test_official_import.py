@@ -13,6 +13,7 @@ from conftest import assert_close
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr
 from dynamicid_jax.methods import dynamicid_official as official
+from dynamicid_jax.methods import dynamicid_weights
 from dynamicid_jax.weights import torch_pickle
 from dynamicid_jax.weights.keymap import WeightLoadError
 
@@ -256,9 +257,9 @@ def test_converted_round_trip(torch_models, tmp_path):
              official.import_imr(tr.state_dict_numpy(imr_model)),
              official.import_keypoint_encoder(tr.state_dict_numpy(kpe))]
     for (config, params), name in zip(items, ("id_encoder", "imr", "keypoint_encoder")):
-        path = official.save_converted(params, config, str(tmp_path))
+        path = dynamicid_weights.save_converted(params, config, str(tmp_path))
         assert path == str(tmp_path / f"{name}.safetensors")
-        got_config, got = official.load_converted(str(tmp_path), name)
+        got_config, got = dynamicid_weights.load_converted(str(tmp_path), name)
         assert got_config == config
         flat_a = jax.tree_util.tree_leaves_with_path(params)
         flat_b = dict(jax.tree_util.tree_leaves_with_path(got))
@@ -268,13 +269,13 @@ def test_converted_round_trip(torch_models, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # atomic writes leave nothing behind
     # a config that does not describe the stored tensors is caught
     config, params = items[0]
-    official.save_converted(params, config, str(tmp_path), name="other")
+    dynamicid_weights.save_converted(params, config, str(tmp_path), name="other")
     json_path = tmp_path / "other.json"
     json_path.write_text(json_path.read_text().replace('"depth": 2', '"depth": 3'))
     with pytest.raises(WeightLoadError, match="missing"):
-        official.load_converted(str(tmp_path), "other")
+        dynamicid_weights.load_converted(str(tmp_path), "other")
     with pytest.raises(WeightLoadError, match="wrong shape"):
-        official.save_converted(params, ide.id_encoder_config("tiny", dim=128, heads=2, head_dim=64, clip_dim=40),
-                                str(tmp_path), name="bad")
+        bad_config = ide.id_encoder_config("tiny", dim=128, heads=2, head_dim=64, clip_dim=40)
+        dynamicid_weights.save_converted(params, bad_config, str(tmp_path), name="bad")
     with pytest.raises(FileNotFoundError, match="no converted weights named 'nothing'"):
-        official.load_converted(str(tmp_path), "nothing")
+        dynamicid_weights.load_converted(str(tmp_path), "nothing")

@@ -35,19 +35,16 @@ Our SAA params live inside each attention module under the same names, so the ma
 and the usual Linear transposes. The result merges with the base UNet params
 (:func:`dynamicid_jax.methods.saa.merge_params`).
 
-Converted weights are stored as ``<name>.safetensors`` + ``<name>.json`` (:func:`save_converted`,
-:func:`load_converted`), so later runs need neither torch nor pickles; DynamicID's weights folder
-(:mod:`dynamicid_jax.methods.dynamicid_weights`) holds one such pair per part.
+Imported parts are stored in DynamicID's weights folder (:mod:`dynamicid_jax.methods.dynamicid_weights`: one
+``<name>.safetensors`` + ``<name>.json`` pair per part), so later runs need neither torch nor pickles.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import numpy as np
 from flax import traverse_util
 
@@ -56,7 +53,7 @@ from dynamicid_jax.methods import imr as imr_mod
 from dynamicid_jax.methods import saa as saa_mod
 from dynamicid_jax.models import unet as unet_mod
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights.keymap import WeightLoadError, check_flat_shapes
+from dynamicid_jax.weights.keymap import WeightLoadError
 from dynamicid_jax.weights.torch_pickle import safe_torch_load
 
 __all__ = [
@@ -66,7 +63,6 @@ __all__ = [
     "infer_imr_config", "import_imr", "export_imr", "load_official_imr",
     "infer_keypoint_encoder_config", "import_keypoint_encoder", "export_keypoint_encoder",
     "load_official_keypoint_encoder", "keypoint_encoder_path_for",
-    "save_converted", "load_converted",
 ]
 
 HEAD_DIM = 64  # the official modules fix dim_head = 64 (heads = width // 64); not recoverable from shapes
@@ -318,69 +314,3 @@ def load_official_keypoint_encoder(path: str, *, dtype=np.float32,
     """``key_point_encoder.bin`` → ``(KeyPointEncoder module, {"params", "batch_stats"})``."""
     config, variables = import_keypoint_encoder(safe_torch_load(path, backend=backend), source=path)
     return imr_mod.KeyPointEncoder(config, dtype=dtype), variables
-
-
-# =========================================================================================================
-# Converted weights: safetensors + JSON config
-# =========================================================================================================
-_CONFIG_KINDS = {
-    "IDEncoderConfig": (ide.IDEncoderConfig, "id_encoder"),
-    "IMRConfig": (imr_mod.IMRConfig, "imr"),
-    "KeyPointEncoderConfig": (imr_mod.KeyPointEncoderConfig, "keypoint_encoder"),
-}
-_FORMAT = "dynamicid-jax/converted-v1"
-
-
-def _expected_flat_shapes(config) -> dict[str, tuple[int, ...]]:
-    if isinstance(config, ide.IDEncoderConfig):
-        tree = ide.abstract_params(ide.IDEncoder(config))
-    elif isinstance(config, imr_mod.IMRConfig):
-        tree = imr_mod.abstract_params(imr_mod.IMR(config))
-    else:
-        tree = imr_mod.keypoint_abstract_variables(imr_mod.KeyPointEncoder(config))
-    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(_unbox(dict(tree))).items()}
-
-
-def save_converted(params, config, out_dir: str, *, name: str | None = None) -> str:
-    """Write ``params`` (or ``{"params", "batch_stats"}`` for the KeyPointEncoder) to ``<out_dir>/<name>.safetensors``
-    and ``config`` to ``<out_dir>/<name>.json``; both atomically (temp file + rename), JSON last. Returns the
-    safetensors path. ``name`` defaults to ``id_encoder`` / ``imr`` / ``keypoint_encoder``."""
-    kind = type(config).__name__
-    if kind not in _CONFIG_KINDS:
-        raise ValueError(f"save_converted: unsupported config type {kind}; expected one of {sorted(_CONFIG_KINDS)}")
-    name = name or _CONFIG_KINDS[kind][1]
-    flat = {"/".join(k): np.asarray(jax.device_get(v))
-            for k, v in traverse_util.flatten_dict(_unbox(dict(params))).items()}
-    expected = _expected_flat_shapes(config)
-    check_flat_shapes(flat, expected, f"save_converted({name})")
-    os.makedirs(out_dir, exist_ok=True)
-    weights_path = os.path.join(out_dir, f"{name}.safetensors")
-    km.write_safetensors(flat, weights_path, metadata={"format": _FORMAT, "config_kind": kind})
-    _write_json_atomic(os.path.join(out_dir, f"{name}.json"),
-                       {"format": _FORMAT, "kind": kind, "config": config.to_dict()})
-    return weights_path
-
-
-def load_converted(out_dir: str, name: str) -> tuple[Any, dict]:
-    """Read what :func:`save_converted` wrote → ``(config, params)`` (a ``{"params", "batch_stats"}`` dict for the
-    KeyPointEncoder). Checks every key and shape against the model the config describes."""
-    json_path = os.path.join(out_dir, f"{name}.json")
-    weights_path = os.path.join(out_dir, f"{name}.safetensors")
-    if not os.path.isfile(json_path) or not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no converted weights named {name!r} in {out_dir} (expected {name}.json and "
-                                f"{name}.safetensors)")
-    with open(json_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != _FORMAT or meta.get("kind") not in _CONFIG_KINDS:
-        raise WeightLoadError(f"{json_path} is not a dynamicid-jax converted-weights config "
-                              f"(format {meta.get('format')!r}, kind {meta.get('kind')!r})")
-    config = _CONFIG_KINDS[meta["kind"]][0].from_dict(meta["config"])
-    flat = km.read_safetensors(weights_path)
-    check_flat_shapes(flat, _expected_flat_shapes(config), weights_path)
-    return config, traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    from dynamicid_jax.io_atomic import write_json
-
-    write_json(obj, path, indent=2, sort_keys=True)

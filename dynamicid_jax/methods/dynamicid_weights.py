@@ -19,12 +19,11 @@ from flax import traverse_util
 from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr as imr_mod
 from dynamicid_jax.methods import saa as saa_mod
-from dynamicid_jax.methods.dynamicid_official import load_converted, save_converted
 from dynamicid_jax.models.unet import UNetConfig
 from dynamicid_jax.weights import keymap as km
 
 __all__ = ["FOLDER_FORMAT", "MANIFEST", "DynamicIDWeights", "backbone_of", "save_dynamicid", "load_dynamicid",
-           "check_overwritable", "check_saa_shapes"]
+           "check_overwritable", "check_saa_shapes", "save_converted", "load_converted"]
 
 FOLDER_FORMAT = "dynamicid-jax/dynamicid-v1"
 MANIFEST = "dynamicid.json"
@@ -71,8 +70,9 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+    from dynamicid_jax.io_atomic import write_json
+
+    write_json(obj, path, indent=2, sort_keys=True)
 
 
 def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tuple[int, ...]]:
@@ -171,3 +171,63 @@ def check_saa_shapes(saa_params: Any, strategy: saa_mod.SAA, unet_config: UNetCo
     """Every SAA key and shape of ``saa_params`` against what ``strategy`` builds on ``unet_config`` (``what``
     names the weights in the error)."""
     km.check_flat_shapes(_flat(saa_params), _saa_shapes(strategy, unet_config), source=what, what="its UNet")
+
+
+# =========================================================================================================
+# One part of the folder: safetensors + JSON config (the ID encoder, the IMR, the KeyPointEncoder)
+# =========================================================================================================
+_CONFIG_KINDS = {
+    "IDEncoderConfig": (ide.IDEncoderConfig, "id_encoder"),
+    "IMRConfig": (imr_mod.IMRConfig, "imr"),
+    "KeyPointEncoderConfig": (imr_mod.KeyPointEncoderConfig, "keypoint_encoder"),
+}
+_FORMAT = "dynamicid-jax/converted-v1"
+
+
+def _expected_flat_shapes(config) -> dict[str, tuple[int, ...]]:
+    if isinstance(config, ide.IDEncoderConfig):
+        tree = ide.abstract_params(ide.IDEncoder(config))
+    elif isinstance(config, imr_mod.IMRConfig):
+        tree = imr_mod.abstract_params(imr_mod.IMR(config))
+    else:
+        tree = imr_mod.keypoint_abstract_variables(imr_mod.KeyPointEncoder(config))
+    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+
+
+def save_converted(params, config, out_dir: str, *, name: str | None = None) -> str:
+    """Write ``params`` (or ``{"params", "batch_stats"}`` for the KeyPointEncoder) to ``<out_dir>/<name>.safetensors``
+    and ``config`` to ``<out_dir>/<name>.json``; both atomically (temp file + rename), JSON last. Returns the
+    safetensors path. ``name`` defaults to ``id_encoder`` / ``imr`` / ``keypoint_encoder``."""
+    kind = type(config).__name__
+    if kind not in _CONFIG_KINDS:
+        raise ValueError(f"save_converted: unsupported config type {kind}; expected one of {sorted(_CONFIG_KINDS)}")
+    name = name or _CONFIG_KINDS[kind][1]
+    flat = {"/".join(k): np.asarray(jax.device_get(v))
+            for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(params))).items()}
+    expected = _expected_flat_shapes(config)
+    km.check_flat_shapes(flat, expected, f"save_converted({name})")
+    os.makedirs(out_dir, exist_ok=True)
+    weights_path = os.path.join(out_dir, f"{name}.safetensors")
+    km.write_safetensors(flat, weights_path, metadata={"format": _FORMAT, "config_kind": kind})
+    _write_json(os.path.join(out_dir, f"{name}.json"),
+                       {"format": _FORMAT, "kind": kind, "config": config.to_dict()})
+    return weights_path
+
+
+def load_converted(out_dir: str, name: str) -> tuple[Any, dict]:
+    """Read what :func:`save_converted` wrote → ``(config, params)`` (a ``{"params", "batch_stats"}`` dict for the
+    KeyPointEncoder). Checks every key and shape against the model the config describes."""
+    json_path = os.path.join(out_dir, f"{name}.json")
+    weights_path = os.path.join(out_dir, f"{name}.safetensors")
+    if not os.path.isfile(json_path) or not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no converted weights named {name!r} in {out_dir} (expected {name}.json and "
+                                f"{name}.safetensors)")
+    with open(json_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != _FORMAT or meta.get("kind") not in _CONFIG_KINDS:
+        raise km.WeightLoadError(f"{json_path} is not a dynamicid-jax converted-weights config "
+                              f"(format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+    config = _CONFIG_KINDS[meta["kind"]][0].from_dict(meta["config"])
+    flat = km.read_safetensors(weights_path)
+    km.check_flat_shapes(flat, _expected_flat_shapes(config), weights_path)
+    return config, traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
