@@ -217,6 +217,14 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["train.stepz=3"], defaults=defaults)
     with pytest.raises(ConfigError, match="expects an integer"):
         load_config(None, ["train.steps=abc"], defaults=defaults)
+    # an exponent without a dot is a string to YAML 1.1; a number-valued key still reads it as the number
+    assert load_config(None, ["optimizer.lr=1e-3"], defaults=defaults).optimizer.lr == 1e-3
+    f.write_text("optimizer:\n  lr: 5E-4\n")
+    assert load_config(f, [], defaults=defaults).optimizer.lr == 5e-4
+    with pytest.raises(ConfigError, match="'optimizer.lr' expects a number, got 'fast'"):
+        load_config(None, ["optimizer.lr=fast"], defaults=defaults)
+    with pytest.raises(ConfigError, match="expects a finite number"):
+        load_config(None, ["optimizer.lr=nan"], defaults=defaults)
 
 
 def test_event_writer_format(tmp_path):

@@ -137,6 +137,11 @@ def _coerce(value: Any, current: Any, path: str) -> Any:
             raise ConfigError(f"config key {path!r} expects an integer, got {value!r}")
         return value
     if isinstance(current, float):
+        if isinstance(value, str):  # YAML 1.1 reads an exponent without a dot ("1e-3") as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"config key {path!r} expects a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {path!r} expects a number, got {value!r}")
         if not math.isfinite(value):
