@@ -20,7 +20,7 @@ What each number means: docs/evaluation.md.
 identities of a SynthFace tree, scored with its evaluation models (``--models``). It is not built in: the world
 registers it (:mod:`dynamicid_jax.eval.suites`), as any other package can register a suite of its own; the
 ``synthface`` group of options (``--data``, ``--models``, ``--quick``, ``--steps``, ``--guidance-scale``,
-``--seed``) goes to whichever registered suite ``--suite`` names.
+``--id-scale``, ``--seed``) goes to whichever registered suite ``--suite`` names.
 
 **real** — the same requests on real weights: every reference (one image per identity in ``--refs``, named by
 file stem) × every prompt (``--prompts``, one per line); references paired left / right in one image; the first
@@ -134,8 +134,8 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
              dynamicid: str | None = None, infinite_id: str | None = None, analyzer: Any = "insightface",
              input_analyzer: Any = "insightface", image_encoder: str | None = None,
              infinite_id_image_encoder: str | None = None, size: int = 512, steps: int = 30,
-             guidance_scale: float = 5.0, seed: int = 0, batch: int = 1, multi_prompts: str | None = None,
-             pipes: dict | None = None, log=_log) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+             guidance_scale: float = 5.0, id_scale: float = 1.0, seed: int = 0, batch: int = 1,
+             multi_prompts: str | None = None, pipes: dict | None = None, log=_log) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """The real-weights suite → ``(results, grids)`` (see the module docstring)."""
     from dynamicid_jax.eval import metrics as M
     from dynamicid_jax.faces import get_analyzer
@@ -166,7 +166,7 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
     for method in methods:
         log(f"[eval] {method}: {len(requests)} calls")
         outputs, gen_s = S.run_method(method, pipes, requests, references, steps=steps,
-                                      guidance_scale=guidance_scale)
+                                      guidance_scale=guidance_scale, id_scale=id_scale)
         t0 = time.perf_counter()
         results[method] = score_outputs(outputs, scorer, ref_emb, clip_scorer)
         results[method]["seconds"] = {"generate": gen_s, "score": time.perf_counter() - t0}
@@ -174,7 +174,8 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
     counts = {k: sum(len(r.prompts) for r in requests if r.kind == k) for k in ("single", "multi", "edit", "control")}
     return {"suite": "real", "protocol": {"references": names, "prompts": prompt_list, "multi_prompts": multi_list,
                                           "size": size, "steps": steps,
-                                          "guidance_scale": guidance_scale, "seed": seed, "batch": batch,
+                                          "guidance_scale": guidance_scale, "id_scale": id_scale, "seed": seed,
+                                          "batch": batch,
                                           "images": counts, "calls": len(requests),
                                           "analyzer": getattr(scorer.analyzer, "name", str(analyzer))},
             "baselines": baselines, "methods": results, "targets": [],
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="the test-sized protocol (few images, 2 steps)")
     g.add_argument("--steps", type=int, help="denoising steps (synthface default 20, real 30)")
     g.add_argument("--guidance-scale", type=nonnegative_float, help="CFG scale (default 5.0)")
+    g.add_argument("--id-scale", type=nonnegative_float,
+                   help="the DynamicID methods' ID scale (synthface default 0.7, the protocol's; real 1.0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split", choices=("heldout", "validation"), default=None,
                    help="the references: the held-out identities (default; the report) or the validation ones "
@@ -395,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.suite != "real":
             overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
-                                           ("seed", args.seed), ("split", args.split)) if v is not None}
+                                           ("id_scale", args.id_scale), ("seed", args.seed), ("split", args.split))
+                         if v is not None}
             results = run_eval(out=args.out, suite=args.suite, sd=args.sd, methods=args.methods,
                                dynamicid=args.dynamicid, infinite_id=args.infinite_id, data=args.data,
                                models=args.models, quick=args.quick, protocol=overrides or None)
@@ -407,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                infinite_id_image_encoder=args.infinite_id_image_encoder, size=args.size,
                                steps=30 if args.steps is None else args.steps,
                                guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
-                               seed=args.seed, batch=args.batch, multi_prompts=args.multi_prompts)
+                               id_scale=1.0 if args.id_scale is None else args.id_scale, seed=args.seed,
+                               batch=args.batch, multi_prompts=args.multi_prompts)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     print(markdown_report(results))

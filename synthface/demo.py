@@ -321,7 +321,10 @@ def _diagnostics(pipe, data: str, models: str, sd_path: str, summary: dict) -> d
         prompts = [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
         out["edit_shifts"] = edit_shift_similarity(pipe, _held_out_references(data, 1)[0], prompts)
     out["denoiser_expression"] = denoiser_expression_retention(sd_path, models, data)
-    out["reference_expression"] = reference_expression_transfer(pipe, models, data, FIGURE_PROMPTS[0])
+    from synthface.evaluation.suite import Protocol
+
+    out["reference_expression"] = reference_expression_transfer(pipe, models, data, FIGURE_PROMPTS[0],
+                                                                id_scale=Protocol.id_scale)
     return out
 
 

@@ -126,9 +126,9 @@ def expression_labels(scorer, images) -> list[str]:
 
 def reference_expression_transfer(pipe, models_dir: str, data: str, prompt: str, *, split: str = "heldout",
                                   identities: int = 8, steps: int = 20, guidance_scale: float = 5.0,
-                                  seed: int = 0) -> dict[str, Any]:
-    """DynamicID ``pipe`` (no edit) given each front view of the first ``identities`` identities of ``split`` as its
-    reference, one image each with ``prompt``: how often the generated face shows the reference's expression,
+                                  id_scale: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """DynamicID ``pipe`` (no edit, at ``id_scale``) given each front view of the first ``identities`` identities of
+    ``split`` as its reference, one image each with ``prompt``: how often the generated face shows the reference's expression,
     beside the classifier on the references themselves: ``{"images", "references", "generated", "labels"}``."""
     from collections import Counter
 
@@ -146,10 +146,11 @@ def reference_expression_transfer(pipe, models_dir: str, data: str, prompt: str,
     front = [i for i, r in enumerate(records) if r["pose_name"] == "front"]
     references, truth = images[front], [records[i]["expression"] for i in front]
     generated = np.concatenate([np.asarray(pipe([prompt], [ref], steps=steps, guidance_scale=guidance_scale,
-                                                seed=seed + i, height=ref.shape[0], width=ref.shape[1]))
+                                                seed=seed + i, height=ref.shape[0], width=ref.shape[1],
+                                                id_scale=id_scale))
                                 for i, ref in enumerate(references)])
     labels = expression_labels(scorer, generated)
-    return {"images": len(references), "split": split, "prompt": prompt,
+    return {"images": len(references), "split": split, "prompt": prompt, "id_scale": id_scale,
             "references": float(np.mean([p == t for p, t in zip(expression_labels(scorer, references), truth)])),
             "generated": float(np.mean([p == t for p, t in zip(labels, truth)])),
             "labels": dict(sorted(Counter(labels).items()))}

@@ -57,13 +57,13 @@ def labelled_grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequenc
 
 
 def single_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[str], path: str, *,
-                     steps: int, guidance_scale: float, seed: int = 0) -> dict:
+                     steps: int, guidance_scale: float, seed: int = 0, id_scale: float = Protocol.id_scale) -> dict:
     """One row per held-out identity: its reference, then one image per prompt."""
     size = references[0].shape[0]
     rows, labels = [], []
     for i, ref in enumerate(references):
         images = pipe(list(prompts), [ref], steps=steps, guidance_scale=guidance_scale, seed=seed + i,
-                      height=size, width=size)
+                      height=size, width=size, id_scale=id_scale)
         rows.append([ref, *images])
         labels.append(["reference", *[p.replace("a photo of a person", "").strip(" ,") for p in prompts]])
     save_png(labelled_grid(rows, labels), path)
@@ -72,7 +72,7 @@ def single_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[s
 
 def multi_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[str], path: str, *,
                     steps: int, guidance_scale: float, seed: int = 0,
-                    boost_steps: int | None = Protocol.multi_boost_steps) -> dict:
+                    boost_steps: int | None = Protocol.multi_boost_steps, id_scale: float = Protocol.id_scale) -> dict:
     """The references side by side, then one image per prompt (``size × n·size``, like SynthFace's group
     scenes) with each identity's layout box drawn; the model was trained on single portraits only.
     ``boost_steps``: SAA's layout boost, by default as the evaluation's two-person requests run it
@@ -82,7 +82,8 @@ def multi_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[st
     size = references[0].shape[0]
     boxes = np.asarray(layout_boxes(len(references), "row"))
     images = pipe(list(prompts), list(references), steps=steps, guidance_scale=guidance_scale, seed=seed,
-                  height=size, width=size * len(references), layout="row", boost_steps=boost_steps)
+                  height=size, width=size * len(references), layout="row", boost_steps=boost_steps,
+                  id_scale=id_scale)
     refs = np.concatenate(list(references), axis=1)  # side by side, the size of one generated image
     rows = [[refs, *images]]
     labels = [["references"] + [p.replace("a photo of two people", "").strip(" ,") for p in prompts]]
@@ -93,13 +94,13 @@ def multi_id_figure(pipe, references: Sequence[np.ndarray], prompts: Sequence[st
 
 
 def edit_figure(pipe, reference: np.ndarray, prompt: str, path: str, *, steps: int, guidance_scale: float,
-                seed: int = 0, expressions: Sequence[str] = EXPRESSIONS) -> dict:
+                seed: int = 0, expressions: Sequence[str] = EXPRESSIONS, id_scale: float = Protocol.id_scale) -> dict:
     """One identity × every expression through IMR face prompts (same seed, so only the face should change)."""
     size = reference.shape[0]
     row = [reference]
     for e in expressions:
         row.extend(pipe([prompt], [reference], face_prompts=[edit_face_prompt(e)], steps=steps,
-                        guidance_scale=guidance_scale, seed=seed, height=size, width=size))
+                        guidance_scale=guidance_scale, seed=seed, height=size, width=size, id_scale=id_scale))
     save_png(labelled_grid([row], [["reference", *expressions]]), path)
     return {"expressions": list(expressions)}
 
@@ -119,7 +120,7 @@ def _face_gate_ratio(pipe, image: np.ndarray, gate: np.ndarray) -> float | None:
 
 
 def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, multi_prompt: str, path: str, *, steps: int,
-                 guidance_scale: float, seed: int = 0) -> dict:
+                 guidance_scale: float, seed: int = 0, id_scale: float = Protocol.id_scale) -> dict:
     """The SAA gate itself, **without the layout boost** (``boost_steps=0``), on a single-ID image (first
     reference, no boxes: the gate alone decides where the identity goes) and on a two-ID image (one column per
     identity; routing keeps each identity's tokens in its half, the gate decides where inside it): one row per
@@ -134,7 +135,7 @@ def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, multi_prom
     for name, refs, text, width in (("single-ID", list(references[:1]), prompt, size),
                                     ("two-ID", list(references[:2]), multi_prompt, 2 * size)):
         images, gates = pipe([text], refs, steps=steps, guidance_scale=guidance_scale, seed=seed, height=size,
-                             width=width, layout="row", boost_steps=0, return_gates=True)
+                             width=width, layout="row", boost_steps=0, return_gates=True, id_scale=id_scale)
         panels.append((name, gate_overlay_image(gates, images[0], cell=size * 3)))
         ratios[name] = _face_gate_ratio(pipe, images[0], gates.identity_maps(0)["all layers"].max(axis=0))
     header = 20
@@ -150,16 +151,14 @@ def gates_figure(pipe, references: Sequence[np.ndarray], prompt: str, multi_prom
 
 
 def save_all(pipe, held_out: Sequence[np.ndarray], prompts: Sequence[str], multi_prompts: Sequence[str],
-             out_dir: str, *, steps: int, guidance_scale: float) -> dict:
-    """single_id.png, multi_id.png, edit.png and gates.png from the first held-out identities."""
+             out_dir: str, *, steps: int, guidance_scale: float, id_scale: float = Protocol.id_scale) -> dict:
+    """single_id.png, multi_id.png, edit.png and gates.png from the first held-out identities, at the evaluation's
+    ID scale unless told otherwise."""
     two = list(held_out[:2])
+    common = dict(steps=steps, guidance_scale=guidance_scale, id_scale=id_scale)
     return {
-        "single_id": single_id_figure(pipe, two, prompts, os.path.join(out_dir, "single_id.png"), steps=steps,
-                                      guidance_scale=guidance_scale),
-        "multi_id": multi_id_figure(pipe, two, multi_prompts, os.path.join(out_dir, "multi_id.png"), steps=steps,
-                                    guidance_scale=guidance_scale),
-        "edit": edit_figure(pipe, two[0], prompts[0], os.path.join(out_dir, "edit.png"), steps=steps,
-                            guidance_scale=guidance_scale),
-        "gates": gates_figure(pipe, two, prompts[0], multi_prompts[0], os.path.join(out_dir, "gates.png"),
-                              steps=steps, guidance_scale=guidance_scale),
+        "single_id": single_id_figure(pipe, two, prompts, os.path.join(out_dir, "single_id.png"), **common),
+        "multi_id": multi_id_figure(pipe, two, multi_prompts, os.path.join(out_dir, "multi_id.png"), **common),
+        "edit": edit_figure(pipe, two[0], prompts[0], os.path.join(out_dir, "edit.png"), **common),
+        "gates": gates_figure(pipe, two, prompts[0], multi_prompts[0], os.path.join(out_dir, "gates.png"), **common),
     }

@@ -249,3 +249,31 @@ def test_two_person_requests_carry_the_protocols_layout_boost_to_dynamicid():
     for bad in (-1, 1.5, "3"):
         with pytest.raises(ValueError, match="multi_boost_steps"):
             S.Protocol(multi_boost_steps=bad)
+
+
+def test_the_protocols_id_scale_reaches_every_dynamicid_method_and_only_them(monkeypatch):
+    """Protocol.id_scale (0.7 by default) reaches the DynamicID pipeline of dynamicid / no-saa / no-imr through
+    ``run_method``; the base is called without it; a scale that is not a number > 0 is refused."""
+    from dynamicid_jax.eval import runner
+
+    calls = []
+
+    def fake(prompts, refs=None, **kw):
+        calls.append(kw)
+        return np.zeros((len(prompts), kw["height"], kw["width"], 3), np.uint8)
+
+    class FakeSD:
+        generate = staticmethod(fake)
+
+    refs = [np.zeros((64, 64, 3), np.uint8)] * 2
+    p = S.Protocol(single_images=2, multi_images=0, edit_images=0)
+    single = [r for r in S.synthface_requests(p, 2, 64) if r.kind == "single"][:1]
+    assert p.id_scale == 0.7 and p.to_dict()["id_scale"] == 0.7
+    for method in ("dynamicid", "no-saa", "no-imr", "base"):
+        calls.clear()
+        runner.run_method(method, {"dynamicid": fake, "sd": FakeSD()}, single, refs, steps=2, guidance_scale=1.0,
+                          id_scale=p.id_scale)
+        assert [c.get("id_scale") for c in calls] == ([None] if method == "base" else [0.7]), method
+    for bad in (0, -0.5, float("nan"), True, "0.7"):
+        with pytest.raises(ValueError, match="id_scale"):
+            S.Protocol(id_scale=bad)

@@ -109,8 +109,10 @@ def load_pipelines(methods: Sequence[str], sd_path: str, *, dynamicid_path: str 
 
 
 def generate(method: str, pipes: dict[str, Any], request: Request, references: Sequence[np.ndarray], *,
-             steps: int, guidance_scale: float) -> np.ndarray:
-    """The images of one request by one method → ``uint8 [len(prompts), H, W, 3]``."""
+             steps: int, guidance_scale: float, id_scale: float = 1.0) -> np.ndarray:
+    """The images of one request by one method → ``uint8 [len(prompts), H, W, 3]``. ``id_scale`` scales the ID
+    tokens' attention output of the DynamicID methods (``DynamicIDPipeline(..., id_scale=)``; 1: the method's
+    own); the other methods have no such knob."""
     refs = [references[i] for i in request.refs]
     common = dict(steps=steps, guidance_scale=guidance_scale, seed=request.seed, height=request.height,
                   width=request.width)
@@ -129,11 +131,13 @@ def generate(method: str, pipes: dict[str, Any], request: Request, references: S
         raise ValueError(f"method {method} needs a DynamicID pipeline (pipes['dynamicid'])")
     face_prompts = [request.face_prompt] if request.face_prompt and method != "no-imr" else None
     return pipes["dynamicid"](prompts, refs, face_prompts=face_prompts, layout="row",
-                              activate_query=method != "no-saa", boost_steps=request.boost_steps, **common)
+                              activate_query=method != "no-saa", boost_steps=request.boost_steps,
+                              id_scale=id_scale, **common)
 
 
 def run_method(method: str, pipes: dict[str, Any], requests: Sequence[Request], references: Sequence[np.ndarray],
-               *, steps: int, guidance_scale: float, reuse: dict[int, np.ndarray] | None = None,
+               *, steps: int, guidance_scale: float, id_scale: float = 1.0,
+               reuse: dict[int, np.ndarray] | None = None,
                progress: bool = False) -> tuple[list[tuple[Request, np.ndarray]], float]:
     """``[(request, images)]`` in request order and the generation seconds. ``reuse``: request index → images
     already generated for it (w/o IMR: DynamicID's single, multi and control images, which it would draw
@@ -145,7 +149,8 @@ def run_method(method: str, pipes: dict[str, Any], requests: Sequence[Request], 
     for k, r in enumerate(tqdm(requests, desc=f"eval {method}", unit="call", disable=not progress, leave=False)):
         images = None if reuse is None else reuse.get(k)
         if images is None:
-            images = generate(method, pipes, r, references, steps=steps, guidance_scale=guidance_scale)
+            images = generate(method, pipes, r, references, steps=steps, guidance_scale=guidance_scale,
+                              id_scale=id_scale)
         out.append((r, images))
     return out, time.perf_counter() - start
 

@@ -9,8 +9,8 @@ suite. A world with its own references, prompts and scorer (the SynthFace demo w
 ``run(*, sd, methods, dynamicid, infinite_id, pipes, log, **options)`` returns ``(results, grids)`` in the shape
 ``infer.eval`` reports (``{"suite", "protocol", "baselines", "methods", "targets", "seconds"[, "sizing"]}`` and
 ``{method: {kind: uint8 image}}``); ``options`` are the suite's own (for ``synthface``: ``data``, ``models``,
-``quick``, ``protocol``, ``steps``, ``guidance_scale``, ``seed``). ``markdown_baselines`` optionally writes the
-report's lines for the suite's baselines (and an extra table row, e.g. real images' own scores).
+``quick``, ``protocol``, ``steps``, ``guidance_scale``, ``id_scale``, ``seed``). ``markdown_baselines`` optionally
+writes the report's lines for the suite's baselines (and an extra table row, e.g. real images' own scores).
 """
 from __future__ import annotations
 

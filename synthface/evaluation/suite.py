@@ -21,8 +21,8 @@ identities instead), each identity's reference its ``neutral_front`` image:
 * ``control`` — per identity the same caption and seeds without any request: the unedited images each edit is
   paired with (same noise) for the FaceSim drop.
 
-**Methods**: ``dynamicid`` (SAA + IMR), ``no-saa`` (same weights, ``activate_query=False``), ``no-imr`` (same
-weights; requests only in the text — its single, multi and control images are DynamicID's, which are not
+**Methods**: ``dynamicid`` (SAA + IMR; like its two ablations at ``Protocol.id_scale``), ``no-saa`` (same
+weights, ``activate_query=False``), ``no-imr`` (same weights; requests only in the text — its single, multi and control images are DynamicID's, which are not
 generated twice), ``base`` (the SD base's own text-to-image, no identity: the generated-image chance level),
 ``infinite-id`` (two references are mixed, it has no layout) and ``infinite-id-no-adain`` (AdaIN-mean off).
 Requests of one kind share one batch size, so each method compiles one program per image shape. Loading and
@@ -105,11 +105,18 @@ class Protocol:
     #: anyway, and on *training* identities every boost tried drew the faces worse (placement 0.71 without, 0.67 /
     #: 0.63 / 0.57 with 3 / 5 / 12 boosted steps of 20; docs/demo.md)
     multi_boost_steps: int | None = 0
+    #: the DynamicID methods' ID scale (``DynamicIDPipeline(..., id_scale=)``: the ID tokens' attention output
+    #: × this). 0.7, chosen on *validation* identities with two stage-1 seeds: two-person placement 0.92 / 0.80 at
+    #: 1.0 → 0.95 / 0.84, single-ID FaceSim unchanged (docs/demo.md, What moved what)
+    id_scale: float = 0.7
 
     def __post_init__(self):
         for name in ("single_images", "batch", "edit_batch", "steps", "n_boot"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
+        if isinstance(self.id_scale, bool) or not isinstance(self.id_scale, (int, float)) \
+                or not math.isfinite(self.id_scale) or self.id_scale <= 0:
+            raise ValueError(f"Protocol.id_scale must be a number > 0, got {self.id_scale!r}")
         if self.split not in REFERENCE_SPLITS:
             raise ValueError(f"Protocol.split must be one of {', '.join(REFERENCE_SPLITS)}, got {self.split!r}")
         if self.multi_boost_steps is not None and (not isinstance(self.multi_boost_steps, int)
@@ -284,7 +291,8 @@ def _generate_all(methods: Sequence[str], pipes: dict[str, Any], requests: Seque
             log(f"[eval] {method}: {len(todo)} calls, {sum(len(r.prompts) for r in todo)} images"
                 + (" (single, multi and control images: DynamicID's)" if reuse else ""))
             outputs, gen_s = run_method(method, pipes, mine[method], references, steps=protocol.steps,
-                                        guidance_scale=protocol.guidance_scale, reuse=reuse, progress=progress)
+                                        guidance_scale=protocol.guidance_scale, id_scale=protocol.id_scale,
+                                        reuse=reuse, progress=progress)
             out[method] = (outputs, gen_s, bool(reuse))
             log(f"[eval] {method}: generated in {gen_s:.1f} s")
 
