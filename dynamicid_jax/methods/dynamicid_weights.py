@@ -209,24 +209,19 @@ def save_converted(params, config, out_dir: str, *, name: str | None = None) -> 
     os.makedirs(out_dir, exist_ok=True)
     weights_path = os.path.join(out_dir, f"{name}.safetensors")
     km.write_safetensors(flat, weights_path, metadata={"format": _FORMAT, "config_kind": kind})
-    _write_json(os.path.join(out_dir, f"{name}.json"),
-                       {"format": _FORMAT, "kind": kind, "config": config.to_dict()})
+    _write_json(os.path.join(out_dir, f"{name}.json"), {"format": _FORMAT, "kind": kind, "config": config.to_dict()})
     return weights_path
 
 
 def load_converted(out_dir: str, name: str) -> tuple[Any, dict]:
     """Read what :func:`save_converted` wrote → ``(config, params)`` (a ``{"params", "batch_stats"}`` dict for the
     KeyPointEncoder). Checks every key and shape against the model the config describes."""
-    json_path = os.path.join(out_dir, f"{name}.json")
-    weights_path = os.path.join(out_dir, f"{name}.safetensors")
-    if not os.path.isfile(json_path) or not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no converted weights named {name!r} in {out_dir} (expected {name}.json and "
-                                f"{name}.safetensors)")
-    with open(json_path) as f:
-        meta = json.load(f)
+    from dynamicid_jax.weights.folders import read_part
+
+    meta, weights_path = read_part(out_dir, name, f"converted weights named {name!r}")
     if meta.get("format") != _FORMAT or meta.get("kind") not in _CONFIG_KINDS:
-        raise km.WeightLoadError(f"{json_path} is not a dynamicid-jax converted-weights config "
-                              f"(format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+        raise km.WeightLoadError(f"{os.path.join(out_dir, name + '.json')} is not a dynamicid-jax converted-weights "
+                                 f"config (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
     config = _CONFIG_KINDS[meta["kind"]][0].from_dict(meta["config"])
     flat = km.read_safetensors(weights_path)
     km.check_flat_shapes(flat, _expected_flat_shapes(config), weights_path)

@@ -6,7 +6,6 @@ atomically, JSON last; every key and shape is checked on both sides against the 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import flax.linen as nn
@@ -60,13 +59,11 @@ def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encod
 def load_infinite_id(folder: str, unet_config) -> tuple[InfiniteIDEncoderConfig, dict, dict]:
     """Read :func:`save_infinite_id`'s files → ``(encoder_config, encoder_params, id_params)``; every key and
     shape is checked against the encoder config and ``unet_config``."""
+    from dynamicid_jax.weights.folders import read_part
+
+    meta, weights_path = read_part(folder, WEIGHTS_NAME, "Infinite-ID weights",
+                                   written_by="save_infinite_id / training")
     json_path = os.path.join(folder, f"{WEIGHTS_NAME}.json")
-    weights_path = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors")
-    if not os.path.isfile(json_path) or not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no Infinite-ID weights in {folder!r} (expected {WEIGHTS_NAME}.json and "
-                                f"{WEIGHTS_NAME}.safetensors, written by save_infinite_id / training)")
-    with open(json_path) as f:
-        meta = json.load(f)
     if meta.get("format") != _FORMAT:
         raise km.WeightLoadError(f"{json_path}: format {meta.get('format')!r}, expected {_FORMAT!r}")
     config = InfiniteIDEncoderConfig.from_dict(meta["encoder"])

@@ -64,6 +64,18 @@ def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict[st
     return config
 
 
+def read_part(folder: str | os.PathLike, name: str, what: str, *,
+              written_by: str | None = None) -> tuple[dict[str, Any], str]:
+    """One part of a method's weights folder, stored as ``<name>.json`` + ``<name>.safetensors``: the parsed JSON
+    and the safetensors path. Either file missing → ``FileNotFoundError("no {what} in {folder} (expected …)")``."""
+    folder = os.fspath(folder)
+    weights_path = os.path.join(folder, f"{name}.safetensors")
+    if not os.path.isfile(os.path.join(folder, f"{name}.json")) or not os.path.isfile(weights_path):
+        by = f", written by {written_by}" if written_by else ""
+        raise FileNotFoundError(f"no {what} in {folder!r} (expected {name}.json and {name}.safetensors{by})")
+    return read_config(folder, f"{name}.json"), weights_path
+
+
 def read_weights(folder: str | os.PathLike, stem: str, *,
                  variant: str | None = None) -> tuple[LazyStateDict, str]:
     """Open ``{stem}[.{variant}].safetensors`` or its sharded form (``….safetensors.index.json``).
