@@ -107,7 +107,7 @@ class Protocol:
     multi_boost_steps: int | None = 0
     #: the DynamicID methods' ID scale (``DynamicIDPipeline(..., id_scale=)``: the ID tokens' attention output
     #: × this). 0.7, chosen on *validation* identities with two stage-1 seeds: two-person placement 0.92 / 0.80 at
-    #: 1.0 → 0.95 / 0.84, single-ID FaceSim unchanged (docs/demo.md, What moved what)
+    #: 1.0 → 0.95 / 0.84, single-ID FaceSim 0.56 / 0.52 → 0.54 / 0.53 (docs/demo.md, What moved what)
     id_scale: float = 0.7
 
     def __post_init__(self):
