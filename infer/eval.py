@@ -135,7 +135,8 @@ def run_real(sd: str, *, refs: str, prompts: str, clip: str, methods: Sequence[s
              input_analyzer: Any = "insightface", image_encoder: str | None = None,
              infinite_id_image_encoder: str | None = None, size: int = 512, steps: int = 30,
              guidance_scale: float = 5.0, id_scale: float = 1.0, seed: int = 0, batch: int = 1,
-             multi_prompts: str | None = None, pipes: dict | None = None, log=_log) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+             multi_prompts: str | None = None, pipes: dict | None = None,
+             log=_log) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """The real-weights suite → ``(results, grids)`` (see the module docstring)."""
     from dynamicid_jax.eval import metrics as M
     from dynamicid_jax.faces import get_analyzer

@@ -128,8 +128,9 @@ def reference_expression_transfer(pipe, models_dir: str, data: str, prompt: str,
                                   identities: int = 8, steps: int = 20, guidance_scale: float = 5.0,
                                   id_scale: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """DynamicID ``pipe`` (no edit, at ``id_scale``) given each front view of the first ``identities`` identities of
-    ``split`` as its reference, one image each with ``prompt``: how often the generated face shows the reference's expression,
-    beside the classifier on the references themselves: ``{"images", "references", "generated", "labels"}``."""
+    ``split`` as its reference, one image each with ``prompt``: how often the generated face shows the reference's
+    expression, beside the classifier on the references themselves: ``{"images", "split", "prompt", "id_scale",
+    "references", "generated", "labels"}``."""
     from collections import Counter
 
     from synthface import dataset as sf_data, load_index

@@ -30,7 +30,8 @@ def run_suite(*, sd: str, methods, dynamicid: str | None, infinite_id: str | Non
               protocol: Any = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``infer.eval --suite synthface``: :func:`synthface.evaluation.suite.run_synthface` on ``data`` / ``models``.
     ``protocol``: a :class:`~synthface.evaluation.suite.Protocol`, or a dict of overrides (``steps``,
-    ``guidance_scale``, ``id_scale``, ``seed``, ``split``) of the full protocol (the quick one with ``quick=True``)."""
+    ``guidance_scale``, ``id_scale``, ``seed``, ``split``) of the full protocol (the quick one with
+    ``quick=True``)."""
     from synthface.evaluation import suite as S
 
     if not data or not models:

@@ -251,7 +251,7 @@ def test_two_person_requests_carry_the_protocols_layout_boost_to_dynamicid():
             S.Protocol(multi_boost_steps=bad)
 
 
-def test_the_protocols_id_scale_reaches_every_dynamicid_method_and_only_them(monkeypatch):
+def test_the_protocols_id_scale_reaches_every_dynamicid_method_and_only_them():
     """Protocol.id_scale (0.7 by default) reaches the DynamicID pipeline of dynamicid / no-saa / no-imr through
     ``run_method``; the base is called without it; a scale that is not a number > 0 is refused."""
     from dynamicid_jax.eval import runner

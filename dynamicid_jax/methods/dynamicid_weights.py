@@ -75,9 +75,13 @@ def _write_json(path: str, obj: Any) -> None:
     write_json(obj, path, indent=2, sort_keys=True)
 
 
+def _flat_shapes(abstract) -> dict[str, tuple[int, ...]]:
+    """``"/"``-joined path → shape of an abstract (boxed or not) param tree."""
+    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(abstract))).items()}
+
+
 def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tuple[int, ...]]:
-    abstract = nn.meta.unbox(saa_mod.abstract_saa_params(unet_config, strategy))
-    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+    return _flat_shapes(saa_mod.abstract_saa_params(unet_config, strategy))
 
 
 def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
@@ -191,7 +195,7 @@ def _expected_flat_shapes(config) -> dict[str, tuple[int, ...]]:
         tree = imr_mod.abstract_params(imr_mod.IMR(config))
     else:
         tree = imr_mod.keypoint_abstract_variables(imr_mod.KeyPointEncoder(config))
-    return {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(tree))).items()}
+    return _flat_shapes(tree)
 
 
 def save_converted(params, config, out_dir: str, *, name: str | None = None) -> str:
@@ -202,10 +206,8 @@ def save_converted(params, config, out_dir: str, *, name: str | None = None) -> 
     if kind not in _CONFIG_KINDS:
         raise ValueError(f"save_converted: unsupported config type {kind}; expected one of {sorted(_CONFIG_KINDS)}")
     name = name or _CONFIG_KINDS[kind][1]
-    flat = {"/".join(k): np.asarray(jax.device_get(v))
-            for k, v in traverse_util.flatten_dict(nn.meta.unbox(dict(params))).items()}
-    expected = _expected_flat_shapes(config)
-    km.check_flat_shapes(flat, expected, f"save_converted({name})")
+    flat = _flat(params)
+    km.check_flat_shapes(flat, _expected_flat_shapes(config), f"save_converted({name})")
     os.makedirs(out_dir, exist_ok=True)
     weights_path = os.path.join(out_dir, f"{name}.safetensors")
     km.write_safetensors(flat, weights_path, metadata={"format": _FORMAT, "config_kind": kind})

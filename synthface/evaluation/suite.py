@@ -22,9 +22,10 @@ identities instead), each identity's reference its ``neutral_front`` image:
   paired with (same noise) for the FaceSim drop.
 
 **Methods**: ``dynamicid`` (SAA + IMR; like its two ablations at ``Protocol.id_scale``), ``no-saa`` (same
-weights, ``activate_query=False``), ``no-imr`` (same weights; requests only in the text — its single, multi and control images are DynamicID's, which are not
-generated twice), ``base`` (the SD base's own text-to-image, no identity: the generated-image chance level),
-``infinite-id`` (two references are mixed, it has no layout) and ``infinite-id-no-adain`` (AdaIN-mean off).
+weights, ``activate_query=False``), ``no-imr`` (same weights; requests only in the text — its single, multi and
+control images are DynamicID's, which are not generated twice), ``base`` (the SD base's own text-to-image, no
+identity: the generated-image chance level), ``infinite-id`` (two references are mixed, it has no layout) and
+``infinite-id-no-adain`` (AdaIN-mean off).
 Requests of one kind share one batch size, so each method compiles one program per image shape. Loading and
 running the methods is the library's (:mod:`dynamicid_jax.eval.runner`, re-exported here).
 
