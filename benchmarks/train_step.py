@@ -106,7 +106,7 @@ def random_stage1(dtype_name: str, remat, lora_rank: int):
     import numpy as np
 
     from dynamicid_jax.models import clip, unet, vae
-    from dynamicid_jax.schedulers.loading import SD15_SCHEDULER_CONFIG, load_scheduler
+    from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
     from dynamicid_jax.tokenizer import load_tokenizer
     from train import models, stage1
     from train.config import load_config

@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-encoder", dest="clip_vision", metavar="PATH",
                    help="CLIP vision folder (CLIP-ViT-H-14; default DYNAMICID/image_encoder)")
     p.add_argument("--analyzer", default="insightface", help="face analyzer: insightface, dlib or synthetic")
-    p.add_argument("--analyzer-root", metavar="DIR", help="insightface: the model-pack root; dlib: its model folder;"
-                                                          " synthetic: the SynthFace face-models folder")
+    p.add_argument("--analyzer-root", metavar="DIR", help="the face analyzer's model folder (insightface: the "
+                   "model-pack root; dlib: its model folder; synthetic: the SynthFace face-models folder)")
     p.add_argument("--infinite-id", metavar="DIR", help="Infinite-ID weights (train.infinite_id export)")
     p.add_argument("--infinite-id-image-encoder", dest="infinite_id_clip_vision", metavar="PATH",
                    help="its CLIP vision tower (default INFINITE_ID/image_encoder)")
@@ -292,11 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sd is None:
             spec = embedded_spec(args.demo_dir)
         else:
-            kwargs = {}
-            if args.analyzer_root:
-                kwargs = {"dlib": {"model_dir": args.analyzer_root},
-                          "synthetic": {"models_dir": args.analyzer_root}}.get(args.analyzer,
-                                                                               {"root": args.analyzer_root})
+            kwargs = {"root": args.analyzer_root} if args.analyzer_root else {}  # each backend's folder keyword
             spec = ModelSpec(sd=args.sd, dynamicid=args.dynamicid, clip_vision=args.clip_vision,
                              analyzer=args.analyzer, analyzer_kwargs=kwargs, infinite_id=args.infinite_id,
                              infinite_id_clip_vision=args.infinite_id_clip_vision,

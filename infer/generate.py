@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--analyzer", default="insightface", choices=available_backends(),
                    help="face analysis backend (the official weights were trained with insightface, 512-d)")
     s.add_argument("--analyzer-root", metavar="DIR",
-                   help="insightface: root holding models/buffalo_l/; dlib: folder of the .dat models")
+                   help="the backend's model folder (insightface: root holding models/buffalo_l/; dlib: folder of "
+                        "the .dat models; a plug-in's: what it registered)")
     s.add_argument("--id-scale", type=finite_float, default=1.0,
                    help="weight of the identity branch (DynamicID; 0 = text only) or λ of the ID cross-attention "
                         "(Infinite-ID)")
@@ -213,7 +214,7 @@ def _default_size(args: argparse.Namespace, sdxl: bool) -> None:
 
 
 def _is_sdxl_model(path: str) -> bool:
-    from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
+    from dynamicid_jax.weights.folders import is_sdxl
 
     return is_sdxl(path)
 
@@ -251,9 +252,8 @@ def run_text_to_image(args: argparse.Namespace) -> int:
 
 
 def analyzer_kwargs(args: argparse.Namespace) -> dict:
-    if not args.analyzer_root:
-        return {}
-    return {"model_dir": args.analyzer_root} if args.analyzer == "dlib" else {"root": args.analyzer_root}
+    """``--analyzer-root`` as ``get_analyzer``'s ``root``: each backend registered its own keyword for it."""
+    return {"root": args.analyzer_root} if args.analyzer_root else {}
 
 
 def run_dynamicid(args: argparse.Namespace) -> int:

@@ -76,5 +76,5 @@ SUITE = EvalSuite("synthface", run=run_suite, markdown_baselines=markdown_baseli
                   description="the SynthFace demo world's protocol on the held-out identities of a SynthFace tree")
 
 # A module body runs once per process, however often it is imported (the plug-in loader, ``import synthface``).
-register_backend("synthetic", synthetic_analyzer)
+register_backend("synthetic", synthetic_analyzer, root_keyword="models_dir")
 register_suite(SUITE)

@@ -120,7 +120,7 @@ TEST_GROUPS: dict[str, tuple[str, ...]] = {
                    "test_cli_generate.py", "test_data_real.py", "test_data_shards.py", "test_demo.py",
                    "test_dynamicid_pipeline.py", "test_eval.py", "test_infinite_id_pipeline.py",
                    "test_sdxl_pipelines.py", "test_sdxl_train.py", "test_stage0.py", "test_train_distributed.py",
-                   "test_train_synthface.py"),
+                   "test_train_synthface.py", "test_walks.py"),
     # the repository itself: import layering, undefined names, documentation links, the public names, the shipped
     # SynthFace base against its provenance
     "repository": ("test_docs.py", "test_layering.py", "test_public_api.py", "test_static.py",

@@ -80,6 +80,34 @@ def test_registry(monkeypatch):
         F.get_analyzer("broken")
 
 
+def test_root_reaches_each_backend_under_its_own_keyword(monkeypatch):
+    """``get_analyzer(name, root=DIR)`` (every command's ``--analyzer-root``) passes DIR under the keyword the
+    backend registered: ``root`` by default, ``model_dir`` for dlib; a backend without a folder refuses it."""
+    monkeypatch.setattr(analyzer_mod, "_REGISTRY", dict(analyzer_mod._REGISTRY))
+    monkeypatch.setattr(analyzer_mod, "_ROOT_KEYWORDS", dict(analyzer_mod._ROOT_KEYWORDS))
+    seen = {}
+
+    def factory(**kwargs):
+        seen.update(kwargs)
+        return FixedAnalyzer([])
+
+    F.register_backend("plain", factory)
+    F.register_backend("own", factory, root_keyword="models_dir", overwrite=True)
+    F.register_backend("none", factory, root_keyword=None)
+    F.get_analyzer("plain", root="/m", extra=1)
+    assert seen == {"root": "/m", "extra": 1}
+    seen.clear()
+    F.get_analyzer("own", root="/m")
+    assert seen == {"models_dir": "/m"}
+    with pytest.raises(ValueError, match="give its model folder once"):
+        F.get_analyzer("own", root="/m", models_dir="/n")
+    with pytest.raises(ValueError, match="'none' takes no model folder"):
+        F.get_analyzer("none", root="/m")
+    with pytest.raises(ValueError, match="root_keyword must be a keyword name"):
+        F.register_backend("bad", factory, root_keyword="not a name")
+    assert analyzer_mod._ROOT_KEYWORDS["dlib"] == "model_dir" and analyzer_mod._ROOT_KEYWORDS["insightface"] == "root"
+
+
 @pytest.mark.parametrize("backend,module", [("dlib", "dlib"), ("insightface", "insightface")])
 def test_missing_package_names_the_extra(monkeypatch, backend, module):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError

@@ -95,7 +95,8 @@ def test_single_file_written_in_original_layout_loads_and_equals_folder(tiny_sdx
     folder's weights, and our loader gives the folder's params exactly."""
     from diffusers.loaders import single_file_utils as dsf
 
-    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL, is_sdxl
+    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
+    from dynamicid_jax.weights.folders import is_sdxl
 
     folder = tiny_sdxl[0]
     states = {c: _state(folder, c) for c in sfx.COMPONENTS}

@@ -142,7 +142,7 @@ def test_infinite_id_loss_trains_on_sdxl(base_params):
 def _id_loss(base_params, id_params):
     """``(value_and_grad(loss), trainable)`` of Infinite-ID's id-only loss on the tiny SDXL UNet."""
     from dynamicid_jax.schedulers import load_scheduler
-    from dynamicid_jax.schedulers.loading import SD15_SCHEDULER_CONFIG
+    from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG
 
     enc_cfg = iid.infinite_id_encoder_config("tiny-sdxl", num_clip_tokens=2, num_face_tokens=2)
     assert enc_cfg.num_tokens == N_ID and enc_cfg.dim == CONFIG.cross_attention_dim

@@ -19,74 +19,9 @@ from data_pipelines import loaders as L
 import synthface as sf
 from train import runs
 
-from tiny_synthface import EMBED, NoFaces, ReferenceFace, make_base, random_state
-
-STAGE1 = ["model.image_encoder=random:tiny", "model.id_encoder_variant=tiny", "model.lora_rank=4",
-          f"model.id_encoder_overrides={{id_embed_dim: {EMBED}, dim: 64, clip_dim: 64}}", "model.dtype=float32",
-          "data.batch_size=8", "data.resolution=64", "data.read_threads=2", "train.steps=2", "train.log_every=1",
-          "train.progress_bar=false", "checkpoint.every=1", "checkpoint.async=false", "sample.size=64"]
-STAGE2 = ["model.imr_variant=tiny", "model.imr_overrides={embedding_dim: 64, txt_dim: 64}",
-          "model.keypoint_variant=tiny", "model.keypoint_overrides={embedding_dim: 64}", "model.dtype=float32",
-          "data.num_targets=8", "data.resolution=64", "data.read_threads=2", "train.steps=2", "train.log_every=1",
-          "train.progress_bar=false", "checkpoint.every=0", "checkpoint.async=false", "token_cache.batch_size=16"]
-HAPPY = "the expression is happy, the face is front view"  # a grid face prompt (docs/method.md §6.2)
-IID = ["model.image_encoder=random:tiny", "model.encoder_variant=tiny", "model.dtype=float32",
-       f"model.encoder_overrides={{id_embed_dim: {EMBED}, dim: 64, clip_dim: 64}}", "data.batch_size=8",
-       "data.resolution=64", "data.read_threads=2", "train.steps=2", "train.log_every=1", "train.progress_bar=false",
-       "checkpoint.every=0", "checkpoint.async=false"]
-
-
-# --------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A 2-identity SynthFace world, a quickly trained recogniser and the face shards of the train split."""
-    from data_pipelines.build_shards import build_shards
-    from synthface.faces.recognizer import RecognizerConfig, train_recognizer
-
-    root = tmp_path_factory.mktemp("synthface_train")
-    data, models, shards = (str(root / n) for n in ("data", "models", "shards"))
-    sf.generate(data, identities=2, seed=0, heldout=1, scenes=0, progress=False)
-    images, records = sf.load_split(data, "train")
-    labels = np.array([int(r["identity"][2:]) for r in records])
-    kps = np.array([r["kps"] for r in records], np.float64)
-    rec = train_recognizer(images, kps, labels, RecognizerConfig(embed_dim=EMBED, widths=(8, 16, 32)), steps=10,
-                           batch_size=16, progress=False)
-    rec.save(os.path.join(models, "recognizer"))
-    build_shards(os.path.join(data, "train"), shards, "synthetic", analyzer_kwargs={"models_dir": models},
-                 resolution=64, progress=False)
-    return {"root": root, "data": data, "models": models, "shards": shards}
-
-
-@pytest.fixture(scope="module")
-def base(world):
-    return make_base(str(world["root"] / "sd"))
-
-
-@pytest.fixture(scope="module")
-def mesh1():
-    from dynamicid_jax import sharding as sh
-
-    return sh.make_mesh(sh.MeshConfig(data=1), devices=jax.devices()[:1])
-
-
-def _args(world, base, workdir, **extra):
-    return [f"model.base={base}", f"data.shards={world['shards']}", f"workdir={workdir}",
-            *(f"{k}={v}" for k, v in extra.items())]
-
-
-@pytest.fixture(scope="module")
-def stage1_run(world, base, mesh1, tmp_path_factory):
-    """One stage-1 step through ``run`` (one device: the quick path), checkpointed."""
-    from train import stage1
-
-    workdir = str(tmp_path_factory.mktemp("w1"))
-    path = stage1.run("train/configs/synthface_stage1.yaml", STAGE1 + _args(world, base, workdir) + ["train.steps=1"],
-                      mesh=mesh1)
-    return {"workdir": workdir, "export": path}
-
-
-def _reference(world, identity="ho00000", image="neutral_front"):
-    return os.path.join(world["data"], "heldout", identity, f"{image}.png")
+from synthface_training import (HAPPY, IID, STAGE1, STAGE2, stage_args, reference_image, base, mesh1,  # noqa: F401
+                                stage1_run, stage2_export, world)  # (the shared run's fixtures)
+from tiny_synthface import EMBED, NoFaces, ReferenceFace, random_state
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -220,7 +155,7 @@ def test_rerun_skips_resumes_and_guards_the_workdir(world, base, stage1_run, mes
 
     workdir = str(tmp_path / "w1")
     shutil.copytree(stage1_run["workdir"], workdir)
-    args = STAGE1 + _args(world, base, workdir) + ["train.steps=1"]
+    args = STAGE1 + stage_args(world, base, workdir) + ["train.steps=1"]
     stamp = os.stat(os.path.join(workdir, "export", "stage1.safetensors")).st_mtime_ns
 
     class NoTraining:
@@ -256,14 +191,14 @@ def test_wrong_inputs_give_clear_errors(world, base, stage1_run, tmp_path):
     cfg1 = "train/configs/synthface_stage1.yaml"
     w = str(tmp_path / "w")
     with pytest.raises(FileNotFoundError, match="run stage 1 first"):
-        stage2.run("train/configs/synthface_stage2.yaml", STAGE2 + _args(world, base, w) + ["model.stage1=/nope.st"])
+        stage2.run("train/configs/synthface_stage2.yaml", STAGE2 + stage_args(world, base, w) + ["model.stage1=/nope.st"])
     with pytest.raises(FileNotFoundError, match="run stage 1 first"):
-        token_cache.main(["--config", "train/configs/synthface_stage2.yaml", *STAGE2, *_args(world, base, w),
+        token_cache.main(["--config", "train/configs/synthface_stage2.yaml", *STAGE2, *stage_args(world, base, w),
                           "model.stage1=" + str(tmp_path / "missing.safetensors")])
     with pytest.raises(FileNotFoundError, match="not a face-shard folder"):
-        stage1.run(cfg1, STAGE1 + _args(world, base, w) + [f"data.shards={world['data']}"])
+        stage1.run(cfg1, STAGE1 + stage_args(world, base, w) + [f"data.shards={world['data']}"])
     with pytest.raises(ValueError, match="32-d face embeddings"):
-        stage1.run(cfg1, STAGE1 + _args(world, base, w) + ["model.id_encoder_overrides={id_embed_dim: 128, dim: 64, "
+        stage1.run(cfg1, STAGE1 + stage_args(world, base, w) + ["model.id_encoder_overrides={id_embed_dim: 128, dim: 64, "
                                                            "clip_dim: 64}"])
     os.makedirs(tmp_path / "blank" / "id00000")
     from PIL import Image
@@ -271,7 +206,7 @@ def test_wrong_inputs_give_clear_errors(world, base, stage1_run, tmp_path):
     Image.new("RGB", (64, 64), (128, 128, 128)).save(tmp_path / "blank" / "id00000" / "a.png")
     build_shards(str(tmp_path / "blank"), str(tmp_path / "no_faces"), NoFaces(), resolution=64, progress=False)
     with pytest.raises(ValueError, match="no face records"):
-        stage1.run(cfg1, STAGE1 + _args(world, base, w) + [f"data.shards={tmp_path / 'no_faces'}"])
+        stage1.run(cfg1, STAGE1 + stage_args(world, base, w) + [f"data.shards={tmp_path / 'no_faces'}"])
     with pytest.raises(ValueError, match="workdir"):
         stage1.run(cfg1, STAGE1 + [f"model.base={base}", f"data.shards={world['shards']}"])
     with pytest.raises(FileNotFoundError, match="stage1 export"):
@@ -280,25 +215,10 @@ def test_wrong_inputs_give_clear_errors(world, base, stage1_run, tmp_path):
         export_dynamicid.export_dynamicid(stage1_run["export"], stage1_run["export"], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(ValueError, match="clip_size"):
-        stage1.Stage1(stage1.load(cfg1, STAGE1 + _args(world, base, w) + ["data.clip_size=224"]))
+        stage1.Stage1(stage1.load(cfg1, STAGE1 + stage_args(world, base, w) + ["data.clip_size=224"]))
     with pytest.raises(ValueError, match="LoRA rank 4"):
-        stage2.Stage2(stage1.load("train/configs/synthface_stage2.yaml", STAGE2 + _args(world, base, w) + [
+        stage2.Stage2(stage1.load("train/configs/synthface_stage2.yaml", STAGE2 + stage_args(world, base, w) + [
             f"model.stage1={stage1_run['export']}", "model.lora_rank=8"], defaults=stage2.DEFAULTS))
-
-
-# ------------------------------------------------------------------------------------------------ stage 2 → folder
-@pytest.fixture(scope="module")
-def stage2_export(world, base, stage1_run, tmp_path_factory):
-    """The token cache through its CLI, then a stage-2 export of random IMR / KeyPointEncoder params (the quick
-    path: the stage-2 step is compiled in the slow end-to-end test)."""
-    from train import stage1, stage2, token_cache
-
-    workdir = str(tmp_path_factory.mktemp("w2"))
-    args = STAGE2 + _args(world, base, workdir) + [f"model.stage1={stage1_run['export']}"]
-    assert token_cache.main(["--config", "train/configs/synthface_stage2.yaml", *args]) == 0
-    cfg = stage1.load("train/configs/synthface_stage2.yaml", args, defaults=stage2.DEFAULTS)
-    stage = stage2.Stage2(cfg)
-    return {"workdir": workdir, "args": args, "export": stage.export(random_state(stage.task()), workdir)}
 
 
 def test_token_cache_holds_the_stage1_tokens_and_is_reused(world, stage1_run, stage2_export):
@@ -338,8 +258,8 @@ def test_dynamicid_folder_from_the_exports_generates(world, base, stage1_run, st
                                   "--out", out]) == 0
     assert os.path.isdir(os.path.join(out, "image_encoder")) and load_dynamicid(out).has_imr
     pipe = DynamicIDPipeline.from_pretrained(base, out, analyzer="synthetic",
-                                             analyzer_kwargs={"models_dir": world["models"]})
-    ref = _reference(world)
+                                             analyzer_kwargs={"root": world["models"]})  # the CLI form
+    ref = reference_image(world)
     pipe.analyzer = ReferenceFace(pipe.analyzer, ref)  # the pipeline analyses pixels: no detector in this world
     kw = dict(height=64, width=64, steps=2, seed=0)
     image = pipe("a photo of a person", references=[ref], **kw)
@@ -361,7 +281,7 @@ def test_infinite_id_export_loads_into_the_pipeline(world, base, tmp_path):
     from train.stage1 import load
 
     workdir = str(tmp_path / "wi")
-    cfg = load("train/configs/synthface_infinite_id.yaml", IID + _args(world, base, workdir),
+    cfg = load("train/configs/synthface_infinite_id.yaml", IID + stage_args(world, base, workdir),
                defaults=infinite_id.DEFAULTS)
     stage = infinite_id.InfiniteIDStage(cfg)
     stage.export(random_state(stage.task()), workdir, fingerprint="f")
@@ -371,8 +291,8 @@ def test_infinite_id_export_loads_into_the_pipeline(world, base, tmp_path):
     pipe = InfiniteIDPipeline.from_pretrained(base, folder, os.path.join(folder, "image_encoder"),
                                               face_analyzer="synthetic",
                                               analyzer_kwargs={"models_dir": world["models"]})
-    pipe.analyzer = ReferenceFace(pipe.analyzer, _reference(world))
-    embeds, pixels = pipe.reference_inputs([_reference(world)])
+    pipe.analyzer = ReferenceFace(pipe.analyzer, reference_image(world))
+    embeds, pixels = pipe.reference_inputs([reference_image(world)])
     assert embeds.shape == (1, EMBED) and pixels.shape == (1, 32, 32, 3)
 
 
@@ -388,11 +308,11 @@ def test_clis_end_to_end_on_synthface(world, base, tmp_path):
 
     w1, w2, wi, out = (str(tmp_path / n) for n in ("w1", "w2", "wi", "dynamicid"))
     sample = ["train.sample_every=2", "sample.steps=2"]
-    args1 = ["--config", "train/configs/synthface_stage1.yaml", *STAGE1, *_args(world, base, w1), *sample]
+    args1 = ["--config", "train/configs/synthface_stage1.yaml", *STAGE1, *stage_args(world, base, w1), *sample]
     assert stage1.main(args1) == 0
     assert os.listdir(os.path.join(w1, "samples"))
     export1 = os.path.join(w1, "export", "stage1.safetensors")
-    args2 = ["--config", "train/configs/synthface_stage2.yaml", *STAGE2, *_args(world, base, w2),
+    args2 = ["--config", "train/configs/synthface_stage2.yaml", *STAGE2, *stage_args(world, base, w2),
              f"model.stage1={export1}"]
     assert stage2.main(args2) == 0
     export2 = os.path.join(w2, "export", "stage2.safetensors")
@@ -405,7 +325,7 @@ def test_clis_end_to_end_on_synthface(world, base, tmp_path):
 
     pipe = DynamicIDPipeline.from_pretrained(base, out, analyzer="synthetic",
                                              analyzer_kwargs={"models_dir": world["models"]})
-    r1, r2 = _reference(world), _reference(world, image="happy_slight-left")
+    r1, r2 = reference_image(world), reference_image(world, image="happy_slight-left")
     pipe.analyzer = ReferenceFace(pipe.analyzer, r1, r2)
     kw = dict(height=64, width=64, steps=3, seed=0)
     one = pipe("a photo of a person", references=[r1], **kw)
@@ -415,7 +335,7 @@ def test_clis_end_to_end_on_synthface(world, base, tmp_path):
         assert im.shape == (1, 64, 64, 3) and im.dtype == np.uint8
     assert gates.num_ids == 2 and gates.maps
 
-    argsi = ["--config", "train/configs/synthface_infinite_id.yaml", *IID, *_args(world, base, wi), *sample,
+    argsi = ["--config", "train/configs/synthface_infinite_id.yaml", *IID, *stage_args(world, base, wi), *sample,
              "sample.count=1"]
     assert infinite_id.main(argsi) == 0
     folder = os.path.join(wi, "export")

@@ -78,7 +78,8 @@ def load_base(path: str, dtype) -> BaseModel:
     """SD1.5 or SDXL (picked from the folder / file) from a diffusers folder or a single ``.safetensors`` file
     (params fp32, modules at ``dtype``; DDIM scheduler)."""
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL, is_sdxl
+    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
+    from dynamicid_jax.weights.folders import is_sdxl
 
     if not path:
         raise ValueError("model.base must name a Stable Diffusion 1.5 or SDXL diffusers folder or .safetensors file")

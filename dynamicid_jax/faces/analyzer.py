@@ -9,6 +9,7 @@ the first time a name is not found — the SynthFace demo world registers ``synt
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -121,17 +122,25 @@ class FaceAnalyzer(Protocol):
 # ----------------------------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Callable[..., FaceAnalyzer]] = {}
+#: each backend's keyword for the folder of its model files (``get_analyzer(name, root=…)``); None: it has none
+_ROOT_KEYWORDS: dict[str, str | None] = {}
 
 
-def register_backend(name: str, factory: Callable[..., FaceAnalyzer], *, overwrite: bool = False) -> None:
-    """Make ``get_analyzer(name, **kwargs)`` call ``factory(**kwargs)``."""
+def register_backend(name: str, factory: Callable[..., FaceAnalyzer], *, root_keyword: str | None = "root",
+                     overwrite: bool = False) -> None:
+    """Make ``get_analyzer(name, **kwargs)`` call ``factory(**kwargs)``. ``root_keyword`` is the factory's keyword
+    for the folder of the backend's model files, which ``get_analyzer(name, root=DIR)`` (and every command's
+    ``--analyzer-root``) fills in; None for a backend without one."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"backend name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise TypeError(f"backend {name!r}: factory must be callable, got {type(factory).__name__}")
+    if root_keyword is not None and (not isinstance(root_keyword, str) or not root_keyword.isidentifier()):
+        raise ValueError(f"backend {name!r}: root_keyword must be a keyword name or None, got {root_keyword!r}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"face-analysis backend {name!r} is already registered (pass overwrite=True to replace)")
     _REGISTRY[name] = factory
+    _ROOT_KEYWORDS[name] = root_keyword
 
 
 def available_backends() -> list[str]:
@@ -140,13 +149,21 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_analyzer(name: str, **kwargs: Any) -> FaceAnalyzer:
+def get_analyzer(name: str, *, root: str | os.PathLike | None = None, **kwargs: Any) -> FaceAnalyzer:
     """Build the analyzer registered as ``name`` with backend-specific keyword arguments (an unknown name loads
-    the plug-ins first, :func:`dynamicid_jax.plugins.load_plugins`)."""
+    the plug-ins first, :func:`dynamicid_jax.plugins.load_plugins`). ``root``: the folder of the backend's model
+    files, passed under the keyword the backend registered (insightface ``root``, dlib ``model_dir``)."""
     if name not in _REGISTRY:
         load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown face-analysis backend {name!r}; registered: {', '.join(available_backends())}")
+    if root is not None:
+        keyword = _ROOT_KEYWORDS.get(name, "root")
+        if keyword is None:
+            raise ValueError(f"face-analysis backend {name!r} takes no model folder, got root={os.fspath(root)!r}")
+        if keyword in kwargs:
+            raise ValueError(f"face-analysis backend {name!r}: give its model folder once, as root= or {keyword}=")
+        kwargs[keyword] = os.fspath(root)
     analyzer = _REGISTRY[name](**kwargs)
     if not isinstance(analyzer, FaceAnalyzer):
         raise TypeError(f"backend {name!r} returned {type(analyzer).__name__}, which lacks analyze / "
@@ -172,7 +189,7 @@ def _insightface_factory(**kwargs: Any) -> FaceAnalyzer:
     return InsightFaceAnalyzer(**kwargs)
 
 
-register_backend("dlib", _dlib_factory)
+register_backend("dlib", _dlib_factory, root_keyword="model_dir")
 register_backend("insightface", _insightface_factory)
 
 

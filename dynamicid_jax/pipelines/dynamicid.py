@@ -82,7 +82,7 @@ from dynamicid_jax.models.clip import clip_preprocess, load_image_encoder
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
-from dynamicid_jax.pipelines.requests import check_number
+from dynamicid_jax.pipelines.sampling import check_number
 from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
 from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
@@ -161,7 +161,7 @@ class DynamicIDPipeline:
         ``<dynamicid_path>/image_encoder``) and the face analyzer (a registered backend name built with
         ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32); a loaded
         base keeps its own dtype, scheduler and configs."""
-        from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
+        from dynamicid_jax.weights.folders import is_sdxl
 
         weights = load_dynamicid(dynamicid_path)
         loaded = isinstance(sd_path, (StableDiffusion, StableDiffusionXL))

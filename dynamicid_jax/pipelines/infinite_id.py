@@ -34,7 +34,7 @@ from dynamicid_jax.methods.infinite_id_weights import load_infinite_id
 from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, clip_preprocess
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import decode_latents
-from dynamicid_jax.pipelines.requests import check_number
+from dynamicid_jax.pipelines.sampling import check_number
 from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
 from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
@@ -108,7 +108,7 @@ class InfiniteIDPipeline:
         from dynamicid_jax.faces import get_analyzer
         from dynamicid_jax.models.clip import load_image_encoder
 
-        from dynamicid_jax.pipelines.stable_diffusion_xl import is_sdxl
+        from dynamicid_jax.weights.folders import is_sdxl
 
         if isinstance(model, (StableDiffusion, StableDiffusionXL)):
             sd = model

@@ -22,8 +22,8 @@ from dynamicid_jax.models.attention import AttentionStrategy
 from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
-from dynamicid_jax.pipelines.requests import check_number, check_prompts, check_request_size
-from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, to_uint8
+from dynamicid_jax.pipelines.sampling import (check_number, check_prompts, check_request_size, denoise_steps,
+                                              initial_carry, run_in_chunks, to_uint8)
 from dynamicid_jax.tokenizer import tokenize
 
 

@@ -33,33 +33,9 @@ from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_fa
 from dynamicid_jax.pipelines.sampling import denoise, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import TextConditioning
 from dynamicid_jax.tokenizer import tokenize
+from dynamicid_jax.weights.folders import is_sdxl  # noqa: F401  (the backbone test, re-exported here)
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
-
-def is_sdxl(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an SDXL model: a diffusers folder with ``text_encoder_2/`` (or whose
-    ``model_index.json`` names an SDXL pipeline), or a single ``.safetensors`` file with SDXL's second text encoder
-    (``conditioner.embedders.1.model.*``). Anything else (SD1.x folders and files) is False."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            return False
-        from dynamicid_jax.weights.single_file_sdxl import is_sdxl_single_file
-
-        return is_sdxl_single_file(path)
-    if not os.path.isdir(path):
-        return False
-    if os.path.isdir(os.path.join(path, "text_encoder_2")):
-        return True
-    index = os.path.join(path, "model_index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            try:
-                return "XL" in str(json.load(f).get("_class_name", ""))
-            except (json.JSONDecodeError, AttributeError):
-                return False
-    return False
 
 
 def tokenizer_2_ids(ids: jax.Array, eos_id: int = 49407, pad_id: int = 0) -> jax.Array:

@@ -105,3 +105,28 @@ def read_weights(folder: str | os.PathLike, stem: str, *,
         raise OnlyTorchWeightsError(f"{folder} has neither {name} nor {name}.index.json, only {foreign}: dynamicid-jax "
                               f"reads .safetensors (no torch at runtime); re-save with safe_serialization=True")
     raise FileNotFoundError(f"no weights in {folder!r}: expected {name} or {name}.index.json; found {present}")
+
+
+def is_sdxl(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an SDXL model: a diffusers folder with ``text_encoder_2/`` (or whose
+    ``model_index.json`` names an SDXL pipeline), or a single ``.safetensors`` file with SDXL's second text encoder
+    (``conditioner.embedders.1.model.*``). Anything else (SD1.x folders and files) is False."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            return False
+        from dynamicid_jax.weights.single_file_sdxl import is_sdxl_single_file
+
+        return is_sdxl_single_file(path)
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        return True
+    index = os.path.join(path, "model_index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            try:
+                return "XL" in str(json.load(f).get("_class_name", ""))
+            except (json.JSONDecodeError, AttributeError):
+                return False
+    return False
