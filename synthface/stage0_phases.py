@@ -317,9 +317,11 @@ def _chunked(fn, images: np.ndarray, chunk: int) -> np.ndarray:
 
 
 def timestep_weights(scheduler, kind: str, gamma: float = 5.0) -> np.ndarray:
-    """Per-timestep loss weights, normalised to mean 1 over the training timesteps: ``"uniform"`` (1) or
+    """Per-timestep loss weights, normalised to mean 1 over the training timesteps: ``"uniform"`` (1),
     ``"min_snr"`` (Min-SNR-γ: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR + 1) for v-prediction: less weight on the
-    nearly clean timesteps)."""
+    nearly clean timesteps and, for v, on the noisiest ones too) or ``"snr_cap"`` (min(SNR, γ)/SNR for either
+    prediction: only the nearly clean timesteps, SNR > γ, lose weight; the noisiest ones, where an image's layout
+    and colours are decided, keep theirs — docs/demo.md, What moved what)."""
     from dynamicid_jax.schedulers.common import alphas_cumprod
 
     ac = alphas_cumprod(scheduler.config, False).astype(np.float64)
@@ -328,8 +330,10 @@ def timestep_weights(scheduler, kind: str, gamma: float = 5.0) -> np.ndarray:
         w = np.ones_like(snr)
     elif kind == "min_snr":
         w = np.minimum(snr, gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1.0)
+    elif kind == "snr_cap":
+        w = np.minimum(snr, gamma) / snr
     else:
-        raise ValueError(f"diffusion.loss_weighting must be 'uniform' or 'min_snr', got {kind!r}")
+        raise ValueError(f"diffusion.loss_weighting must be 'uniform', 'min_snr' or 'snr_cap', got {kind!r}")
     return (w / w.mean()).astype(np.float32)
 
 

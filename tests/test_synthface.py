@@ -261,3 +261,29 @@ def test_polygon_coverage_is_area_exact_to_supersampling():
     assert cov.sum() == pytest.approx(60.0) and cov[4:10, 3:13].min() == 1.0 and cov[10:, :].max() == 0.0
     canvas.stroke(np.array([[5.0, 30.0], [35.0, 30.0]]), 2.0, (1.0, 1.0, 1.0))
     assert canvas.rgb[..., 0].sum() == pytest.approx(30 * 2 + math.pi, rel=0.05)  # capsule area
+
+
+def test_stage0_timestep_weights_keep_or_drop_the_noisiest_steps_as_named():
+    """Stage 0's loss weights have mean 1 for every kind; Min-SNR-γ on v-prediction gives the noisiest timesteps
+    almost no weight, ``snr_cap`` keeps them at the weight of the middle ones and lowers only the nearly clean
+    timesteps (SNR > γ) by γ / SNR."""
+    import types
+
+    from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
+    from dynamicid_jax.schedulers.common import alphas_cumprod
+    from synthface.stage0_phases import timestep_weights
+
+    scheduler = load_scheduler({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    ac = alphas_cumprod(scheduler.config, False).astype(np.float64)
+    snr = ac / (1 - ac)
+    weights = {k: timestep_weights(scheduler, k, 5.0) for k in ("uniform", "min_snr", "snr_cap")}
+    for kind, w in weights.items():
+        assert w.shape == (1000,) and abs(float(w.mean()) - 1.0) < 1e-5, kind
+    assert np.all(weights["uniform"] == 1.0)
+    cap, msnr = weights["snr_cap"], weights["min_snr"]
+    noisy, clean = snr < 5.0, snr > 5.0
+    assert np.allclose(cap[noisy], cap[noisy][0]) and np.allclose(cap[clean] / cap[noisy][0], 5.0 / snr[clean],
+                                                                  rtol=1e-4)
+    assert msnr[-1] < 0.05 * msnr.max() and cap[-1] == cap.max()
+    with pytest.raises(ValueError, match="'uniform', 'min_snr' or 'snr_cap'"):
+        timestep_weights(types.SimpleNamespace(config=scheduler.config), "other")
