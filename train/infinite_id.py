@@ -185,10 +185,7 @@ class InfiniteIDStage:
         return sample
 
     def task(self, references: dict | None = None) -> loop.Task:
-        return loop.Task(init=self.init, abstract_trainable=self.abstract_trainable(),
-                         abstract_frozen=self.abstract_frozen(), frozen=self.frozen, loss_fn=self.loss_fn,
-                         sample_fn=self.sample_fn(references) if references is not None else None,
-                         frozen_source=self.frozen_source)
+        return loop.Task.of(self, sample_fn=self.sample_fn(references) if references is not None else None)
 
     def export(self, state: loop.TrainState, workdir: str, *, fingerprint: str = "") -> str | None:
         """Write the pipeline-ready folder ``{workdir}/export`` (EMA params if kept; process 0): the weights, the

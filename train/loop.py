@@ -90,6 +90,14 @@ class Task:
         if (self.init is None) == (self.initial is None):
             raise ValueError("Task: give exactly one of init (a function) and initial ((trainable, mutable))")
 
+    @classmethod
+    def of(cls, stage: Any, **extra: Any) -> "Task":
+        """The task of a stage object with ``init``, ``abstract_trainable()``, ``abstract_frozen()``, ``frozen``,
+        ``loss_fn`` and ``frozen_source`` (stage 1, stage 2, Infinite-ID); ``extra``: the other fields."""
+        return cls(init=stage.init, abstract_trainable=stage.abstract_trainable(),
+                   abstract_frozen=stage.abstract_frozen(), frozen=stage.frozen, loss_fn=stage.loss_fn,
+                   frozen_source=stage.frozen_source, **extra)
+
 
 # the shared sections' defaults live in train/configs/defaults/training.yaml
 _SHARED = training_defaults()

@@ -193,10 +193,7 @@ class Stage2:
         return out
 
     def task(self) -> loop.Task:
-        return loop.Task(init=self.init, abstract_trainable=self.abstract_trainable(),
-                         abstract_frozen=self.abstract_frozen(), frozen=self.frozen, loss_fn=self.loss_fn,
-                         abstract_mutable=self.abstract_mutable(), frozen_source=self.frozen_source,
-                         batch_shardings=batch_shardings)
+        return loop.Task.of(self, abstract_mutable=self.abstract_mutable(), batch_shardings=batch_shardings)
 
 
     def export(self, state: loop.TrainState, workdir: str, *, fingerprint: str = "") -> str | None:

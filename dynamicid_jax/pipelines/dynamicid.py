@@ -84,6 +84,7 @@ from dynamicid_jax.models.vae import decode_latents
 from dynamicid_jax.pipelines.gates import GateMaps
 from dynamicid_jax.pipelines.sampling import check_number
 from dynamicid_jax.pipelines.sampling import denoise_steps, initial_carry, run_in_chunks, shared_program, to_uint8
+from dynamicid_jax.pipelines.stable_diffusion import SamplerKey as TextSamplerKey
 from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion, check_text_request, start_noise
 from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
 
@@ -97,12 +98,9 @@ DEFAULT_BOOST = (12, 2.0)  # (steps, strength s) for multi-ID and single-ID layo
 # The pipeline
 # =========================================================================================================
 @dataclasses.dataclass(frozen=True)
-class SamplerKey:
-    batch: int
-    height: int
-    width: int
-    steps: int
-    guided: bool
+class SamplerKey(TextSamplerKey):
+    """The text-to-image key (batch, size, steps, guidance on / off) and what DynamicID compiles in besides."""
+
     num_ids: int
     mode: str
     activate_query: bool
