@@ -21,6 +21,7 @@ from dynamicid_jax.methods import imr as imr_mod
 from dynamicid_jax.methods import saa as saa_mod
 from dynamicid_jax.models.unet import UNetConfig
 from dynamicid_jax.weights import keymap as km
+from dynamicid_jax.weights.folders import read_part
 
 __all__ = ["FOLDER_FORMAT", "MANIFEST", "DynamicIDWeights", "backbone_of", "save_dynamicid", "load_dynamicid",
            "check_overwritable", "check_saa_shapes", "save_converted", "load_converted"]
@@ -218,8 +219,6 @@ def save_converted(params, config, out_dir: str, *, name: str | None = None) -> 
 def load_converted(out_dir: str, name: str) -> tuple[Any, dict]:
     """Read what :func:`save_converted` wrote → ``(config, params)`` (a ``{"params", "batch_stats"}`` dict for the
     KeyPointEncoder). Checks every key and shape against the model the config describes."""
-    from dynamicid_jax.weights.folders import read_part
-
     meta, weights_path = read_part(out_dir, name, f"converted weights named {name!r}")
     if meta.get("format") != _FORMAT or meta.get("kind") not in _CONFIG_KINDS:
         raise km.WeightLoadError(f"{os.path.join(out_dir, name + '.json')} is not a dynamicid-jax converted-weights "

@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from dynamicid_jax.methods.infinite_id import InfiniteIDEncoderConfig, abstract_encoder_params, abstract_id_params
 from dynamicid_jax.weights import keymap as km
+from dynamicid_jax.weights.folders import read_part
 
 __all__ = ["WEIGHTS_NAME", "save_infinite_id", "load_infinite_id"]
 
@@ -59,8 +60,6 @@ def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encod
 def load_infinite_id(folder: str, unet_config) -> tuple[InfiniteIDEncoderConfig, dict, dict]:
     """Read :func:`save_infinite_id`'s files → ``(encoder_config, encoder_params, id_params)``; every key and
     shape is checked against the encoder config and ``unet_config``."""
-    from dynamicid_jax.weights.folders import read_part
-
     meta, weights_path = read_part(folder, WEIGHTS_NAME, "Infinite-ID weights",
                                    written_by="save_infinite_id / training")
     json_path = os.path.join(folder, f"{WEIGHTS_NAME}.json")
