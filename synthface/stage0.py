@@ -88,7 +88,8 @@ DEFAULTS: dict[str, Any] = {
     "diffusion": {**_PHASE_DEFAULTS, "steps": 1000, "ema_decay": 0.995,
                   "prediction_type": "v_prediction",  # or "epsilon" (see the module docstring)
                   "pair_batch_size": 0,  # two-person images per step beside batch_size portraits (data.pairs)
-                  "loss_weighting": "uniform", "snr_gamma": 5.0},  # or "min_snr" / "snr_cap"
+                  # or "min_snr" / "snr_cap" / "signal_floor" (its floor: weight_floor)
+                  "loss_weighting": "uniform", "snr_gamma": 5.0, "weight_floor": 0.25},
     "sample": {"count": 8, "steps": 25, "guidance_scale": 4.0, "seed": 0, "models": ""},
 }
 

@@ -316,12 +316,14 @@ def _chunked(fn, images: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def timestep_weights(scheduler, kind: str, gamma: float = 5.0) -> np.ndarray:
+def timestep_weights(scheduler, kind: str, gamma: float = 5.0, floor: float = 0.25) -> np.ndarray:
     """Per-timestep loss weights, normalised to mean 1 over the training timesteps: ``"uniform"`` (1),
     ``"min_snr"`` (Min-SNR-γ: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR + 1) for v-prediction: less weight on the
     nearly clean timesteps and, for v, on the noisiest ones too) or ``"snr_cap"`` (min(SNR, γ)/SNR for either
     prediction: only the nearly clean timesteps, SNR > γ, lose weight; the noisiest ones, where an image's layout
-    and colours are decided, keep theirs — docs/demo.md, What moved what)."""
+    and colours are decided, keep theirs — docs/demo.md, What moved what) or ``"signal_floor"`` (max(ᾱ_t, floor):
+    the weight Min-SNR-γ takes off the noisiest timesteps on v-prediction, its factor ᾱ_t = SNR/(SNR + 1), taken
+    off only down to ``floor``; the nearly clean ones keep theirs — between uniform and Min-SNR-γ)."""
     from dynamicid_jax.schedulers.common import alphas_cumprod
 
     ac = alphas_cumprod(scheduler.config, False).astype(np.float64)
@@ -332,8 +334,13 @@ def timestep_weights(scheduler, kind: str, gamma: float = 5.0) -> np.ndarray:
         w = np.minimum(snr, gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1.0)
     elif kind == "snr_cap":
         w = np.minimum(snr, gamma) / snr
+    elif kind == "signal_floor":
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"diffusion.weight_floor must be in [0, 1], got {floor!r}")
+        w = np.maximum(ac, floor)
     else:
-        raise ValueError(f"diffusion.loss_weighting must be 'uniform', 'min_snr' or 'snr_cap', got {kind!r}")
+        raise ValueError("diffusion.loss_weighting must be 'uniform', 'min_snr', 'snr_cap' or 'signal_floor', "
+                         f"got {kind!r}")
     return (w / w.mean()).astype(np.float32)
 
 
@@ -367,7 +374,8 @@ class DiffusionPhase:
                 raise ValueError("diffusion.pair_batch_size > 0 needs the pairs' latent moments and captions")
             self.frozen["pair_moments"] = np.asarray(pair_moments, np.float32)
             self.frozen["pair_token_ids"] = data.pair_token_ids
-        self.weights = timestep_weights(scheduler, self.p["loss_weighting"], float(self.p["snr_gamma"]))
+        self.weights = timestep_weights(scheduler, self.p["loss_weighting"], float(self.p["snr_gamma"]),
+                                        float(self.p["weight_floor"]))
 
     def _dummy(self):
         h, w, c2 = self.frozen["moments"].shape[1:]

@@ -266,7 +266,7 @@ def test_polygon_coverage_is_area_exact_to_supersampling():
 def test_stage0_timestep_weights_keep_or_drop_the_noisiest_steps_as_named():
     """Stage 0's loss weights have mean 1 for every kind; Min-SNR-γ on v-prediction gives the noisiest timesteps
     almost no weight, ``snr_cap`` keeps them at the weight of the middle ones and lowers only the nearly clean
-    timesteps (SNR > γ) by γ / SNR."""
+    timesteps (SNR > γ) by γ / SNR, ``signal_floor`` is ᾱ_t floored at its floor (clean end ≈ uniform's)."""
     import types
 
     from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
@@ -276,7 +276,7 @@ def test_stage0_timestep_weights_keep_or_drop_the_noisiest_steps_as_named():
     scheduler = load_scheduler({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
     ac = alphas_cumprod(scheduler.config, False).astype(np.float64)
     snr = ac / (1 - ac)
-    weights = {k: timestep_weights(scheduler, k, 5.0) for k in ("uniform", "min_snr", "snr_cap")}
+    weights = {k: timestep_weights(scheduler, k, 5.0, 0.25) for k in ("uniform", "min_snr", "snr_cap", "signal_floor")}
     for kind, w in weights.items():
         assert w.shape == (1000,) and abs(float(w.mean()) - 1.0) < 1e-5, kind
     assert np.all(weights["uniform"] == 1.0)
@@ -285,5 +285,10 @@ def test_stage0_timestep_weights_keep_or_drop_the_noisiest_steps_as_named():
     assert np.allclose(cap[noisy], cap[noisy][0]) and np.allclose(cap[clean] / cap[noisy][0], 5.0 / snr[clean],
                                                                   rtol=1e-4)
     assert msnr[-1] < 0.05 * msnr.max() and cap[-1] == cap.max()
-    with pytest.raises(ValueError, match="'uniform', 'min_snr' or 'snr_cap'"):
+    floor = weights["signal_floor"]
+    assert np.allclose(floor / floor.max(), np.maximum(ac, 0.25) / np.maximum(ac, 0.25).max(), rtol=1e-5)
+    assert floor[-1] == floor.min() and floor[-1] / floor[0] == pytest.approx(0.25 / ac[0], rel=1e-5)
+    with pytest.raises(ValueError, match="'uniform', 'min_snr', 'snr_cap' or 'signal_floor'"):
         timestep_weights(types.SimpleNamespace(config=scheduler.config), "other")
+    with pytest.raises(ValueError, match="weight_floor must be in"):
+        timestep_weights(scheduler, "signal_floor", 5.0, 1.5)
