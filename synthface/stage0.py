@@ -54,6 +54,7 @@ import numpy as np
 from data_pipelines.shards import write_json_atomic
 from train import loop, models, runs
 from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, background_palette_accuracy, check_export,
+                                 check_loss_weighting,
                                  final_params, load_data, text_variants,
                                  fit, latent_scaling_factor, read_json, read_losses, sample_prompts,
                                  timestep_weights)
@@ -187,6 +188,8 @@ def validate(cfg: Mapping) -> None:
         raise ValueError(f"data.pairs must be true or false, got {d['pairs']!r}")
     if pair_batch and not d["pairs"]:
         raise ValueError("diffusion.pair_batch_size > 0 needs data.pairs=true")
+    diffusion = cfg["diffusion"]
+    check_loss_weighting(diffusion["loss_weighting"], diffusion["snr_gamma"], diffusion["weight_floor"])
 
 
 def phase_fingerprints(cfg: Mapping, data_index: Mapping) -> dict[str, str]:

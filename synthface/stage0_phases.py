@@ -316,6 +316,24 @@ def _chunked(fn, images: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "snr_cap", "signal_floor")
+
+
+def check_loss_weighting(kind: str, gamma: float, floor: float) -> None:
+    """The ``diffusion.loss_weighting`` / ``snr_gamma`` / ``weight_floor`` settings :func:`timestep_weights` can
+    use; a ValueError naming the setting otherwise (stage 0 checks them before reading any data)."""
+    if kind not in LOSS_WEIGHTINGS:
+        raise ValueError("diffusion.loss_weighting must be 'uniform', 'min_snr', 'snr_cap' or 'signal_floor', "
+                         f"got {kind!r}")
+    def number(value) -> float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+    if kind in ("min_snr", "snr_cap") and not number(gamma) > 0.0:
+        raise ValueError(f"diffusion.snr_gamma must be a number > 0, got {gamma!r}")
+    if kind == "signal_floor" and not 0.0 <= number(floor) <= 1.0:
+        raise ValueError(f"diffusion.weight_floor must be a number in [0, 1], got {floor!r}")
+
+
 def timestep_weights(scheduler, kind: str, gamma: float = 5.0, floor: float = 0.25) -> np.ndarray:
     """Per-timestep loss weights, normalised to mean 1 over the training timesteps: ``"uniform"`` (1),
     ``"min_snr"`` (Min-SNR-γ: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR + 1) for v-prediction: less weight on the
@@ -326,6 +344,7 @@ def timestep_weights(scheduler, kind: str, gamma: float = 5.0, floor: float = 0.
     off only down to ``floor``; the nearly clean ones keep theirs — between uniform and Min-SNR-γ)."""
     from dynamicid_jax.schedulers.common import alphas_cumprod
 
+    check_loss_weighting(kind, gamma, floor)
     ac = alphas_cumprod(scheduler.config, False).astype(np.float64)
     snr = ac / (1.0 - ac)
     if kind == "uniform":
@@ -334,13 +353,8 @@ def timestep_weights(scheduler, kind: str, gamma: float = 5.0, floor: float = 0.
         w = np.minimum(snr, gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1.0)
     elif kind == "snr_cap":
         w = np.minimum(snr, gamma) / snr
-    elif kind == "signal_floor":
-        if not 0.0 <= floor <= 1.0:
-            raise ValueError(f"diffusion.weight_floor must be in [0, 1], got {floor!r}")
+    else:  # signal_floor
         w = np.maximum(ac, floor)
-    else:
-        raise ValueError("diffusion.loss_weighting must be 'uniform', 'min_snr', 'snr_cap' or 'signal_floor', "
-                         f"got {kind!r}")
     return (w / w.mean()).astype(np.float32)
 
 

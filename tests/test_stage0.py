@@ -129,6 +129,15 @@ def test_bad_configs(synth_root, tmp_path):
         quick_config(synth_root, tmp_path, "vae.stepz=3")
     with pytest.raises(ValueError, match="cross_attention_dim"):
         stage0.validate(quick_config(synth_root, tmp_path, "model.unet_overrides={cross_attention_dim: 32}"))
+    # the loss weighting is checked before any data is read, not when the diffusion phase starts
+    with pytest.raises(ValueError, match="diffusion.loss_weighting must be"):
+        stage0.validate(quick_config(synth_root, tmp_path, "diffusion.loss_weighting=snr"))
+    with pytest.raises(ValueError, match=r"diffusion.weight_floor must be a number in \[0, 1\]"):
+        stage0.validate(quick_config(synth_root, tmp_path, "diffusion.loss_weighting=signal_floor",
+                                     "diffusion.weight_floor=2"))
+    with pytest.raises(ValueError, match="diffusion.snr_gamma must be a number > 0"):
+        stage0.validate(quick_config(synth_root, tmp_path, "diffusion.loss_weighting=min_snr",
+                                     "diffusion.snr_gamma=0"))
     with pytest.raises(SystemExit, match="data.root"):
         stage0.main(["--quick", f"workdir={tmp_path}"])
 

@@ -290,5 +290,5 @@ def test_stage0_timestep_weights_keep_or_drop_the_noisiest_steps_as_named():
     assert floor[-1] == floor.min() and floor[-1] / floor[0] == pytest.approx(0.25 / ac[0], rel=1e-5)
     with pytest.raises(ValueError, match="'uniform', 'min_snr', 'snr_cap' or 'signal_floor'"):
         timestep_weights(types.SimpleNamespace(config=scheduler.config), "other")
-    with pytest.raises(ValueError, match="weight_floor must be in"):
+    with pytest.raises(ValueError, match="weight_floor must be a number in"):
         timestep_weights(scheduler, "signal_floor", 5.0, 1.5)
