@@ -342,7 +342,9 @@ _DIAGNOSTIC_LINES = (
     ("edit_shifts", lambda es: (
         f"IMR edits of one held-out reference towards the 7 expressions: token shifts of mean norm "
         f"{es['shift_norm_mean']:.2f} (tokens {es['token_norm']:.2f}), mean pairwise cosine "
-        f"{es['mean_pairwise_cosine']:.3f} (1.0 = one shift whatever is asked).")),
+        f"{es['mean_pairwise_cosine']:.3f} (1.0 = one shift whatever is asked). What the IMR is told: the base's "
+        f"pooled text embeddings of the seven face prompts lie {es['text_spread']:.1%} of their norm apart (mean "
+        f"pairwise distance), a prompt's seven clothing colours {es['colour_text_spread']:.1%}.")),
     ("denoiser_expression", lambda de: (
         f"The base's own denoiser on {de['images']} real front views of every expression, noised to t and denoised "
         f"in one step (caption and expression in the prompt): the expression classifier reads "

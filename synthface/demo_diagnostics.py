@@ -8,7 +8,9 @@ expressions move the tokens in different directions (else the seven edits look a
   total variance that lies between identities, and of the within-identity variance the share explained by the
   expression, the pose and the background colour (sum of squared group means of the within-identity residuals).
 * :func:`edit_shift_similarity` — one reference edited towards each of the seven expressions: the mean pairwise
-  cosine of the token shifts (1.0: one shift whatever is asked) and their norms.
+  cosine of the token shifts (1.0: one shift whatever is asked) and their norms; and what the IMR is told: how far
+  apart the base's pooled text embeddings of the seven face prompts lie (:func:`pooled_text_spread`), against the
+  same prompt with one clothing colour swapped for another, a word the base has learnt to draw.
 * :func:`denoiser_expression_retention` — a third question, about the base itself: can its UNet keep an expression
   it is shown? Real front views of every expression are encoded, noised to a few timesteps ``t``, and denoised in
   one step (the UNet's estimate of the clean latent, with the image's caption and its expression named in the
@@ -26,8 +28,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["token_variance_shares", "edit_shift_similarity", "denoiser_expression_retention",
-           "reference_expression_transfer"]
+__all__ = ["token_variance_shares", "edit_shift_similarity", "pooled_text_spread",
+           "denoiser_expression_retention", "reference_expression_transfer"]
+
+#: the yardstick of :func:`pooled_text_spread`: one prompt, seven clothing colours of the world
+COLOUR_PROMPTS = tuple(f"a photo of a person in a {c} shirt" for c in
+                       ("red", "orange", "yellow", "green", "blue", "purple", "white"))
 
 
 def token_variance_shares(token_cache: str, shards: str) -> dict[str, float]:
@@ -70,7 +76,20 @@ def edit_shift_similarity(pipe, reference: np.ndarray, face_prompts: list[str]) 
     off = cos[~np.eye(len(face_prompts), dtype=bool)]
     return {"mean_pairwise_cosine": float(off.mean()), "min_pairwise_cosine": float(off.min()),
             "shift_norm_mean": float(norms.mean()), "token_norm": float(np.linalg.norm(base)),
-            "prompts": list(face_prompts)}
+            "prompts": list(face_prompts), "text_spread": pooled_text_spread(pipe.sd, face_prompts),
+            "colour_text_spread": pooled_text_spread(pipe.sd, COLOUR_PROMPTS)}
+
+
+def pooled_text_spread(sd, prompts) -> float:
+    """Mean pairwise distance between the pooled text embeddings of ``prompts`` (the IMR's text input), relative to
+    their mean norm: 0 when the base's text encoder gives every prompt the same vector. ``sd``: the base pipeline."""
+    prompts = list(prompts)
+    if len(prompts) < 2:
+        raise ValueError(f"prompts must hold at least two texts to compare, got {len(prompts)}")
+    params = {k: v for k, v in sd.params.items() if k.startswith("text_encoder")}
+    pooled = np.asarray(sd.pooled_text(params, sd.pooled_text_ids(prompts)), np.float64).reshape(len(prompts), -1)
+    dist = np.linalg.norm(pooled[:, None] - pooled[None], axis=-1)[~np.eye(len(prompts), dtype=bool)]
+    return float(dist.mean() / np.linalg.norm(pooled, axis=1).mean())
 
 
 def denoiser_expression_retention(sd_path: str, models_dir: str, data: str, *, split: str = "heldout",

@@ -159,6 +159,24 @@ def test_quick_demo_diagnoses_where_expression_is_lost(quick_demo):
     assert "expression_accuracy" in metrics["methods"]["base"]["edit"]
 
 
+def test_quick_demo_reports_what_the_imr_is_told(quick_demo):
+    """The edit diagnostic carries the spread of the IMR's text input: the base's pooled text embeddings of the seven
+    face prompts, mean pairwise distance relative to their norm (0 for seven copies of one prompt), beside the same
+    for seven clothing colours; fewer than two prompts is a one-line error."""
+    from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+    from synthface.demo_diagnostics import COLOUR_PROMPTS, pooled_text_spread
+
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    es = summary["diagnostics"]["edit_shifts"]
+    assert len(es["prompts"]) == 7 and es["text_spread"] > 0 and es["colour_text_spread"] > 0
+    assert "What the IMR is told" in (quick_demo / "metrics.md").read_text()
+    sd = StableDiffusion.from_pretrained(summary["base"], scheduler="ddim")
+    assert pooled_text_spread(sd, es["prompts"]) == pytest.approx(es["text_spread"], rel=1e-5)
+    assert pooled_text_spread(sd, [COLOUR_PROMPTS[0]] * 3) == 0.0
+    with pytest.raises(ValueError, match="at least two texts to compare, got 1"):
+        pooled_text_spread(sd, COLOUR_PROMPTS[:1])
+
+
 def test_reference_expression_transfer_rejects_bad_arguments(quick_demo):
     """An unknown split or a non-positive identity count is a one-line error naming it, before anything is sampled."""
     from synthface.demo_diagnostics import reference_expression_transfer
