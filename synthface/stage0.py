@@ -53,11 +53,10 @@ import numpy as np
 
 from data_pipelines.shards import write_json_atomic
 from train import loop, models, runs
-from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, background_palette_accuracy, check_export,
-                                 check_loss_weighting,
-                                 final_params, load_data, text_variants,
-                                 fit, latent_scaling_factor, read_json, read_losses, sample_prompts,
-                                 timestep_weights)
+from synthface.stage0_checks import background_palette_accuracy, check_export, sample_prompts
+from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, check_loss_weighting, check_text_aux,
+                                     final_params, fit, latent_scaling_factor, load_data, read_json, read_losses,
+                                     text_variants, timestep_weights)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,10 @@ DEFAULTS: dict[str, Any] = {
                   "prediction_type": "v_prediction",  # or "epsilon" (see the module docstring)
                   "pair_batch_size": 0,  # two-person images per step beside batch_size portraits (data.pairs)
                   # or "min_snr" / "snr_cap" / "signal_floor" (its floor: weight_floor)
-                  "loss_weighting": "uniform", "snr_gamma": 5.0, "weight_floor": 0.25},
+                  "loss_weighting": "uniform", "snr_gamma": 5.0, "weight_floor": 0.25,
+                  # > 0: the auxiliary loss that reads the named expression from the text encoder's output
+                  # (stage0_phases.ExpressionReadout), this weight × its cross-entropy
+                  "text_aux_weight": 0.0},
     "sample": {"count": 8, "steps": 25, "guidance_scale": 4.0, "seed": 0, "models": ""},
 }
 
@@ -190,6 +192,7 @@ def validate(cfg: Mapping) -> None:
         raise ValueError("diffusion.pair_batch_size > 0 needs data.pairs=true")
     diffusion = cfg["diffusion"]
     check_loss_weighting(diffusion["loss_weighting"], diffusion["snr_gamma"], diffusion["weight_floor"])
+    check_text_aux(diffusion["text_aux_weight"])
 
 
 def phase_fingerprints(cfg: Mapping, data_index: Mapping) -> dict[str, str]:

@@ -6,12 +6,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthface.world import EXPRESSIONS
 from train import loop, models
 
 
@@ -32,6 +34,7 @@ class Stage0Data:
     index: dict
     pair_images: np.ndarray | None = None
     pair_token_ids: np.ndarray | None = None
+    expression_labels: np.ndarray | None = None  # int32 [N]: the index of each image's expression in EXPRESSIONS
 
 
 def text_variants(record: Mapping) -> tuple[str, str, str]:
@@ -74,7 +77,8 @@ def load_data(cfg: Mapping, tokenizer) -> Stage0Data:
         res = int(d["resolution"])
         pair_images = _resize(pair_images, res, 2 * res)
         pair_ids = np.asarray(tokenize(tokenizer, [r["caption"] for r in pair_records]), np.int32)
-    return Stage0Data(images, ids, empty, heldout, [t[0] for t in texts], index, pair_images, pair_ids)
+    expressions = np.asarray([EXPRESSIONS.index(r["expression"]) for r in records], np.int32)
+    return Stage0Data(images, ids, empty, heldout, [t[0] for t in texts], index, pair_images, pair_ids, expressions)
 
 
 # =========================================================================================================
@@ -334,6 +338,38 @@ def check_loss_weighting(kind: str, gamma: float, floor: float) -> None:
         raise ValueError(f"diffusion.weight_floor must be a number in [0, 1], got {floor!r}")
 
 
+def check_text_aux(weight) -> None:
+    """``diffusion.text_aux_weight`` must be a number ≥ 0 (0: no auxiliary text loss)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ValueError(f"diffusion.text_aux_weight must be a number >= 0, got {weight!r}")
+
+
+class CosineHead(nn.Module):
+    """Logits ``10 · cos(x, w_c)`` of ``classes`` classes."""
+
+    classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.classes))
+        x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return 10.0 * x @ (w / jnp.linalg.norm(w, axis=0, keepdims=True))
+
+
+class ExpressionReadout(nn.Module):
+    """The auxiliary text loss's two cosine classifiers (docs/demo.md, *What moved what*): the expression named in
+    a prompt, read from the text encoder's pooled output (what the IMR's motion fusion sees) and from the mean of
+    its context (what the UNet's cross-attention sees). Cosine logits × 10, so the classes can only be told apart
+    by the direction of the embeddings, not by scaling a head up."""
+
+    classes: int
+
+    @nn.compact
+    def __call__(self, pooled: jax.Array, context_mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return (CosineHead(self.classes, name="pooled")(pooled),
+                CosineHead(self.classes, name="context_mean")(context_mean))
+
+
 def timestep_weights(scheduler, kind: str, gamma: float = 5.0, floor: float = 0.25) -> np.ndarray:
     """Per-timestep loss weights, normalised to mean 1 over the training timesteps: ``"uniform"`` (1),
     ``"min_snr"`` (Min-SNR-γ: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR + 1) for v-prediction: less weight on the
@@ -390,6 +426,11 @@ class DiffusionPhase:
             self.frozen["pair_token_ids"] = data.pair_token_ids
         self.weights = timestep_weights(scheduler, self.p["loss_weighting"], float(self.p["snr_gamma"]),
                                         float(self.p["weight_floor"]))
+        self.text_aux_weight = float(self.p.get("text_aux_weight", 0.0))
+        check_text_aux(self.text_aux_weight)
+        self.readout = ExpressionReadout(len(EXPRESSIONS)) if self.text_aux_weight > 0 else None
+        if self.readout is not None:
+            self.frozen["expression_labels"] = np.asarray(data.expression_labels, np.int32)
 
     def _dummy(self):
         h, w, c2 = self.frozen["moments"].shape[1:]
@@ -397,21 +438,27 @@ class DiffusionPhase:
                 jnp.zeros((1, self.context_len, self.unet.config.cross_attention_dim)))
 
     def abstract(self):
-        return {"text_encoder": _boxed(self.text_encoder, jnp.zeros((1, self.context_len), jnp.int32)),
-                "unet": _boxed(self.unet, *self._dummy())}
+        out = {"text_encoder": _boxed(self.text_encoder, jnp.zeros((1, self.context_len), jnp.int32)),
+               "unet": _boxed(self.unet, *self._dummy())}
+        if self.readout is not None:
+            width = self.text_encoder.config.hidden_size
+            out["expression_readout"] = _boxed(self.readout, jnp.zeros((1, width)), jnp.zeros((1, width)))
+        return out
 
     def initial_params(self, seed: int):
         return host_init(self.abstract(), seed)
 
     def text_ids(self, frozen, idx, rng):
         """Per sample: empty with ``p_empty``, caption + face prompt with ``p_face_prompt``, caption + grid prompt
-        with ``p_grid_prompt``, else the caption (one uniform draw, consecutive bands)."""
+        with ``p_grid_prompt``, else the caption (one uniform draw, consecutive bands) → ``(ids, names_expression)``,
+        the second true where the text names the image's expression (a face or grid prompt)."""
         d = self.cfg["data"]
         p_empty, p_face, p_grid = (float(d[k]) for k in ("p_empty", "p_face_prompt", "p_grid_prompt"))
         u = jax.random.uniform(rng, idx.shape)
         variant = jnp.where(u < p_empty + p_face, 1, jnp.where(u < p_empty + p_face + p_grid, 2, 0))
         ids = frozen["token_ids"][idx, variant]
-        return jnp.where((u < p_empty)[:, None], frozen["empty_ids"][None], ids)
+        empty = u < p_empty
+        return jnp.where(empty[:, None], frozen["empty_ids"][None], ids), (variant > 0) & ~empty
 
     def _per_sample_loss(self, unet_params, moments, context, rng):
         """Weighted per-sample v- (or ε-) MSE of the UNet on noised samples of ``moments`` → ``([B], [B])``."""
@@ -434,22 +481,41 @@ class DiffusionPhase:
         b, pb = int(self.p["batch_size"]), self.pair_batch
         k_idx, k_text, k_single, k_pair, k_pidx, k_ptext = jax.random.split(rng, 6)
         idx = _batch_constraint(jax.random.randint(k_idx, (b,), 0, frozen["moments"].shape[0]))
-        ids = self.text_ids(frozen, idx, k_text)
+        ids, names_expression = self.text_ids(frozen, idx, k_text)
         if pb:
             pidx = _batch_constraint(jax.random.randint(k_pidx, (pb,), 0, frozen["pair_moments"].shape[0]))
             p_empty = float(self.cfg["data"]["p_empty"])
             drop = jax.random.uniform(k_ptext, (pb,)) < p_empty
             pair_ids = jnp.where(drop[:, None], frozen["empty_ids"][None], frozen["pair_token_ids"][pidx])
             ids = jnp.concatenate([ids, pair_ids], axis=0)
-        context = self.text_encoder.apply({"params": trainable["text_encoder"]}, ids).last_hidden_state
+        text = self.text_encoder.apply({"params": trainable["text_encoder"]}, ids)
+        context = text.last_hidden_state
         weighted, per_sample = self._per_sample_loss(trainable["unet"], frozen["moments"][idx], context[:b], k_single)
         metrics = {"mse": jnp.mean(per_sample)}
+        aux = 0.0
+        if self.readout is not None:
+            aux, metrics["text_aux_ce"], metrics["text_aux_acc"] = self._text_aux(
+                trainable["expression_readout"], text.pooler_output[:b], context[:b].mean(axis=1),
+                frozen["expression_labels"][idx], names_expression)
         if pb:
             w_pair, s_pair = self._per_sample_loss(trainable["unet"], frozen["pair_moments"][pidx], context[b:],
                                                    k_pair)
             weighted = jnp.concatenate([weighted, w_pair])
             metrics["mse_pairs"] = jnp.mean(s_pair)
-        return jnp.mean(weighted), (metrics, mutable)
+        return jnp.mean(weighted) + aux, (metrics, mutable)
+
+    def _text_aux(self, params, pooled, context_mean, labels, mask):
+        """``text_aux_weight`` × the readout's cross-entropy (both heads, averaged over the texts that name an
+        expression); also returns the cross-entropy and the pooled head's accuracy, as metrics."""
+        import optax
+
+        logits = self.readout.apply({"params": params}, pooled, context_mean)
+        ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, labels) for lg in logits) / len(logits)
+        m = mask.astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(m), 1.0)
+        ce = jnp.sum(ce * m) / count
+        acc = jnp.sum((jnp.argmax(logits[0], -1) == labels) * m) / count
+        return self.text_aux_weight * ce, ce, acc
 
     def task(self, initial: Any) -> loop.Task:
         """The task, starting from ``initial`` (:meth:`initial_params`)."""
@@ -457,64 +523,3 @@ class DiffusionPhase:
                          abstract_frozen=_spec_tree(self.frozen), frozen=self.frozen, loss_fn=self.loss_fn,
                          frozen_source={"stage": "stage0/diffusion",
                                         "data": os.path.abspath(self.cfg["data"]["root"])})
-
-
-# =========================================================================================================
-# Checks on the export
-# =========================================================================================================
-def sample_prompts(count: int) -> tuple[list[str], list[dict]]:
-    """``count`` captions cycling through the backgrounds (clothing and placement vary too) and their labels."""
-    from synthface import BACKGROUNDS, CLOTHING, PLACEMENTS, caption_for
-
-    bgs, cls = list(BACKGROUNDS), list(CLOTHING)
-    prompts, labels = [], []
-    for k in range(count):
-        lab = {"background": bgs[k % len(bgs)], "clothing": cls[(3 * k + 1) % len(cls)],
-               "placement": PLACEMENTS[(k // len(bgs) + k) % len(PLACEMENTS)]}
-        prompts.append(caption_for(**lab))
-        labels.append(lab)
-    return prompts, labels
-
-
-def background_palette_accuracy(images: np.ndarray, backgrounds: Sequence[str], border: int = 4) -> float:
-    """Fraction of images whose top corners' mean colour is nearest (RGB) to the named background's palette colour
-    (the person stands in the lower middle, so the top corners show the background)."""
-    from synthface import BACKGROUNDS
-
-    names = list(BACKGROUNDS)
-    palette = np.array([BACKGROUNDS[n] for n in names], np.float32)
-    hits = []
-    for im, name in zip(np.asarray(images, np.float32) / 255.0, backgrounds):
-        corners = np.concatenate([im[:border, :border].reshape(-1, 3), im[:border, -border:].reshape(-1, 3)])
-        nearest = names[int(np.argmin(np.sum((palette - corners.mean(0)) ** 2, axis=1)))]
-        hits.append(nearest == name)
-    return float(np.mean(hits))
-
-
-def check_export(folder: str, cfg: Mapping, out_png: str | None) -> dict:
-    """Load the export with our loader, generate ``sample.count`` images from captions, score them."""
-    from dynamicid_jax.image_io import image_grid, save_png
-    from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-
-    s = cfg["sample"]
-    sd = StableDiffusion.from_pretrained(folder)
-    res = int(cfg["data"]["resolution"])
-    prompts, labels = sample_prompts(int(s["count"]))
-    start = time.perf_counter()
-    images = sd.generate(prompts, height=res, width=res, steps=int(s["steps"]),
-                         guidance_scale=float(s["guidance_scale"]), seed=int(s["seed"]))
-    out = {"count": len(prompts), "steps": int(s["steps"]), "guidance_scale": float(s["guidance_scale"]),
-           "generate_s": time.perf_counter() - start, "prompts": prompts,
-           "background_palette_accuracy": background_palette_accuracy(images, [l["background"] for l in labels])}
-    if s.get("models"):
-        from synthface.evaluation.classifiers import load_eval_models
-
-        scene = load_eval_models(s["models"]).scene_classifier
-        if scene is not None:
-            heads = {h for h, _ in scene.config.heads}
-            truth = {h: [l[h] for l in labels] for h in ("background", "clothing", "placement") if h in heads}
-            out["scene_classifier_accuracy"] = scene.accuracy(images, truth)
-    if out_png:
-        save_png(image_grid(images, columns=min(len(images), 8)), out_png)
-        out["grid"] = os.path.basename(out_png)
-    return out

@@ -138,8 +138,29 @@ def test_bad_configs(synth_root, tmp_path):
     with pytest.raises(ValueError, match="diffusion.snr_gamma must be a number > 0"):
         stage0.validate(quick_config(synth_root, tmp_path, "diffusion.loss_weighting=min_snr",
                                      "diffusion.snr_gamma=0"))
+    with pytest.raises(ValueError, match="diffusion.text_aux_weight must be a number >= 0, got -1"):
+        stage0.validate(quick_config(synth_root, tmp_path, "diffusion.text_aux_weight=-1"))
     with pytest.raises(SystemExit, match="data.root"):
         stage0.main(["--quick", f"workdir={tmp_path}"])
+
+
+def test_text_aux_loss_learns_to_read_the_named_expression(quick_run, synth_root, tmp_path):
+    """With ``diffusion.text_aux_weight`` > 0 the diffusion phase also trains the expression readout on the texts
+    that name an expression: its cross-entropy is logged and falls, the logged loss includes it, and the export
+    holds the same files as without it (the readout is not part of the base)."""
+    cfg = quick_config(synth_root, str(tmp_path / "w"), "diffusion.text_aux_weight=1.0", "diffusion.steps=60",
+                       "diffusion.log_every=1", "diffusion.lr=0.003", "diffusion.batch_size=16")
+    stage0.run_stage0(cfg)
+    rows = stage0_phases.read_losses(str(tmp_path / "w" / "diffusion"))
+    assert len(rows) == 60 and all(0.0 <= r["text_aux_acc"] <= 1.0 for r in rows)
+    ce = np.array([r["text_aux_ce"] for r in rows])
+    assert ce[-15:].mean() < 0.25 * ce[:5].mean(), ce  # ln 7 ≈ 1.95 at chance
+    assert all(r["loss"] >= r["text_aux_ce"] for r in rows)  # weight 1: the loss is the weighted MSE + the CE
+
+    def files(folder):
+        return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+    assert files(str(tmp_path / "w" / "export" / "sd")) == files(quick_run[2])
 
 
 def test_text_variants_and_host_init():

@@ -157,7 +157,7 @@ def test_diffusers_reads_the_same_weights(sd, torch):
 def test_the_base_draws_the_captions_background(sd):
     """Eight captions, each with another background colour: the generated images' corners show it (the stage-0
     palette check; a base that ignores its prompt scores about 1/10)."""
-    from synthface.stage0_phases import background_palette_accuracy, sample_prompts
+    from synthface.stage0_checks import background_palette_accuracy, sample_prompts
 
     prompts, labels = sample_prompts(8)
     images = sd.generate(prompts, height=64, width=64, steps=12, guidance_scale=4.0, seed=0)
