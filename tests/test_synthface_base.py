@@ -150,7 +150,7 @@ def test_diffusers_reads_the_same_weights(sd, torch):
                                     jnp.asarray(ours_text)))
     with torch.no_grad():
         theirs = unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)), torch.tensor([500]),
-                      encoder_hidden_states=torch.from_numpy(ours_text)).sample.numpy().transpose(0, 2, 3, 1)
+                      encoder_hidden_states=torch.from_numpy(np.array(ours_text))).sample.numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
