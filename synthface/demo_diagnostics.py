@@ -86,8 +86,7 @@ def pooled_text_spread(sd, prompts) -> float:
     prompts = list(prompts)
     if len(prompts) < 2:
         raise ValueError(f"prompts must hold at least two texts to compare, got {len(prompts)}")
-    params = {k: v for k, v in sd.params.items() if k.startswith("text_encoder")}
-    pooled = np.asarray(sd.pooled_text(params, sd.pooled_text_ids(prompts)), np.float64).reshape(len(prompts), -1)
+    pooled = np.asarray(sd.pooled_text(sd.params, sd.pooled_text_ids(prompts)), np.float64).reshape(len(prompts), -1)
     dist = np.linalg.norm(pooled[:, None] - pooled[None], axis=-1)[~np.eye(len(prompts), dtype=bool)]
     return float(dist.mean() / np.linalg.norm(pooled, axis=1).mean())
 

@@ -54,7 +54,7 @@ import numpy as np
 from data_pipelines.shards import write_json_atomic
 from train import loop, models, runs
 from synthface.stage0_checks import background_palette_accuracy, check_export, sample_prompts
-from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, check_loss_weighting, check_text_aux,
+from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, check_diffusion_settings,
                                      final_params, fit, latent_scaling_factor, load_data, read_json, read_losses,
                                      text_variants, timestep_weights)
 
@@ -190,9 +190,7 @@ def validate(cfg: Mapping) -> None:
         raise ValueError(f"data.pairs must be true or false, got {d['pairs']!r}")
     if pair_batch and not d["pairs"]:
         raise ValueError("diffusion.pair_batch_size > 0 needs data.pairs=true")
-    diffusion = cfg["diffusion"]
-    check_loss_weighting(diffusion["loss_weighting"], diffusion["snr_gamma"], diffusion["weight_floor"])
-    check_text_aux(diffusion["text_aux_weight"])
+    check_diffusion_settings(cfg["diffusion"])
 
 
 def phase_fingerprints(cfg: Mapping, data_index: Mapping) -> dict[str, str]:

@@ -329,19 +329,23 @@ def check_loss_weighting(kind: str, gamma: float, floor: float) -> None:
     if kind not in LOSS_WEIGHTINGS:
         raise ValueError("diffusion.loss_weighting must be 'uniform', 'min_snr', 'snr_cap' or 'signal_floor', "
                          f"got {kind!r}")
-    def number(value) -> float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
-
-    if kind in ("min_snr", "snr_cap") and not number(gamma) > 0.0:
+    if kind in ("min_snr", "snr_cap") and not _number(gamma) > 0.0:
         raise ValueError(f"diffusion.snr_gamma must be a number > 0, got {gamma!r}")
-    if kind == "signal_floor" and not 0.0 <= number(floor) <= 1.0:
+    if kind == "signal_floor" and not 0.0 <= _number(floor) <= 1.0:
         raise ValueError(f"diffusion.weight_floor must be a number in [0, 1], got {floor!r}")
 
 
-def check_text_aux(weight) -> None:
-    """``diffusion.text_aux_weight`` must be a number ≥ 0 (0: no auxiliary text loss)."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-        raise ValueError(f"diffusion.text_aux_weight must be a number >= 0, got {weight!r}")
+def check_diffusion_settings(p: Mapping) -> None:
+    """The ``diffusion`` phase's loss settings (:func:`check_loss_weighting`; ``text_aux_weight`` a number ≥ 0,
+    0 meaning no auxiliary text loss): stage 0's ``validate()`` runs this before any data is read."""
+    check_loss_weighting(p["loss_weighting"], p["snr_gamma"], p["weight_floor"])
+    if not _number(p["text_aux_weight"]) >= 0.0:
+        raise ValueError(f"diffusion.text_aux_weight must be a number >= 0, got {p['text_aux_weight']!r}")
+
+
+def _number(value) -> float:
+    """``value`` as a float if it is a real number (not a bool), else NaN (which fails every comparison)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 class CosineHead(nn.Module):
@@ -424,10 +428,10 @@ class DiffusionPhase:
                 raise ValueError("diffusion.pair_batch_size > 0 needs the pairs' latent moments and captions")
             self.frozen["pair_moments"] = np.asarray(pair_moments, np.float32)
             self.frozen["pair_token_ids"] = data.pair_token_ids
+        check_diffusion_settings(self.p)
         self.weights = timestep_weights(scheduler, self.p["loss_weighting"], float(self.p["snr_gamma"]),
                                         float(self.p["weight_floor"]))
-        self.text_aux_weight = float(self.p.get("text_aux_weight", 0.0))
-        check_text_aux(self.text_aux_weight)
+        self.text_aux_weight = float(self.p["text_aux_weight"])
         self.readout = ExpressionReadout(len(EXPRESSIONS)) if self.text_aux_weight > 0 else None
         if self.readout is not None:
             self.frozen["expression_labels"] = np.asarray(data.expression_labels, np.int32)
