@@ -139,6 +139,18 @@ def used_token_ids(tokenizer, texts: Iterable[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- export
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _git_commit() -> dict[str, Any]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -216,6 +228,8 @@ def export_base(sd_folder: str, out: str, *, data_root: str, stage0_metrics: Map
             "text_vocabulary": {"kept_rows": int(len(keep)), "rows": int(table.shape[0])},
             "weights_dtype": "float16",
             "software": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__},
+            # training is bit for bit repeatable on one kind of CPU, not across kinds (XLA's CPU code differs)
+            "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "arch": platform.machine()},
             **dict(extra or {}),
             "files": _file_hashes(folder),
         }

@@ -184,7 +184,7 @@ def test_text_variants_and_host_init():
 
 def test_export_base_writes_a_verified_fp16_folder(quick_run, synth_root, tmp_path):
     """``make base``'s export step on the quick stage 0: an fp16 folder with the unused text-embedding rows zeroed,
-    a provenance whose hashes verify, our loader reading it back within fp16 rounding; an existing folder that we
+    a provenance whose hashes verify and that names the CPU, our loader reading it back within fp16 rounding; an existing folder that we
     did not write is refused, one that we wrote is replaced."""
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
     from synthface import demo_base
@@ -196,6 +196,7 @@ def test_export_base_writes_a_verified_fp16_folder(quick_run, synth_root, tmp_pa
     demo_base.export_base(folder, out, data_root=synth_root, stage0_metrics=metrics, command="test")
     provenance = demo_base.verify_base(out)
     assert provenance["command"] == "test" and provenance["diffusion"]["steps"] == metrics["diffusion"]["steps"]
+    assert provenance["machine"]["cpu"] and provenance["machine"]["cores"] >= 1  # bit-repeatable on one kind of CPU
     fp32, fp16 = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(out)
     a = np.asarray(fp32.params["unet"]["conv_in"]["kernel"])
     np.testing.assert_allclose(np.asarray(fp16.params["unet"]["conv_in"]["kernel"]), a, rtol=1e-3, atol=1e-4)
