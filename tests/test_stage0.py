@@ -184,8 +184,8 @@ def test_text_variants_and_host_init():
 
 def test_export_base_writes_a_verified_fp16_folder(quick_run, synth_root, tmp_path):
     """``make base``'s export step on the quick stage 0: an fp16 folder with the unused text-embedding rows zeroed,
-    a provenance whose hashes verify and that names the CPU, our loader reading it back within fp16 rounding; an existing folder that we
-    did not write is refused, one that we wrote is replaced."""
+    a provenance whose hashes verify and that names the CPU, our loader reading it back within fp16 rounding; an
+    existing folder that we did not write is refused, one that we wrote is replaced."""
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
     from synthface import demo_base
 
