@@ -311,15 +311,13 @@ def _diagnostics(pipe, data: str, models: str, sd_path: str, summary: dict) -> d
     """What the ID tokens carry (stage 2's token cache), how different the IMR's seven edits are, whether the
     base's denoiser keeps an expression it is shown, and whether DynamicID draws its reference's expression
     (synthface/demo_diagnostics.py)."""
-    from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
-    from dynamicid_jax.faces.geometry import auto_face_prompt
     from synthface.demo_diagnostics import (denoiser_expression_retention, edit_shift_similarity,
-                                            reference_expression_transfer)
+                                            expression_face_prompts, reference_expression_transfer)
 
     out = {"token_variance": summary.get("stage2", {}).get("result", {}).get("token_variance")}
     if pipe.imr is not None:
-        prompts = [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
-        out["edit_shifts"] = edit_shift_similarity(pipe, _held_out_references(data, 1)[0], prompts)
+        out["edit_shifts"] = edit_shift_similarity(pipe, _held_out_references(data, 1)[0],
+                                                   expression_face_prompts())
     out["denoiser_expression"] = denoiser_expression_retention(sd_path, models, data)
     from synthface.evaluation.suite import Protocol
 

@@ -28,12 +28,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["token_variance_shares", "edit_shift_similarity", "pooled_text_spread",
+__all__ = ["token_variance_shares", "edit_shift_similarity", "pooled_text_spread", "expression_face_prompts",
            "denoiser_expression_retention", "reference_expression_transfer"]
 
 #: the yardstick of :func:`pooled_text_spread`: one prompt, seven clothing colours of the world
 COLOUR_PROMPTS = tuple(f"a photo of a person in a {c} shirt" for c in
                        ("red", "orange", "yellow", "green", "blue", "purple", "white"))
+
+
+def expression_face_prompts() -> list[str]:
+    """The automatic face prompt of a front view in each of the world's seven expressions (what an IMR edit asks
+    for), in the order of ``synthface.world.EXPRESSIONS``."""
+    from dynamicid_jax.faces.geometry import auto_face_prompt
+    from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
+
+    return [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
 
 
 def token_variance_shares(token_cache: str, shards: str) -> dict[str, float]:

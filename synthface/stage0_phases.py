@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from synthface.world import EXPRESSIONS
 from train import loop, models
@@ -511,8 +512,6 @@ class DiffusionPhase:
     def _text_aux(self, params, pooled, context_mean, labels, mask):
         """``text_aux_weight`` × the readout's cross-entropy (both heads, averaged over the texts that name an
         expression); also returns the cross-entropy and the pooled head's accuracy, as metrics."""
-        import optax
-
         logits = self.readout.apply({"params": params}, pooled, context_mean)
         ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, labels) for lg in logits) / len(logits)
         m = mask.astype(jnp.float32)

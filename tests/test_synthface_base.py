@@ -170,10 +170,8 @@ def test_the_text_encoder_tells_the_expressions_apart(sd):
     """The base trains with stage 0's auxiliary text loss (train/configs/synthface_base.yaml, ``text_aux_weight``):
     the pooled text embeddings of the seven face prompts (one per expression: the IMR's text input) lie at least half
     their norm apart on average; the base trained without that loss gave them 0.085, nearly one vector."""
-    from dynamicid_jax.faces.geometry import auto_face_prompt
-    from synthface.demo_diagnostics import pooled_text_spread
-    from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
+    from synthface.demo_diagnostics import expression_face_prompts, pooled_text_spread
 
-    prompts = [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]
+    prompts = expression_face_prompts()
     assert len(set(prompts)) == 7
     assert pooled_text_spread(sd, prompts) >= 0.5
