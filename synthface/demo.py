@@ -7,9 +7,10 @@ the training stages also resume from their own checkpoints when interrupted):
 
 1. SynthFace: training identities × 35 images, held-out identities, multi-person scenes;
 2. the world's face models (input recogniser, evaluation recogniser, detector, landmarks, classifiers);
-3. face-record shards of the training split (synthetic analyzer);
-4. the SynthFace base: the shipped one (assets/synthface_base, checked against its provenance), or with
+3. the SynthFace base: the shipped one (assets/synthface_base, checked against its provenance), or with
    ``--rebuild-base`` trained here by ``make base``'s code (``synthface.demo_base``); ``--quick``: a seconds-long one;
+4. face-record shards of the training split (synthetic analyzer), each record with the base's VAE moments and the
+   image encoder's features, so that the training stages need not run either frozen encoder per batch;
 5. stage 1: ID encoder + SAA; 6. token cache + stage 2: IMR + KeyPointEncoder; then the DynamicID folder;
 7. Infinite-ID (ID-semantics decoupled training) on the same base;
 8. evaluation of DynamicID, its ablations and Infinite-ID on held-out identities;
@@ -187,13 +188,6 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
                             steps=preset["face_models"].get("steps"), progress=progress)
         return {k: metrics.get(k) for k in ("recognizer", "eval_recognizer", "face_classifier")}
 
-    def build(folder):
-        from data_pipelines.build_shards import build_shards
-
-        manifest = build_shards(os.path.join(data, "train"), folder, "synthetic",
-                                analyzer_kwargs={"models_dir": models}, resolution=sf["size"], progress=progress)
-        return {"records": int(manifest.num_records)}
-
     base_mode = "rebuild" if rebuild_base and preset["base"] == "shipped" else preset["base"]
 
     def base(folder):
@@ -229,6 +223,17 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
         except OSError:
             base_settings["provenance_sha256"] = None  # the stage reports the missing asset
     image_encoder = os.path.join(models, "image_encoder")
+
+    def build(folder):
+        # The base's VAE moments and the image encoder's features are stored with each record, so the training
+        # stages read them instead of running both frozen encoders on every batch (the same inputs: the loaders
+        # preprocess pixels exactly as the shard builder does; docs/demo.md, "What moved what").
+        from data_pipelines.build_shards import build_shards
+
+        manifest = build_shards(os.path.join(data, "train"), folder, "synthetic",
+                                analyzer_kwargs={"models_dir": models}, resolution=sf["size"], latents=sd_path,
+                                clip_vision=image_encoder, progress=progress)
+        return {"records": int(manifest.num_records)}
 
     def stage1(folder):
         from train import stage1 as s1
@@ -279,12 +284,13 @@ def build_stages(runner: StageRunner, preset: dict, *, infinite_id: bool, out: s
         Stage("synthface", "SynthFace world", sf, synthface),
         Stage("face_models", "face models (recognisers, detector, landmarks, classifiers)",
               preset["face_models"], face_models, needs=("synthface",)),
-        Stage("shards", "face-record shards (synthetic analyzer)", {"size": sf["size"]}, build,
-              needs=("synthface", "face_models")),
         Stage("stage0", {"shipped": "the SynthFace base (shipped, checked against its provenance)",
                          "rebuild": "the SynthFace base, trained here (make base's recipe)",
                          "quick": "stage 0: a seconds-long base"}[base_mode], base_settings, base,
               needs=("synthface",)),
+        Stage("shards", "face-record shards (synthetic analyzer; the base's VAE moments, image-encoder features)",
+              {"size": sf["size"], "precomputed": ["vae_moments", "image_encoder_features"]}, build,
+              needs=("synthface", "face_models", "stage0")),
         Stage("stage1", "stage 1: ID encoder + SAA", {"overrides": preset["stage1"], **_config_settings("stage1")},
               stage1,
               needs=("stage0", "shards", "face_models")),

@@ -99,6 +99,13 @@ def test_quick_demo_writes_every_file(quick_demo):
     assert set(records) >= {"stage0", "stage1", "stage2", "infinite_id", "eval"}
     assert (work / "stage0" / "export" / "sd" / "model_index.json").exists()
     assert (work / "dynamicid" / "image_encoder").is_dir()
+    # the shards carry the base's VAE moments and the image encoder's features, which the training stages read
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    vae = json.loads((work / "stage0" / "export" / "sd" / "vae" / "config.json").read_text())
+    encoder = json.loads((work / "face_models" / "image_encoder" / "config.json").read_text())
+    assert manifest["latents"]["shape"][-1] == 2 * vae["latent_channels"] and manifest["latents"]["resolution"] == 64
+    assert manifest["latents"]["source"] == str(work / "stage0" / "export" / "sd")
+    assert manifest["clip_features"]["shape"][-1] == encoder["hidden_size"]
 
 
 def test_quick_demo_metrics_are_well_formed(quick_demo):
