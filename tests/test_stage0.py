@@ -147,10 +147,16 @@ def test_bad_configs(synth_root, tmp_path):
 def test_text_aux_loss_learns_to_read_the_named_expression(quick_run, synth_root, tmp_path):
     """With ``diffusion.text_aux_weight`` > 0 the diffusion phase also trains the expression readout on the texts
     that name an expression: its cross-entropy is logged and falls, the logged loss includes it, and the export
-    holds the same files as without it (the readout is not part of the base)."""
+    holds the same files as without it (the readout is not part of the base). The quick run's VAE phase is copied in
+    and reused (only ``diffusion.*`` differs), as a rerun in the same workdir would."""
+    import shutil
+
+    shutil.copytree(os.path.join(quick_run[1], "vae"), str(tmp_path / "w" / "vae"))
     cfg = quick_config(synth_root, str(tmp_path / "w"), "diffusion.text_aux_weight=1.0", "diffusion.steps=60",
                        "diffusion.log_every=1", "diffusion.lr=0.003", "diffusion.batch_size=16")
     stage0.run_stage0(cfg)
+    params = os.path.join("vae", "params.safetensors")  # reused, not retrained: the copy was not rewritten
+    assert os.stat(tmp_path / "w" / params).st_mtime_ns == os.stat(os.path.join(quick_run[1], params)).st_mtime_ns
     rows = stage0_phases.read_losses(str(tmp_path / "w" / "diffusion"))
     assert len(rows) == 60 and all(0.0 <= r["text_aux_acc"] <= 1.0 for r in rows)
     ce = np.array([r["text_aux_ce"] for r in rows])
