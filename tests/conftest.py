@@ -12,10 +12,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 # part of the compile that a test never gets back.
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
-# XLA's CPU fusion emitters cost about a third more compile time on these models than the classic ones, for the same
-# run time (docs/development.md, "Test suite time").
-if "xla_cpu_use_fusion_emitters" not in _flags:
-    _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402  (after the environment above)
