@@ -2,7 +2,7 @@
 against the same step encoding pixels with both frozen encoders, same batches, same run.
 
     make demo                                    # once: the world, face models and shards this reads
-    python benchmarks/stage1_inputs.py --demo demo_out [--steps 40] [--rounds 3] [--save]
+    python benchmarks/stage1_inputs.py --demo demo_out [--base assets/synthface_base] [--steps 40] [--rounds 3] [--save]
 
 The config is the demo's (``train/configs/synthface_stage1.yaml`` on the shipped base, batch 8, 64² images). Both
 variants are built from the same shards with the same loader seed, so they see the same examples; the first step's
@@ -19,7 +19,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 #: the batch entries the two variants differ in
@@ -29,6 +30,8 @@ INPUTS = ("target_pixels", "target_latent_moments", "ref_clip_pixels", "ref_clip
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--demo", default="demo_out", help="a finished `make demo` output folder")
+    p.add_argument("--base", default=os.path.join(ROOT, "assets", "synthface_base"),
+                   help="the SD folder the demo trained on (default: the shipped SynthFace base)")
     p.add_argument("--steps", type=int, default=40, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--save", action="store_true", help="write benchmarks/results/stage1_inputs_<device>_<date>.json")
@@ -37,6 +40,8 @@ def main() -> None:
     shards, encoder = os.path.join(work, "shards"), os.path.join(work, "face_models", "image_encoder")
     if not os.path.isfile(os.path.join(shards, "manifest.json")) or not os.path.isdir(encoder):
         raise SystemExit(f"--demo: {args.demo!r} holds no finished demo (run `make demo` first)")
+    if not os.path.isfile(os.path.join(args.base, "model_index.json")):
+        raise SystemExit(f"--base: {args.base!r} is not a diffusers folder (model_index.json missing)")
 
     import tempfile
 
@@ -44,17 +49,15 @@ def main() -> None:
     import numpy as np
     from common import machine, write_result
 
-    from synthface.demo_base import ASSET_DIR
     from train import loop, stage1
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = os.path.join(root, "train", "configs", "synthface_stage1.yaml")
+    config = os.path.join(ROOT, "train", "configs", "synthface_stage1.yaml")
     variants = {"precomputed": ["data.latents=precomputed", "data.clip=precomputed"],
                 "pixels": ["data.latents=pixels", "data.clip=pixels"]}
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in variants.items():
-            cfg = stage1.load(config, [f"model.base={ASSET_DIR}", f"model.image_encoder={encoder}",
+            cfg = stage1.load(config, [f"model.base={args.base}", f"model.image_encoder={encoder}",
                                        f"data.shards={shards}", f"workdir={tmp}/{name}", *extra])
             stage = stage1.Stage1(cfg)
             data = stage1.make_data(cfg, stage.clip_size)
