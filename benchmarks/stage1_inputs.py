@@ -46,7 +46,6 @@ def main() -> None:
     import tempfile
 
     import jax
-    import numpy as np
     from common import machine, write_result
 
     from train import loop, stage1
@@ -79,8 +78,10 @@ def main() -> None:
                 run["times"].append((time.perf_counter() - start) / len(run["batches"]))
                 run["state"] = state
     ms = {name: 1000 * statistics.median(run["times"]) for name, run in runs.items()}
-    result = {"machine": machine(), "config": {"stage1": "train/configs/synthface_stage1.yaml", "batch": 8,
-                                               "resolution": 64, "steps": args.steps, "rounds": args.rounds},
+    result = {"machine": machine(), "config": {"stage1": "train/configs/synthface_stage1.yaml",
+                                               "batch": int(cfg["data"]["batch_size"]),
+                                               "resolution": int(cfg["data"]["resolution"]), "steps": args.steps,
+                                               "rounds": args.rounds},
               "step_ms": ms, "ratio_precomputed_over_pixels": ms["precomputed"] / ms["pixels"],
               "first_loss": {name: run["first_loss"] for name, run in runs.items()},
               "first_loss_abs_diff": abs(runs["precomputed"]["first_loss"] - runs["pixels"]["first_loss"]),
@@ -92,8 +93,6 @@ def main() -> None:
               f"{runs[name]['first_loss']:.6f})")
     print(f"ratio precomputed / pixels: {result['ratio_precomputed_over_pixels']:.2f}; "
           f"|Δ first loss| {result['first_loss_abs_diff']:.2e}")
-    if not np.isfinite(result["ratio_precomputed_over_pixels"]):
-        raise SystemExit("a variant did not time")
     if args.save:
         device = result["machine"]["jax_backend"]
         print("wrote", write_result(result, f"stage1_inputs_{device}_{result['machine']['date']}"))

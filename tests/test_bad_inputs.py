@@ -330,3 +330,29 @@ def test_ctrl_c_during_sampling_stops_between_chunks(env, capsys, monkeypatch):
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
     assert not os.path.exists(out) and not [n for n in os.listdir(env["out"]) if n.startswith(".tmp")]
+
+
+def test_stage1_inputs_benchmark_names_a_missing_demo_or_base(tmp_path):
+    """benchmarks/stage1_inputs.py stops with one line naming ``--demo`` (no finished demo there) or ``--base`` (not a
+    diffusers folder), before it loads anything."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "stage1_inputs.py")
+
+    def error_line(*argv):
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    demo = tmp_path / "demo"
+    (demo / "work" / "face_models" / "image_encoder").mkdir(parents=True)
+    (demo / "work" / "shards").mkdir(parents=True)
+    for folder in (tmp_path / "none", demo):  # nothing there; no shard manifest
+        line = error_line("--demo", str(folder))
+        assert "--demo" in line and "make demo" in line, line
+    (demo / "work" / "shards" / "manifest.json").write_text("{}")
+    line = error_line("--demo", str(demo), "--base", str(tmp_path))
+    assert "--base" in line and "model_index.json" in line, line
