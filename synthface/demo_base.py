@@ -324,7 +324,8 @@ def build_base(out: str = ASSET_DIR, work: str = os.path.join("demo_out", "base_
     if not _world_present(data, world):
         _log(f"base: SynthFace world → {data}")
         synthface.generate(data, world["identities"], seed=world["seed"], size=world["size"],
-                           heldout=world["heldout"], scenes=world["scenes"], pairs=world["pairs"], workers=1,
+                           heldout=world["heldout"], scenes=world["scenes"], pairs=world["pairs"],
+                           workers=1 if quick else 2,  # processes; the same files either way
                            progress=progress)
     world_s = time.perf_counter() - start
     sd_folder = stage0.run(BASE_CONFIG, [f"data.root={data}", f"progress_bar={str(progress).lower()}",

@@ -104,6 +104,26 @@ def test_files_are_deterministic_and_independent_of_the_identity_count(tree):
                                            progress=False)["splits"]
 
 
+def test_worker_processes_write_the_same_files(tree):
+    """``workers=2`` (what ``make demo`` and ``make base`` render with) writes byte for byte the files and index of
+    ``workers=1``."""
+    out, index = tree
+    again = str(out) + "_two_workers"
+    assert sf.generate(again, 2, seed=SEED, heldout=2, scenes=2, pairs=3, validation=1, workers=2,
+                       progress=False) == index
+
+    def files(root):
+        found = {}
+        for folder, _, names in os.walk(root):
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as f:
+                    found[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+        return found
+
+    first, second = files(out), files(again)
+    assert len(first) > 100 and first == second
+
+
 def test_record_schema(tree):
     out, _ = tree
     for path in sf.list_images(out, "train") + sf.list_images(out, "heldout"):
