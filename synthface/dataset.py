@@ -15,6 +15,7 @@ byte-identical trees, and identity ``k`` is the same person whatever ``--identit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -175,6 +176,39 @@ def _identity_job(args):
     return write_identity(*args)
 
 
+@contextlib.contextmanager
+def _job_runner(workers: int):
+    """``run(fn, jobs, desc, unit, progress)`` → ``[fn(job) for job in jobs]`` in order, in this process or in
+    ``workers`` processes ("spawn": safe even when the caller has started JAX's threads; forking those is not)."""
+    from tqdm import tqdm
+
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers)
+
+    def run(fn, jobs, desc, unit, progress):
+        if not jobs:
+            return []
+        bar = tqdm(total=len(jobs), desc=desc, unit=unit) if progress else None
+        results = []
+        for result in (pool.imap(fn, jobs, chunksize=2) if pool is not None else map(fn, jobs)):
+            results.append(result)
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        return results
+
+    try:
+        yield run
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
 def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldout: int | None = None,
              scenes: int | None = None, workers: int = 1, progress: bool = True, pairs: int = 0,
              validation: int = 0) -> dict[str, Any]:
@@ -184,8 +218,8 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
     training identities (``size × 2·size``, captions naming each person's shirt and side) — what stage 0 learns
     groups from. ``validation``: identities of a third split (``validation/va…``, their own seeds) that nothing
     trains on and the report never scores — the references for choosing a recipe without touching the held-out
-    identities (``infer.eval --suite synthface --split validation``). ``workers`` > 1 renders identities in that
-    many processes (the output does not depend on it).
+    identities (``infer.eval --suite synthface --split validation``). ``workers`` > 1 renders identities and pairs
+    in that many processes (the output does not depend on it).
     """
     if int(identities) < 1:
         raise ValueError(f"identities must be >= 1, got {identities!r}")
@@ -202,42 +236,18 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
     jobs += [(out_dir, seed, "heldout", i, size) for i in range(heldout)]
     jobs += [(out_dir, seed, "validation", i, size) for i in range(int(validation))]
     os.makedirs(out_dir, exist_ok=True)
-    from tqdm import tqdm
-
-    bar = None
-    if progress:
-        bar = tqdm(total=len(jobs), desc="SynthFace identities", unit="id")
-    if workers > 1:
-        import multiprocessing as mp
-
-        # "spawn": safe even when the caller has started JAX's threads (forking those is not)
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_identity_job, jobs, chunksize=2):
-                if bar is not None:
-                    bar.update()
-    else:
-        for job in jobs:
-            _identity_job(job)
-            if bar is not None:
-                bar.update()
-    if bar is not None:
-        bar.close()
     pool_ids = [("heldout", i) for i in range(heldout)] if heldout >= 2 else [("train", i) for i in
                                                                              range(identities)]
-    scene_files = []
-    if scenes and len(pool_ids) >= 2:
-        for k in range(scenes):
-            scene_files.append(os.path.relpath(write_scene(out_dir, seed, k, pool_ids, size), out_dir))
-    pair_files = []
-    if int(pairs):
-        train_pool = [("train", i) for i in range(identities)]
-        bar = tqdm(total=int(pairs), desc="SynthFace pairs", unit="img") if progress else None
-        for k in range(int(pairs)):
-            pair_files.append(os.path.relpath(_pair_job((out_dir, seed, k, train_pool, size)), out_dir))
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
+    train_pool = [("train", i) for i in range(identities)]
+    pair_jobs = [(out_dir, seed, k, train_pool, size) for k in range(int(pairs))]
+    with _job_runner(workers) as run:
+        run(_identity_job, jobs, "SynthFace identities", "id", progress)
+        scene_files = []
+        if scenes and len(pool_ids) >= 2:
+            for k in range(scenes):
+                scene_files.append(os.path.relpath(write_scene(out_dir, seed, k, pool_ids, size), out_dir))
+        pair_files = [os.path.relpath(path, out_dir)
+                      for path in run(_pair_job, pair_jobs, "SynthFace pairs", "img", progress)]
     index = {
         "schema": SCHEMA, "seed": int(seed), "image_size": int(size),
         "expressions": list(EXPRESSIONS), "poses": list(POSES), "pose_yaw": POSE_YAW,
