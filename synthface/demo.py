@@ -93,8 +93,9 @@ def face_section(out: str) -> dict:
             "same_person_pairs": int(same.sum() // 2), "pairs": pairs}
 
 
-#: The demo's settings. ``full`` is ``make demo`` (≤ 15 minutes on 2 CPU cores); ``quick`` is the test suite's
-#: end-to-end run (seconds per stage: it checks the wiring and the files, not the method).
+#: The demo's settings. ``full`` is ``make demo`` (target: 15 minutes on 2 CPU cores; measured times in
+#: docs/demo.md); ``quick`` is the test suite's end-to-end run (seconds per stage: it checks the wiring and the
+#: files, not the method).
 PRESETS: dict[str, dict] = {
     "full": {
         # the shipped base's world (synthface.demo_base.WORLD) without the pairs only the base trains on, with 60
