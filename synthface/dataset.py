@@ -176,37 +176,14 @@ def _identity_job(args):
     return write_identity(*args)
 
 
-@contextlib.contextmanager
-def _job_runner(workers: int):
-    """``run(fn, jobs, desc, unit, progress)`` → ``[fn(job) for job in jobs]`` in order, in this process or in
-    ``workers`` processes ("spawn": safe even when the caller has started JAX's threads; forking those is not)."""
+def _run_jobs(pool, fn, jobs: list, desc: str, unit: str, progress: bool) -> list:
+    """``[fn(job) for job in jobs]`` in order, in ``pool``'s processes when there is one, with a progress bar."""
+    if not jobs:
+        return []
     from tqdm import tqdm
 
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(workers)
-
-    def run(fn, jobs, desc, unit, progress):
-        if not jobs:
-            return []
-        bar = tqdm(total=len(jobs), desc=desc, unit=unit) if progress else None
-        results = []
-        for result in (pool.imap(fn, jobs, chunksize=2) if pool is not None else map(fn, jobs)):
-            results.append(result)
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
-        return results
-
-    try:
-        yield run
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    results = pool.imap(fn, jobs, chunksize=2) if pool is not None else map(fn, jobs)
+    return list(tqdm(results, total=len(jobs), desc=desc, unit=unit, disable=not progress))
 
 
 def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldout: int | None = None,
@@ -230,6 +207,8 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
     if heldout < 0 or scenes < 0 or int(pairs) < 0 or int(validation) < 0:
         raise ValueError(f"heldout, scenes, pairs and validation must be >= 0, got {heldout}, {scenes}, {pairs}, "
                          f"{validation}")
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1 (rendering processes), got {workers!r}")
     if int(pairs) and identities < 2:
         raise ValueError(f"pairs need at least 2 training identities, got {identities}")
     jobs = [(out_dir, seed, "train", i, size) for i in range(identities)]
@@ -240,14 +219,21 @@ def generate(out_dir: str, identities: int, seed: int = 0, size: int = 64, heldo
                                                                              range(identities)]
     train_pool = [("train", i) for i in range(identities)]
     pair_jobs = [(out_dir, seed, k, train_pool, size) for k in range(int(pairs))]
-    with _job_runner(workers) as run:
-        run(_identity_job, jobs, "SynthFace identities", "id", progress)
+    if workers > 1:
+        import multiprocessing as mp
+
+        # "spawn": safe even when the caller has started JAX's threads (forking those is not)
+        processes = mp.get_context("spawn").Pool(int(workers))
+    else:
+        processes = contextlib.nullcontext()
+    with processes as pool:
+        _run_jobs(pool, _identity_job, jobs, "SynthFace identities", "id", progress)
         scene_files = []
         if scenes and len(pool_ids) >= 2:
             for k in range(scenes):
                 scene_files.append(os.path.relpath(write_scene(out_dir, seed, k, pool_ids, size), out_dir))
         pair_files = [os.path.relpath(path, out_dir)
-                      for path in run(_pair_job, pair_jobs, "SynthFace pairs", "img", progress)]
+                      for path in _run_jobs(pool, _pair_job, pair_jobs, "SynthFace pairs", "img", progress)]
     index = {
         "schema": SCHEMA, "seed": int(seed), "image_size": int(size),
         "expressions": list(EXPRESSIONS), "poses": list(POSES), "pose_yaw": POSE_YAW,

@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 
 from data_pipelines.shards import write_json_atomic
-from synthface.demo_base import WORLD
+from synthface.demo_base import WORLD, WORLD_WORKERS
 from synthface.demo_stages import Stage, StageRunner
 
 
@@ -103,8 +103,7 @@ PRESETS: dict[str, dict] = {
         # can train 2,500 steps without memorising them), plus validation identities (never trained on, never
         # reported: where a recipe is chosen; docs/demo.md)
         "synthface": {**{k: v for k, v in WORLD.items() if k != "pairs"}, "identities": 120, "validation": 16},
-        # identities rendered in two processes (the same files as one: tests/test_synthface.py): 50 → 26 s
-        "world_workers": 2,
+        "world_workers": WORLD_WORKERS,  # the world's 50 s → 26 s (docs/demo.md, What moved what)
         "face_models": {"steps_scale": 0.5},
         "base": "shipped", "stage1": [], "stage2": [], "infinite_id": [],
         "eval": {"quick": False},

@@ -44,6 +44,9 @@ BASE_COMMANDS = ("python -m synthface.demo_base", "python -m infer.demo_base")
 #: The SynthFace world of the base and of the demo (one place: the demo generates the same portraits; only the
 #: base needs the pairs).
 WORLD: dict[str, int] = {"identities": 60, "heldout": 16, "scenes": 16, "pairs": 1200, "size": 64, "seed": 0}
+#: processes that render the world (``make base``, ``make demo``); the files do not depend on it
+#: (tests/test_synthface.py)
+WORLD_WORKERS = 2
 
 
 class BaseAssetError(RuntimeError):
@@ -325,7 +328,7 @@ def build_base(out: str = ASSET_DIR, work: str = os.path.join("demo_out", "base_
         _log(f"base: SynthFace world → {data}")
         synthface.generate(data, world["identities"], seed=world["seed"], size=world["size"],
                            heldout=world["heldout"], scenes=world["scenes"], pairs=world["pairs"],
-                           workers=1 if quick else 2,  # processes; the same files either way
+                           workers=1 if quick else WORLD_WORKERS,
                            progress=progress)
     world_s = time.perf_counter() - start
     sd_folder = stage0.run(BASE_CONFIG, [f"data.root={data}", f"progress_bar={str(progress).lower()}",

@@ -168,6 +168,9 @@ CLI_CASES = [
     Case("config-corrupt-fraction", "train.stage1", lambda e: ["workdir=" + e["out"] + "/w",
                                                                "data.max_corrupt_fraction=2"], 1,
          ("data.max_corrupt_fraction", "[0.0, 1.0]"), lambda e: [e["out"] + "/w"]),
+    Case("synthface-workers-zero", "synthface.__main__", lambda e: [
+        "--out", e["out"] + "/world", "--identities", "2", "--workers", "0", "--quiet"], 1, ("workers", ">= 1", "0"),
+        lambda e: [e["out"] + "/world"]),
     Case("config-file-missing", "train.stage1", lambda e: ["--config", e["data"] + "/nope.yaml"], 1,
          ("nope.yaml", "does not exist")),
     Case("config-file-list", "train.stage1", lambda e: ["--config", e["data"] + "/list.yaml"], 1,
