@@ -62,7 +62,7 @@ def embedded_spec(demo_dir: str = DEFAULT_DEMO_DIR) -> ModelSpec:
     if missing:
         raise MissingModelsError(
             f"the embedded SynthFace models are not in {os.path.abspath(demo_dir)}/ (missing {', '.join(missing)}); "
-            f"run `{DEMO_COMMAND}` first (about 15 minutes on a CPU), or pass --sd/--dynamicid for real weights")
+            f"run `{DEMO_COMMAND}` first (13–18 minutes on a 2-core CPU), or pass --sd/--dynamicid for real weights")
     iid = os.path.join(demo_dir, EMBEDDED.infinite_id)
     return ModelSpec(sd=paths["sd"], dynamicid=paths["dynamicid"], analyzer="synthetic",
                      analyzer_kwargs={"models_dir": paths["face_models"]},
