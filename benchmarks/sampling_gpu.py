@@ -104,7 +104,7 @@ def main() -> None:
     from common import machine, median_time, write_result
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
     from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
-    from dynamicid_jax.weights.folders import is_sdxl
+    from dynamicid_jax.weights.keymap import is_sdxl
 
     on_gpu = jax.default_backend() == "gpu"
     xl = is_sdxl(folder)

@@ -108,10 +108,10 @@ def random_stage1(dtype_name: str, remat, lora_rank: int):
     from dynamicid_jax.models import clip, unet, vae
     from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
     from dynamicid_jax.tokenizer import load_tokenizer
-    from train import models, stage1
+    from train import runs, stage1
     from train.config import load_config
 
-    dtype = models.compute_dtype(dtype_name)
+    dtype = runs.compute_dtype(dtype_name)
     u_cfg = unet.unet_config("sd15")
     v = vae.AutoencoderKL(vae.vae_config("sd15"), dtype=dtype)
     text = clip.CLIPTextModel(clip.text_config("sd15"), dtype=dtype)
@@ -121,7 +121,7 @@ def random_stage1(dtype_name: str, remat, lora_rank: int):
                   lambda x: x.unbox() if hasattr(x, "unbox") else x,
                   jax.jit(text.init)(jax.random.key(2), jnp.zeros((1, 77), jnp.int32))["params"],
                   is_leaf=lambda x: hasattr(x, "unbox"))}
-    base = models.BaseModel(unet_config=u_cfg, vae=v, text_encoder=text, tokenizer=load_tokenizer(),
+    base = runs.BaseModel(unet_config=u_cfg, vae=v, text_encoder=text, tokenizer=load_tokenizer(),
                             scheduler=load_scheduler(dict(SD15_SCHEDULER_CONFIG), kind="ddim"), params=params,
                             scaling_factor=float(v.config.scaling_factor), source="random:sd15")
     cfg = load_config(None, [f"model.dtype={dtype_name}", f"model.remat={remat}", f"model.lora_rank={lora_rank}",

@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
 
     for module in args.imports:
         load_plugin(module, source="--import")
-    from dynamicid_jax.io_atomic import check_readable, check_writable
+    from dynamicid_jax.file_io import check_readable, check_writable
 
     check_readable(args.images, "--images")
     if not os.path.isdir(args.images):

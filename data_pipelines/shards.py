@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from dynamicid_jax.io_atomic import file_mode, write_json
+from dynamicid_jax.file_io import file_mode, write_json
 
 from .schema import CorruptRecordError, FaceRecord, RecordError, decode_record
 
@@ -42,7 +42,7 @@ _WRITER_OPTIONS = "group_size:1"
 
 
 def write_json_atomic(obj: Any, path: str, *, default: Callable[[Any], Any] | None = None) -> None:
-    """Write JSON atomically (kept for callers; the one writer is :func:`dynamicid_jax.io_atomic.write_json`);
+    """Write JSON atomically (kept for callers; the one writer is :func:`dynamicid_jax.file_io.write_json`);
     ``default`` as in :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
     write_json(obj, path, indent=1, default=default)
 
@@ -173,7 +173,7 @@ class Manifest:
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read ``folder/manifest.json``; missing / malformed → an error naming the file."""
-    from dynamicid_jax.io_atomic import check_readable
+    from dynamicid_jax.file_io import check_readable
 
     path = os.path.join(os.fspath(folder), MANIFEST_NAME)
     check_readable(path, "the shard manifest")
@@ -206,7 +206,7 @@ class ShardSource:
 
         self.folder = os.path.abspath(os.fspath(folder))
         self.manifest = manifest if manifest is not None else load_manifest(self.folder)
-        from dynamicid_jax.io_atomic import check_readable
+        from dynamicid_jax.file_io import check_readable
 
         shards = [s for s in self.manifest.shards if int(s["num_records"]) > 0]
         paths = [os.path.join(self.folder, s["file"]) for s in shards]

@@ -19,7 +19,7 @@ weight importers, about 0.4 s that a plain ``import dynamicid_jax`` does not nee
 from typing import TYPE_CHECKING, Any
 
 from dynamicid_jax import sharding
-from dynamicid_jax.models.attention import Attention, AttentionStrategy, LayerInfo, StandardAttention
+from dynamicid_jax.models.layers import Attention, AttentionStrategy, LayerInfo, StandardAttention
 from dynamicid_jax.models.clip import (CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
                                        clip_preprocess, load_image_encoder, load_text_encoder)
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet, unet_config

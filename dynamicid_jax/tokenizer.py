@@ -137,7 +137,7 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None, *,
     merges = read_bpe_merges(asset)
     vocab = build_clip_vocab(merges)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-clip_tokenizer-", dir=root))
-    from dynamicid_jax.io_atomic import dir_mode
+    from dynamicid_jax.file_io import dir_mode
 
     os.chmod(tmp, dir_mode())  # mkdtemp creates 0700; the cache may be shared: give it mkdir's mode
     try:
@@ -163,7 +163,7 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None, *,
 def _resolve_tokenizer_folder(path: str | os.PathLike) -> pathlib.Path:
     folder = pathlib.Path(path).expanduser()
     if not folder.exists():
-        from dynamicid_jax.weights.folders import missing_path_error
+        from dynamicid_jax.weights.keymap import missing_path_error
 
         raise missing_path_error(path, "tokenizer", "a folder with vocab.json and merges.txt, e.g. a diffusers "
                                                     "pipeline's tokenizer/")

@@ -23,7 +23,7 @@ def resolve_unet_config(value: str):
     """``"sd15"`` → the built-in SD1.5 UNet config; a diffusers pipeline folder, a ``unet/`` folder or a
     ``config.json`` file → that config."""
     from dynamicid_jax.models.unet import UNetConfig, unet_config
-    from dynamicid_jax.weights import folders
+    from dynamicid_jax.weights import keymap as km
 
     if value == "sd15":
         return unet_config("sd15")
@@ -32,9 +32,9 @@ def resolve_unet_config(value: str):
         if not path.endswith(".json"):
             raise ValueError(f"--unet-config: expected 'sd15', a folder or a config.json file, got the file {value!r}")
         folder, name = os.path.split(os.path.abspath(path))
-        return UNetConfig.from_dict(folders.read_config(folder, name), source=path)
-    folder = folders.find_component(path, "unet", what="UNet config")
-    return UNetConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
+        return UNetConfig.from_dict(km.read_config(folder, name), source=path)
+    folder = km.find_component(path, "unet", what="UNet config")
+    return UNetConfig.from_dict(km.read_config(folder), source=os.path.join(folder, "config.json"))
 
 
 def convert(saa: str, out: str, unet_config, *, imr: str | None = None, key_point_encoder: str | None = None,
@@ -46,7 +46,7 @@ def convert(saa: str, out: str, unet_config, *, imr: str | None = None, key_poin
     from dynamicid_jax.weights.keymap import count_params
     from dynamicid_jax.weights.torch_pickle import safe_torch_load
 
-    from dynamicid_jax.io_atomic import check_writable
+    from dynamicid_jax.file_io import check_writable
     from dynamicid_jax.pipelines.dynamicid import check_overwritable
 
     check_overwritable(os.path.abspath(out), overwrite)  # --overwrite replaces only a folder we wrote

@@ -280,7 +280,7 @@ def _clean(obj: Any) -> Any:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (modes follow the umask)."""
-    from dynamicid_jax.io_atomic import write_text
+    from dynamicid_jax.file_io import write_text
 
     write_text(text, path)
 
@@ -301,7 +301,7 @@ def split_timings(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 def write_report(out: str, results: dict[str, Any], grids: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
     """Write ``metrics.json`` (every number, no timings: identical across runs), ``timings.json``, ``metrics.md``
     and the grids into ``out`` (each file atomically); returns paths."""
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.file_io import save_png
 
     os.makedirs(out, exist_ok=True)
     paths = {}
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dynamicid_jax.io_atomic import check_writable
+    from dynamicid_jax.file_io import check_writable
 
     check_writable(args.out, "--out", folder=True)  # before any model is loaded
     try:

@@ -11,7 +11,7 @@
 ``python -m train.export_dynamicid``. ``--model`` may be SD1.x or SDXL for every method (read from the folder or
 file); the method's weights must belong to the same backbone.
 Methods: without ``--method``, ``--dynamicid`` selects DynamicID and plain text-to-image runs otherwise. Other
-methods plug in as a module with ``add_arguments(parser)`` and ``run(args)`` (see :func:`identity_methods`);
+methods plug in as an :class:`IdentityMethod` (``add_arguments(parser)``, ``run(args)``; see :func:`identity_methods`);
 ``--steps`` / ``--guidance-scale`` left out take each method's defaults, ``--id-scale`` is shared.
 """
 from __future__ import annotations
@@ -20,11 +20,13 @@ import argparse
 import os
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 TEXT_TO_IMAGE_STEPS = DYNAMICID_STEPS = 50
 NO_EDIT = ("", "-")  # a --face-prompt / --target-landmark value meaning "nothing for this reference"
 TEXT_TO_IMAGE_GUIDANCE = 7.5
 DYNAMICID_GUIDANCE = 5.0  # the official DynamicID pipeline's default
+INFINITE_ID_STEPS, INFINITE_ID_GUIDANCE = 30, 5.0
 _DYNAMICID_ONLY = ("dynamicid", "face_prompt", "target_landmark", "boxes", "layout", "save_gates", "boost_steps",
                    "boost_strength", "mix", "no_gate", "strict_faces")
 #: options every identity method shares (one name per concept), and the old spellings still accepted
@@ -33,12 +35,17 @@ DEPRECATED_ALIASES = {"--ref": "--reference", "--clip-vision": "--image-encoder"
                       "--face-root": "--analyzer-root"}
 
 
-def identity_methods() -> dict:
-    """Identity methods besides DynamicID (defined in this file): ``--method`` name → a module with
-    ``add_arguments(parser)`` and ``run(args) -> int``. Add a method by adding its module here."""
-    from infer import infinite_id_cli
+class IdentityMethod(NamedTuple):
+    """A ``--method`` besides DynamicID: adds its options to the parser, then runs with the parsed arguments."""
 
-    return {"infinite-id": infinite_id_cli}
+    add_arguments: Callable[[argparse.ArgumentParser], Any]
+    run: Callable[[argparse.Namespace], int]
+
+
+def identity_methods() -> dict[str, IdentityMethod]:
+    """Identity methods besides DynamicID (whose options are built in): ``--method`` name → its
+    :class:`IdentityMethod`. Add a method by adding it here."""
+    return {"infinite-id": IdentityMethod(add_infinite_id_arguments, run_infinite_id)}
 
 
 def parse_boxes(text: str) -> list[list[float]]:
@@ -114,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["dynamicid", *methods], default=None,
                    help="identity method (default: dynamicid when --dynamicid is given, else plain text-to-image)")
     p.method_dests = {}  # method → the option dests it added (to reject them when another method runs)
-    for name, module in methods.items():
+    for name, method in methods.items():
         before = set(map(id, p._actions))
-        module.add_arguments(p)
+        method.add_arguments(p)
         p.method_dests[name] = {a.dest for a in p._actions if id(a) not in before}
 
     g = p.add_argument_group("DynamicID (identity personalisation; --id-scale weighs the identity branch)")
@@ -179,7 +186,7 @@ def _resolve_method(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def check_paths_first(args: argparse.Namespace, outputs: dict[str, str | None],
                       inputs: dict[str, list[str] | None]) -> None:
     """Before loading or sampling: every output location writable, every input image file present and readable."""
-    from dynamicid_jax.io_atomic import check_readable, check_writable
+    from dynamicid_jax.file_io import check_readable, check_writable
 
     for flag, path in outputs.items():
         if path:
@@ -214,7 +221,7 @@ def _default_size(args: argparse.Namespace, sdxl: bool) -> None:
 
 
 def _is_sdxl_model(path: str) -> bool:
-    from dynamicid_jax.weights.folders import is_sdxl
+    from dynamicid_jax.weights.keymap import is_sdxl
 
     return is_sdxl(path)
 
@@ -223,7 +230,7 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from dynamicid_jax.image_io import image_grid, save_png
+    from dynamicid_jax.file_io import image_grid, save_png
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
     check_paths_first(args, {"--out": args.out}, {})
@@ -260,7 +267,7 @@ def run_dynamicid(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from dynamicid_jax.image_io import image_grid, save_png
+    from dynamicid_jax.file_io import image_grid, save_png
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
     from dynamicid_jax.pipelines.gates import save_gate_overlay
 
@@ -298,6 +305,89 @@ def run_dynamicid(args: argparse.Namespace) -> int:
         save_gate_overlay(gates, images[0], args.save_gates)
         print(os.path.abspath(args.save_gates), file=sys.stderr)
     print(os.path.abspath(args.out))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --method infinite-id
+# ---------------------------------------------------------------------------------------------------------
+def add_infinite_id_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``--method infinite-id`` options (none required, so the other methods keep working)."""
+    g = parser.add_argument_group("Infinite-ID (--method infinite-id; also --reference, --image-encoder, "
+                                  "--analyzer, --analyzer-root, --id-scale)")
+    g.add_argument("--infinite-id-weights", metavar="DIR", help="folder with infinite_id.safetensors/.json")
+    g.add_argument("--no-adain", dest="adain", action="store_false", help="turn AdaIN-mean off")
+    g.add_argument("--mix-steps", default="0:", metavar="START:END",
+                   help="denoising steps with mixed attention, START ≤ i < END (END empty = to the last; '0:0' off)")
+    g.add_argument("--mix-layers", default="all",
+                   help="'all', or comma-separated name prefixes of the self-attention layers that mix, "
+                        "e.g. 'up_blocks,mid_block'")
+    g.add_argument("--save-text-stream", metavar="PNG", default=None,
+                   help="also save the text stream (plain text-to-image with the same seed)")
+    return parser
+
+
+def parse_mix_steps(text: str) -> tuple[int, int | None]:
+    try:
+        start, end = text.split(":")
+        return int(start or 0), (int(end) if end.strip() else None)
+    except ValueError:
+        raise ValueError(f"--mix-steps must look like START:END (e.g. '0:' or '5:25'), got {text!r}") from None
+
+
+def parse_mix_layers(text: str) -> tuple[str, ...] | None:
+    if text.strip().lower() == "all":
+        return None
+    prefixes = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not prefixes:
+        raise ValueError(f"--mix-layers must be 'all' or comma-separated layer-name prefixes, got {text!r}")
+    return prefixes
+
+
+def run_infinite_id(args: argparse.Namespace) -> int:
+    """``--method infinite-id``: the generate options, the shared identity options and Infinite-ID's own;
+    ``--steps`` / ``--guidance-scale`` left out take :data:`INFINITE_ID_STEPS` / :data:`INFINITE_ID_GUIDANCE`."""
+    missing = [flag for flag, value in (("--reference", args.reference),
+                                        ("--infinite-id-weights", args.infinite_id_weights),
+                                        ("--image-encoder", args.image_encoder)) if not value]
+    if missing:
+        raise SystemExit(f"--method infinite-id needs {', '.join(missing)}")
+    check_paths_first(args, {"--out": args.out, "--save-text-stream": args.save_text_stream},
+                      {"--reference": args.reference})
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dynamicid_jax.file_io import image_grid, save_png
+    from dynamicid_jax.pipelines.infinite_id import InfiniteIDPipeline
+
+    steps = INFINITE_ID_STEPS if getattr(args, "steps", None) is None else args.steps
+    guidance = INFINITE_ID_GUIDANCE if getattr(args, "guidance_scale", None) is None else args.guidance_scale
+    mix_steps = parse_mix_steps(args.mix_steps)
+    kwargs = analyzer_kwargs(args)
+    start = time.perf_counter()
+    print(f"loading {args.model} + Infinite-ID …", file=sys.stderr, flush=True)
+    pipe = InfiniteIDPipeline.from_pretrained(
+        args.model, args.infinite_id_weights, args.image_encoder, face_analyzer=args.analyzer,
+        analyzer_kwargs=kwargs, config=getattr(args, "config", None), scheduler=getattr(args, "scheduler", "ddim"),
+        dtype=getattr(jnp, getattr(args, "dtype", "float32")), mix_layers=parse_mix_layers(args.mix_layers))
+    print(f"loaded in {time.perf_counter() - start:.1f}s; sampling ({len(args.prompt)}×{args.height}×{args.width}, "
+          f"{steps} steps, {len(args.reference)} reference(s)) …", file=sys.stderr, flush=True)
+    out = pipe(args.prompt, references=args.reference, negative_prompt=args.negative_prompt, steps=steps,
+               guidance_scale=guidance, seed=args.seed, height=args.height, width=args.width,
+               id_scale=args.id_scale, adain=args.adain, mix_steps=mix_steps,
+               return_text_stream=bool(args.save_text_stream))
+    images, text_images = out if args.save_text_stream else (out, None)
+    t = pipe.last_timings
+    print(f"compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s", file=sys.stderr)
+
+    def save(batch, path):
+        save_png(batch[0] if len(batch) == 1 else image_grid(np.asarray(batch)), path)
+        print(os.path.abspath(path))
+
+    save(images, args.out)
+    if text_images is not None:
+        save(text_images, args.save_text_stream)
     return 0
 
 

@@ -61,7 +61,7 @@ def caption_for(background: str, clothing: str, placement: str) -> str:
 
 def _write_text(path: str, text: str) -> None:
     """Atomic, without an fsync per file (a regenerable data set of thousands of small files)."""
-    from dynamicid_jax.io_atomic import write_text
+    from dynamicid_jax.file_io import write_text
 
     write_text(text, path, durable=False)
 
@@ -71,7 +71,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _save_png(path: str, image: np.ndarray) -> None:
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.file_io import save_png
 
     save_png(image, path, durable=False)
 

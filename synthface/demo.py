@@ -46,7 +46,7 @@ def face_section(out: str) -> dict:
     from PIL import Image, ImageDraw
 
     from dynamicid_jax.faces import auto_face_prompt, get_analyzer, identity_metric, identity_vector
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.file_io import save_png
     from infer.eval import write_text_atomic
     from insightface.data import get_image
 

@@ -105,7 +105,7 @@ def world_texts(data_root: str) -> list[str]:
     from synthface.dataset import group_caption
     from synthface.world import (BACKGROUNDS, CLOTHING, EXPRESSIONS, PLACEMENTS, POSE_YAW, POSES,
                                                 PROMPT_EXPRESSION, grid_prompt)
-    from dynamicid_jax.faces.geometry import auto_face_prompt
+    from dynamicid_jax.faces import auto_face_prompt
 
     texts = {""}
     for b in BACKGROUNDS:
@@ -197,7 +197,7 @@ def export_base(sd_folder: str, out: str, *, data_root: str, stage0_metrics: Map
     mask[keep] = 1.0
     _set(text, path, table * mask)
     sd.params = {**sd.params, "text_encoder": text}
-    from dynamicid_jax.io_atomic import atomic_folder, write_json
+    from dynamicid_jax.file_io import atomic_folder, write_json
 
     with atomic_folder(out, replace=os.path.exists(out)) as staging:
         folder = sd.save_pretrained(os.path.join(staging, "base"), dtype="float16")

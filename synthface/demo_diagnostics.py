@@ -39,7 +39,7 @@ COLOUR_PROMPTS = tuple(f"a photo of a person in a {c} shirt" for c in
 def expression_face_prompts() -> list[str]:
     """The automatic face prompt of a front view in each of the world's seven expressions (what an IMR edit asks
     for), in the order of ``synthface.world.EXPRESSIONS``."""
-    from dynamicid_jax.faces.geometry import auto_face_prompt
+    from dynamicid_jax.faces import auto_face_prompt
     from synthface.world import EXPRESSIONS, PROMPT_EXPRESSION
 
     return [auto_face_prompt((0.0, 0.0, 0.0), PROMPT_EXPRESSION[e]) for e in EXPRESSIONS]

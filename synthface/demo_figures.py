@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from synthface import EXPRESSIONS, PROMPT_EXPRESSION
-from dynamicid_jax.faces.geometry import auto_face_prompt
-from dynamicid_jax.image_io import save_png
+from dynamicid_jax.faces import auto_face_prompt
+from dynamicid_jax.file_io import save_png
 from synthface.evaluation.suite import Protocol
 
 __all__ = ["edit_face_prompt", "labelled_grid", "single_id_figure", "multi_id_figure", "edit_figure",

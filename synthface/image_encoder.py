@@ -40,7 +40,7 @@ class ImageEncoderResult:
     def save(self, folder: str) -> str:
         from dynamicid_jax.models.clip import save_image_encoder
 
-        from dynamicid_jax.io_atomic import write_json
+        from dynamicid_jax.file_io import write_json
 
         save_image_encoder(folder, self.module, self.params)
         payload = {"labels": self.labels, "metrics": self.metrics,

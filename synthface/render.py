@@ -171,7 +171,7 @@ def draw_person(canvas: Canvas, ident: Identity, expression: str, pose: Pose2D, 
 
 def face_annotation(lay: FaceLayout, expression: str, pose_name: str) -> dict[str, Any]:
     """The exact face values of one drawn face (JSON-ready)."""
-    from dynamicid_jax.faces.geometry import auto_face_prompt
+    from dynamicid_jax.faces import auto_face_prompt
 
     pose = lay.head.pose.pose
     return {

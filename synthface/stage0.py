@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.shards import write_json_atomic
-from train import loop, models, runs
+from train import loop, runs
 from synthface.stage0_checks import background_palette_accuracy, check_export, sample_prompts
 from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, check_diffusion_settings,
                                      final_params, fit, latent_scaling_factor, load_data, read_json, read_losses,
@@ -251,7 +251,7 @@ def _start_phase(folder: str, fp: str) -> None:
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
-    from dynamicid_jax.io_atomic import atomic_path
+    from dynamicid_jax.file_io import atomic_path
 
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array)
@@ -267,7 +267,7 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
     pair_path = os.path.join(folder, "pair_moments.npy")
     if done is not None and os.path.exists(params_path) and os.path.exists(moments_path):
         log.info("phase vae: finished before (%d steps), reusing it", done["steps"])
-        params = jax.tree_util.tree_map(jnp.asarray, models.load_params(params_path))
+        params = jax.tree_util.tree_map(jnp.asarray, runs.load_params(params_path))
         if data.pair_images is not None and not os.path.exists(pair_path):
             _save_array(pair_path, VAEPhase(cfg, vae_cfg, data).encode_all(params, data.pair_images))
         return (dataclasses.replace(vae_cfg, scaling_factor=done["scaling_factor"]), params,
@@ -291,7 +291,7 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
                "loss_first": losses[0]["loss"] if losses else None, "loss_last": losses[-1]["loss"] if losses else None,
                "losses": [[r["step"], r["loss"]] for r in losses], **timing,
                "measure_s": time.perf_counter() - start}
-    models.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-vae", "scaling_factor":
+    runs.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-vae", "scaling_factor":
                                                       str(scaling)})
     _save_array(moments_path, moments)
     if data.pair_images is not None:
@@ -312,7 +312,7 @@ def run_diffusion_phase(cfg: Mapping, text_cfg, unet_cfg, scheduler, moments, sc
     params_path = os.path.join(folder, "params.safetensors")
     if done is not None and os.path.exists(params_path):
         log.info("phase diffusion: finished before (%d steps), reusing it", done["steps"])
-        return jax.tree_util.tree_map(jnp.asarray, models.load_params(params_path)), {**done, "skipped": True}
+        return jax.tree_util.tree_map(jnp.asarray, runs.load_params(params_path)), {**done, "skipped": True}
     pair_moments = None
     if data.pair_images is not None:
         pair_moments = np.load(os.path.join(workdir, "vae", "pair_moments.npy"))
@@ -329,7 +329,7 @@ def run_diffusion_phase(cfg: Mapping, text_cfg, unet_cfg, scheduler, moments, sc
                "loss_first": losses[0]["loss"] if losses else None, "loss_last": losses[-1]["loss"] if losses else None,
                "loss_tail_mean": float(np.mean(tail)) if tail else None,
                "losses": [[r["step"], r["loss"]] for r in losses], **timing}
-    models.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-diffusion"})
+    runs.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-diffusion"})
     write_json_atomic(metrics, os.path.join(folder, "done.json"), default=float)
     log.info("phase diffusion: loss %.4f → %.4f, %.1f s", metrics["loss_first"] or float("nan"),
              metrics["loss_tail_mean"] or float("nan"), metrics["wall_s"])

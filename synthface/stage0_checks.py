@@ -40,7 +40,7 @@ def background_palette_accuracy(images: np.ndarray, backgrounds: Sequence[str], 
 
 def check_export(folder: str, cfg: Mapping, out_png: str | None) -> dict:
     """Load the export with our loader, generate ``sample.count`` images from captions, score them."""
-    from dynamicid_jax.image_io import image_grid, save_png
+    from dynamicid_jax.file_io import image_grid, save_png
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
     s = cfg["sample"]

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from synthface.world import EXPRESSIONS
-from train import loop, models
+from train import loop, runs
 
 
 # =========================================================================================================
@@ -123,7 +123,7 @@ def _mesh(cfg: Mapping):
 
 
 def _boxed(module, *args):
-    return models.boxed_abstract(module, *args)
+    return runs.boxed_abstract(module, *args)
 
 
 def _spec_tree(tree: Any) -> Any:

@@ -56,12 +56,12 @@ def build_tiny_models(folder: str, tiny_sd_dir: str) -> dict[str, str]:
     from dynamicid_jax.methods import saa as S
     from dynamicid_jax.models.unet import UNetConfig
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights, save_dynamicid
-    from dynamicid_jax.weights import folders
+    from dynamicid_jax.weights import keymap as km
 
     enc = ide.id_encoder_config("tiny", id_embed_dim=128, clip_dim=VISION["hidden_size"])  # dlib: 128-d
     imr_cfg, kpe_cfg = imr.imr_config("tiny"), imr.keypoint_encoder_config("tiny")
     strategy = S.SAA(lora_rank=4)
-    unet_config = UNetConfig.from_dict(folders.read_config(folders.find_component(tiny_sd_dir, "unet")))
+    unet_config = UNetConfig.from_dict(km.read_config(km.find_component(tiny_sd_dir, "unet")))
     weights = DynamicIDWeights(enc, ide.init_params(ide.IDEncoder(enc), jax.random.key(1)), strategy, unet_config,
                                S.init_saa_params(unet_config, jax.random.key(2), strategy), imr_cfg,
                                imr.init_params(imr.IMR(imr_cfg), jax.random.key(3)), kpe_cfg,

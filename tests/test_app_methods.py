@@ -26,13 +26,13 @@ def engine(tiny_sd_dir, torch, tmp_path_factory):
     from dynamicid_jax.methods import infinite_id as iid
     from dynamicid_jax.methods.infinite_id_weights import save_infinite_id
     from dynamicid_jax.models.unet import UNetConfig
-    from dynamicid_jax.weights import folders
+    from dynamicid_jax.weights import keymap as km
     from infer.app_engine import Engine
     from infer.app_models import ModelSpec, load_models
 
     folder = str(tmp_path_factory.mktemp("app_methods"))
     paths = W.build_tiny_models(folder, tiny_sd_dir)
-    unet_config = UNetConfig.from_dict(folders.read_config(folders.find_component(tiny_sd_dir, "unet")))
+    unet_config = UNetConfig.from_dict(km.read_config(km.find_component(tiny_sd_dir, "unet")))
     enc = iid.infinite_id_encoder_config("tiny", id_embed_dim=128, clip_dim=W.VISION["hidden_size"])
     rng = np.random.default_rng(0)
     ids = jax.tree_util.tree_map(lambda s: (rng.standard_normal(s.shape) * 0.3).astype(np.float32),

@@ -224,8 +224,8 @@ def test_command_line_bad_input(case: Case, env, capsys):
 def test_outputs_follow_the_umask(env, tmp_path):
     """Shards, manifests, JSON, safetensors, PNGs and converted-style folders get the modes open()/mkdir would
     give under the umask (not tempfile's 0600 / 0700), and are replaced atomically."""
-    from dynamicid_jax import io_atomic
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax import file_io
+    from dynamicid_jax.file_io import save_png
     from dynamicid_jax.weights.keymap import write_safetensors
 
     old = os.umask(0o027)
@@ -233,10 +233,10 @@ def test_outputs_follow_the_umask(env, tmp_path):
         write_shards(str(tmp_path / "shards"))
         save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
         write_safetensors({"w": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))
-        io_atomic.write_json({"a": 1}, tmp_path / "x.json")
-        with io_atomic.atomic_folder(tmp_path / "folder") as tmp:
+        file_io.write_json({"a": 1}, tmp_path / "x.json")
+        with file_io.atomic_folder(tmp_path / "folder") as tmp:
             os.makedirs(os.path.join(tmp, "sub"))
-            io_atomic.write_text("hi", os.path.join(tmp, "sub", "f.txt"))
+            file_io.write_text("hi", os.path.join(tmp, "sub", "f.txt"))
     finally:
         os.umask(old)
     files = [*(tmp_path / "shards").iterdir(), tmp_path / "a.png", tmp_path / "w.safetensors", tmp_path / "x.json",
@@ -247,7 +247,7 @@ def test_outputs_follow_the_umask(env, tmp_path):
         assert os.stat(d).st_mode & 0o777 == 0o750, (d, oct(os.stat(d).st_mode))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
     with pytest.raises(RuntimeError):  # a failed write leaves the old file and no temp file
-        with io_atomic.atomic_path(tmp_path / "x.json") as tmp:
+        with file_io.atomic_path(tmp_path / "x.json") as tmp:
             open(tmp, "w").write("half")
             raise RuntimeError("boom")
     assert json.load(open(tmp_path / "x.json")) == {"a": 1}

@@ -26,7 +26,7 @@ from dynamicid_jax.models.unet import UNetConfig, attention_layer_names
 from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline, DynamicIDWeights, load_dynamicid, save_dynamicid
 from dynamicid_jax.pipelines.gates import GateMaps, gate_overlay_image, save_gate_overlay
 from dynamicid_jax.tokenizer import tokenize
-from dynamicid_jax.weights import folders
+from dynamicid_jax.weights import keymap as km
 
 from tiny_sd import VISION, make_tiny_clip_vision
 
@@ -50,7 +50,7 @@ def clip_dir(torch, tmp_path_factory):
 
 
 def tiny_unet_config(sd_dir) -> UNetConfig:
-    return UNetConfig.from_dict(folders.read_config(folders.find_component(sd_dir, "unet")))
+    return UNetConfig.from_dict(km.read_config(km.find_component(sd_dir, "unet")))
 
 
 @pytest.fixture(scope="session")

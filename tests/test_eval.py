@@ -266,11 +266,11 @@ def method_weights(tmp_path_factory):
     from dynamicid_jax.models.clip import CLIPVisionModelWithProjection, save_image_encoder, vision_config
     from dynamicid_jax.models.unet import UNetConfig
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights, save_dynamicid
-    from dynamicid_jax.weights import folders
+    from dynamicid_jax.weights import keymap as km
 
     root = tmp_path_factory.mktemp("eval_methods")
     sd_dir = make_small_sd(str(root / "sd"))
-    ucfg = UNetConfig.from_dict(folders.read_config(folders.find_component(sd_dir, "unet")))
+    ucfg = UNetConfig.from_dict(km.read_config(km.find_component(sd_dir, "unet")))
     vcfg = vision_config("tiny")
     vision = CLIPVisionModelWithProjection(vcfg)
     vparams = _random_tree(jax.eval_shape(vision.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))

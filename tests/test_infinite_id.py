@@ -13,7 +13,7 @@ from conftest import assert_close
 from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.methods.infinite_id_weights import load_infinite_id, save_infinite_id
 from dynamicid_jax.models import unet as U
-from dynamicid_jax.models.attention import Attention, LayerInfo
+from dynamicid_jax.models.layers import Attention, LayerInfo
 from dynamicid_jax.schedulers import DDIMScheduler
 from dynamicid_jax.weights.keymap import WeightLoadError
 

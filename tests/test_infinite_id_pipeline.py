@@ -146,7 +146,7 @@ def _cli_parser():
 
 
 def test_cli_arguments(tmp_path):
-    from infer import infinite_id_cli as cli
+    from infer import generate as cli
 
     parser = _cli_parser()
     args = parser.parse_args(["--model", "m", "--prompt", "x", "--out", "x.png", "--reference", "a.png",
@@ -158,19 +158,19 @@ def test_cli_arguments(tmp_path):
     assert cli.parse_mix_layers(args.mix_layers) == ("up_blocks", "mid_block")
     assert cli.parse_mix_layers("all") is None
     with pytest.raises(SystemExit, match="--infinite-id-weights, --image-encoder"):
-        cli.run(parser.parse_args(["--model", "m", "--prompt", "x", "--out", "x.png", "--reference", "r.png"]))
+        cli.run_infinite_id(parser.parse_args(["--model", "m", "--prompt", "x", "--out", "x.png", "--reference", "r.png"]))
     with pytest.raises(ValueError, match="START:END"):
         cli.parse_mix_steps("5")
 
 
 @pytest.mark.slow
 def test_cli_end_to_end(iid_dirs, tmp_path):
-    from infer import infinite_id_cli as cli
+    from infer import generate as cli
 
     sd_dir, clip_dir, weights_dir, _ = iid_dirs
     parser = _cli_parser()
     ref_path = tmp_path / "ref.png"
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.file_io import save_png
 
     save_png(_reference(1), ref_path)
     args = parser.parse_args([
@@ -178,7 +178,7 @@ def test_cli_end_to_end(iid_dirs, tmp_path):
         "--width", "64", "--steps", "3", "--seed", "3", "--out", str(tmp_path / "id.png"),
         "--reference", str(ref_path), "--infinite-id-weights", weights_dir, "--image-encoder", clip_dir,
         "--analyzer", "infinite-id-test", "--save-text-stream", str(tmp_path / "text.png")])
-    assert cli.run(args) == 0
+    assert cli.run_infinite_id(args) == 0
     from PIL import Image
 
     ident = np.asarray(Image.open(tmp_path / "id.png"))
@@ -209,12 +209,12 @@ TRAIN = ["model.encoder_variant=tiny", "model.dtype=float32", "train.progress_ba
 
 @pytest.fixture(scope="session")
 def stage(iid_dirs):
-    from train import models
+    from train import runs
     from train.config import load_config
     from train.infinite_id import DEFAULTS, InfiniteIDStage
 
     sd_dir, clip_dir, _, sd = iid_dirs
-    base = models.BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder,
+    base = runs.BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder,
                             tokenizer=sd.tokenizer, scheduler=sd.scheduler, params=dict(sd.params),
                             scaling_factor=float(sd.vae.config.scaling_factor), source=sd_dir)
     cfg = load_config(None, TRAIN + [f"model.base={sd_dir}"], defaults=DEFAULTS)

@@ -44,11 +44,11 @@ ALLOWED = {
 #: The library's layers, lowest first (module prefixes; the longest matching prefix decides).
 LIBRARY_LAYERS = (
     # file formats and small utilities that know no model
-    ("dynamicid_jax.errors", "dynamicid_jax.io_atomic", "dynamicid_jax.cli_args", "dynamicid_jax.plugins"),
-    ("dynamicid_jax.weights.keymap", "dynamicid_jax.weights.folders", "dynamicid_jax.weights.builtin_configs",
+    ("dynamicid_jax.errors", "dynamicid_jax.file_io", "dynamicid_jax.cli_args", "dynamicid_jax.plugins"),
+    ("dynamicid_jax.weights.keymap", "dynamicid_jax.weights.builtin_configs",
      "dynamicid_jax.weights.single_file", "dynamicid_jax.weights.single_file_sdxl",
      "dynamicid_jax.weights.torch_pickle",
-     "dynamicid_jax.image_io", "dynamicid_jax.tokenizer", "dynamicid_jax.schedulers", "dynamicid_jax.sharding"),
+     "dynamicid_jax.tokenizer", "dynamicid_jax.schedulers", "dynamicid_jax.sharding"),
     # Stable Diffusion's modules (and their loaders)
     ("dynamicid_jax.models",),
     # the methods on top of the models, and face analysis

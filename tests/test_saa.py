@@ -11,8 +11,9 @@ from flax import traverse_util
 import tiny_sd
 from conftest import assert_close
 from dynamicid_jax.methods import saa as S
+from dynamicid_jax.pipelines.gates import gate_maps
 from dynamicid_jax.models import unet as U
-from dynamicid_jax.models.attention import Attention, LayerInfo
+from dynamicid_jax.models.layers import Attention, LayerInfo
 from dynamicid_jax.weights import keymap as km
 from dynamicid_jax.methods import dynamicid_official as official
 
@@ -434,7 +435,7 @@ def test_boost_thresholded_in_box_query_ends_at_s_and_jit_equals_eager():
 def test_gate_maps_shapes(torch_unet, ours, apply_saa):
     sample, t, ctx = _batch(2, (16, 24), seed=5)
     _, state = apply_saa(ours[1], sample, t, ctx, S.saa_inputs(2, (128, 192), TWO_BOXES, strength=2.0))
-    maps = S.gate_maps(state["intermediates"], (128, 192))
+    maps = gate_maps(state["intermediates"], (128, 192))
     assert maps["down_blocks_0/attentions_0/transformer_blocks_0/attn2"].shape == (2, 16, 24)
     assert maps["up_blocks_1/attentions_2/transformer_blocks_0/attn2"].shape == (2, 8, 12)
     assert maps["mid_block/attentions_0/transformer_blocks_0/attn2"].shape == (2, 4, 6)

@@ -9,7 +9,6 @@ import pytest
 
 from conftest import assert_close
 from dynamicid_jax.models import unet as U
-from dynamicid_jax.weights import folders
 from dynamicid_jax.weights import keymap as km
 from dynamicid_jax.weights import single_file_sdxl as sfx
 
@@ -33,7 +32,7 @@ def ours(tiny_sdxl):
 
 def _state(folder, component):
     stem = "model" if component.startswith("text_encoder") else "diffusion_pytorch_model"
-    return folders.read_weights(os.path.join(folder, component), stem)[0]
+    return km.read_weights(os.path.join(folder, component), stem)[0]
 
 
 def test_unet_parity_with_added_embeddings(tiny_sdxl, ours, torch):
@@ -96,11 +95,11 @@ def test_single_file_written_in_original_layout_loads_and_equals_folder(tiny_sdx
     from diffusers.loaders import single_file_utils as dsf
 
     from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
-    from dynamicid_jax.weights.folders import is_sdxl
+    from dynamicid_jax.weights.keymap import is_sdxl
 
     folder = tiny_sdxl[0]
     states = {c: _state(folder, c) for c in sfx.COMPONENTS}
-    configs = {c: folders.read_config(os.path.join(folder, c)) for c in ("unet", "vae")}
+    configs = {c: km.read_config(os.path.join(folder, c)) for c in ("unet", "vae")}
     ldm = sfx.to_sdxl_checkpoint(states["unet"], states["vae"], states["text_encoder"], states["text_encoder_2"],
                                  configs["unet"], configs["vae"])
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in ldm

@@ -11,6 +11,7 @@ from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import imr
 from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.methods import saa as S
+from dynamicid_jax.pipelines.gates import gate_maps
 from dynamicid_jax.models import unet as U
 
 CONFIG = U.unet_config("tiny-sdxl")
@@ -92,7 +93,7 @@ def test_saa_on_every_sdxl_layer_gates_sown_and_id_scale_zero_is_plain(base_para
     np.testing.assert_allclose(np.asarray(off), base, atol=1e-6, rtol=0)
     on, state = apply_saa(params, S.saa_inputs(1, IMAGE))
     assert float(jnp.abs(on - base).max()) > 1e-3
-    gates = S.gate_maps(state["intermediates"], IMAGE)
+    gates = gate_maps(state["intermediates"], IMAGE)
     assert sorted(gates) == sorted(_module_path(n) for n in names if n.endswith("attn2"))
     assert all(g.shape[0] == 2 and 0.0 <= float(g.min()) and float(g.max()) <= 1.0 for g in gates.values())
 

@@ -86,9 +86,9 @@ def xl_dir(tmp_path_factory, torch):
 
 @pytest.fixture(scope="module")
 def xl_unet_config(xl_dir):
-    from dynamicid_jax.weights import folders
+    from dynamicid_jax.weights import keymap as km
 
-    return U.UNetConfig.from_dict(folders.read_config(os.path.join(xl_dir, "unet")))
+    return U.UNetConfig.from_dict(km.read_config(os.path.join(xl_dir, "unet")))
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def test_cli_methods_on_sdxl(xl, xl_dir, dynamicid_dir, infinite_id_dir, vision_
     ``dynamicid`` fixture's, and the samplers are those the pipeline tests compiled."""
     from PIL import Image
 
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.file_io import save_png
     from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
     from infer import generate
 
@@ -321,7 +321,7 @@ def test_stage1_trained_on_sdxl_loads_and_samples(xl_dir, xl, tmp_path):
     them (id_scale=1 differs from 0)."""
     from dynamicid_jax import sharding as sh
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
-    from train import loop, models, stage1
+    from train import loop, runs, stage1
     from train.config import load_config
     from train.export_dynamicid import export_dynamicid
 
@@ -329,7 +329,7 @@ def test_stage1_trained_on_sdxl_loads_and_samples(xl_dir, xl, tmp_path):
                              "model.lora_rank=4", "model.dtype=float32", "train.progress_bar=false",
                              "checkpoint.every=0", "train.steps=2", f"model.base={xl_dir}"],
                       defaults=stage1.DEFAULTS)
-    s1 = stage1.Stage1(cfg, base=models.load_base(xl_dir, jnp.float32))
+    s1 = stage1.Stage1(cfg, base=runs.load_base(xl_dir, jnp.float32))
     mesh = sh.make_mesh(sh.MeshConfig(data=1), devices=jax.devices()[:1])
     trainer = loop.Trainer(s1.task(), cfg, str(tmp_path / "s1"), mesh=mesh)
 

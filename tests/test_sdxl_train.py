@@ -11,7 +11,7 @@ from dynamicid_jax import sharding as sh
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models import clip as C
 from dynamicid_jax.models import unet as U
-from train import loop, models, stage1, stage2
+from train import loop, runs, stage1, stage2
 from train.config import load_config
 
 TINY1 = ["model.image_encoder=random:tiny", "model.id_encoder_variant=tiny-sdxl", "model.lora_rank=4",
@@ -102,7 +102,7 @@ def base(tmp_path_factory):
     from tiny_sdxl import make_tiny_sdxl
 
     folder, _ = make_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl_train")))
-    return models.load_base(folder, jnp.float32)
+    return runs.load_base(folder, jnp.float32)
 
 
 def stage1_batch(b=4, seed=0):

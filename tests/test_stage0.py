@@ -51,7 +51,7 @@ def test_our_loader_reads_the_export(quick_run, synth_root):
     from synthface import load_split
     from dynamicid_jax.models.vae import encode_to_latents
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
-    from train.models import load_base
+    from train.runs import load_base
 
     _, workdir, folder = quick_run
     sd = StableDiffusion.from_pretrained(folder)

@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from dynamicid_jax.methods import saa as saa_lib
-from train import loop, models, stage1, stage2, token_cache
+from train import loop, runs, stage1, stage2, token_cache
 from train.config import load_config
 
 from gradient_checks import (assert_bitwise_unchanged, assert_gradients_on_every_leaf, snapshot,
@@ -31,7 +31,7 @@ def base(tmp_path_factory):
     from tiny_sd import make_tiny_sd
 
     folder = make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
-    return models.load_base(folder, jnp.float32)
+    return runs.load_base(folder, jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_stage1_trains_on_a_mesh(s1, tmp_path):
     assert not np.allclose(after["id_encoder"]["proj_0"]["kernel"], state0.trainable["id_encoder"]["proj_0"]["kernel"])
     assert os.listdir(tmp_path / "samples")
     path = s1.export(state, str(tmp_path))
-    assert set(models.load_params(path)) == {"id_encoder", "saa"}
+    assert set(runs.load_params(path)) == {"id_encoder", "saa"}
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
@@ -217,7 +217,7 @@ def test_stage2_trains(s2, tmp_path):
     assert not np.allclose(after.trainable["imr"]["proj_out"]["kernel"], state0.trainable["imr"]["proj_out"]["kernel"])
     bs0, bs1 = (traverse_util.flatten_dict(s.mutable) for s in (state0, after))
     assert any(not np.allclose(bs0[k], bs1[k]) for k in bs0)
-    assert set(models.load_params(s2.export(state, str(tmp_path)))) == {"imr", "keypoint_encoder", "batch_stats"}
+    assert set(runs.load_params(s2.export(state, str(tmp_path)))) == {"imr", "keypoint_encoder", "batch_stats"}
 
 
 # ------------------------------------------------------------------------------------------------ token cache
@@ -234,7 +234,7 @@ def test_token_cache_build_and_lookup(s1, stage1_export, tmp_path):
         token_cache.build_token_cache(batches, encode, str(tmp_path), batch_size=2, process_index=p,
                                       process_count=2)
     cache = token_cache.TokenCache.load(str(tmp_path))
-    feats = models.clip_penultimate(s1.image_module, s1.frozen["image_encoder"], recs["ref_clip_pixels"])
+    feats = runs.clip_penultimate(s1.image_module, s1.frozen["image_encoder"], recs["ref_clip_pixels"])
     want = s1.id_encoder.apply({"params": stage1_export["id_encoder"]}, recs["ref_id_embedding"], feats)
     np.testing.assert_allclose(cache.tokens, np.asarray(want), rtol=1e-5, atol=1e-5)
     assert cache.present.all() and cache.tokens.shape == (7, 4, 32)

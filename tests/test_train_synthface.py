@@ -132,7 +132,7 @@ def test_stage2_loader_grid_prompt_fraction(world):
 # ------------------------------------------------------------------------------------------------ stage 1 runs
 def test_stage1_export_carries_what_the_later_steps_need(stage1_run):
     from dynamicid_jax.models.clip import load_image_encoder
-    from train import models, stage1
+    from train import runs, stage1
 
     meta = runs.export_metadata(stage1_run["export"])
     assert meta["format"] == stage1.EXPORT_FORMAT and meta["step"] == "1"
@@ -142,7 +142,7 @@ def test_stage1_export_carries_what_the_later_steps_need(stage1_run):
     assert meta["image_encoder"] == os.path.join(stage1_run["workdir"], "export", "image_encoder")
     module, _ = load_image_encoder(meta["image_encoder"])
     assert module.config.hidden_size == 64
-    assert set(models.load_params(stage1_run["export"])) == {"id_encoder", "saa"}
+    assert set(runs.load_params(stage1_run["export"])) == {"id_encoder", "saa"}
     assert os.path.isfile(os.path.join(stage1_run["workdir"], "run.json"))
 
 
@@ -151,7 +151,7 @@ def test_rerun_skips_resumes_and_guards_the_workdir(world, base, stage1_run, mes
     in the same workdir are an error unless on_change=restart, which trains from scratch."""
     import shutil
 
-    from train import loop, models, stage1
+    from train import loop, runs, stage1
 
     workdir = str(tmp_path / "w1")
     shutil.copytree(stage1_run["workdir"], workdir)
@@ -170,8 +170,8 @@ def test_rerun_skips_resumes_and_guards_the_workdir(world, base, stage1_run, mes
     steps = []
     real_step = loop.Trainer.train_step
     monkeypatch.setattr(loop.Trainer, "train_step", lambda self, s, b: steps.append(1) or real_step(self, s, b))
-    loaded = {"mesh": mesh1, "base": models.load_base(base, jnp.float32),  # loaded once for the runs below
-              "image_encoder": models.load_image_encoder("random:tiny", jnp.float32)}
+    loaded = {"mesh": mesh1, "base": runs.load_base(base, jnp.float32),  # loaded once for the runs below
+              "image_encoder": runs.load_image_encoder("random:tiny", jnp.float32)}
     path = stage1.run("train/configs/synthface_stage1.yaml", args[:-1] + ["train.steps=2"], **loaded)
     assert len(steps) == 1 and runs.export_metadata(path)["step"] == "2"  # resumed at step 1
 
@@ -222,7 +222,7 @@ def test_wrong_inputs_give_clear_errors(world, base, stage1_run, tmp_path):
 
 
 def test_token_cache_holds_the_stage1_tokens_and_is_reused(world, stage1_run, stage2_export):
-    from train import models, token_cache
+    from train import runs, token_cache
     from train.runs import export_metadata
 
     folder = os.path.join(stage2_export["workdir"], "token_cache")
@@ -239,7 +239,7 @@ def test_token_cache_holds_the_stage1_tokens_and_is_reused(world, stage1_run, st
     vision, vparams = load_image_encoder(meta["image_encoder"])
     enc = ide.IDEncoder(ide.IDEncoderConfig.from_dict(json.loads(meta["id_encoder_config"])))
     feats = vision.apply({"params": vparams}, clip_preprocess(rec.decode_image(), size=32)).hidden_states[-2]
-    want = enc.apply({"params": models.load_params(stage1_run["export"])["id_encoder"]}, rec.embedding[None], feats)
+    want = enc.apply({"params": runs.load_params(stage1_run["export"])["id_encoder"]}, rec.embedding[None], feats)
     np.testing.assert_allclose(cache.tokens[0], np.asarray(want)[0], atol=1e-4)
     part = os.path.join(folder, "tokens.p0-of-1.safetensors")
     stamp = os.stat(part).st_mtime_ns
@@ -394,7 +394,7 @@ def test_training_survives_corrupt_records_and_stops_above_the_budget(world, bas
 
     from data_pipelines.loaders import CorruptDataError
     from data_pipelines.shards import open_shards
-    from train import models, stage1
+    from train import runs, stage1
 
     clean = open_shards(world["shards"])
     bad = str(tmp_path / "shards_bad")
@@ -410,8 +410,8 @@ def test_training_survives_corrupt_records_and_stops_above_the_budget(world, bas
             broken.append(i)
             assert os.path.basename(path) in str(err) and type(err).__name__ == "CorruptRecordError"
     assert 1 <= len(broken) < len(clean) // 4, broken
-    loaded = {"mesh": mesh1, "base": models.load_base(base, jnp.float32),
-              "image_encoder": models.load_image_encoder("random:tiny", jnp.float32)}
+    loaded = {"mesh": mesh1, "base": runs.load_base(base, jnp.float32),
+              "image_encoder": runs.load_image_encoder("random:tiny", jnp.float32)}
     workdir = str(tmp_path / "w")
     caplog.set_level(logging.INFO)
     args = STAGE1 + [f"model.base={base}", f"data.shards={bad}", f"workdir={workdir}", "train.steps=12",

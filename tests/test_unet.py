@@ -11,7 +11,7 @@ import pytest
 
 from conftest import assert_close
 from dynamicid_jax.models import unet as U
-from dynamicid_jax.models.attention import StandardAttention
+from dynamicid_jax.models.layers import StandardAttention
 from dynamicid_jax.weights import keymap as km
 
 TINY = dict(

@@ -40,12 +40,12 @@ def _metadata(path: str, stage: str, fmt: str) -> dict[str, str]:
 def _image_encoder_into(spec: str, folder: str) -> None:
     """Put the CLIP vision tower ``spec`` (a folder or ``random:<variant>``) at ``folder``."""
     from dynamicid_jax.models.clip import save_image_encoder
-    from train import models
+    from train import runs
 
     if spec.startswith("random:"):
         import jax.numpy as jnp
 
-        module, params, _ = models.load_image_encoder(spec, jnp.float32)
+        module, params, _ = runs.load_image_encoder(spec, jnp.float32)
         save_image_encoder(folder, module, params)
     elif os.path.isdir(spec):
         shutil.copytree(spec, folder)
@@ -64,12 +64,12 @@ def export_dynamicid(stage1: str, stage2: str | None, out: str, *, image_encoder
     from dynamicid_jax.methods import saa as saa_lib
     from dynamicid_jax.models.unet import UNetConfig
     from dynamicid_jax.pipelines.dynamicid import DynamicIDWeights, save_dynamicid
-    from train import models
+    from train import runs
     from train.stage1 import EXPORT_FORMAT as STAGE1_FORMAT
     from train.stage2 import EXPORT_FORMAT as STAGE2_FORMAT
 
     meta1 = _metadata(stage1, "stage1", STAGE1_FORMAT)
-    params1 = models.load_params(stage1)
+    params1 = runs.load_params(stage1)
     weights = DynamicIDWeights(
         id_encoder_config=ide.IDEncoderConfig.from_dict(json.loads(meta1["id_encoder_config"])),
         id_encoder_params=params1["id_encoder"], saa=saa_lib.SAA(**json.loads(meta1["saa"])),
@@ -79,7 +79,7 @@ def export_dynamicid(stage1: str, stage2: str | None, out: str, *, image_encoder
         meta2 = _metadata(stage2, "stage2", STAGE2_FORMAT)
         if meta2.get("stage1") and os.path.abspath(stage1) != meta2["stage1"]:
             log.warning("%s was trained on the stage-1 export %s, not on %s", stage2, meta2["stage1"], stage1)
-        params2 = models.load_params(stage2)
+        params2 = runs.load_params(stage2)
         weights.imr_config = imr_lib.IMRConfig.from_dict(json.loads(meta2["imr_config"]))
         weights.imr_params = params2["imr"]
         weights.keypoint_encoder_config = imr_lib.KeyPointEncoderConfig.from_dict(
@@ -90,7 +90,7 @@ def export_dynamicid(stage1: str, stage2: str | None, out: str, *, image_encoder
     if not spec:
         raise ValueError(f"{stage1} names no image encoder (it was trained on precomputed CLIP features): give "
                          f"image_encoder= a CLIP vision folder, or 'none'")
-    from dynamicid_jax.io_atomic import atomic_folder
+    from dynamicid_jax.file_io import atomic_folder
     from dynamicid_jax.pipelines.dynamicid import check_overwritable
 
     out = os.path.abspath(out)

@@ -32,7 +32,7 @@ from dynamicid_jax.methods import infinite_id as iid
 from dynamicid_jax.methods.infinite_id_weights import load_infinite_id, save_infinite_id
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import loop, models, runs
+from train import loop, runs
 from train.config import stage_defaults
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ DEFAULTS: dict[str, Any] = stage_defaults("infinite_id")
 class InfiniteIDStage:
     """Builds the Infinite-ID :class:`~train.loop.Task` from a config (see :data:`DEFAULTS`)."""
 
-    def __init__(self, cfg, base: models.BaseModel | None = None, image_encoder: tuple | None = None):
+    def __init__(self, cfg, base: runs.BaseModel | None = None, image_encoder: tuple | None = None):
         self.cfg = cfg
         m = cfg["model"]
-        self.dtype = models.compute_dtype(m["dtype"])
-        self.base = base if base is not None else models.load_base(m["base"], self.dtype)
+        self.dtype = runs.compute_dtype(m["dtype"])
+        self.base = base if base is not None else runs.load_base(m["base"], self.dtype)
         overrides = {"clip_input": "image", **dict(m.get("encoder_overrides") or {})}
         self.enc_cfg = iid.infinite_id_encoder_config(m["encoder_variant"], **overrides)
         unet_cfg = self.base.unet_config
@@ -59,7 +59,7 @@ class InfiniteIDStage:
         self.unet = UNet2DConditionModel(unet_cfg, strategy=iid.InfiniteIDAttention(), dtype=self.dtype,
                                          remat_policy=m.get("remat"))
         self.image_module, image_params, image_source = (image_encoder if image_encoder is not None else
-                                                         models.load_image_encoder(m["image_encoder"], self.dtype))
+                                                         runs.load_image_encoder(m["image_encoder"], self.dtype))
         if self.image_module is not None and self.image_module.config.hidden_size != self.enc_cfg.clip_dim:
             raise ValueError(f"the Infinite-ID encoder takes {self.enc_cfg.clip_dim}-wide CLIP features but the image "
                              f"encoder {m['image_encoder']!r} is {self.image_module.config.hidden_size} wide (set "
@@ -145,7 +145,7 @@ class InfiniteIDStage:
                "null_clip_features": jax.ShapeDtypeStruct(self.frozen["null_clip_features"].shape, jnp.float32)}
         if self.image_module is not None:
             size = self.image_module.config.image_size
-            out["image_encoder"] = models.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
+            out["image_encoder"] = runs.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
         return out
 
     def sample_fn(self, references: dict):
@@ -208,7 +208,7 @@ class InfiniteIDStage:
             saved = save_image_encoder(os.path.join(folder, "image_encoder"), self.image_module, self.image_params)
             if self.image_source.startswith("random:"):
                 image_encoder = saved
-        from dynamicid_jax.io_atomic import write_json
+        from dynamicid_jax.file_io import write_json
 
         write_json({"step": int(loop.host_value(state.step)), "fingerprint": fingerprint,
                     "image_encoder": image_encoder, "base": self.base.source}, record)
@@ -219,7 +219,7 @@ TRAIN_RECORD = "train.json"
 
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
-        base: models.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
+        base: runs.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
     """Train Infinite-ID (or resume, or skip when finished: :func:`train.runs.run_stage`) → the export folder
     (``InfiniteIDPipeline.from_pretrained(sd, folder, folder + "/image_encoder", ...)`` for ``random:`` CLIP)."""
     from train.stage1 import make_data

@@ -401,7 +401,7 @@ class Trainer:
         return state
 
     def write_samples(self, state: TrainState, step: int, writer) -> None:
-        from dynamicid_jax.image_io import image_grid, save_png
+        from dynamicid_jax.file_io import image_grid, save_png
 
         if "sample" not in self._jitted:
             self._jitted["sample"] = sh.sharded_jit(

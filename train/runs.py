@@ -6,6 +6,10 @@ with the same fingerprint resumes from the last checkpoint, or returns the expor
 checkpoints). ``train.steps`` and the ``optimizer`` may change between runs (resume). A run that failed before its
 first checkpoint leaves nothing worth keeping, so a corrected rerun takes its workdir over.
 
+The models a stage builds on are loaded here too: the frozen base (:func:`load_base` → :class:`BaseModel`) and image
+encoder, compute dtypes, abstract (boxed, logical-axis) param trees for shardings, and the trainable params' files
+between stages (:func:`save_params` / :func:`load_params`, checked with :func:`check_tree`).
+
 Stage 1, stage 2 and Infinite-ID fill a :class:`StageRun` in (what decides the fingerprint, the embedding width
 the shards must have, how to train and export) and call :func:`run_stage`. The token cache is not a training
 stage (no trainer, no checkpoints; its folder holds its own record) but shares :func:`load`,
@@ -23,7 +27,11 @@ import shutil
 from collections.abc import Callable
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from train import loop
 
@@ -32,7 +40,8 @@ log = logging.getLogger(__name__)
 __all__ = ["StageRun", "run_stage", "RunMismatchError", "load", "run_fingerprint", "path_signature",
            "claim_workdir", "export_metadata", "finished", "export_finished", "quiet_logs", "workdir_of",
            "check_shards", "RUN_VOLATILE", "OWNED", "stage_main", "cli_args", "init_distributed",
-           "setup_logging"]
+           "setup_logging", "DTYPES", "BaseModel", "boxed_abstract", "check_tree", "clip_penultimate", "compute_dtype",
+           "load_base", "load_image_encoder", "load_params", "save_params"]
 
 #: the workdir entries a run owns (discarded by ``on_change=restart``)
 OWNED = ("checkpoints", "export", "tb", "samples")
@@ -179,7 +188,7 @@ def claim_workdir(workdir: str, fingerprint: str, settings: dict, on_change: str
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     if jax.process_index() == 0:  # one writer (the workdir may be shared by every process)
         os.makedirs(workdir, exist_ok=True)
-        from dynamicid_jax.io_atomic import write_json
+        from dynamicid_jax.file_io import write_json
 
         write_json({"fingerprint": fingerprint, "settings": settings}, record, sort_keys=True)
     loop.barrier("claim_workdir")
@@ -268,3 +277,136 @@ def stage_main(doc: str, run: Callable, argv=None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     run(args.config, args.overrides, workdir=args.workdir)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The models a stage builds on
+# ---------------------------------------------------------------------------------------------------------
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def boxed_abstract(module: nn.Module, *args: Any, collection: str = "params", **kwargs: Any) -> Any:
+    """``jax.eval_shape(module.init)`` — the boxed (logical axes) abstract tree of one collection."""
+    return jax.eval_shape(lambda r: module.init(r, *args, **kwargs), jax.random.key(0)).get(collection, {})
+
+
+@dataclasses.dataclass
+class BaseModel:
+    """The frozen Stable Diffusion parts of a stage: modules, params and facts the losses need."""
+
+    unet_config: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    params: dict  # {"unet", "vae", "text_encoder"} (+ "text_encoder_2" for SDXL)
+    scaling_factor: float
+    source: str
+    text_encoder_2: Any = None  # SDXL only: the CLIPTextModelWithProjection
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_conditioning(self, params: Mapping, ids: jax.Array,
+                          ids_2: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """``(context [B, 77, D], pooled [B, P] or None)`` of token ids. SDXL: ``ids_2`` are tokenizer 2's; without
+        them they are derived from tokenizer 1's (exact unless a prompt contains "!": see ``tokenizer_2_ids``).
+        ``params`` holds the text encoders' params under their component names."""
+        if not self.is_sdxl:
+            return self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state, None
+        from dynamicid_jax.pipelines.stable_diffusion_xl import encode_sdxl_text
+
+        return encode_sdxl_text(self.text_encoder, self.text_encoder_2, params, ids, ids_2)
+
+    def added_cond(self, pooled: jax.Array | None, latent_hw: tuple[int, int]) -> tuple:
+        """The UNet's extra positional argument: ``()`` for SD1.x, ``(added_cond,)`` for SDXL (pooled text and
+        the micro-conditioning of an uncropped image at the latent's size)."""
+        if not self.is_sdxl:
+            return ()
+        from dynamicid_jax.models.unet import micro_conditioning
+        from dynamicid_jax.models.vae import vae_scale_factor
+
+        return ({"text_embeds": pooled, "time_ids": micro_conditioning(pooled.shape[0], latent_hw,
+                                                                       vae_scale_factor(self.vae.config))},)
+
+
+def load_base(path: str, dtype) -> BaseModel:
+    """SD1.5 or SDXL (picked from the folder / file) from a diffusers folder or a single ``.safetensors`` file
+    (params fp32, modules at ``dtype``; DDIM scheduler)."""
+    from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
+    from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
+    from dynamicid_jax.weights.keymap import is_sdxl
+
+    if not path:
+        raise ValueError("model.base must name a Stable Diffusion 1.5 or SDXL diffusers folder or .safetensors file")
+    if is_sdxl(path):
+        xl = StableDiffusionXL.from_pretrained(path, dtype=dtype, scheduler="ddim")
+        return BaseModel(unet_config=xl.unet.config, vae=xl.vae, text_encoder=xl.text_encoder,
+                         tokenizer=xl.tokenizer, scheduler=xl.scheduler, params=dict(xl.params),
+                         scaling_factor=float(xl.vae.config.scaling_factor), source=os.path.abspath(path),
+                         text_encoder_2=xl.text_encoder_2)
+    sd = StableDiffusion.from_pretrained(path, dtype=dtype)
+    return BaseModel(unet_config=sd.unet.config, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                     scheduler=sd.scheduler, params=dict(sd.params), scaling_factor=float(sd.vae.config.scaling_factor),
+                     source=os.path.abspath(path))
+
+
+def load_image_encoder(spec: str, dtype, seed: int = 0):
+    """``(module, params, source)`` for a CLIP vision folder, or ``"random:<variant>"`` (random weights: tests,
+    SynthFace); ``""`` → ``(None, None, "")``."""
+    from dynamicid_jax.models import clip
+
+    if not spec:
+        return None, None, ""
+    if spec.startswith("random:"):
+        module = clip.CLIPVisionModelWithProjection(clip.vision_config(spec.split(":", 1)[1]), dtype=dtype)
+        size = module.config.image_size
+        params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed + 7), jnp.zeros((1, size, size, 3)))
+                               )["params"]
+        return module, params, spec
+    module, params = clip.load_image_encoder(spec, dtype=dtype)
+    return module, params, os.path.abspath(spec)
+
+
+def clip_penultimate(module, params, pixels: jax.Array) -> jax.Array:
+    """CLIP vision penultimate hidden states ``[B, L, C]`` (the ID encoder's input)."""
+    return module.apply({"params": params}, pixels).hidden_states[-2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainable params on disk (between stages): flat safetensors with "/"-joined Flax paths
+# ---------------------------------------------------------------------------------------------------------
+def save_params(params: Mapping, path: str, metadata: dict[str, str] | None = None) -> str:
+    from dynamicid_jax.weights.keymap import write_safetensors
+
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(
+        jax.device_get(dict(params))).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_safetensors(flat, path, metadata=metadata)
+    return path
+
+
+def load_params(path: str) -> dict:
+    from dynamicid_jax.weights.keymap import read_safetensors
+
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in read_safetensors(path).items()})
+
+
+def check_tree(params: Mapping, abstract: Any, what: str) -> None:
+    """``params`` must have exactly the paths and shapes of ``abstract`` (boxed or not)."""
+    from dynamicid_jax.sharding import _unbox
+
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(_unbox(dict(abstract))).items()}
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or bad:
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes "
+                         f"{[(k, have[k], want[k]) for k in bad[:5]]}")

@@ -39,7 +39,7 @@ from dynamicid_jax.methods import id_encoder as ide
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import loop, models, runs
+from train import loop, runs
 from train.config import loader_config, stage_defaults
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,11 @@ def drop_masks(rng: jax.Array, batch: int, p_id: float, p_text: float, p_both: f
 class Stage1:
     """Builds the stage-1 :class:`~train.loop.Task` from a config (see :data:`DEFAULTS`)."""
 
-    def __init__(self, cfg, base: models.BaseModel | None = None, image_encoder: tuple | None = None):
+    def __init__(self, cfg, base: runs.BaseModel | None = None, image_encoder: tuple | None = None):
         self.cfg = cfg
         m = cfg["model"]
-        self.dtype = models.compute_dtype(m["dtype"])
-        self.base = base if base is not None else models.load_base(m["base"], self.dtype)
+        self.dtype = runs.compute_dtype(m["dtype"])
+        self.base = base if base is not None else runs.load_base(m["base"], self.dtype)
         b = self.base
         self.vae_factor = vae_scale_factor(b.vae.config)
         self.strategy = saa_lib.SAA(lora_rank=int(m["lora_rank"]))
@@ -107,7 +107,7 @@ class Stage1:
                              f"({b.unet_config.cross_attention_dim})")
         self.id_encoder = ide.IDEncoder(enc_cfg, dtype=self.dtype)
         self.image_module, image_params, image_source = (image_encoder if image_encoder is not None else
-                                                         models.load_image_encoder(m["image_encoder"], self.dtype))
+                                                         runs.load_image_encoder(m["image_encoder"], self.dtype))
         if self.image_module is not None and self.image_module.config.hidden_size != enc_cfg.clip_dim:
             raise ValueError(f"the ID encoder takes {enc_cfg.clip_dim}-wide CLIP features but the image encoder "
                              f"{m['image_encoder']!r} is {self.image_module.config.hidden_size} wide (set "
@@ -130,7 +130,7 @@ class Stage1:
         if self.image_module is not None:
             size = self.image_module.config.image_size
             pixels = ide.unconditional_clip_pixels(1, size)
-            return np.asarray(jax.jit(models.clip_penultimate, static_argnums=0)(self.image_module, image_params,
+            return np.asarray(jax.jit(runs.clip_penultimate, static_argnums=0)(self.image_module, image_params,
                                                                                   pixels), np.float32)
         if m.get("uncond_clip_features"):
             return np.load(m["uncond_clip_features"]).astype(np.float32)
@@ -148,7 +148,7 @@ class Stage1:
         if self.image_module is None:
             raise ValueError("batches with ref_clip_pixels need model.image_encoder")
         pixels = jnp.where(drop_id[:, None, None, None], 0.0, batch["ref_clip_pixels"].astype(jnp.float32))
-        return models.clip_penultimate(self.image_module, frozen["image_encoder"], pixels).astype(jnp.float32)
+        return runs.clip_penultimate(self.image_module, frozen["image_encoder"], pixels).astype(jnp.float32)
 
     def latents(self, frozen, batch, rng):
         if "target_latent_moments" in batch:
@@ -211,7 +211,7 @@ class Stage1:
         k_enc, k_saa = jax.random.split(rng)
         m = self.cfg["model"]
         if m.get("id_encoder_init"):
-            loaded = models.load_params(m["id_encoder_init"])
+            loaded = runs.load_params(m["id_encoder_init"])
             enc = jax.tree_util.tree_map(jnp.asarray, loaded["id_encoder"])
             saa = jax.tree_util.tree_map(jnp.asarray, loaded["saa"])
             return {"id_encoder": enc, "saa": saa}, {}
@@ -248,12 +248,12 @@ class Stage1:
 
         out = {"unet": abstract_unet(self.base.unet_config),
                "vae": vae_lib.abstract_params(self.base.vae),
-               "text_encoder": models.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+               "text_encoder": runs.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
         if self.base.is_sdxl:
-            out["text_encoder_2"] = models.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
+            out["text_encoder_2"] = runs.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
         if self.image_module is not None:
             size = self.image_module.config.image_size
-            out["image_encoder"] = models.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
+            out["image_encoder"] = runs.boxed_abstract(self.image_module, jnp.zeros((1, size, size, 3)))
         return out
 
     def sample_fn(self, references: dict):
@@ -320,7 +320,7 @@ class Stage1:
                 "id_encoder_config": json.dumps(self.id_encoder.config.to_dict()),
                 "saa": json.dumps(dataclasses.asdict(self.strategy)),
                 "unet_config": json.dumps(self.base.unet_config.to_dict())}
-        return models.save_params(params, os.path.join(folder, "stage1.safetensors"), metadata=meta)
+        return runs.save_params(params, os.path.join(folder, "stage1.safetensors"), metadata=meta)
 
 
 #: the export's path inside the workdir
@@ -358,11 +358,11 @@ def make_data(cfg, clip_size: int | None = None):
 
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
-        base: models.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
+        base: runs.BaseModel | None = None, image_encoder: tuple | None = None) -> str:
     """Train stage 1 (or resume, or skip when finished: :func:`train.runs.run_stage`) → the export's path.
 
     ``config``: a YAML path, a mapping or a loaded config; ``overrides``: ``key.sub=value`` strings; ``mesh``: a
-    device mesh (default: every device, ``mesh`` section); ``base`` / ``image_encoder``: already loaded models."""
+    device mesh (default: every device, ``mesh`` section); ``base`` / ``image_encoder``: already loaded runs."""
 
     def embed_dim(cfg) -> int:
         m = cfg["model"]

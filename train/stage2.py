@@ -47,7 +47,7 @@ from dynamicid_jax.methods import imr as imr_lib
 from dynamicid_jax.methods import saa as saa_lib
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import DiagonalGaussian, vae_scale_factor
-from train import loop, models, runs
+from train import loop, runs
 from train.config import loader_config, stage_defaults
 
 log = logging.getLogger(__name__)
@@ -63,22 +63,22 @@ FIXED_PROMPT: str = DEFAULTS["method"]["prompt"]  # the official recipe's one st
 class Stage2:
     """Builds the stage-2 :class:`~train.loop.Task` (see :data:`DEFAULTS`)."""
 
-    def __init__(self, cfg, base: models.BaseModel | None = None, stage1_params: dict | None = None):
+    def __init__(self, cfg, base: runs.BaseModel | None = None, stage1_params: dict | None = None):
         from train.token_cache import require_stage1
 
         self.cfg = cfg
         m = cfg["model"]
-        self.dtype = models.compute_dtype(m["dtype"])
+        self.dtype = runs.compute_dtype(m["dtype"])
         meta = require_stage1(m["stage1"]) if stage1_params is None or m["stage1"] else {}
-        self.base = base if base is not None else models.load_base(m["base"], self.dtype)
+        self.base = base if base is not None else runs.load_base(m["base"], self.dtype)
         b = self.base
         self.vae_factor = vae_scale_factor(b.vae.config)
         self.strategy = stage1_strategy(meta, m.get("lora_rank"))
         self.unet = UNet2DConditionModel(b.unet_config, strategy=self.strategy, dtype=self.dtype,
                                          remat_policy=m.get("remat"))
         if stage1_params is None:
-            stage1_params = models.load_params(m["stage1"])
-        models.check_tree(stage1_params["saa"], saa_lib.abstract_saa_params(b.unet_config, self.strategy),
+            stage1_params = runs.load_params(m["stage1"])
+        runs.check_tree(stage1_params["saa"], saa_lib.abstract_saa_params(b.unet_config, self.strategy),
                           "stage-1 SAA params")
         self.imr = imr_lib.IMR(imr_lib.imr_config(m["imr_variant"], **dict(m.get("imr_overrides") or {})),
                                dtype=self.dtype)
@@ -187,9 +187,9 @@ class Stage2:
         unet_abs = saa_lib.merge_params(abstract_unet(self.base.unet_config),
                                         saa_lib.abstract_saa_params(self.base.unet_config, self.strategy))
         out = {"unet": unet_abs, "vae": vae_lib.abstract_params(self.base.vae),
-               "text_encoder": models.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
+               "text_encoder": runs.boxed_abstract(self.base.text_encoder, jnp.zeros((1, 77), jnp.int32))}
         if self.base.is_sdxl:
-            out["text_encoder_2"] = models.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
+            out["text_encoder_2"] = runs.boxed_abstract(self.base.text_encoder_2, jnp.zeros((1, 77), jnp.int32))
         return out
 
     def task(self) -> loop.Task:
@@ -208,7 +208,7 @@ class Stage2:
                 "stage1": os.path.abspath(m["stage1"]) if m["stage1"] else "", "base": self.base.source,
                 "imr_config": json.dumps(self.imr.config.to_dict()),
                 "keypoint_encoder_config": json.dumps(self.kpe.config.to_dict())}
-        return models.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"), metadata=meta)
+        return runs.save_params(params, os.path.join(workdir, "export", "stage2.safetensors"), metadata=meta)
 
 
 def stage1_strategy(meta: dict, lora_rank: int | None) -> saa_lib.SAA:
@@ -268,7 +268,7 @@ def make_data(cfg, cache_path: str | None = None):
 
 
 def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | None = None, mesh=None,
-        base: models.BaseModel | None = None) -> str:
+        base: runs.BaseModel | None = None) -> str:
     """Build the token cache if needed, then train stage 2 (or resume, or skip when finished:
     :func:`train.runs.run_stage`) → the export's path."""
     from train import token_cache

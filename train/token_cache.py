@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import models, runs
+from train import runs
 from train.config import loader_config, stage_defaults
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,9 @@ def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | 
     meta = require_stage1(m["stage1"]) if need and (m["stage1"] or stage1_params is None) else {}
     enc_cfg = id_encoder_config if id_encoder_config is not None else stage1_id_encoder_config(cfg, meta)
     module = ide.IDEncoder(enc_cfg)
-    params = (stage1_params if stage1_params is not None else models.load_params(m["stage1"]))["id_encoder"]
-    models.check_tree(params, ide.abstract_params(module), "stage-1 ID encoder params")
-    image_module, image_params, _ = image_encoder if image_encoder is not None else models.load_image_encoder(
+    params = (stage1_params if stage1_params is not None else runs.load_params(m["stage1"]))["id_encoder"]
+    runs.check_tree(params, ide.abstract_params(module), "stage-1 ID encoder params")
+    image_module, image_params, _ = image_encoder if image_encoder is not None else runs.load_image_encoder(
         stage1_image_encoder(cfg, meta), jnp.float32)
 
     @jax.jit
@@ -157,7 +157,7 @@ def make_encoder(cfg, stage1_params: dict | None = None, image_encoder: tuple | 
 
     @jax.jit
     def encode_pixels(p, ip, embeds, pixels):
-        return module.apply({"params": p}, embeds, models.clip_penultimate(image_module, ip, pixels))
+        return module.apply({"params": p}, embeds, runs.clip_penultimate(image_module, ip, pixels))
 
     def encode(batch):
         embeds = jnp.asarray(batch["ref_id_embedding"], jnp.float32)
@@ -219,7 +219,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
                 os.remove(old)
     loop.barrier("token_cache_cleared")
     if image_encoder is None:
-        image_encoder = models.load_image_encoder(spec, jnp.float32)
+        image_encoder = runs.load_image_encoder(spec, jnp.float32)
     conf = loader_config(loaders.LoaderConfig, {**d, "clip_size": resolve_clip_size(d, image_encoder[0])})
     batches = loaders.record_loader(d["shards"], int(tc["batch_size"]), conf)
     encode = make_encoder(cfg, image_encoder=image_encoder, id_encoder_config=enc_cfg)
@@ -229,7 +229,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
     log.info("wrote %s", path)
     loop.barrier("token_cache_written")
     if jax.process_index() == 0:
-        from dynamicid_jax.io_atomic import write_json
+        from dynamicid_jax.file_io import write_json
 
         write_json({"fingerprint": fp, "stage1": os.path.abspath(m["stage1"]),
                     "shards": os.path.abspath(d["shards"])}, record)

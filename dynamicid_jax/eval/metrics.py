@@ -295,13 +295,13 @@ class ClipScorer:
     def from_pretrained(cls, path: str | os.PathLike) -> ClipScorer:
         from dynamicid_jax.models.clip import load_image_encoder, load_text_encoder
         from dynamicid_jax.tokenizer import load_tokenizer
-        from dynamicid_jax.weights import folders
+        from dynamicid_jax.weights import keymap as km
 
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"CLIP folder {path!r} does not exist (expected a transformers CLIPModel folder, "
                                     "e.g. openai/clip-vit-large-patch14)")
-        state, source = folders.read_weights(path, "model")
+        state, source = km.read_weights(path, "model")
         if "text_projection.weight" not in state or "visual_projection.weight" not in state:
             raise ValueError(f"{source} is not a full CLIPModel checkpoint (CLIP-T needs text_projection and "
                              "visual_projection)")

@@ -164,7 +164,7 @@ def preview_grids(outputs: Sequence[tuple[Request, np.ndarray]], references: Seq
     """``{"single"|"multi"|"edit": uint8 grid}``: a row per identity (pair) — reference(s), then its images (at
     most ``max_columns`` panels); the edit row is reference, unedited control, then the first image of each
     edit."""
-    from dynamicid_jax.image_io import image_grid
+    from dynamicid_jax.file_io import image_grid
 
     def panel(refs, shape):  # the references side by side, resized to one generated image's size
         h, w = shape[:2]

@@ -18,8 +18,6 @@ from .analyzer import (
     reference_face,
     register_backend,
     select_reference,
-)
-from .geometry import (
     ARCFACE_TEMPLATE,
     EXPRESSIONS,
     align_face,
@@ -40,7 +38,7 @@ from .identity import (
     identity_vector,
     same_person,
 )
-from dynamicid_jax.image_io import ImageLike, load_rgb
+from dynamicid_jax.file_io import ImageLike, load_rgb
 from .pose import estimate_pose, kps_from_68
 
 __all__ = [

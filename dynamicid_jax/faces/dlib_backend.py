@@ -27,7 +27,7 @@ import numpy as np
 
 from .analyzer import Face, missing_extra_error
 from .identity import DLIB_EUCLIDEAN
-from dynamicid_jax.image_io import ImageLike, load_rgb
+from dynamicid_jax.file_io import ImageLike, load_rgb
 from .pose import estimate_pose, kps_from_68
 
 __all__ = ["DlibAnalyzer", "default_model_dir"]

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .analyzer import Face, missing_extra_error
-from dynamicid_jax.image_io import ImageLike, load_rgb
+from dynamicid_jax.file_io import ImageLike, load_rgb
 from .pose import estimate_pose
 
 __all__ = ["InsightFaceAnalyzer", "PACK_FILES", "DEFAULT_MODULES", "check_model_pack"]

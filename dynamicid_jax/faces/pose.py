@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from .geometry import ARCFACE_TEMPLATE
+from .analyzer import ARCFACE_TEMPLATE
 
 __all__ = ["GENERIC_FACE_68", "GENERIC_FACE_5", "estimate_pose", "rotation_from_pose", "pose_from_rotation",
            "kps_from_68"]

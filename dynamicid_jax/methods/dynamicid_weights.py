@@ -21,7 +21,7 @@ from dynamicid_jax.methods import imr as imr_mod
 from dynamicid_jax.methods import saa as saa_mod
 from dynamicid_jax.models.unet import UNetConfig
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights.folders import read_part
+from dynamicid_jax.weights.keymap import read_part
 
 __all__ = ["FOLDER_FORMAT", "MANIFEST", "DynamicIDWeights", "backbone_of", "save_dynamicid", "load_dynamicid",
            "check_overwritable", "check_saa_shapes", "save_converted", "load_converted"]
@@ -71,7 +71,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    from dynamicid_jax.io_atomic import write_json
+    from dynamicid_jax.file_io import write_json
 
     write_json(obj, path, indent=2, sort_keys=True)
 
@@ -88,7 +88,7 @@ def _saa_shapes(strategy: saa_mod.SAA, unet_config: UNetConfig) -> dict[str, tup
 def save_dynamicid(out_dir: str | os.PathLike, weights: DynamicIDWeights, *, overwrite: bool = False) -> str:
     """Write the converted folder (layout in the module docstring) atomically: everything goes to a temporary
     sibling folder that is renamed to ``out_dir`` at the end. ``overwrite=True`` replaces an existing folder."""
-    from dynamicid_jax.io_atomic import atomic_folder
+    from dynamicid_jax.file_io import atomic_folder
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     check_overwritable(out_dir, overwrite)
@@ -139,7 +139,7 @@ def check_overwritable(out_dir: str, overwrite: bool) -> None:
 
 def load_dynamicid(path: str | os.PathLike) -> DynamicIDWeights:
     """Read a converted folder (checks every key and shape against the configs it holds)."""
-    from dynamicid_jax.io_atomic import check_readable
+    from dynamicid_jax.file_io import check_readable
 
     path = os.fspath(path)
     manifest = os.path.join(path, MANIFEST)

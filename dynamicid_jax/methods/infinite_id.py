@@ -56,7 +56,7 @@ from dynamicid_jax.methods.infinite_id_encoder import (  # noqa: F401  (re-expor
     stack_identities,
 )
 from dynamicid_jax.models import layers
-from dynamicid_jax.models.attention import Attention, Projections, StandardAttention
+from dynamicid_jax.models.layers import Attention, Projections, StandardAttention
 
 __all__ = [
     "InfiniteIDEncoderConfig", "infinite_id_encoder_config", "FaceMapper", "CLIPMapper", "InfiniteIDEncoder",

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from dynamicid_jax.methods.infinite_id import InfiniteIDEncoderConfig, abstract_encoder_params, abstract_id_params
 from dynamicid_jax.weights import keymap as km
-from dynamicid_jax.weights.folders import read_part
+from dynamicid_jax.weights.keymap import read_part
 
 __all__ = ["WEIGHTS_NAME", "save_infinite_id", "load_infinite_id"]
 
@@ -51,7 +51,7 @@ def save_infinite_id(folder: str, encoder_config: InfiniteIDEncoderConfig, encod
     km.write_safetensors(flat, path, metadata={"format": _FORMAT})
     meta = {"format": _FORMAT, "encoder": encoder_config.to_dict(),
             "cross_attention_dim": int(unet_config.cross_attention_dim)}
-    from dynamicid_jax.io_atomic import write_json
+    from dynamicid_jax.file_io import write_json
 
     write_json(meta, os.path.join(folder, f"{WEIGHTS_NAME}.json"), indent=2, sort_keys=True)
     return path

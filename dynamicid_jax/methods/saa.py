@@ -1,41 +1,25 @@
 """DynamicID's Semantic-Activated Attention (SAA) as an attention strategy for the UNet (docs/method.md §4).
 
-``UNet2DConditionModel(config, strategy=SAA())`` turns every attention layer of Stable Diffusion into SAA:
+``UNet2DConditionModel(config, strategy=SAA())`` turns every attention layer into SAA. Self-attention (``attn1``)
+gets rank-``r`` LoRA on ``to_q``/``to_k``/``to_v``/``to_out``. Cross-attention (``attn2``) reads the context
+``[text tokens | ID₀ ×4 | … | ID_{N−1} ×4]``: LoRA'd attention on the text tokens, plus an ID branch with its own
+bias-free ``to_k_ip``/``to_v_ip``, added through a per-query gate ``w`` (``out = to_out(h_txt + id_scale · w ⊙
+h_id) + to_out_lora(…)``). The gate, the layout boost, routing and mixing are docs/method.md §4.3–§4.4; each is a
+pure function below, and the boxes and attention grids they use are the section "Boxes and grids".
 
-* **self-attention** (``attn1``): rank-``r`` LoRA on ``to_q``/``to_k``/``to_v``/``to_out`` (``up(down(x))``),
-  otherwise plain attention;
-* **cross-attention** (``attn2``): the context is ``[text tokens | ID₀ ×4 | … | ID_{N−1} ×4]``. The text branch
-  is LoRA'd attention on the text tokens only; the ID branch has its own bias-free ``to_k_ip``/``to_v_ip`` and is
-  added through a per-query **gate** ``w``::
-
-      out = to_out(h_txt + id_scale · w ⊙ h_id) + to_out_lora(…)
-
-  ``w`` comes from the ID logits ``S = q k_idᵀ/√d`` (unmasked, fp32, per batch row): sum over heads and tokens,
-  per-row min–max normalisation with ``eps``, zero below ``threshold``, then the layout **boost** with strength
-  ``s`` (``w/(s+1)`` everywhere, ``w·(s+1)+s`` inside the boxes). The ID softmax (fp32) is **routed**: a query in
-  box ``i`` sees only identity ``i``'s tokens, one outside every box sees all of them; with one box and several
-  identities the logits are **mixed** instead (identity 0 × ``mix``, the others × ``1 − mix``).
-
-Per-call values travel as :class:`SAAInputs` (``unet.apply(..., attention_inputs=inputs)``), built by
-:func:`saa_inputs`; the boost is a pure function of the denoising step (:func:`saa_inputs_for_step`). The gate
-of every cross-attention is sown as ``intermediates/…/attn2/gate`` with shape ``[B, L_q]`` (row-major over the
-layer's ``(H_l, W_l)`` grid; :func:`gate_maps` reshapes them), so a caller can see where each identity went.
-
-Parameters live inside each attention module under the official names (``to_q_lora/down``, ``to_q_lora/up``, …,
-``to_out_lora``, ``to_k_ip``, ``to_v_ip``); :func:`init_saa_params` creates them, :func:`merge_params` joins them
-with the base UNet's, :func:`init_ip_from_base` copies ``to_k``/``to_v`` into ``to_k_ip``/``to_v_ip`` (the
-training initialisation), and :mod:`dynamicid_jax.methods.dynamicid_official` imports the official ``SAA.bin``::
-
-    unet = UNet2DConditionModel(config, strategy=SAA())
-    params = merge_params(base_params, load_official_saa("SAA.bin", config))
-    inputs = saa_inputs(2, image_size=(768, 768), boxes=[[.1, .1, .5, .4], [.1, .6, .5, .9]])
-    latents = denoise(unet, params, scheduler, 50, noise, context, 5.0, uncond_context=uncond,
-                      attention_inputs=lambda step: saa_inputs_for_step(inputs, step, boost_steps=12, strength=2.0))
+Per-call values travel as :class:`SAAInputs` (``unet.apply(..., attention_inputs=inputs)``, built by
+:func:`saa_inputs`; the boost per denoising step by :func:`saa_inputs_for_step`). Every cross-attention sows its
+gate as ``intermediates/…/attn2/gate`` ``[B, L_q]`` (:func:`dynamicid_jax.pipelines.gates.gate_maps` reshapes them
+onto the layer grids). Parameters live inside each attention module under the official names (``to_q_lora/down``,
+…, ``to_k_ip``, ``to_v_ip``): :func:`init_saa_params` creates them, :func:`merge_params` joins them with the base
+UNet's, :func:`init_ip_from_base` copies ``to_k``/``to_v`` into ``to_k_ip``/``to_v_ip`` (the training
+initialisation); :mod:`dynamicid_jax.methods.dynamicid_official` imports the official ``SAA.bin``.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -46,22 +30,14 @@ from flax import struct, traverse_util
 
 from dynamicid_jax.errors import InputError
 from dynamicid_jax.models import layers
-from dynamicid_jax.methods.saa_boxes import (  # noqa: F401  (re-exported: part of SAA's public names)
-    box_edges,
-    box_masks,
-    layer_grid,
-    layout_boxes,
-    query_grids,
-    validate_boxes,
-)
-from dynamicid_jax.models.attention import Attention, Projections
+from dynamicid_jax.models.layers import Attention, Projections
 
 __all__ = [
     "SAA", "LoRA", "SAAInputs", "saa_inputs", "saa_inputs_for_step", "saa_context", "split_saa_context",
     "boost_strength", "layout_boxes",
     "validate_boxes", "layer_grid", "query_grids", "box_edges", "gate_from_logits", "box_masks", "boost_gate",
     "routing_mask", "mixing_factors", "SAA_PARAM_NAMES", "is_saa_path", "split_saa_params", "merge_params",
-    "abstract_saa_params", "init_saa_params", "init_ip_from_base", "gate_maps",
+    "abstract_saa_params", "init_saa_params", "init_ip_from_base",
 ]
 
 # Names of the modules SAA adds inside an attention layer (also the official SAA.bin names).
@@ -205,7 +181,132 @@ class SAA:
 
 
 # =========================================================================================================
-# Gate, routing, mixing (pure functions; the strategy composes them; boxes and grids: saa_boxes.py)
+# Boxes and grids (docs/method.md §4.4)
+# =========================================================================================================
+# Boxes are normalised ``[y_min, x_min, y_max, x_max]``; :func:`validate_boxes` checks user boxes and picks routing
+# (one box per identity) or mixing (one box for several), :func:`layout_boxes` gives the default boxes without user
+# boxes. Each attention layer sees the image as a grid of query tokens (:func:`layer_grid`, :func:`query_grids`);
+# :func:`box_edges` turns boxes into cell ranges on a grid and :func:`box_masks` into per-token masks.
+
+
+def layout_boxes(num_ids: int, layout: str | Sequence[float] = "row") -> np.ndarray:
+    """Default boxes for ``num_ids`` identities without user boxes (docs/method.md §4.4 "beyond the paper").
+
+    * ``"row"`` — equal vertical strips left → right, box ``i = [0, i/N, 1, (i+1)/N]`` (the official default);
+    * ``"grid"`` — ``ceil(√N)`` columns, filled row by row top → bottom; every row is split into equal cells
+      (a last, shorter row gets wider cells), rows have equal heights;
+    * a sequence of ``N`` positive relative widths — vertical strips left → right with those widths.
+
+    One identity always gets the whole image. Returns float64 ``[N, 4]`` normalised ``[y0, x0, y1, x1]``."""
+    if not isinstance(num_ids, (int, np.integer)) or num_ids < 1:
+        raise ValueError(f"num_ids must be a positive integer, got {num_ids!r}")
+    if num_ids == 1:
+        return np.array([[0.0, 0.0, 1.0, 1.0]])
+    if isinstance(layout, str):
+        if layout == "row":
+            step = 1 / num_ids
+            return np.array([[0.0, step * i, 1.0, step * (i + 1)] for i in range(num_ids)])
+        if layout == "grid":
+            cols = math.ceil(math.sqrt(num_ids))
+            rows = math.ceil(num_ids / cols)
+            boxes = []
+            for r in range(rows):
+                n = min(cols, num_ids - r * cols)
+                boxes += [[r / rows, c / n, (r + 1) / rows, (c + 1) / n] for c in range(n)]
+            return np.array(boxes)
+        raise ValueError(f"layout must be 'row', 'grid' or a list of {num_ids} relative widths, got {layout!r}")
+    widths = np.asarray(layout, np.float64).reshape(-1)
+    if widths.shape[0] != num_ids or not np.all(np.isfinite(widths)) or np.any(widths <= 0):
+        raise ValueError(f"layout widths must be {num_ids} positive numbers (one per identity), got {list(layout)}")
+    edges = np.concatenate([[0.0], np.cumsum(widths) / widths.sum()])
+    edges[-1] = 1.0
+    return np.array([[0.0, edges[i], 1.0, edges[i + 1]] for i in range(num_ids)])
+
+
+def validate_boxes(boxes: Any, num_ids: int) -> tuple[np.ndarray, str]:
+    """Check user boxes → ``(boxes float64 [n, 4], mode)``; mode ``"route"`` (one box per identity) or ``"mix"``
+    (one box for several identities). Raises ``ValueError`` for other counts, values outside ``[0, 1]``, empty
+    or inverted boxes and overlapping boxes (the official code would produce NaN there)."""
+    arr = np.asarray(boxes, np.float64)
+    if arr.ndim == 1 and arr.shape == (4,):
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 4 or arr.shape[0] < 1:
+        raise ValueError(f"boxes must be [n, 4] normalised [y_min, x_min, y_max, x_max], got shape {arr.shape}")
+    n = arr.shape[0]
+    if n == num_ids:
+        mode = "route"
+    elif n == 1:
+        mode = "mix"
+    else:
+        raise ValueError(f"got {n} boxes for {num_ids} identities: give one box per identity (regional routing) "
+                         f"or a single box (identity mixing)")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise ValueError(f"boxes must lie in [0, 1] (normalised [y_min, x_min, y_max, x_max]), got {arr.tolist()}")
+    bad = [i for i in range(n) if not (arr[i, 0] < arr[i, 2] and arr[i, 1] < arr[i, 3])]
+    if bad:
+        raise ValueError(f"boxes {bad} are empty or inverted: need y_min < y_max and x_min < x_max, got "
+                         f"{arr[bad].tolist()}")
+    for i in range(n):
+        for j in range(i + 1, n):
+            dy = min(arr[i, 2], arr[j, 2]) - max(arr[i, 0], arr[j, 0])
+            dx = min(arr[i, 3], arr[j, 3]) - max(arr[i, 1], arr[j, 1])
+            if dy > 0 and dx > 0:
+                raise ValueError(f"boxes {i} {arr[i].tolist()} and {j} {arr[j].tolist()} overlap; each query "
+                                 f"may belong to one identity only")
+    return arr, mode
+
+
+def layer_grid(query_len: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The ``(H_l, W_l)`` grid of a layer with ``query_len`` tokens for an image of ``image_size = (H, W)`` px:
+    ``ratio = int(sqrt(W·H // L_q))``, grid ``(H // ratio, W // ratio)`` (docs/method.md §4.4; the official code's
+    rule)."""
+    height, width = image_size
+    ratio = int(math.sqrt(width * height // query_len)) if query_len <= width * height else 0
+    if ratio < 1:
+        raise ValueError(f"{query_len} query tokens are more than the {height}×{width} px image has pixels")
+    return height // ratio, width // ratio
+
+
+def query_grids(image_size: tuple[int, int], max_levels: int = 8) -> tuple[tuple[int, int], ...]:
+    """The grids of the UNet's attention levels for an image of ``(H, W)`` px: latent ``(H/8, W/8)`` and each
+    halving while both sides stay integers (SD1.5 at 512×768 → 64×96, 32×48, 16×24, 8×12), then the finer grids
+    ``(H/4, W/4)``, ``(H/2, W/2)``, ``(H, W)`` of VAEs with a smaller scale factor (e.g. 4 for a 3-level VAE)."""
+    height, width = image_size
+    grids = []
+    factors = [8 * 2 ** level for level in range(max_levels)]
+    factors = [r for i, r in enumerate(factors) if all(height % q == 0 and width % q == 0 for q in factors[:i + 1])]
+    for r in factors + [4, 2, 1]:
+        if height % r or width % r:
+            continue
+        grid = layer_grid((height // r) * (width // r), image_size)
+        if grid != (height // r, width // r):  # cannot happen for exact multiples; kept as a guard
+            raise AssertionError(f"grid rule mismatch at {image_size}: {grid}")
+        grids.append(grid)
+    return tuple(grids)
+
+
+def box_edges(boxes: np.ndarray | Sequence[Sequence[float]], grid: tuple[int, int]) -> np.ndarray:
+    """Normalised boxes ``[n, 4]`` → integer cell ranges on ``grid = (H_l, W_l)``: ``int(y0·H_l), int(x0·W_l),
+    int(y1·H_l), int(x1·W_l)`` with Python floats (truncation), used as half-open slices."""
+    gh, gw = grid
+    return np.array([[int(float(y0) * gh), int(float(x0) * gw), int(float(y1) * gh), int(float(x1) * gw)]
+                     for y0, x0, y1, x1 in np.asarray(boxes, np.float64)], np.int32).reshape(-1, 4)
+
+
+def box_masks(edges: jax.Array | np.ndarray, grid: tuple[int, int]) -> jax.Array | np.ndarray:
+    """``edges [n_boxes, 4]`` (half-open cell ranges ``y0, x0, y1, x1``) → boolean ``[n_boxes, H_l·W_l]``,
+    row-major over the grid (the order of the UNet's flattened tokens). NumPy in → NumPy out."""
+    xp = np if isinstance(edges, np.ndarray) else jnp
+    gh, gw = grid
+    ys = xp.arange(gh)[None, :, None]
+    xs = xp.arange(gw)[None, None, :]
+    e = [edges[:, i][:, None, None] for i in range(4)]
+    inside = (ys >= e[0]) & (ys < e[2]) & (xs >= e[1]) & (xs < e[3])
+    return inside.reshape(edges.shape[0], gh * gw)
+
+
+# =========================================================================================================
+# Gate, routing, mixing (pure functions; the strategy composes them)
 # =========================================================================================================
 def gate_from_logits(logits: jax.Array, threshold: float = 0.3, eps: float = 1e-6) -> jax.Array:
     """``[B, heads, Lq, T]`` ID logits → gate ``[B, Lq]`` in fp32: sum over heads and tokens, min–max normalise
@@ -415,16 +516,3 @@ def init_ip_from_base(params: Mapping) -> dict:
         raise ValueError("init_ip_from_base: no to_k_ip / to_v_ip params found (are the SAA params merged in?)")
     flat.update(updates)
     return traverse_util.unflatten_dict(flat)
-
-
-def gate_maps(intermediates: Mapping, image_size: tuple[int, int]) -> dict[str, jax.Array]:
-    """The sown gates (``apply(..., mutable=["intermediates"])[1]["intermediates"]``) as ``{layer path:
-    [B, H_l, W_l]}``, e.g. ``"up_blocks_3/attentions_2/transformer_blocks_0/attn2"`` → ``[2, 64, 64]``."""
-    out = {}
-    for path, value in traverse_util.flatten_dict(dict(intermediates)).items():
-        if path[-1] != "gate":
-            continue
-        w = value[0] if isinstance(value, tuple) else value
-        gh, gw = layer_grid(w.shape[-1], image_size)
-        out["/".join(path[:-1])] = w.reshape(w.shape[0], gh, gw)
-    return out

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.models.clip_config import CLIPTextConfig, CLIPVisionConfig, text_config, vision_config
+from dynamicid_jax.models.configs import CLIPTextConfig, CLIPVisionConfig, text_config, vision_config
 from dynamicid_jax.models.layers import Dtype, activation, conv, dense, dot_product_attention, embed, layer_norm
-from dynamicid_jax.weights import folders
+from dynamicid_jax.weights import keymap as km
 from dynamicid_jax.weights.keymap import KeyMap, RenamedStateDict, load_state_dict
 
 SEQ_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -266,7 +266,7 @@ def canonical_vision_state(state: Mapping[str, np.ndarray]) -> Mapping[str, np.n
 
 def read_weights(folder: str | os.PathLike, variant: str | None = None) -> Mapping[str, np.ndarray]:
     """All tensors of ``model[.variant].safetensors`` or of the shards listed by ``model.safetensors.index.json``."""
-    return folders.read_weights(folder, "model", variant=variant)[0]
+    return km.read_weights(folder, "model", variant=variant)[0]
 
 
 def _placer(param_dtype: Dtype):
@@ -312,10 +312,10 @@ def load_text_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, pa
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the returned params. A full
     ``CLIPModel`` folder works too (its text tower is used).
     """
-    folder = folders.find_component(path, "text_encoder", what="text encoder")
-    raw = folders.read_config(folder)
+    folder = km.find_component(path, "text_encoder", what="text encoder")
+    raw = km.read_config(folder)
     config = CLIPTextConfig.from_dict(raw, source=os.path.join(folder, "config.json"))
-    state, source = folders.read_weights(folder, "model", variant=variant)
+    state, source = km.read_weights(folder, "model", variant=variant)
     return text_encoder_from_state_dict(state, config, dtype=dtype, param_dtype=param_dtype, source=source,
                                         with_projection=is_projection_config(raw))
 
@@ -323,8 +323,8 @@ def load_text_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, pa
 def load_image_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32, *, param_dtype: Dtype = jnp.float32,
                        variant: str | None = None) -> tuple[CLIPVisionModelWithProjection, dict]:
     """``(model, params)`` from a ``CLIPVisionModelWithProjection`` folder or a full ``CLIPModel`` folder."""
-    folder = folders.find_component(path, "image_encoder", what="image encoder")
-    config = CLIPVisionConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
+    folder = km.find_component(path, "image_encoder", what="image encoder")
+    config = CLIPVisionConfig.from_dict(km.read_config(folder), source=os.path.join(folder, "config.json"))
     model = CLIPVisionModelWithProjection(config, dtype=dtype)
     dummy = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
@@ -351,7 +351,7 @@ def save_image_encoder(folder: str | os.PathLike, module: CLIPVisionModelWithPro
     load_state_dict(state, VISION_KEYMAP, abstract, source="save_image_encoder params")  # every key and shape
     config = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
               **dataclasses.asdict(c)}
-    from dynamicid_jax.io_atomic import atomic_folder
+    from dynamicid_jax.file_io import atomic_folder
 
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and not os.path.isfile(os.path.join(folder, "model.safetensors")):

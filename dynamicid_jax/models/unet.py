@@ -2,7 +2,7 @@
 
 Module names mirror diffusers (``down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_k``), so the weight map
 (:data:`UNET_KEYMAP`) is a handful of rules. Every attention layer takes the UNet's ``strategy`` (see
-:mod:`dynamicid_jax.models.attention`); per-call method inputs travel as ``attention_inputs``.
+:class:`~dynamicid_jax.models.layers.Attention`); per-call method inputs travel as ``attention_inputs``.
 
     unet, params = load_unet("path/to/sd15/unet")
     eps = unet.apply({"params": params}, latents_nhwc, timesteps, text_embeddings)
@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from dynamicid_jax.models import layers
-from dynamicid_jax.models.attention import Attention, AttentionStrategy, LayerInfo
-from dynamicid_jax.models.unet_config import NUM_TIME_IDS, UNetConfig, attention_layer_names, unet_config
-from dynamicid_jax.weights import folders
+from dynamicid_jax.models.configs import NUM_TIME_IDS, UNetConfig, unet_config
+from dynamicid_jax.models.layers import Attention, AttentionStrategy, LayerInfo
 from dynamicid_jax.weights import keymap as km
 
 ACT_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
@@ -257,6 +256,29 @@ class TimestepEmbedding(nn.Module):
         return layers.dense(self.dim, name="linear_2", dtype=self.dtype)(jax.nn.silu(x))
 
 
+def attention_layer_names(config: UNetConfig) -> list[str]:
+    """Attention layers in diffusers' ``unet.attn_processors`` order: registration order, i.e. down blocks, then
+    up blocks, then the mid block (``mid_block`` is assigned after the two empty ModuleLists), attn1 before
+    attn2."""
+    names = []
+
+    def block(prefix, n_attn, n_layers):
+        for j in range(n_attn):
+            for t in range(n_layers):
+                base = f"{prefix}.attentions.{j}.transformer_blocks.{t}"
+                names.extend([f"{base}.attn1", f"{base}.attn2"])
+
+    for i, kind in enumerate(config.down_block_types):
+        if kind == "CrossAttnDownBlock2D":
+            block(f"down_blocks.{i}", config.layers_per_block, config.transformer_layers[i])
+    rev_layers = list(reversed(config.transformer_layers))
+    for i, kind in enumerate(config.up_block_types):
+        if kind == "CrossAttnUpBlock2D":
+            block(f"up_blocks.{i}", config.layers_per_block + 1, rev_layers[i])
+    block("mid_block", 1, config.transformer_layers[-1])
+    return names
+
+
 class UNet2DConditionModel(nn.Module):
     """ε- (or v-) prediction UNet: ``__call__(sample [B,h,w,4], timesteps [B] or scalar, encoder_hidden_states
     [B, L, cross_dim], attention_inputs=None) → [B,h,w,out_channels]``. ``h`` and ``w`` must be multiples of
@@ -385,9 +407,9 @@ def load_unet(path: str, *, dtype=jnp.float32, strategy: AttentionStrategy | Non
     """Load a diffusers ``unet/`` folder (``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``).
 
     ``path`` may also be the pipeline folder that contains ``unet/``. Only local paths are accepted."""
-    folder = folders.find_component(path, "unet")
-    config = UNetConfig.from_dict(folders.read_config(folder), source=os.path.join(folder, "config.json"))
-    state, source = folders.read_weights(folder, "diffusion_pytorch_model", variant=variant)
+    folder = km.find_component(path, "unet")
+    config = UNetConfig.from_dict(km.read_config(folder), source=os.path.join(folder, "config.json"))
+    state, source = km.read_weights(folder, "diffusion_pytorch_model", variant=variant)
     return unet_from_state_dict(state, config, dtype=dtype, strategy=strategy, source=source)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 
 from dynamicid_jax.models import layers
-from dynamicid_jax.models.vae_config import VAEConfig, vae_config, vae_scale_factor  # noqa: F401 (re-exported)
+from dynamicid_jax.models.configs import VAEConfig, vae_config, vae_scale_factor  # noqa: F401 (re-exported)
 from dynamicid_jax.weights import keymap as km
 
 ACT_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
@@ -380,7 +380,7 @@ def load_vae(path: str, dtype=jnp.float32, *, variant: str | None = None) -> tup
     ``path`` may also be the pipeline folder that contains ``vae/``. ``dtype`` is the compute dtype; params are
     fp32. Missing folder / file, bad JSON, unsupported config entries and mismatching weights raise errors that
     name the path."""
-    from dynamicid_jax.weights.folders import find_component, read_config, read_weights
+    from dynamicid_jax.weights.keymap import find_component, read_config, read_weights
 
     folder = find_component(path, "vae")
     config = VAEConfig.from_dict(read_config(folder), source=f"{folder}/config.json")

@@ -159,7 +159,7 @@ class DynamicIDPipeline:
         ``<dynamicid_path>/image_encoder``) and the face analyzer (a registered backend name built with
         ``analyzer_kwargs``, or an analyzer object). ``dtype`` is the compute dtype (params stay fp32); a loaded
         base keeps its own dtype, scheduler and configs."""
-        from dynamicid_jax.weights.folders import is_sdxl
+        from dynamicid_jax.weights.keymap import is_sdxl
 
         weights = load_dynamicid(dynamicid_path)
         loaded = isinstance(sd_path, (StableDiffusion, StableDiffusionXL))

@@ -18,12 +18,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Mapping
 
+import jax
 import numpy as np
 
-from dynamicid_jax.methods.saa import box_edges
+from flax import traverse_util
 
-__all__ = ["GateMaps", "gate_overlay_image", "save_gate_overlay", "IDENTITY_COLOURS"]
+from dynamicid_jax.methods.saa import box_edges, layer_grid
+
+__all__ = ["gate_maps", "GateMaps", "gate_overlay_image", "save_gate_overlay", "IDENTITY_COLOURS"]
+
+def gate_maps(intermediates: Mapping, image_size: tuple[int, int]) -> dict[str, jax.Array]:
+    """The sown gates (``apply(..., mutable=["intermediates"])[1]["intermediates"]``) as ``{layer path:
+    [B, H_l, W_l]}``, e.g. ``"up_blocks_3/attentions_2/transformer_blocks_0/attn2"`` → ``[2, 64, 64]``."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(dict(intermediates)).items():
+        if path[-1] != "gate":
+            continue
+        w = value[0] if isinstance(value, tuple) else value
+        gh, gw = layer_grid(w.shape[-1], image_size)
+        out["/".join(path[:-1])] = w.reshape(w.shape[0], gh, gw)
+    return out
+
 
 #: tint of identity i (cycled)
 IDENTITY_COLOURS = ((230, 40, 40), (40, 110, 240), (40, 190, 70), (240, 170, 20), (170, 60, 220), (20, 200, 200))
@@ -173,6 +190,6 @@ def _boxes_of(gates: GateMaps, identity: int) -> list:
 
 def save_gate_overlay(gates: GateMaps, image: np.ndarray, path: str | os.PathLike, **kwargs) -> str:
     """Write :func:`gate_overlay_image` as a PNG (atomically) and return the path."""
-    from dynamicid_jax.image_io import save_png
+    from dynamicid_jax.file_io import save_png
 
     return save_png(gate_overlay_image(gates, image, **kwargs), path)

@@ -108,7 +108,7 @@ class InfiniteIDPipeline:
         from dynamicid_jax.faces import get_analyzer
         from dynamicid_jax.models.clip import load_image_encoder
 
-        from dynamicid_jax.weights.folders import is_sdxl
+        from dynamicid_jax.weights.keymap import is_sdxl
 
         if isinstance(model, (StableDiffusion, StableDiffusionXL)):
             sd = model

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.models.attention import AttentionStrategy
+from dynamicid_jax.models.layers import AttentionStrategy
 from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
@@ -92,7 +92,7 @@ class StableDiffusion:
         from dynamicid_jax.models.vae import load_vae
         from dynamicid_jax.schedulers import load_scheduler
         from dynamicid_jax.tokenizer import load_tokenizer
-        from dynamicid_jax.weights.folders import find_component
+        from dynamicid_jax.weights.keymap import find_component
 
         if not os.path.isdir(path):
             find_component(path, "model")  # raises the uniform "does not exist" / hub-id error
@@ -114,19 +114,19 @@ class StableDiffusion:
         from dynamicid_jax.models.vae import load_vae, vae_from_state_dict
         from dynamicid_jax.schedulers import load_scheduler
         from dynamicid_jax.tokenizer import load_tokenizer
-        from dynamicid_jax.weights import folders
+        from dynamicid_jax.weights import keymap as km
         from dynamicid_jax.weights import single_file as sf
 
         configs = sf.sd15_configs()
         if config is not None:
             config = os.fspath(config)
             if not os.path.isdir(config):
-                raise folders.missing_path_error(config, "config", "a diffusers folder with unet/, vae/, ... configs")
+                raise km.missing_path_error(config, "config", "a diffusers folder with unet/, vae/, ... configs")
             for part in ("unet", "vae", "text_encoder"):
                 if os.path.isfile(os.path.join(config, part, "config.json")):
-                    configs[part] = folders.read_config(os.path.join(config, part))
+                    configs[part] = km.read_config(os.path.join(config, part))
             if os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json")):
-                configs["scheduler"] = folders.read_config(os.path.join(config, "scheduler"),
+                configs["scheduler"] = km.read_config(os.path.join(config, "scheduler"),
                                                            "scheduler_config.json")
         state = sf.load_single_file_components(path, configs["unet"], configs["vae"])
         unet, unet_params = unet_from_state_dict(state["unet"], UNetConfig.from_dict(configs["unet"], source=path),
@@ -160,7 +160,7 @@ class StableDiffusion:
         from dynamicid_jax.models.vae import VAE_KEYMAP
         from dynamicid_jax.weights.keymap import export_state_dict, write_safetensors
 
-        from dynamicid_jax.io_atomic import atomic_folder
+        from dynamicid_jax.file_io import atomic_folder
 
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")

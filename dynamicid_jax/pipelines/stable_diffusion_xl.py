@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.models.attention import AttentionStrategy
+from dynamicid_jax.models.layers import AttentionStrategy
 from dynamicid_jax.models.clip import CLIPTextModel
 from dynamicid_jax.models.unet import UNet2DConditionModel
 from dynamicid_jax.models.vae import AutoencoderKL, decode_latents, vae_scale_factor
 from dynamicid_jax.pipelines.sampling import denoise, to_uint8
 from dynamicid_jax.pipelines.stable_diffusion import TextConditioning
 from dynamicid_jax.tokenizer import tokenize
-from dynamicid_jax.weights.folders import is_sdxl  # noqa: F401  (the backbone test, re-exported here)
+from dynamicid_jax.weights.keymap import is_sdxl  # noqa: F401  (the backbone test, re-exported here)
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -121,7 +121,7 @@ class StableDiffusionXL:
         from dynamicid_jax.models.unet import load_unet
         from dynamicid_jax.schedulers import load_scheduler
         from dynamicid_jax.tokenizer import load_tokenizer
-        from dynamicid_jax.weights.folders import find_component
+        from dynamicid_jax.weights.keymap import find_component
 
         if not os.path.isdir(path):
             find_component(path, "model")  # raises the uniform "does not exist" / hub-id error
@@ -151,20 +151,20 @@ class StableDiffusionXL:
         from dynamicid_jax.models.vae import vae_from_state_dict
         from dynamicid_jax.schedulers import load_scheduler
         from dynamicid_jax.tokenizer import SDXL_PAD_TOKEN, load_tokenizer
-        from dynamicid_jax.weights import folders
+        from dynamicid_jax.weights import keymap as km
         from dynamicid_jax.weights import single_file_sdxl as sfx
 
         configs = sfx.sdxl_configs()
         if config is not None:
             config = os.fspath(config)
             if not os.path.isdir(config):
-                raise folders.missing_path_error(config, "config", "a diffusers SDXL folder with unet/, vae/, ... "
+                raise km.missing_path_error(config, "config", "a diffusers SDXL folder with unet/, vae/, ... "
                                                                    "configs")
             for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
                 if os.path.isfile(os.path.join(config, part, "config.json")):
-                    configs[part] = folders.read_config(os.path.join(config, part))
+                    configs[part] = km.read_config(os.path.join(config, part))
             if os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json")):
-                configs["scheduler"] = folders.read_config(os.path.join(config, "scheduler"),
+                configs["scheduler"] = km.read_config(os.path.join(config, "scheduler"),
                                                            "scheduler_config.json")
         state = sfx.load_sdxl_single_file_components(path, configs["unet"], configs["vae"])
         for part in ("unet", "text_encoder", "text_encoder_2"):
@@ -347,10 +347,10 @@ def _vae_dtype(dtype, force_upcast: bool):
 
 def _load_vae(folder, dtype, variant):
     from dynamicid_jax.models.vae import load_vae
-    from dynamicid_jax.weights import folders
+    from dynamicid_jax.weights import keymap as km
 
-    found = folders.find_component(folder, "vae", what="VAE")
-    force_upcast = bool(folders.read_config(found).get("force_upcast", True))
+    found = km.find_component(folder, "vae", what="VAE")
+    force_upcast = bool(km.read_config(found).get("force_upcast", True))
     return load_vae(found, dtype=_vae_dtype(dtype, force_upcast), variant=variant)
 
 

@@ -1,4 +1,5 @@
-"""Pieces every scheduler shares: config parsing, the noise schedule, the forward (training) process.
+"""Pieces every scheduler shares: config parsing, the noise schedule, the forward (training) process, and
+:func:`load_scheduler`, which turns a diffusers ``scheduler/`` folder or config dict into one of ours.
 
 The schedulers are frozen, hashable dataclasses holding only their config, so they can be static under
 ``jax.jit``. Everything that depends on the number of inference steps is computed once, on the host in
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import threading
+import types
 from typing import Any, Callable, ClassVar, Mapping
 
 import jax.numpy as jnp
@@ -393,3 +397,68 @@ class DDPMForwardProcess:
             raise ValueError(f"get_velocity: sample shape {sample.shape} != noise shape {noise.shape}")
         a, s = self._forward_coefficients(timesteps, sample, "get_velocity")
         return a * noise.astype(jnp.float32) - s * sample.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+# Stable Diffusion 1.5's noise schedule (its own folder ships a PNDMScheduler config with these values),
+# written as the DDIM config DynamicID samples with. Read-only: copy with dict(...) to change it.
+SD15_SCHEDULER_CONFIG: Mapping[str, Any] = types.MappingProxyType({
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+})
+
+
+def scheduler_kinds() -> dict[str, type[DDPMForwardProcess]]:
+    """``{kind: scheduler class}`` of every scheduler we implement (each subclass of :class:`DDPMForwardProcess`
+    names its ``KIND``), in definition order."""
+    return {cls.KIND: cls for cls in DDPMForwardProcess.__subclasses__() if getattr(cls, "KIND", None)}
+
+
+def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads ``scheduler_config.json`` from a file, a ``scheduler/`` folder, or a model folder holding one."""
+    path = os.fspath(path)
+    candidates = [path] if path.endswith(".json") else [
+        os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                cfg = json.load(f)
+            if not isinstance(cfg, dict):
+                raise SchedulerConfigError(f"{candidate}: expected a JSON object")
+            return cfg
+    raise FileNotFoundError(f"no scheduler config: looked for {' and '.join(candidates)}")
+
+
+def load_scheduler(path_or_dict: str | os.PathLike | Mapping[str, Any], kind: str | None = None) -> DDPMForwardProcess:
+    """Builds a scheduler from a diffusers config.
+
+    Without ``kind`` the config's ``_class_name`` must be DDIMScheduler, DPMSolverMultistepScheduler or
+    EulerDiscreteScheduler. With ``kind`` ("ddim", "dpm++2m", "euler") that scheduler is built; from a config of
+    another class (e.g. SD1.5's own PNDMScheduler) only the shared beta/timestep fields are taken.
+    """
+    cfg = dict(path_or_dict) if isinstance(path_or_dict, Mapping) else read_scheduler_config(path_or_dict)
+    kinds = scheduler_kinds()
+    by_class_name = {cls.DIFFUSERS_CLASS: cls for cls in kinds.values()}
+    class_name = cfg.get("_class_name")
+    if isinstance(class_name, str) and class_name.startswith("Flax"):
+        class_name = class_name[len("Flax"):]
+    choices = ", ".join(repr(k) for k in kinds)
+    if kind is None:
+        if class_name not in by_class_name:
+            raise SchedulerConfigError(
+                f"scheduler config _class_name={class_name!r} is not one we implement "
+                f"({', '.join(by_class_name)}); pass kind= one of {choices} to build that scheduler from the "
+                f"shared beta/timestep fields of this config")
+        return by_class_name[class_name].from_config(cfg)
+    if kind not in kinds:
+        raise ValueError(f"load_scheduler: kind={kind!r}: expected one of {choices}")
+    return kinds[kind].from_config(cfg)

@@ -56,6 +56,7 @@ class DDIMScheduler(DDPMForwardProcess):
     config: DDIMConfig = DDIMConfig()
 
     DIFFUSERS_CLASS: ClassVar[str] = "DDIMScheduler"
+    KIND: ClassVar[str] = "ddim"  # its name for load_scheduler(kind=...) and command lines
     ZERO_SNR_FLOOR: ClassVar[bool] = False
 
     def __post_init__(self):

@@ -81,6 +81,7 @@ class DPMSolverMultistepScheduler(DDPMForwardProcess):
     config: DPMSolverConfig = DPMSolverConfig()
 
     DIFFUSERS_CLASS: ClassVar[str] = "DPMSolverMultistepScheduler"
+    KIND: ClassVar[str] = "dpm++2m"  # its name for load_scheduler(kind=...) and command lines
     ZERO_SNR_FLOOR: ClassVar[bool] = True
 
     def __post_init__(self):

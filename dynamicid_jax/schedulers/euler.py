@@ -65,6 +65,7 @@ class EulerDiscreteScheduler(DDPMForwardProcess):
     config: EulerConfig = EulerConfig()
 
     DIFFUSERS_CLASS: ClassVar[str] = "EulerDiscreteScheduler"
+    KIND: ClassVar[str] = "euler"  # its name for load_scheduler(kind=...) and command lines
     ZERO_SNR_FLOOR: ClassVar[bool] = True
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dynamicid_jax.faces.analyzer import Face
-from dynamicid_jax.image_io import ImageLike, load_rgb
+from dynamicid_jax.file_io import ImageLike, load_rgb
 from .detector import SyntheticDetector, SyntheticLandmarker
 from .recognizer import SyntheticRecognizer
 

@@ -28,7 +28,7 @@ import numpy as np
 from dynamicid_jax.models import layers
 from dynamicid_jax.weights.keymap import read_safetensors, write_safetensors
 
-from dynamicid_jax.faces.geometry import ARCFACE_TEMPLATE, similarity_transform
+from dynamicid_jax.faces import ARCFACE_TEMPLATE, similarity_transform
 
 __all__ = [
     "ConvNet", "warp_crops", "box_matrices", "alignment_matrices", "jitter_matrices", "augment_crops",
@@ -291,7 +291,7 @@ def save_model(folder: str | os.PathLike, kind: str, config: dict, params, extra
     write_safetensors(_flatten(jax.device_get(params)), os.path.join(folder, "params.safetensors"),
                       metadata={"kind": kind})
     meta = {"kind": kind, "config": config, **(extra or {})}
-    from dynamicid_jax.io_atomic import write_json
+    from dynamicid_jax.file_io import write_json
 
     write_json(meta, os.path.join(folder, "config.json"), indent=1, sort_keys=True)
     return folder
