@@ -5,7 +5,8 @@ weights all-gathered just before use: ZeRO-3) and ``"tensor"`` (hidden / heads d
 Params carry logical axis names (:mod:`.models.layers`); :data:`LOGICAL_AXIS_RULES` maps them and the
 activation names onto the mesh, and every helper accepts ``rules=`` to override it. On several hosts call
 ``jax.distributed.initialize()`` first: ``jax.devices()`` is then global and every process builds the same
-mesh, and :func:`shard_batch` takes each process's local slice. Typical use::
+mesh, :func:`shard_batch` takes each process's local slice, and :func:`barrier` / :func:`host_value` /
+:func:`replicated_to_host` synchronise the processes and read values back. Typical use::
 
     mesh = make_mesh(MeshConfig(data=-1, fsdp=2))            # -1 = all remaining devices
     variables = init_sharded(model, rng, x, mesh=mesh)       # created directly in its shards, or:
@@ -454,7 +455,44 @@ def sharded_jit(fn: Callable, *, in_shardings: Any, out_shardings: Any, donate_a
     return _MeshJit(fn, jitted, mesh, rules)
 
 
-__all__ = [
+# ---------------------------------------------------------------------------------------------------------
+# Several processes: a barrier, and reading replicated or sharded values on the host
+# ---------------------------------------------------------------------------------------------------------
+_BARRIER_TIMEOUT_S = 3600
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (the coordination service's barrier, generous timeout); no-op with
+    one process. ``name`` must be unique per call site and occurrence."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.sync_global_processes(f"dynamicid_{name}", timeout=_BARRIER_TIMEOUT_S)
+
+
+def host_value(tree: Any) -> Any:
+    """Host numpy copy of a *replicated* tree (metrics, the step): every process reads its own first shard, so
+    this works when the arrays span several processes (``jax.device_get`` needs fully addressable arrays)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def replicated_to_host(tree: Any) -> Any:
+    """Fully gather a (possibly multi-process, sharded) tree to host numpy arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    mesh = leaves[0].sharding.mesh
+    gather = jax.jit(lambda t: t, out_shardings=replicated(mesh)).lower(tree).compile()
+    barrier("replicated_to_host")
+    return host_value(gather(tree))
+
+
+__all__ = ["barrier", "host_value", "replicated_to_host", 
     "BATCH_AXES", "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfig", "axis_rules", "batch_sharding",
     "init_sharded", "logical_to_sharding", "make_mesh", "param_shardings", "replicated", "shard_batch",
     "shard_params", "sharded_jit", "use_mesh",

@@ -7,7 +7,8 @@ experiment's YAML file is merged over them and
 closest names) and its value is parsed with the type of the value it replaces: ``true/false`` for bools,
 ints, floats, strings as written, and lists / dicts / ``None`` through YAML (``mesh.data=-1``,
 ``optimizer.lr=3e-5``, ``model.base=/ckpt/sd15``, ``train.sample_prompts=["a", "b"]``). Keys under a mapping
-whose default is an empty dict (free-form sections) may be added.
+whose default is an empty dict (free-form sections) may be added. The ``optimizer`` section builds the optax
+optimizer every stage trains with (:func:`make_optimizer`).
 
     cfg = load_config("train/configs/stage1_sd15.yaml", ["optimizer.lr=5e-5"], defaults=stage1.DEFAULTS)
     cfg.optimizer.lr            # attribute access; cfg.to_dict() for JSON / checkpoints
@@ -21,6 +22,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+import optax
 import yaml
 
 
@@ -258,8 +260,8 @@ def config_from_dict(data: Mapping, *, defaults: Mapping) -> Config:
     return _wrap(_merge(copy.deepcopy(dict(defaults)), data, "", frozenset(_free_sections(defaults, ""))))
 
 
-__all__ = ["Config", "ConfigError", "NULLABLE_TYPES", "RANGES", "config_from_dict", "load_config", "parse_override",
-           "validate"]
+__all__ = ["Config", "ConfigError", "NULLABLE_TYPES", "RANGES", "config_from_dict", "learning_rate_schedule",
+           "load_config", "make_optimizer", "parse_override", "validate"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,3 +309,37 @@ def stage_defaults(name: str) -> dict[str, Any]:
     if clash:
         raise ConfigError(f"default config {name}.yaml redefines the shared sections {clash} of training.yaml")
     return {**data, **shared}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The optimizer the ``optimizer`` section describes
+# ---------------------------------------------------------------------------------------------------------
+def learning_rate_schedule(opt: Mapping) -> optax.Schedule:
+    """``lr`` with linear warm-up over ``warmup_steps``, then ``"constant"`` or ``"cosine"`` decay to
+    ``lr · final_lr_fraction`` at ``decay_steps``."""
+    lr, warmup = float(opt["lr"]), int(opt.get("warmup_steps", 0))
+    kind = opt.get("schedule", "constant")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        decay = int(opt.get("decay_steps", 0))
+        if decay <= warmup:
+            raise ValueError(f"optimizer.decay_steps ({decay}) must exceed warmup_steps ({warmup}) for 'cosine'")
+        after = optax.cosine_decay_schedule(lr, decay - warmup, alpha=float(opt.get("final_lr_fraction", 0.0)))
+    else:
+        raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {kind!r}")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(opt: Mapping) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (``lr, b1, b2, eps, weight_decay``) after a global-norm clip (``clip_grad_norm``; ≤ 0 = off)."""
+    schedule = learning_rate_schedule(opt)
+    parts = []
+    clip = float(opt.get("clip_grad_norm", 0.0) or 0.0)
+    if clip > 0:
+        parts.append(optax.clip_by_global_norm(clip))
+    parts.append(optax.adamw(schedule, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.999)),
+                             eps=float(opt.get("eps", 1e-8)), weight_decay=float(opt.get("weight_decay", 1e-2))))
+    return optax.chain(*parts), schedule

@@ -12,9 +12,9 @@ keeps the two param sets apart:
   optional EMA of ``trainable``, the step and the PRNG key data. The step donates it.
 
 The step (:func:`make_train_step`) splits the batch into ``accum_steps`` micro-batches (``lax.scan``, gradients
-summed in fp32), clips by global norm and applies AdamW (:func:`make_optimizer`); the per-step randomness is
-``fold_in(rng, step)`` so that a resumed run draws exactly what an uninterrupted one would. Compute dtype and
-rematerialisation belong to the models the task builds (``dtype=bf16``, ``UNet2DConditionModel(remat_policy=)``).
+summed in fp32), clips by global norm and applies AdamW (:func:`train.config.make_optimizer`, from the config's
+``optimizer`` section); the per-step randomness is ``fold_in(rng, step)`` so that a resumed run draws exactly what
+an uninterrupted one would. Compute dtype and rematerialisation belong to the models the task builds.
 
 :class:`Trainer` places everything on the mesh (``dynamicid_jax.sharding``: params by their logical axes, the
 batch split over ``("data", "fsdp")``), restores the latest checkpoint onto the *current* mesh, runs the loop,
@@ -36,22 +36,97 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from dynamicid_jax import sharding as sh
 from dynamicid_jax.errors import DynamicIDError
-from train.config import training_defaults
-from train.step import (  # noqa: F401  (the step's pieces, re-exported: train.loop.make_train_step etc.)
-    LossFn,
-    PyTree,
-    TrainState,
-    learning_rate_schedule,
-    make_optimizer,
-    make_train_step,
-    split_microbatches,
-)
+from dynamicid_jax.sharding import barrier, host_value, replicated_to_host  # noqa: F401 (re-exported)
+from train.config import learning_rate_schedule, make_optimizer, training_defaults  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
+
+
+# =========================================================================================================
+# The step
+# =========================================================================================================
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, tuple[dict, PyTree]]]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes. ``rng`` is raw ``uint32`` key data (a plain array for checkpoints)."""
+
+    step: jax.Array  # int32 scalar: optimizer updates done so far
+    trainable: PyTree
+    opt_state: PyTree
+    mutable: PyTree  # e.g. {"batch_stats": ...}; {} when the task has none
+    ema: PyTree  # EMA of ``trainable`` or None
+    rng: jax.Array
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.wrap_key_data(self.rng)
+
+
+def split_microbatches(batch: PyTree, accum_steps: int) -> PyTree:
+    """``[B, ...]`` leaves → ``[accum_steps, B / accum_steps, ...]``; micro-batch ``i`` holds rows ``i, i+a, …``
+    so that each device's contiguous shard of the batch splits locally (no data movement)."""
+    def split(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"batch leading dim {x.shape[0]} is not divisible by accum_steps={accum_steps}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int = 1,
+                    ema_decay: float | None = None, lr_schedule: optax.Schedule | None = None):
+    """``step(state, frozen, batch) -> (state, metrics)``: pure, to be jitted (see :meth:`Trainer.compile`).
+
+    ``metrics`` holds ``loss``, ``grad_norm`` (before clipping), ``lr`` and the task's own metrics, averaged over
+    the micro-batches. With ``accum_steps > 1`` the mutable state (BatchNorm statistics) is threaded through the
+    micro-batches in order."""
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, frozen: PyTree, batch: PyTree) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.key, state.step)
+        if accum_steps == 1:
+            (loss, (metrics, mutable)), grads = grad_fn(state.trainable, frozen, state.mutable, batch, rng)
+        else:
+            micro = split_microbatches(batch, accum_steps)
+
+            def body(carry, xs):
+                grads_acc, mutable = carry
+                i, mb = xs
+                (loss_i, (m, mutable)), g = grad_fn(state.trainable, frozen, mutable, mb, jax.random.fold_in(rng, i))
+                grads_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
+                return (grads_acc, mutable), (loss_i, m)
+
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+            (grads, mutable), (losses, ms) = jax.lax.scan(body, (zeros, state.mutable),
+                                                          (jnp.arange(accum_steps), micro))
+            grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+            loss = jnp.mean(losses)
+            metrics = jax.tree_util.tree_map(lambda v: jnp.mean(v, axis=0), ms)
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if ema_decay is not None and ema is not None:
+            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, trainable)
+        out = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        if lr_schedule is not None:
+            out["lr"] = lr_schedule(state.step)
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, mutable=mutable,
+                                  ema=ema)
+        return new_state, jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), out)
+
+    return step
 
 
 # =========================================================================================================
@@ -420,9 +495,6 @@ class Trainer:
                 writer.image("samples", grid, step)
 
 
-_BARRIER_TIMEOUT_S = 3600
-
-
 def _loader_stats(data_iter: Any) -> Mapping | None:
     """The corrupt-record counters of a ``data_pipelines.loaders`` iterator (``{"seen", "skipped",
     "recent_errors"}``); ``None`` for other iterators."""
@@ -430,44 +502,13 @@ def _loader_stats(data_iter: Any) -> Mapping | None:
     return stats if isinstance(stats, Mapping) and "skipped" in stats and "seen" in stats else None
 
 
-def barrier(name: str) -> None:
-    """Wait until every process got here (the coordination service's barrier, generous timeout); no-op with
-    one process. ``name`` must be unique per call site and occurrence."""
-    if jax.process_count() > 1:
-        from orbax.checkpoint import multihost
-
-        multihost.sync_global_processes(f"dynamicid_{name}", timeout=_BARRIER_TIMEOUT_S)
-
-
-def host_value(tree: PyTree) -> PyTree:
-    """Host numpy copy of a *replicated* tree (metrics, the step): every process reads its own first shard, so
-    this works when the arrays span several processes (``jax.device_get`` needs fully addressable arrays)."""
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree_util.tree_map(one, tree)
-
-
 def _jsonable(cfg: Any) -> Any:
     return json.loads(json.dumps(cfg, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def replicated_to_host(tree: PyTree) -> PyTree:
-    """Fully gather a (possibly multi-process, sharded) tree to host numpy arrays on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    leaves = jax.tree_util.tree_leaves(tree)
-    mesh = leaves[0].sharding.mesh
-    gather = jax.jit(lambda t: t, out_shardings=sh.replicated(mesh)).lower(tree).compile()
-    barrier("replicated_to_host")
-    return host_value(gather(tree))
 
 
 __all__ = [
     "CHECKPOINT_DEFAULTS", "MESH_DEFAULTS", "OPTIMIZER_DEFAULTS", "TRAIN_DEFAULTS", "Task", "TrainState",
     "Trainer", "barrier", "default_batch_shardings", "host_value", "learning_rate_schedule",
     "make_checkpoint_manager", "make_optimizer", "make_train_step", "numeric_batch", "put_batch",
-    "replicated_to_host", "split_microbatches", "state_shardings", "tree_shardings",
+    "replicated_to_host", "split_microbatches", "state_shardings", "tree_shardings", "LossFn", "PyTree",
 ]
