@@ -1,13 +1,11 @@
 """Files in and out: the one way this project writes files, and images read from whatever the user hands us.
 
-**Writing.** The one way this project writes files: atomically, with the modes a normal tool would give them.
-
-Every output goes to a temporary name in the destination's folder, is flushed to disk (``fsync``) and then renamed
-over the destination (``os.replace``, atomic on POSIX): a reader sees the old file or the new one, never half of
-one, and an interrupted or failed write leaves nothing at the destination. ``tempfile`` creates its files 0600
-and its folders 0700; before the rename the mode is set to what ``open()`` / ``mkdir`` would have given under the
-current umask (``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders), so colleagues sharing a data folder
-can read what we wrote.
+**Writing**: atomically, with the modes a normal tool would give them. Every output goes to a temporary name in the
+destination's folder, is flushed to disk (``fsync``) and then renamed over the destination (``os.replace``, atomic
+on POSIX): a reader sees the old file or the new one, never half of one, and an interrupted or failed write leaves
+nothing at the destination. ``tempfile`` creates its files 0600 and its folders 0700; before the rename the mode is
+set to what ``open()`` / ``mkdir`` would have given under the current umask (``0o666 & ~umask`` for files, ``0o777 &
+~umask`` for folders), so colleagues sharing a data folder can read what we wrote.
 
     with atomic_path("out.png") as tmp:       # any writer that takes a path
         image.save(tmp, format="PNG")
@@ -18,8 +16,8 @@ can read what we wrote.
 :func:`check_writable` checks an output location before long work starts (issue: outputs checked only after
 minutes of sampling).
 
-**Images.** Images in and out: whatever the user hands us → an RGB ``uint8 [H, W, 3]`` array (:func:`load_rgb`), and
-PNGs written atomically (:func:`save_png`; temp file + rename) or tiled into grids (:func:`image_grid`).
+**Images**: whatever the user hands us → an RGB ``uint8 [H, W, 3]`` array (:func:`load_rgb`), and PNGs written
+atomically (:func:`save_png`) or tiled into grids (:func:`image_grid`).
 
 Accepted inputs: a path (``str`` / ``os.PathLike``), a ``PIL.Image.Image``, or a numpy array ``[H, W]``,
 ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` of dtype ``uint8``, ``uint16`` (16-bit, scaled down), ``bool``, or
@@ -47,7 +45,9 @@ from typing import Any, Callable, Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLike", "MAX_ANALYSIS_SIDE", "MAX_IMAGE_PIXELS", "atomic_folder", "atomic_path", "check_writable", "current_umask", "dir_mode", "file_mode", "fix_tree_modes", "image_grid", "load_rgb", "save_png", "write_bytes", "write_json", "write_text"]
+__all__ = ["ImageLike", "MAX_ANALYSIS_SIDE", "MAX_IMAGE_PIXELS", "atomic_folder", "atomic_path", "check_writable",
+           "current_umask", "dir_mode", "file_mode", "fix_tree_modes", "image_grid", "load_rgb", "save_png",
+           "write_bytes", "write_json", "write_text"]
 
 
 def current_umask() -> int:
