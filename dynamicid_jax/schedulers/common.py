@@ -362,6 +362,21 @@ class DDPMForwardProcess:
 
     config: BaseConfig
     ZERO_SNR_FLOOR: ClassVar[bool] = True
+    # Each scheduler names its config class, the diffusers class it mirrors and its load_scheduler(kind=...) name.
+    CONFIG: ClassVar[type[BaseConfig]] = BaseConfig
+    DIFFUSERS_CLASS: ClassVar[str] = ""
+    KIND: ClassVar[str] = ""
+
+    def __post_init__(self):
+        want = self.CONFIG.__name__
+        if not isinstance(self.config, self.CONFIG):
+            raise TypeError(f"{type(self).__name__}: config must be {'an' if want[0] in 'AEIOU' else 'a'} {want}, "
+                            f"got {type(self.config).__name__}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]):
+        """From a diffusers ``scheduler_config.json`` dict (another class's config: shared fields only)."""
+        return cls(config_from_mapping(cls.CONFIG, cfg, cls.DIFFUSERS_CLASS))
 
     def _forward_coefficients(self, timesteps, like: jnp.ndarray, name: str):
         timesteps = jnp.asarray(timesteps)

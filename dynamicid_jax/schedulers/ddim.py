@@ -14,7 +14,7 @@ import numpy as np
 from flax import struct
 
 from .common import (BaseConfig, DDPMForwardProcess, alphas_cumprod, check_bool, check_float,
-                     check_num_inference_steps, check_step_inputs, checked_timesteps, config_from_mapping,
+                     check_num_inference_steps, check_step_inputs, checked_timesteps,
                      x0_from_model_output)
 
 
@@ -55,18 +55,10 @@ class DDIMState:
 class DDIMScheduler(DDPMForwardProcess):
     config: DDIMConfig = DDIMConfig()
 
+    CONFIG: ClassVar[type] = DDIMConfig
     DIFFUSERS_CLASS: ClassVar[str] = "DDIMScheduler"
-    KIND: ClassVar[str] = "ddim"  # its name for load_scheduler(kind=...) and command lines
+    KIND: ClassVar[str] = "ddim"
     ZERO_SNR_FLOOR: ClassVar[bool] = False
-
-    def __post_init__(self):
-        if not isinstance(self.config, DDIMConfig):
-            raise TypeError(f"DDIMScheduler: config must be a DDIMConfig, got {type(self.config).__name__}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> DDIMScheduler:
-        """From a diffusers ``scheduler_config.json`` dict (another class's config: shared fields only)."""
-        return cls(config_from_mapping(DDIMConfig, cfg, cls.DIFFUSERS_CLASS))
 
     def timesteps_for(self, num_inference_steps: int) -> np.ndarray:
         """The int64 timesteps diffusers' ``set_timesteps`` gives (host NumPy)."""

@@ -18,7 +18,7 @@ from flax import struct
 
 from .common import (BaseConfig, DDPMForwardProcess, SchedulerConfigError, alphas_cumprod, check_bool,
                      check_choice, check_float, check_int, check_num_inference_steps, check_step_inputs,
-                     checked_timesteps, config_from_mapping, karras_sigmas, sigma_to_t, train_sigmas)
+                     checked_timesteps, karras_sigmas, sigma_to_t, train_sigmas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +80,10 @@ class DPMSolverState:
 class DPMSolverMultistepScheduler(DDPMForwardProcess):
     config: DPMSolverConfig = DPMSolverConfig()
 
+    CONFIG: ClassVar[type] = DPMSolverConfig
     DIFFUSERS_CLASS: ClassVar[str] = "DPMSolverMultistepScheduler"
-    KIND: ClassVar[str] = "dpm++2m"  # its name for load_scheduler(kind=...) and command lines
+    KIND: ClassVar[str] = "dpm++2m"
     ZERO_SNR_FLOOR: ClassVar[bool] = True
-
-    def __post_init__(self):
-        if not isinstance(self.config, DPMSolverConfig):
-            raise TypeError(f"DPMSolverMultistepScheduler: config must be a DPMSolverConfig, "
-                            f"got {type(self.config).__name__}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> DPMSolverMultistepScheduler:
-        """From a diffusers ``scheduler_config.json`` dict (another class's config: shared fields only)."""
-        return cls(config_from_mapping(DPMSolverConfig, cfg, cls.DIFFUSERS_CLASS))
 
     def sigmas_and_timesteps(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 sigmas [n + 1], int64 timesteps [n]) as diffusers' ``set_timesteps`` makes them."""

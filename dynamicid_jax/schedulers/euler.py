@@ -14,7 +14,7 @@ import numpy as np
 from flax import struct
 
 from .common import (BaseConfig, DDPMForwardProcess, SchedulerConfigError, check_bool, check_choice, check_float,
-                     check_num_inference_steps, check_step_inputs, checked_timesteps, config_from_mapping,
+                     check_num_inference_steps, check_step_inputs, checked_timesteps,
                      karras_sigmas, sigma_to_t, train_sigmas)
 
 
@@ -64,18 +64,10 @@ class EulerState:
 class EulerDiscreteScheduler(DDPMForwardProcess):
     config: EulerConfig = EulerConfig()
 
+    CONFIG: ClassVar[type] = EulerConfig
     DIFFUSERS_CLASS: ClassVar[str] = "EulerDiscreteScheduler"
-    KIND: ClassVar[str] = "euler"  # its name for load_scheduler(kind=...) and command lines
+    KIND: ClassVar[str] = "euler"
     ZERO_SNR_FLOOR: ClassVar[bool] = True
-
-    def __post_init__(self):
-        if not isinstance(self.config, EulerConfig):
-            raise TypeError(f"EulerDiscreteScheduler: config must be an EulerConfig, got {type(self.config).__name__}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> EulerDiscreteScheduler:
-        """From a diffusers ``scheduler_config.json`` dict (another class's config: shared fields only)."""
-        return cls(config_from_mapping(EulerConfig, cfg, cls.DIFFUSERS_CLASS))
 
     def sigmas_and_timesteps(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 sigmas [n + 1], float32 timesteps [n]) as diffusers' ``set_timesteps`` makes them."""
