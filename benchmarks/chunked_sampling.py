@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import machine, write_result  # noqa: E402
+from harness import machine, write_result  # noqa: E402
 
 
 def single_program(sd, steps: int, guided: bool):

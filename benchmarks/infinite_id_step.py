@@ -53,7 +53,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from common import machine, write_result
+    from harness import machine, write_result
     from dynamicid_jax.methods import infinite_id as iid
     from dynamicid_jax.models import unet as U
 

@@ -34,7 +34,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from common import machine, write_result
+    from harness import machine, write_result
 
     from dynamicid_jax.methods import saa as S
     from dynamicid_jax.models import unet as U

@@ -101,7 +101,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from common import machine, median_time, write_result
+    from harness import machine, median_time, write_result
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
     from dynamicid_jax.pipelines.stable_diffusion_xl import StableDiffusionXL
     from dynamicid_jax.weights.keymap import is_sdxl

@@ -46,7 +46,7 @@ def main() -> None:
     import tempfile
 
     import jax
-    from common import machine, write_result
+    from harness import machine, write_result
 
     from train import loop, stage1
 

@@ -243,7 +243,7 @@ def main() -> None:
 
     import jax
 
-    from common import machine, write_result
+    from harness import machine, write_result
     from dynamicid_jax.models.unet import unet_config
 
     on_cpu = jax.default_backend() == "cpu"

@@ -28,7 +28,7 @@ def main() -> None:
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    from common import machine, median_time, write_result
+    from harness import machine, median_time, write_result
     from dynamicid_jax.models import unet as U
     from dynamicid_jax.weights import keymap as km
 

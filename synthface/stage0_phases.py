@@ -383,7 +383,7 @@ def timestep_weights(scheduler, kind: str, gamma: float = 5.0, floor: float = 0.
     and colours are decided, keep theirs — docs/demo.md, What moved what) or ``"signal_floor"`` (max(ᾱ_t, floor):
     the weight Min-SNR-γ takes off the noisiest timesteps on v-prediction, its factor ᾱ_t = SNR/(SNR + 1), taken
     off only down to ``floor``; the nearly clean ones keep theirs — between uniform and Min-SNR-γ)."""
-    from dynamicid_jax.schedulers.common import alphas_cumprod
+    from dynamicid_jax.schedulers.noise_schedule import alphas_cumprod
 
     check_loss_weighting(kind, gamma, floor)
     ac = alphas_cumprod(scheduler.config, False).astype(np.float64)

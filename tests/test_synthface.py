@@ -290,7 +290,7 @@ def test_stage0_timestep_weights_keep_or_drop_the_noisiest_steps_as_named():
     import types
 
     from dynamicid_jax.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler
-    from dynamicid_jax.schedulers.common import alphas_cumprod
+    from dynamicid_jax.schedulers.noise_schedule import alphas_cumprod
     from synthface.stage0_phases import timestep_weights
 
     scheduler = load_scheduler({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})

@@ -3,11 +3,15 @@ which code runs while one training sample goes shard → loss (``train.stage1``)
 become an image (``python -m infer.generate`` with a DynamicID folder) are exactly the files the walk's table lists.
 
 A file counts when one of its functions (methods, lambdas and comprehensions included) runs during the walk; code
-that runs because a module is imported (module and class bodies, registrations) does not. The jit caches are
+that runs because a module is imported (module and class bodies, registrations) does not. Walk 1 also names the
+sample's own path inside the run: the functions called by the training loop's ``next(data_iter)`` and
+``self.train_step(...)`` lines, or run by Grain (its reading threads), i.e. without the config, the model loading,
+the checkpoints, the logs and the export around them. The jit caches are
 cleared first, so the UNet, the method and the loss are traced again and their files count. The face-analysis
 backend is the one file that differs from a user's walk: the tiny world has no face detector, so the test registers
 its own backend (the sidecar faces of the references) where a user's walk runs
 ``dynamicid_jax/faces/insightface_backend.py``."""
+import linecache
 import os
 import re
 import sys
@@ -25,8 +29,27 @@ USER_BACKEND = "dynamicid_jax/faces/insightface_backend.py"
 ARCHITECTURE = os.path.join(ROOT, "docs", "architecture.md")
 
 
-def traced_files(fn) -> set[str]:
-    """Repository files of :data:`PACKAGES` in which a function ran while ``fn()`` ran (imports excluded)."""
+LOOP = os.path.join(ROOT, "train", "loop.py")
+SAMPLE_LINES = ("next(data_iter)", "self.train_step(")  # the lines of TrainLoop.fit that move one sample
+
+
+def _on_sample_path(frame) -> bool:
+    """Whether ``frame`` runs for the sample itself: Grain's code is among its callers (the reading threads), or
+    ``TrainLoop.fit`` is, at one of :data:`SAMPLE_LINES`."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if os.sep + "grain" + os.sep in name:
+            return True
+        if name == LOOP and frame.f_code.co_name == "fit":
+            line = linecache.getline(name, frame.f_lineno)
+            return any(s in line for s in SAMPLE_LINES)
+        frame = frame.f_back
+    return False
+
+
+def traced_files(fn, sample_path: set[str] | None = None) -> set[str]:
+    """Repository files of :data:`PACKAGES` in which a function ran while ``fn()`` ran (imports excluded); those
+    of them where a function ran on the sample's own path are added to ``sample_path`` when it is given."""
     prefixes = tuple(os.path.join(ROOT, p) + os.sep for p in PACKAGES)
     files: set[str] = set()
 
@@ -41,7 +64,10 @@ def traced_files(fn) -> set[str]:
             if caller.f_code.co_filename.startswith("<frozen importlib"):
                 return
             caller = caller.f_back
-        files.add(os.path.relpath(code.co_filename, ROOT))
+        path = os.path.relpath(code.co_filename, ROOT)
+        files.add(path)
+        if sample_path is not None and path not in sample_path and _on_sample_path(frame.f_back):
+            sample_path.add(path)
 
     sys.setprofile(profile)
     threading.setprofile(profile)
@@ -53,32 +79,36 @@ def traced_files(fn) -> set[str]:
     return files
 
 
-def documented_files(section: str) -> set[str]:
-    """The ``.py`` paths (of :data:`PACKAGES`) written in the table of ``docs/architecture.md``'s section titled ``section``."""
+def documented_files(section: str, level: str = "##") -> set[str]:
+    """The ``.py`` paths (of :data:`PACKAGES`) written in the table of ``docs/architecture.md``'s section (``##``) or
+    subsection (``###``) titled ``section``, up to its next heading."""
     with open(ARCHITECTURE, encoding="utf-8") as f:
         text = f.read()
-    start = text.index(f"## {section}")
-    end = text.find("\n## ", start + 1)
+    start = text.index(f"{level} {section}")
+    end = text.find("\n#", start + 1)
     table = [line for line in text[start:end if end >= 0 else None].splitlines() if line.startswith("| ")]
     pattern = r"`((?:%s)/[\w/]+\.py)`" % "|".join(PACKAGES)
     return {p for line in table for p in re.findall(pattern, line)}
 
 
-def _check(traced: set[str], section: str) -> None:
-    documented = documented_files(section)
+def _check(traced: set[str], section: str, level: str = "##") -> None:
+    documented = documented_files(section, level)
     assert documented, f"no files listed under '{section}'"
     assert not documented - traced, f"listed but not run: {sorted(documented - traced)}; run: {sorted(traced)}"
     assert not traced - documented, f"run but not listed: {sorted(traced - documented)}"
 
 
 def test_walk_1_shard_to_loss_runs_exactly_the_listed_files(world, base, mesh1, tmp_path):
-    """One stage-1 step from the shards (``train.stage1.run``: config, base, loaders, step, checkpoint, export)."""
+    """One stage-1 step from the shards (``train.stage1.run``: config, base, loaders, step, checkpoint, export), and
+    within it the sample's own path (shard → loss: the batch read and the train step on it)."""
     from train import stage1
 
     jax.clear_caches()
     args = STAGE1 + stage_args(world, base, str(tmp_path / "w")) + ["train.steps=1"]
-    files = traced_files(lambda: stage1.run("train/configs/synthface_stage1.yaml", args, mesh=mesh1))
+    sample_path: set[str] = set()
+    files = traced_files(lambda: stage1.run("train/configs/synthface_stage1.yaml", args, mesh=mesh1), sample_path)
     _check(files, "3. Walk 1")
+    _check(sample_path, "The sample's own path", level="###")
 
 
 def test_walk_2_prompt_and_photo_to_image_runs_exactly_the_listed_files(world, base, stage1_run, stage2_export,
@@ -104,12 +134,13 @@ def test_walk_2_prompt_and_photo_to_image_runs_exactly_the_listed_files(world, b
     _check(files | {USER_BACKEND}, "4. Walk 2")
 
 
-@pytest.mark.parametrize("section", ["3. Walk 1", "4. Walk 2"])
-def test_the_walk_counts_in_the_text_match_the_tables(section):
+@pytest.mark.parametrize("section,level", [("3. Walk 1", "##"), ("The sample's own path", "###"),
+                                           ("4. Walk 2", "##")])
+def test_the_walk_counts_in_the_text_match_the_tables(section, level):
     """The sentence under each table states the number of files it lists."""
     with open(ARCHITECTURE, encoding="utf-8") as f:
         text = f.read()
-    start = text.index(f"## {section}")
-    body = text[start:text.find("\n## ", start + 1)]
+    start = text.index(f"{level} {section}")
+    body = text[start:text.find("\n#", start + 1)]
     stated = re.search(r"(\d+) Python files", body)
-    assert stated and int(stated.group(1)) == len(documented_files(section)), (stated and stated.group(0))
+    assert stated and int(stated.group(1)) == len(documented_files(section, level)), (stated and stated.group(0))

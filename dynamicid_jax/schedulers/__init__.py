@@ -4,7 +4,7 @@ A scheduler is a frozen, hashable dataclass (static under ``jax.jit``); ``set_ti
 run's arrays as a pytree state; ``scale_model_input`` / ``step`` are pure functions of (state, arrays,
 step index) and work inside ``lax.fori_loop``.
 
-:func:`load_scheduler` (in :mod:`.common`) turns a diffusers ``scheduler/`` folder or config dict into one of ours
+:func:`load_scheduler` (in :mod:`.noise_schedule`) turns a diffusers ``scheduler/`` folder or config dict into one of ours
 (:data:`SCHEDULER_KINDS` names them for command lines).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import types
 from typing import Mapping, Union
 
-from .common import (SD15_SCHEDULER_CONFIG, SchedulerConfigError, load_scheduler, read_scheduler_config,
+from .noise_schedule import (SD15_SCHEDULER_CONFIG, SchedulerConfigError, load_scheduler, read_scheduler_config,
                      scheduler_kinds)
 from .ddim import DDIMConfig, DDIMScheduler, DDIMState
 from .dpm_solver import DPMSolverConfig, DPMSolverMultistepScheduler, DPMSolverState

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .common import (BaseConfig, DDPMForwardProcess, alphas_cumprod, check_bool, check_float,
+from .noise_schedule import (BaseConfig, DDPMForwardProcess, alphas_cumprod, check_bool, check_float,
                      check_num_inference_steps, check_step_inputs, checked_timesteps,
                      x0_from_model_output)
 

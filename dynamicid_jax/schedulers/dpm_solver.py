@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .common import (BaseConfig, DDPMForwardProcess, SchedulerConfigError, alphas_cumprod, check_bool,
+from .noise_schedule import (BaseConfig, DDPMForwardProcess, SchedulerConfigError, alphas_cumprod, check_bool,
                      check_choice, check_float, check_int, check_num_inference_steps, check_step_inputs,
                      checked_timesteps, karras_sigmas, sigma_to_t, train_sigmas)
 

@@ -1,4 +1,4 @@
-"""Pieces every scheduler shares: config parsing, the noise schedule, the forward (training) process, and
+"""The noise schedule every sampler extends: config parsing, the betas / alphas, the forward (training) process, and
 :func:`load_scheduler`, which turns a diffusers ``scheduler/`` folder or config dict into one of ours.
 
 The schedulers are frozen, hashable dataclasses holding only their config, so they can be static under

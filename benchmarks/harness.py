@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: machine description, timing, JSON results."""
+"""The benchmarks' harness: the machine description, median timing, JSON results under results/."""
 from __future__ import annotations
 
 import datetime
