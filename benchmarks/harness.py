@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Callable
 
@@ -32,10 +30,6 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
 
 
 def write_result(result: dict, name: str, folder: str = os.path.join(os.path.dirname(__file__), "results")) -> str:
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.json")
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    from dynamicid_jax.file_io import write_json
+
+    return write_json(result, os.path.join(folder, f"{name}.json"), indent=2)

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dynamicid_jax import faces as F
+from dynamicid_jax.file_io import write_json
 
 from .schema import SCHEMA_VERSION, FaceRecord, resize_center_crop, to_signed_unit
 from .shards import (
@@ -46,7 +47,6 @@ from .shards import (
     load_manifest,
     shard_name,
     summary_name,
-    write_json_atomic,
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "discover_images", "read_annotations", "build_shards", "main"]
@@ -322,7 +322,7 @@ def build_shards(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 done = _build_shard(chunk, annotations, face_analyzer, analyzer_name, strict, default_caption,
                                     encoders, store, shard_path, bar)
                 done["fingerprint"] = fingerprint
-                write_json_atomic(done, summary_path)
+                write_json(done, summary_path)
             else:
                 bar.update(len(chunk))
             summaries.append(done)
@@ -343,7 +343,7 @@ def build_shards(images_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    "captions": sum(s["captions"] for s in summaries)},
     }
     manifest = assemble_manifest(summaries, names, extra)
-    write_json_atomic(manifest, os.path.join(out_dir, MANIFEST_NAME))
+    write_json(manifest, os.path.join(out_dir, MANIFEST_NAME))
     return load_manifest(out_dir)
 
 

@@ -18,16 +18,16 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from dynamicid_jax.file_io import file_mode, write_json
+from dynamicid_jax.file_io import file_mode
 
 from .schema import CorruptRecordError, FaceRecord, RecordError, decode_record
 
 __all__ = [
-    "MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ShardWriter", "write_json_atomic", "Manifest",
+    "MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ShardWriter", "Manifest",
     "IdentityEntry", "CorruptShardError", "load_manifest", "RecordSource", "ShardSource", "FaceDataset", "open_shards",
 ]
 
@@ -39,12 +39,6 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dynamicid-face-shards"
 MANIFEST_VERSION = 1
 _WRITER_OPTIONS = "group_size:1"
-
-
-def write_json_atomic(obj: Any, path: str, *, default: Callable[[Any], Any] | None = None) -> None:
-    """Write JSON atomically (kept for callers; the one writer is :func:`dynamicid_jax.file_io.write_json`);
-    ``default`` as in :func:`json.dump` (e.g. ``float`` for NumPy scalars)."""
-    write_json(obj, path, indent=1, default=default)
 
 
 class ShardWriter:

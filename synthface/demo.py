@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 import warnings
 
 import numpy as np
 
-from data_pipelines.shards import write_json_atomic
+from dynamicid_jax.file_io import write_json, write_text
 from synthface.demo_base import WORLD, WORLD_WORKERS
 from synthface.demo_stages import Stage, StageRunner
 
@@ -409,11 +408,9 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
     summary["figures"] = {"seconds": time.perf_counter() - t0, "result": figures}
     diagnostics = _diagnostics(pipe, data, models, sd_path, summary)
     for name in ("metrics.json", "metrics.md", "timings.json"):
-        shutil.copyfile(os.path.join(runner.folder("eval"), name), os.path.join(out, name + ".tmp"))
-        if name == "metrics.md":
-            with open(os.path.join(out, name + ".tmp"), "a", encoding="utf-8") as f:
-                f.write(_diagnostics_md(diagnostics))
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        with open(os.path.join(runner.folder("eval"), name), encoding="utf-8") as f:
+            text = f.read()
+        write_text(text + _diagnostics_md(diagnostics) if name == "metrics.md" else text, os.path.join(out, name))
     t0 = time.perf_counter()
     summary["faces"] = {"result": face_section(out), "seconds": time.perf_counter() - t0}
     total = time.perf_counter() - start
@@ -423,7 +420,7 @@ def run_demo(out: str, *, quick: bool = False, infinite_id: bool | None = None, 
                          for k, v in summary.items()},
               "faces": summary["faces"]["result"], "diagnostics": diagnostics,
               "gates": figures.get("gates", {})}  # where the gate sits (face box ÷ elsewhere), no layout boost
-    write_json_atomic(result, os.path.join(out, "summary.json"))
+    write_json(result, os.path.join(out, "summary.json"))
     _log(f"demo done in {total:.0f} s → {os.path.abspath(out)}")
     return result
 

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from data_pipelines.shards import write_json_atomic
+from dynamicid_jax.file_io import write_json
 
 __all__ = ["Stage", "StageRunner", "fingerprint"]
 
@@ -64,7 +64,7 @@ class StageRunner:
         return os.path.join(self.work_dir, name)
 
     def _save_records(self) -> None:
-        write_json_atomic(self.records, self.record_path)
+        write_json(self.records, self.record_path)
 
     def run(self, stages: Sequence[Stage]) -> dict[str, dict]:
         """Run (or reuse) every stage; returns ``{name: {"seconds", "reused", "result"}}``."""

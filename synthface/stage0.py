@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.shards import write_json_atomic
+from dynamicid_jax.file_io import write_json
 from train import loop, runs
 from synthface.stage0_checks import background_palette_accuracy, check_export, sample_prompts
 from synthface.stage0_phases import (DiffusionPhase, Stage0Data, VAEPhase, check_diffusion_settings,
@@ -240,14 +240,14 @@ def _prepare_workdir(cfg: Mapping, data_index: Mapping) -> tuple[str, dict[str, 
     metrics = read_json(os.path.join(workdir, "export", "stage0_metrics.json")) or {}
     if stale or metrics.get("fingerprint", fps["diffusion"]) != fps["diffusion"]:
         shutil.rmtree(os.path.join(workdir, "export"), ignore_errors=True)
-    write_json_atomic({"fingerprints": fps, "config": json.loads(json.dumps(cfg))}, os.path.join(workdir, "run.json"),
+    write_json({"fingerprints": fps, "config": json.loads(json.dumps(cfg))}, os.path.join(workdir, "run.json"),
                       default=float)
     return workdir, fps
 
 
 def _start_phase(folder: str, fp: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    write_json_atomic({"fingerprint": fp}, os.path.join(folder, "phase.json"))
+    write_json({"fingerprint": fp}, os.path.join(folder, "phase.json"))
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
@@ -297,7 +297,7 @@ def run_vae_phase(cfg: Mapping, vae_cfg, data: Stage0Data, workdir: str, fp: str
     if data.pair_images is not None:
         _save_array(pair_path, phase.encode_all(params, data.pair_images))
     metrics["wall_s"] += metrics["measure_s"]
-    write_json_atomic(metrics, os.path.join(folder, "done.json"), default=float)
+    write_json(metrics, os.path.join(folder, "done.json"), default=float)
     log.info("phase vae: PSNR %.2f dB (held-out), scaling_factor %.4f, %.1f s", psnr or float("nan"), scaling,
              metrics["wall_s"])
     return dataclasses.replace(vae_cfg, scaling_factor=scaling), params, moments, metrics
@@ -330,7 +330,7 @@ def run_diffusion_phase(cfg: Mapping, text_cfg, unet_cfg, scheduler, moments, sc
                "loss_tail_mean": float(np.mean(tail)) if tail else None,
                "losses": [[r["step"], r["loss"]] for r in losses], **timing}
     runs.save_params(params, params_path, metadata={"format": "dynamicid-jax/stage0-diffusion"})
-    write_json_atomic(metrics, os.path.join(folder, "done.json"), default=float)
+    write_json(metrics, os.path.join(folder, "done.json"), default=float)
     log.info("phase diffusion: loss %.4f → %.4f, %.1f s", metrics["loss_first"] or float("nan"),
              metrics["loss_tail_mean"] or float("nan"), metrics["wall_s"])
     return params, metrics
@@ -402,7 +402,7 @@ def _run_stage0(cfg: Mapping) -> str:
         metrics["samples"] = check_export(sd_dir, cfg, os.path.join(export_dir, "samples.png"))
         metrics["samples"]["wall_s"] = time.perf_counter() - start
     metrics["wall_s_this_run"] = time.perf_counter() - total_start
-    write_json_atomic(metrics, metrics_path, default=float)
+    write_json(metrics, metrics_path, default=float)
     log.info("stage 0: exported %s (%.1f s this run)", sd_dir, metrics["wall_s_this_run"])
     return sd_dir
 
