@@ -80,25 +80,17 @@ class StableDiffusion:
         ``scheduler_config.json`` (betas, timesteps); ``None`` uses the class that file names, which must be one
         of ours. ``dtype`` is the compute dtype (params stay fp32); ``strategy`` goes to every UNet attention.
         """
-        path = os.fspath(path)
-        if os.path.isfile(path):
-            if not path.endswith(".safetensors"):
-                raise ValueError(f"single-file checkpoints must be .safetensors files, got {path!r}")
-            return cls._from_single_file(path, config, scheduler, dtype, strategy)
-        if config is not None:
-            raise ValueError("`config` is only for single-file checkpoints; a diffusers folder has its own configs")
         from dynamicid_jax.models.clip import load_text_encoder
         from dynamicid_jax.models.unet import load_unet
         from dynamicid_jax.models.vae import load_vae
         from dynamicid_jax.schedulers import load_scheduler
         from dynamicid_jax.tokenizer import load_tokenizer
-        from dynamicid_jax.weights.keymap import find_component
+        from dynamicid_jax.weights import keymap as km
 
-        if not os.path.isdir(path):
-            find_component(path, "model")  # raises the uniform "does not exist" / hub-id error
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if not os.path.isdir(os.path.join(path, part)):
-                raise FileNotFoundError(f"{path!r} is not a diffusers Stable Diffusion folder: missing {part}/")
+        path = os.fspath(path)
+        if km.is_single_file(path, config):
+            return cls._from_single_file(path, config, scheduler, dtype, strategy)
+        km.check_pipeline_folder(path, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), "Stable Diffusion")
         unet, unet_params = load_unet(path, dtype=dtype, strategy=strategy, variant=variant)
         vae, vae_params = load_vae(path, dtype=dtype, variant=variant)
         text_encoder, text_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype,
@@ -117,17 +109,9 @@ class StableDiffusion:
         from dynamicid_jax.weights import keymap as km
         from dynamicid_jax.weights import single_file as sf
 
-        configs = sf.sd15_configs()
-        if config is not None:
-            config = os.fspath(config)
-            if not os.path.isdir(config):
-                raise km.missing_path_error(config, "config", "a diffusers folder with unet/, vae/, ... configs")
-            for part in ("unet", "vae", "text_encoder"):
-                if os.path.isfile(os.path.join(config, part, "config.json")):
-                    configs[part] = km.read_config(os.path.join(config, part))
-            if os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json")):
-                configs["scheduler"] = km.read_config(os.path.join(config, "scheduler"),
-                                                           "scheduler_config.json")
+        configs = km.override_configs(sf.sd15_configs(), config, ("unet", "vae", "text_encoder"),
+                                      "a diffusers folder with unet/, vae/, ... configs")
+        config = None if config is None else os.fspath(config)
         state = sf.load_single_file_components(path, configs["unet"], configs["vae"])
         unet, unet_params = unet_from_state_dict(state["unet"], UNetConfig.from_dict(configs["unet"], source=path),
                                                  dtype=dtype, strategy=strategy, source=path)

@@ -110,24 +110,16 @@ class StableDiffusionXL:
         compute dtype (params stay fp32). ``vae``: a diffusers ``AutoencoderKL`` folder replacing the model's VAE
         (e.g. an fp16-safe SDXL VAE). In float16, a VAE whose config says ``force_upcast`` decodes in float32, as
         diffusers does (SDXL's original VAE overflows in fp16)."""
-        path = os.fspath(path)
-        if os.path.isfile(path):
-            if not path.endswith(".safetensors"):
-                raise ValueError(f"single-file checkpoints must be .safetensors files, got {path!r}")
-            return cls._from_single_file(path, config, scheduler, dtype, strategy, vae)
-        if config is not None:
-            raise ValueError("`config` is only for single-file checkpoints; a diffusers folder has its own configs")
         from dynamicid_jax.models.clip import load_text_encoder
         from dynamicid_jax.models.unet import load_unet
         from dynamicid_jax.schedulers import load_scheduler
         from dynamicid_jax.tokenizer import load_tokenizer
-        from dynamicid_jax.weights.keymap import find_component
+        from dynamicid_jax.weights import keymap as km
 
-        if not os.path.isdir(path):
-            find_component(path, "model")  # raises the uniform "does not exist" / hub-id error
-        for part in SDXL_COMPONENTS:
-            if not os.path.isdir(os.path.join(path, part)):
-                raise FileNotFoundError(f"{path!r} is not a diffusers SDXL folder: missing {part}/")
+        path = os.fspath(path)
+        if km.is_single_file(path, config):
+            return cls._from_single_file(path, config, scheduler, dtype, strategy, vae)
+        km.check_pipeline_folder(path, SDXL_COMPONENTS, "SDXL")
         unet, unet_params = load_unet(path, dtype=dtype, strategy=strategy, variant=variant)
         vae_module, vae_params = _load_vae(vae if vae is not None else os.path.join(path, "vae"), dtype, variant)
         text_encoder, text_params = load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype,
@@ -154,18 +146,9 @@ class StableDiffusionXL:
         from dynamicid_jax.weights import keymap as km
         from dynamicid_jax.weights import single_file_sdxl as sfx
 
-        configs = sfx.sdxl_configs()
-        if config is not None:
-            config = os.fspath(config)
-            if not os.path.isdir(config):
-                raise km.missing_path_error(config, "config", "a diffusers SDXL folder with unet/, vae/, ... "
-                                                                   "configs")
-            for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                if os.path.isfile(os.path.join(config, part, "config.json")):
-                    configs[part] = km.read_config(os.path.join(config, part))
-            if os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json")):
-                configs["scheduler"] = km.read_config(os.path.join(config, "scheduler"),
-                                                           "scheduler_config.json")
+        configs = km.override_configs(sfx.sdxl_configs(), config, ("unet", "vae", "text_encoder", "text_encoder_2"),
+                                      "a diffusers SDXL folder with unet/, vae/, ... configs")
+        config = None if config is None else os.fspath(config)
         state = sfx.load_sdxl_single_file_components(path, configs["unet"], configs["vae"])
         for part in ("unet", "text_encoder", "text_encoder_2"):
             if not state[part]:

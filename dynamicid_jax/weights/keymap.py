@@ -395,3 +395,43 @@ def is_sdxl(path: str | os.PathLike) -> bool:
             except (json.JSONDecodeError, AttributeError):
                 return False
     return False
+
+
+def is_single_file(path: str, config: str | os.PathLike | None) -> bool:
+    """Whether a pipeline's ``from_pretrained(path, config=...)`` reads a single ``.safetensors`` checkpoint (True)
+    or a diffusers folder (False); a file of another kind, or ``config`` given with a folder, is an error."""
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"single-file checkpoints must be .safetensors files, got {path!r}")
+        return True
+    if config is not None:
+        raise ValueError("`config` is only for single-file checkpoints; a diffusers folder has its own configs")
+    return False
+
+
+def check_pipeline_folder(path: str, parts: Sequence[str], what: str) -> None:
+    """``path`` is a diffusers folder holding every subfolder in ``parts``; ``what`` names the model in the error
+    (``"Stable Diffusion"``, ``"SDXL"``)."""
+    if not os.path.isdir(path):
+        find_component(path, "model")  # raises the uniform "does not exist" / hub-id error
+    for part in parts:
+        if not os.path.isdir(os.path.join(path, part)):
+            raise FileNotFoundError(f"{path!r} is not a diffusers {what} folder: missing {part}/")
+
+
+def override_configs(configs: dict[str, dict], config: str | os.PathLike | None, parts: Sequence[str],
+                     expected: str) -> dict[str, dict]:
+    """``configs`` (a single file's built-in component configs) with those that the diffusers folder ``config``
+    holds for ``parts`` and its ``scheduler/`` read over them; ``expected`` describes the folder in the error
+    when ``config`` is not one."""
+    if config is None:
+        return configs
+    config = os.fspath(config)
+    if not os.path.isdir(config):
+        raise missing_path_error(config, "config", expected)
+    for part in parts:
+        if os.path.isfile(os.path.join(config, part, "config.json")):
+            configs[part] = read_config(os.path.join(config, part))
+    if os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json")):
+        configs["scheduler"] = read_config(os.path.join(config, "scheduler"), "scheduler_config.json")
+    return configs
