@@ -57,6 +57,7 @@ from dynamicid_jax.methods.infinite_id_encoder import (  # noqa: F401  (re-expor
 )
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.layers import Attention, Projections, StandardAttention
+from dynamicid_jax.weights.keymap import merge_disjoint, split_params
 
 __all__ = [
     "InfiniteIDEncoderConfig", "infinite_id_encoder_config", "FaceMapper", "CLIPMapper", "InfiniteIDEncoder",
@@ -285,20 +286,12 @@ def is_id_path(path: tuple[str, ...]) -> bool:
 
 def split_id_params(params: Mapping) -> tuple[dict, dict]:
     """UNet params (base + ID projections) → ``(base, id_projections)``."""
-    flat = traverse_util.flatten_dict(dict(params))
-    return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_id_path(k)}),
-            traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_id_path(k)}))
+    return split_params(params, is_id_path)
 
 
 def merge_id_params(base: Mapping, id_params: Mapping) -> dict:
     """Join the base UNet params and the ID projections (disjoint trees)."""
-    flat = traverse_util.flatten_dict(dict(base))
-    extra = traverse_util.flatten_dict(dict(id_params))
-    clash = sorted("/".join(k) for k in extra if k in flat)
-    if clash:
-        raise ValueError(f"ID projection params overlap the base params at {clash[:5]}")
-    flat.update(extra)
-    return traverse_util.unflatten_dict(flat)
+    return merge_disjoint(base, id_params, "ID projection params")
 
 
 def _id_module_and_args(unet_config):

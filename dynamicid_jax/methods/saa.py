@@ -31,6 +31,7 @@ from flax import struct, traverse_util
 from dynamicid_jax.errors import InputError
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.layers import Attention, Projections
+from dynamicid_jax.weights.keymap import merge_disjoint, split_params
 
 __all__ = [
     "SAA", "LoRA", "SAAInputs", "saa_inputs", "saa_inputs_for_step", "saa_context", "split_saa_context",
@@ -428,21 +429,12 @@ def is_saa_path(path: tuple[str, ...]) -> bool:
 
 def split_saa_params(params: Mapping) -> tuple[dict, dict]:
     """``params`` (UNet + SAA) → ``(base, saa)`` nested dicts."""
-    flat = traverse_util.flatten_dict(dict(params))
-    saa = {k: v for k, v in flat.items() if is_saa_path(k)}
-    base = {k: v for k, v in flat.items() if not is_saa_path(k)}
-    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(saa)
+    return split_params(params, is_saa_path)
 
 
 def merge_params(base: Mapping, saa: Mapping) -> dict:
     """Join base UNet params with SAA params (disjoint trees) into what ``UNet(strategy=SAA())`` applies with."""
-    flat = traverse_util.flatten_dict(dict(base))
-    extra = traverse_util.flatten_dict(dict(saa))
-    clash = sorted("/".join(k) for k in extra if k in flat)
-    if clash:
-        raise ValueError(f"SAA params overlap the base params at {clash[:5]}")
-    flat.update(extra)
-    return traverse_util.unflatten_dict(flat)
+    return merge_disjoint(base, saa, "SAA params")
 
 
 def _init_args(module, strategy: SAA):
