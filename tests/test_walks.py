@@ -7,7 +7,8 @@ that runs because a module is imported (module and class bodies, registrations) 
 sample's own path inside the run: the functions called by the training loop's ``next(data_iter)`` and
 ``self.train_step(...)`` lines, or run by Grain (its reading threads), i.e. without the config, the model loading,
 the checkpoints, the logs and the export around them. The jit caches are
-cleared first, so the UNet, the method and the loss are traced again and their files count. The face-analysis
+cleared first, so the UNet, the method and the loss are traced again and their files count; so are the loaders'
+tokenizer caches, so the captions are tokenized again. The face-analysis
 backend is the one file that differs from a user's walk: the tiny world has no face detector, so the test registers
 its own backend (the sidecar faces of the references) where a user's walk runs
 ``dynamicid_jax/faces/insightface_backend.py``."""
@@ -101,9 +102,12 @@ def _check(traced: set[str], section: str, level: str = "##") -> None:
 def test_walk_1_shard_to_loss_runs_exactly_the_listed_files(world, base, mesh1, tmp_path):
     """One stage-1 step from the shards (``train.stage1.run``: config, base, loaders, step, checkpoint, export), and
     within it the sample's own path (shard → loss: the batch read and the train step on it)."""
+    from data_pipelines import loaders
     from train import stage1
 
     jax.clear_caches()
+    loaders._tokenizer.cache_clear()  # the captions are tokenized again, as in a fresh process
+    loaders._tokens.cache_clear()
     args = STAGE1 + stage_args(world, base, str(tmp_path / "w")) + ["train.steps=1"]
     sample_path: set[str] = set()
     files = traced_files(lambda: stage1.run("train/configs/synthface_stage1.yaml", args, mesh=mesh1), sample_path)

@@ -57,7 +57,7 @@ from dynamicid_jax.methods.infinite_id_encoder import (  # noqa: F401  (re-expor
 )
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.layers import Attention, Projections, StandardAttention
-from dynamicid_jax.weights.keymap import merge_disjoint, split_params
+from dynamicid_jax.models.unet import merge_disjoint, split_params
 
 __all__ = [
     "InfiniteIDEncoderConfig", "infinite_id_encoder_config", "FaceMapper", "CLIPMapper", "InfiniteIDEncoder",

@@ -31,7 +31,7 @@ from flax import struct, traverse_util
 from dynamicid_jax.errors import InputError
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.layers import Attention, Projections
-from dynamicid_jax.weights.keymap import merge_disjoint, split_params
+from dynamicid_jax.models.unet import merge_disjoint, split_params
 
 __all__ = [
     "SAA", "LoRA", "SAAInputs", "saa_inputs", "saa_inputs_for_step", "saa_context", "split_saa_context",

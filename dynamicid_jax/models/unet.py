@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from dynamicid_jax.models import layers
 from dynamicid_jax.models.configs import NUM_TIME_IDS, UNetConfig, unet_config
@@ -383,6 +384,26 @@ UNET_KEYMAP = km.KeyMap(
     list_names=("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
                 "upsamplers", "to_out", "net"),
 )
+
+
+def split_params(params: Mapping, selected: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:
+    """``params`` → ``(rest, chosen)``: the leaves whose path ``selected`` refuses and those it accepts, each a
+    nested dict (a method's params are kept inside the UNet's tree, at its attention layers)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if not selected(k)}),
+            traverse_util.unflatten_dict({k: v for k, v in flat.items() if selected(k)}))
+
+
+def merge_disjoint(base: Mapping, extra: Mapping, what: str) -> dict:
+    """``base`` and ``extra`` joined into one nested dict; a leaf path in both is an error naming ``what``
+    (``extra``'s kind, e.g. ``"SAA params"``) and the first clashing paths."""
+    flat = traverse_util.flatten_dict(dict(base))
+    more = traverse_util.flatten_dict(dict(extra))
+    clash = sorted("/".join(k) for k in more if k in flat)
+    if clash:
+        raise ValueError(f"{what} overlap the base params at {clash[:5]}")
+    flat.update(more)
+    return traverse_util.unflatten_dict(flat)
 
 
 def _init_args(config: UNetConfig, batch: int = 1):

@@ -270,26 +270,6 @@ def write_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=metadata)
 
 
-def split_params(params: Mapping, selected: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:
-    """``params`` → ``(rest, chosen)``: the leaves whose path ``selected`` refuses and those it accepts, each a
-    nested dict (how a method's params are taken out of the UNet params they live in)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if not selected(k)}),
-            traverse_util.unflatten_dict({k: v for k, v in flat.items() if selected(k)}))
-
-
-def merge_disjoint(base: Mapping, extra: Mapping, what: str) -> dict:
-    """``base`` and ``extra`` joined into one nested dict; a leaf path in both is an error naming ``what``
-    (``extra``'s kind, e.g. ``"SAA params"``) and the first clashing paths."""
-    flat = traverse_util.flatten_dict(dict(base))
-    more = traverse_util.flatten_dict(dict(extra))
-    clash = sorted("/".join(k) for k in more if k in flat)
-    if clash:
-        raise ValueError(f"{what} overlap the base params at {clash[:5]}")
-    flat.update(more)
-    return traverse_util.unflatten_dict(flat)
-
-
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(_unbox(tree))))
 
