@@ -6,11 +6,10 @@ A file counts when one of its functions (methods, lambdas and comprehensions inc
 that runs because a module is imported (module and class bodies, registrations) does not. Walk 1 also names the
 sample's own path inside the run: the functions called by the training loop's ``next(data_iter)`` and
 ``self.train_step(...)`` lines, or run by Grain (its reading threads), i.e. without the config, the model loading,
-the checkpoints, the logs and the export around them. The jit caches are
-cleared first, so the UNet, the method and the loss are traced again and their files count; so are the loaders'
-tokenizer caches, so the captions are tokenized again. The face-analysis
-backend is the one file that differs from a user's walk: the tiny world has no face detector, so the test registers
-its own backend (the sidecar faces of the references) where a user's walk runs
+the checkpoints, the logs and the export around them. The jit caches are cleared first, so the UNet, the method and
+the loss are traced again and their files count; so are the loaders' tokenizer caches, so the captions are tokenized
+again. The face-analysis backend is the one file that differs from a user's walk: the tiny world has no face
+detector, so the test registers its own backend (the sidecar faces of the references) where a user's walk runs
 ``dynamicid_jax/faces/insightface_backend.py``."""
 import linecache
 import os
@@ -28,15 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("dynamicid_jax", "data_pipelines", "train", "infer")
 USER_BACKEND = "dynamicid_jax/faces/insightface_backend.py"
 ARCHITECTURE = os.path.join(ROOT, "docs", "architecture.md")
-
-
 LOOP = os.path.join(ROOT, "train", "loop.py")
-SAMPLE_LINES = ("next(data_iter)", "self.train_step(")  # the lines of TrainLoop.fit that move one sample
+SAMPLE_LINES = ("next(data_iter)", "self.train_step(")  # the lines of Trainer.fit that move one sample
 
 
 def _on_sample_path(frame) -> bool:
     """Whether ``frame`` runs for the sample itself: Grain's code is among its callers (the reading threads), or
-    ``TrainLoop.fit`` is, at one of :data:`SAMPLE_LINES`."""
+    ``Trainer.fit`` is, at one of :data:`SAMPLE_LINES`."""
     while frame is not None:
         name = frame.f_code.co_filename
         if os.sep + "grain" + os.sep in name:
@@ -109,6 +106,9 @@ def test_walk_1_shard_to_loss_runs_exactly_the_listed_files(world, base, mesh1, 
     loaders._tokenizer.cache_clear()  # the captions are tokenized again, as in a fresh process
     loaders._tokens.cache_clear()
     args = STAGE1 + stage_args(world, base, str(tmp_path / "w")) + ["train.steps=1"]
+    with open(LOOP, encoding="utf-8") as f:
+        loop_source = f.read()
+    assert all(s in loop_source for s in SAMPLE_LINES), f"Trainer.fit no longer has the lines {SAMPLE_LINES}"
     sample_path: set[str] = set()
     files = traced_files(lambda: stage1.run("train/configs/synthface_stage1.yaml", args, mesh=mesh1), sample_path)
     _check(files, "3. Walk 1")
