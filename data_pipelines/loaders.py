@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from dynamicid_jax.errors import DynamicIDError
+from dynamicid_jax.faces.kdef_grid import grid_face_prompt
 
 from .schema import (
     CorruptRecordError,
@@ -53,7 +54,7 @@ from .shards import FaceDataset, open_shards
 
 __all__ = [
     "LoaderConfig", "Stage1Config", "Stage2Config", "CorruptDataError", "resolve_inputs", "stage1_loader",
-    "stage2_loader", "record_loader", "tokenize_cached", "grid_face_prompt",
+    "stage2_loader", "record_loader", "tokenize_cached",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,24 +172,6 @@ def _tokens(path: str | None, text: str) -> np.ndarray:
 def tokenize_cached(text: str, tokenizer: str | None = None) -> np.ndarray:
     """``int32 [77]`` token ids of ``text`` (thread-safe, cached)."""
     return _tokens(tokenizer, text)
-
-
-def grid_face_prompt(expression: str | None, pose) -> str | None:
-    """The KDEF-style grid prompt ``"the expression is {e}, the face is {p}"`` (docs/method.md §6.2) of a face with an
-    ``expression`` label (the analyzer vocabulary ``happy, surprise, …`` or SynthFace's ``surprised, …``) and a
-    ``pose`` ``(pitch, yaw[, roll])``: the head turn is the nearest of the grid's five yaws (±50°, ±25°, 0°), as
-    SynthFace's sidecars' ``grid_prompt`` says it. ``None`` when the expression is unknown."""
-    from dynamicid_jax.faces.kdef_grid import EXPRESSIONS, POSE_YAW, PROMPT_EXPRESSION, grid_prompt
-
-    if expression is None:
-        return None
-    names = {v: k for k, v in PROMPT_EXPRESSION.items()}
-    name = expression if expression in EXPRESSIONS else names.get(expression)
-    if name is None:
-        return None
-    yaw = float(np.asarray(pose, np.float64).reshape(-1)[1])
-    pose_name = min(POSE_YAW, key=lambda p: abs(POSE_YAW[p] - yaw))
-    return grid_prompt(name, pose_name)
 
 
 def resolve_inputs(data: FaceDataset, config: LoaderConfig) -> tuple[bool, bool]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import loaders as L
+from dynamicid_jax.faces.kdef_grid import grid_face_prompt
 import synthface as sf
 from train import runs
 
@@ -90,11 +91,11 @@ def test_grid_face_prompt_matches_the_sidecars(world):
     for rec in records:
         with open(os.path.join(world["data"], "train", os.path.splitext(rec.key)[0] + ".json")) as f:
             sidecar = json.load(f)
-        assert L.grid_face_prompt(rec.expression, rec.pose) == sidecar["grid_prompt"]
+        assert grid_face_prompt(rec.expression, rec.pose) == sidecar["grid_prompt"]
         assert rec.face_prompt == sidecar["face_prompt"]
-    assert L.grid_face_prompt(None, (0.0, 0.0, 0.0)) is None
+    assert grid_face_prompt(None, (0.0, 0.0, 0.0)) is None
     want = "the expression is surprised, the face is slightly turned to the right"
-    assert L.grid_face_prompt("surprise", (0.0, 30.0)) == want
+    assert grid_face_prompt("surprise", (0.0, 30.0)) == want
 
 
 def test_stage2_loader_grid_prompt_fraction(world):
@@ -118,10 +119,10 @@ def test_stage2_loader_grid_prompt_fraction(world):
             np.testing.assert_array_equal(a[k], c[k])
     for ex, kind in ((plain[0], "plain"), (grid[0], "grid")):
         src = records[int(ex["src_index"])]
-        text = src.face_prompt if kind == "plain" else L.grid_face_prompt(src.expression, src.pose)
+        text = src.face_prompt if kind == "plain" else grid_face_prompt(src.expression, src.pose)
         np.testing.assert_array_equal(ex["src_face_prompt_ids"], tokenize(tok, [text])[0])
         tgt = [records[int(i)] for i in ex["tgt_index"]]
-        texts = [r.face_prompt if kind == "plain" else L.grid_face_prompt(r.expression, r.pose) for r in tgt]
+        texts = [r.face_prompt if kind == "plain" else grid_face_prompt(r.expression, r.pose) for r in tgt]
         np.testing.assert_array_equal(ex["tgt_face_prompt_ids"], tokenize(tok, texts))
     assert not any(bool(e["grid_prompt"]) for e in plain) and all(bool(e["grid_prompt"]) for e in grid)
     assert 0 < sum(bool(e["grid_prompt"]) for e in half) < len(half)

@@ -23,7 +23,7 @@ the ``G·(1+T)`` rasters of the step; its ``batch_stats`` are the loop's mutable
 Face prompts: the records' own (SynthFace: ``"in a happy expression, in side view"``, docs/method.md §5's automatic
 format); with probability ``data.grid_prompt_fraction`` an element uses the KDEF-style grid prompts
 ``"the expression is happy, the face is slightly turned to the left"`` for its source and targets instead
-(docs/method.md §6.2; :func:`data_pipelines.loaders.grid_face_prompt`).
+(docs/method.md §6.2; :func:`dynamicid_jax.faces.kdef_grid.grid_face_prompt`).
 
 Batch (``data.identities_per_step = G`` loader elements stacked): ``src_raster [G,96,96,1]``, ``tgt_rasters
 [G,T,96,96,1]``, ``src_face_prompt_ids [G,77]``, ``tgt_face_prompt_ids [G,T,77]``, ``tgt_latent_moments
