@@ -226,11 +226,19 @@ def _is_sdxl_model(path: str) -> bool:
     return is_sdxl(path)
 
 
-def run_text_to_image(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
+def save_images(images, path: str) -> str:
+    """One image as it is, a batch as one grid, written atomically to ``path`` (PNG); the absolute path."""
     import numpy as np
 
     from dynamicid_jax.file_io import image_grid, save_png
+
+    save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), path)
+    return os.path.abspath(path)
+
+
+def run_text_to_image(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
     from dynamicid_jax.pipelines.stable_diffusion import StableDiffusion
 
     check_paths_first(args, {"--out": args.out}, {})
@@ -253,8 +261,7 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     t = sd.last_timings
     print(f"compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s "
           f"({steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
-    save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), args.out)
-    print(os.path.abspath(args.out))
+    print(save_images(images, args.out))
     return 0
 
 
@@ -265,9 +272,7 @@ def analyzer_kwargs(args: argparse.Namespace) -> dict:
 
 def run_dynamicid(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
-    import numpy as np
 
-    from dynamicid_jax.file_io import image_grid, save_png
     from dynamicid_jax.pipelines.dynamicid import DynamicIDPipeline
     from dynamicid_jax.pipelines.gates import save_gate_overlay
 
@@ -300,11 +305,11 @@ def run_dynamicid(args: argparse.Namespace) -> int:
     t = pipe.last_timings
     print(f"identities {t['encode_s']:.1f}s, compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s "
           f"({steps / t['run_s']:.2f} it/s incl. text encoding and VAE decode)", file=sys.stderr)
-    save_png(images[0] if len(images) == 1 else image_grid(np.asarray(images)), args.out)
+    out = save_images(images, args.out)
     if gates is not None:
         save_gate_overlay(gates, images[0], args.save_gates)
         print(os.path.abspath(args.save_gates), file=sys.stderr)
-    print(os.path.abspath(args.out))
+    print(out)
     return 0
 
 
@@ -356,21 +361,19 @@ def run_infinite_id(args: argparse.Namespace) -> int:
                       {"--reference": args.reference})
 
     import jax.numpy as jnp
-    import numpy as np
 
-    from dynamicid_jax.file_io import image_grid, save_png
     from dynamicid_jax.pipelines.infinite_id import InfiniteIDPipeline
 
-    steps = INFINITE_ID_STEPS if getattr(args, "steps", None) is None else args.steps
-    guidance = INFINITE_ID_GUIDANCE if getattr(args, "guidance_scale", None) is None else args.guidance_scale
+    steps = INFINITE_ID_STEPS if args.steps is None else args.steps
+    guidance = INFINITE_ID_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     mix_steps = parse_mix_steps(args.mix_steps)
     kwargs = analyzer_kwargs(args)
     start = time.perf_counter()
     print(f"loading {args.model} + Infinite-ID …", file=sys.stderr, flush=True)
     pipe = InfiniteIDPipeline.from_pretrained(
         args.model, args.infinite_id_weights, args.image_encoder, face_analyzer=args.analyzer,
-        analyzer_kwargs=kwargs, config=getattr(args, "config", None), scheduler=getattr(args, "scheduler", "ddim"),
-        dtype=getattr(jnp, getattr(args, "dtype", "float32")), mix_layers=parse_mix_layers(args.mix_layers))
+        analyzer_kwargs=kwargs, config=args.config, scheduler=args.scheduler, dtype=getattr(jnp, args.dtype),
+        mix_layers=parse_mix_layers(args.mix_layers))
     print(f"loaded in {time.perf_counter() - start:.1f}s; sampling ({len(args.prompt)}×{args.height}×{args.width}, "
           f"{steps} steps, {len(args.reference)} reference(s)) …", file=sys.stderr, flush=True)
     out = pipe(args.prompt, references=args.reference, negative_prompt=args.negative_prompt, steps=steps,
@@ -380,14 +383,9 @@ def run_infinite_id(args: argparse.Namespace) -> int:
     images, text_images = out if args.save_text_stream else (out, None)
     t = pipe.last_timings
     print(f"compile {t.get('compile_s', 0.0):.1f}s, sampling {t['run_s']:.2f}s", file=sys.stderr)
-
-    def save(batch, path):
-        save_png(batch[0] if len(batch) == 1 else image_grid(np.asarray(batch)), path)
-        print(os.path.abspath(path))
-
-    save(images, args.out)
+    print(save_images(images, args.out))
     if text_images is not None:
-        save(text_images, args.save_text_stream)
+        print(save_images(text_images, args.save_text_stream))
     return 0
 
 

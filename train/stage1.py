@@ -362,7 +362,7 @@ def run(config: Any = None, overrides: Sequence[str] = (), *, workdir: str | Non
     """Train stage 1 (or resume, or skip when finished: :func:`train.runs.run_stage`) → the export's path.
 
     ``config``: a YAML path, a mapping or a loaded config; ``overrides``: ``key.sub=value`` strings; ``mesh``: a
-    device mesh (default: every device, ``mesh`` section); ``base`` / ``image_encoder``: already loaded runs."""
+    device mesh (default: every device, ``mesh`` section); ``base`` / ``image_encoder``: already loaded models."""
 
     def embed_dim(cfg) -> int:
         m = cfg["model"]
