@@ -14,15 +14,15 @@ same order :class:`ShardSource` (and the TFDS builder) presents.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from dynamicid_jax.file_io import file_mode
+from dynamicid_jax.file_io import atomic_path
 
 from .schema import CorruptRecordError, FaceRecord, RecordError, decode_record
 
@@ -55,10 +55,9 @@ class ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self.path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".array_record", dir=folder)
-        os.close(fd)
+        # the library's atomic write: a temporary file beside the shard, renamed over it by close(), removed by abort()
+        self._atomic = contextlib.ExitStack()
+        self._tmp = self._atomic.enter_context(atomic_path(self.path, suffix=".array_record"))
         self._writer = ArrayRecordWriter(self._tmp, _WRITER_OPTIONS)
         self.num_records = 0
         self._done = False
@@ -76,13 +75,7 @@ class ShardWriter:
         if self._done:
             return
         self._writer.close()
-        os.chmod(self._tmp, file_mode())  # mkstemp made it 0600; shards are shared data
-        fd = os.open(self._tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self._tmp, self.path)
+        self._atomic.close()  # fsynced, given the umask's mode, renamed over the shard
         self._done = True
 
     def abort(self) -> None:
@@ -91,8 +84,8 @@ class ShardWriter:
         try:
             self._writer.close()
         finally:
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+            aborted = RuntimeError(f"shard {self.path!r} aborted")
+            self._atomic.__exit__(RuntimeError, aborted, None)  # the temporary file is removed, the shard untouched
             self._done = True
 
     def __enter__(self) -> "ShardWriter":
